@@ -1,0 +1,593 @@
+"""A LLaMA2-style decoder-only Transformer, weight-compatible with transformers' LlamaForCausalLM.
+
+Read top to bottom: config -> building blocks (RMSNorm, rotary embeddings, attention, SwiGLU MLP) ->
+Transformer (forward, KV-cache generation) -> conversion to / from Hugging Face Llama.
+
+Two layout choices differ from LlamaForCausalLM, both for speed, and both undone by `to_hf_llama`:
+  * q, k and v come from one fused projection `wqkv` (rows: q heads, then k heads, then v heads);
+  * the SwiGLU gate and up projections are one fused `w13` (rows: gate, then up).
+Rotary embeddings use the rotate-half layout that HF Llama uses, so weights map 1:1 with no permutation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+class ModelConfig(PretrainedConfig):
+    """Model shape. `hidden_dim=None` applies the LLaMA rule: 2/3 of 4*dim, rounded up to `multiple_of`
+    (the resolved number is stored, so a saved config never depends on the rule)."""
+
+    model_type = "k_model"
+
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 16
+    n_kv_heads: int = 8
+    vocab_size: int = 6144
+    hidden_dim: int | None = None
+    multiple_of: int = 64
+    norm_eps: float = 1e-5
+    max_seq_len: int = 512
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    flash_attn: bool = True  # False: explicit softmax(QK^T)V attention instead of F.scaled_dot_product_attention
+
+    def __post_init__(self, **kwargs) -> None:
+        super().__post_init__(**kwargs)
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) is not a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head dim = dim / n_heads = {self.dim} / {self.n_heads} = {self.head_dim} is odd; "
+                "rotary embeddings rotate pairs of channels, so it must be even"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.hidden_dim is None:
+            hidden = int(2 * (4 * self.dim) / 3)
+            self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+        elif not isinstance(self.hidden_dim, int) or self.hidden_dim <= 0:
+            raise ValueError(f"ModelConfig.hidden_dim must be a positive integer or None, got {self.hidden_dim!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (as HF Llama does) so bf16 activations keep their precision here.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (max_seq_len, head_dim), in the rotate-half layout: channel i and i + head_dim/2
+    form one rotating pair, so both halves of a row repeat the same frequencies."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, heads, head_dim); cos, sin broadcastable to it. Rotates each pair (x1, x2) by its angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Pre-allocated keys and values of one layer: (B, n_kv_heads, max_len, head_dim), filled left to right.
+    Allocated on first use so it takes the dtype the projections produce (e.g. bf16 under autocast)."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.len = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends k, v (B, n_kv_heads, T, head_dim); returns everything cached so far."""
+        if self.k is None:
+            B, n_kv, _, hd = k.shape
+            self.k = k.new_empty(B, n_kv, self.max_len, hd)
+            self.v = v.new_empty(B, n_kv, self.max_len, hd)
+        start, self.len = self.len, self.len + k.shape[2]
+        self.k[:, :, start : self.len] = k
+        self.v[:, :, start : self.len] = v
+        return self.k[:, :, : self.len], self.v[:, :, : self.len]
+
+    def reset(self) -> None:
+        self.len = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.flash = cfg.flash_attn
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wo.is_residual_proj = True  # read by Transformer._init_weights
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """mask: boolean (B, 1, T, S), True = may attend; when None, `causal` says whether to apply the
+        causal mask (training, or a prefill without padding) or none at all (one new token per row)."""
+        B, T, _ = x.shape
+        H, KV = self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x).view(B, T, H + 2 * KV, self.head_dim)
+        qk = apply_rope(qkv[:, :, : H + KV], cos, sin)  # q and k heads rotated in one go
+        q = qk[:, :, :H].transpose(1, 2)
+        k = qk[:, :, H:].transpose(1, 2)
+        v = qkv[:, :, H + KV :].transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        dropout = self.dropout if self.training else 0.0
+        if self.flash:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None, enable_gqa=H != KV
+            )
+        else:
+            y = self._math_attention(q, k, v, mask, causal, dropout)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
+
+    def _math_attention(self, q, k, v, mask, causal, dropout):
+        """The same attention written out: softmax(q k^T / sqrt(d)) v, k/v heads shared by groups of q heads."""
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        if mask is None and causal:
+            T, S = q.shape[2], k.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = F.dropout(scores.float().softmax(-1).type_as(q), dropout)
+        return weights @ v
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(x W1) * (x W3)), with W1 (gate) and W3 (up) fused into one matmul."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.w2.is_residual_proj = True
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.dropout(self.w2(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask, causal, cache):
+        x = x + self.resid_dropout(self.attention(self.attention_norm(x), cos, sin, mask, causal, cache))
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class TransformerOutput(ModelOutput):
+    """logits: (B, T, vocab) for every position. last_loss: (B*T,) float32 per-token cross-entropy, 0 where
+    the target is -100; None without targets. Unreduced, so the caller applies its own loss mask."""
+
+    logits: torch.Tensor | None = None
+    last_loss: torch.Tensor | None = None
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1 = token, 0 = left padding -> position of each token within its own row (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) padding mask -> (B, 1, T, T) boolean attention mask: causal, never attending to padding.
+    A pad query still attends to itself, so no softmax row is empty (an empty row gives NaN, and a NaN
+    in a pad's value vector would leak into real tokens as 0 * NaN)."""
+    T = attention_mask.shape[1]
+    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    return (attention_mask.bool()[:, None, None, :] | eye) & causal
+
+
+class Transformer(PreTrainedModel):
+    config_class = ModelConfig
+    base_model_prefix = "k_model"
+    main_input_name = "tokens"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight  # tied: one matrix embeds and un-embeds
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.post_init()  # HF: runs _init_weights on every module
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Residual projections (attention wo, MLP w2) start smaller, 0.02 / sqrt(2 * n_layers), so the
+        # residual stream's variance does not grow with depth (GPT-2 / nanoGPT scheme).
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02
+            if getattr(module, "is_residual_proj", False):
+                std /= math.sqrt(2 * self.config.n_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> TransformerOutput:
+        """tokens, targets: (B, T) int64. attention_mask: optional (B, T), 1 = token, 0 = left padding;
+        positions then count real tokens only, so a padded row computes what it computes alone."""
+        T = tokens.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        if attention_mask is None:
+            cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
+            mask = None
+        else:
+            pos = positions_from_mask(attention_mask)
+            cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None]
+            mask = padded_causal_mask(attention_mask)
+        h = self._hidden(tokens, cos, sin, mask, causal=True, caches=None)
+        logits = self.output(h)
+        last_loss = None
+        if targets is not None:
+            last_loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="none"
+            )
+        return TransformerOutput(logits=logits, last_loss=last_loss)
+
+    def _hidden(self, tokens, cos, sin, mask, causal, caches) -> torch.Tensor:
+        h = self.dropout(self.tok_embeddings(tokens))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, causal, None if caches is None else caches[i])
+        return self.norm(h)
+
+    # -- generation ----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_id: int | list[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Continues every row of idx (B, T); returns only the new tokens, (B, n_new) with n_new <=
+        max_new_tokens. A row that samples a stop id keeps that token and is then filled with it while the
+        other rows go on; generation ends early once every row has stopped. Rows of different lengths are
+        left-padded and described by attention_mask (1 = token, 0 = pad); each row then gets exactly the
+        tokens it would get alone (greedy). temperature 0 = greedy (argmax)."""
+        stops = _stop_tensor(stop_id, idx.device)
+        B = idx.shape[0]
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        fill = torch.zeros(B, dtype=torch.long, device=idx.device)
+        new = []
+        steps = self._decode(idx, attention_mask, temperature, top_k, top_p)
+        for tok in itertools.islice(steps, max_new_tokens):
+            if stops is not None:
+                tok = torch.where(done, fill, tok)
+                hit = ~done & torch.isin(tok, stops)
+                fill = torch.where(hit, tok, fill)
+                done |= hit
+            new.append(tok)
+            if stops is not None and bool(done.all()):
+                break
+        if not new:
+            return idx.new_empty(B, 0)
+        return torch.stack(new, dim=1)
+
+    def stream_generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_id: int | list[int] | None = None,
+    ) -> Iterator[int]:
+        """Like generate for a single row idx (1, T), but yields each new token as it is produced; the stop
+        token ends the stream and is not yielded."""
+        if idx.dim() != 2 or idx.shape[0] != 1:
+            raise ValueError(f"stream_generate takes one row, idx of shape (1, T); got {tuple(idx.shape)}")
+        stops = set(_stop_list(stop_id))
+        for tok in itertools.islice(self._decode(idx, None, temperature, top_k, top_p), max_new_tokens):
+            tok = int(tok)
+            if tok in stops:
+                return
+            yield tok
+
+    @torch.inference_mode()
+    def _decode(self, idx, attention_mask, temperature, top_k, top_p) -> Iterator[torch.Tensor]:
+        """Yields the next token of every row, (B,), without end: prefill the KV cache with the prompt, then
+        feed one token per step. The context is the last max_seq_len tokens: a longer prompt keeps its last
+        tokens, and once generation fills the window it slides - the cache is rebuilt from the last
+        max_seq_len tokens (positions restarting at 0) for every further token, which is exactly the
+        model run without a cache on the cropped sequence (slower: one full window forward per token)."""
+        _check_sampling(temperature, top_k, top_p)
+        window = self.config.max_seq_len
+        if attention_mask is None:
+            attention_mask = torch.ones_like(idx)
+        if attention_mask.shape != idx.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != idx shape {tuple(idx.shape)}")
+        tokens, mask = idx[:, -window:], attention_mask[:, -window:].bool()
+        caches = [KVCache(window) for _ in self.layers]
+        logits, pos, key_mask = self._prefill(tokens, mask, caches)
+        while True:
+            tok = sample(logits, temperature, top_k, top_p)
+            yield tok
+            tokens = torch.cat([tokens, tok[:, None]], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            if tokens.shape[1] > window:
+                tokens, mask = tokens[:, -window:], mask[:, -window:]
+                logits, pos, key_mask = self._prefill(tokens, mask, caches)
+            else:
+                logits = self._step(tok, pos, key_mask, caches)
+                pos = pos + 1
+
+    def _prefill(self, tokens, mask, caches):
+        """Runs the (left-padded) prompt into empty caches. Returns the last position's logits, each row's
+        next position, and the key padding mask for later steps (None when no row is padded)."""
+        for c in caches:
+            c.reset()
+        T = tokens.shape[1]
+        if bool(mask.all()):
+            cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
+            h = self._hidden(tokens, cos, sin, None, True, caches)
+            key_mask, pos = None, torch.full((tokens.shape[0],), T, device=tokens.device)
+        else:
+            p = positions_from_mask(mask)
+            cos, sin = self.rope_cos[p][:, :, None], self.rope_sin[p][:, :, None]
+            h = self._hidden(tokens, cos, sin, padded_causal_mask(mask), False, caches)
+            key_mask = torch.zeros(mask.shape[0], caches[0].max_len, dtype=torch.bool, device=mask.device)
+            key_mask[:, :T] = mask
+            key_mask[:, T:] = True  # slots for future tokens; only the filled prefix is ever read
+            pos = mask.sum(1)
+        return self.output(h[:, -1]), pos, key_mask
+
+    def _step(self, tok, pos, key_mask, caches) -> torch.Tensor:
+        """One new token per row at position pos (B,): attends to everything cached, no causal mask needed."""
+        cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
+        mask = None if key_mask is None else key_mask[:, None, None, : caches[0].len + 1]
+        h = self._hidden(tok[:, None], cos, sin, mask, False, caches)
+        return self.output(h[:, -1])
+
+    # -- accounting ----------------------------------------------------------------------------------------
+
+    def num_params(self) -> int:
+        """Number of parameters, the tied embedding / output matrix counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), nanoGPT / PaLM style: 6 per parameter (the tied
+        matrix counts once, for the output matmul) plus the attention scores and weighted sum, 12 * n_layers *
+        dim * seq_len (causal masking not discounted). MFU = tokens/s * this / peak FLOP/s."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def _stop_list(stop_id: int | list[int] | None) -> list[int]:
+    if stop_id is None:
+        return []
+    return [int(stop_id)] if isinstance(stop_id, int) else [int(s) for s in stop_id]
+
+
+def _stop_tensor(stop_id, device) -> torch.Tensor | None:
+    stops = _stop_list(stop_id)
+    return torch.tensor(stops, dtype=torch.long, device=device) if stops else None
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """logits (B, V) -> next token (B,). temperature 0 = argmax; top_k keeps the k most likely tokens; top_p
+    keeps the smallest set of most likely tokens whose probability reaches top_p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token once the more likely ones already reach top_p; the most likely is always kept
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face Llama conversion
+
+
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _hf_config(cfg: ModelConfig) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_dropout=cfg.dropout,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+        # token ids are the tokenizer's business; copied when the caller put them on our config
+        **{k: getattr(cfg, k, None) for k in TOKEN_ID_KEYS},
+    )
+
+
+def to_hf_llama(model: Transformer) -> LlamaForCausalLM:
+    """The same network as a transformers LlamaForCausalLM (sdpa attention), fused weights split apart."""
+    cfg = model.config
+    hf = LlamaForCausalLM(_hf_config(cfg)).to(dtype=model.tok_embeddings.weight.dtype)
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        wq, wk, wv = layer.attention.wqkv.weight.split([q, kv, kv])
+        gate, up = layer.feed_forward.w13.weight.chunk(2)
+        sd.update({
+            p + "self_attn.q_proj.weight": wq,
+            p + "self_attn.k_proj.weight": wk,
+            p + "self_attn.v_proj.weight": wv,
+            p + "self_attn.o_proj.weight": layer.attention.wo.weight,
+            p + "mlp.gate_proj.weight": gate,
+            p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": layer.feed_forward.w2.weight,
+            p + "input_layernorm.weight": layer.attention_norm.weight,
+            p + "post_attention_layernorm.weight": layer.ffn_norm.weight,
+        })
+    sd["lm_head.weight"] = model.output.weight
+    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+    return hf.to(model.tok_embeddings.weight.device).train(model.training)
+
+
+def from_hf_llama(hf: LlamaForCausalLM) -> Transformer:
+    """Our model from a LlamaForCausalLM; refuses Llama variants this architecture cannot express."""
+    c = hf.config
+    rope = c.rope_parameters or {}
+    unsupported = {
+        "attention_bias": c.attention_bias,
+        "mlp_bias": c.mlp_bias,
+        "hidden_act": c.hidden_act if c.hidden_act != "silu" else False,
+        "rope_type": rope.get("rope_type") if rope.get("rope_type", "default") != "default" else False,
+        "tie_word_embeddings": not c.tie_word_embeddings,
+        "head_dim": c.head_dim if c.head_dim * c.num_attention_heads != c.hidden_size else False,
+    }
+    bad = {k: v for k, v in unsupported.items() if v}
+    if bad:
+        raise ValueError(f"this Llama config cannot be expressed by k_model (tied, bias-free, silu, default rope): {bad}")
+    cfg = ModelConfig(
+        dim=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=c.num_key_value_heads,
+        vocab_size=c.vocab_size,
+        hidden_dim=c.intermediate_size,
+        norm_eps=c.rms_norm_eps,
+        max_seq_len=c.max_position_embeddings,
+        dropout=float(c.attention_dropout),
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        **{k: getattr(c, k) for k in TOKEN_ID_KEYS if getattr(c, k, None) is not None},
+    )
+    model = Transformer(cfg)
+    hsd = hf.state_dict()
+    sd = {"tok_embeddings.weight": hsd["model.embed_tokens.weight"], "norm.weight": hsd["model.norm.weight"]}
+    for i in range(cfg.n_layers):
+        p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        sd.update({
+            f"layers.{i}.attention.wqkv.weight": torch.cat([hsd[a + "q_proj.weight"], hsd[a + "k_proj.weight"], hsd[a + "v_proj.weight"]]),
+            f"layers.{i}.attention.wo.weight": hsd[a + "o_proj.weight"],
+            f"layers.{i}.feed_forward.w13.weight": torch.cat([hsd[m + "gate_proj.weight"], hsd[m + "up_proj.weight"]]),
+            f"layers.{i}.feed_forward.w2.weight": hsd[m + "down_proj.weight"],
+            f"layers.{i}.attention_norm.weight": hsd[p + "input_layernorm.weight"],
+            f"layers.{i}.ffn_norm.weight": hsd[p + "post_attention_layernorm.weight"],
+        })
+    sd["output.weight"] = sd["tok_embeddings.weight"]
+    model.load_state_dict(sd, strict=True)
+    dtype = hsd["model.embed_tokens.weight"].dtype
+    return model.to(dtype=dtype, device=hsd["model.embed_tokens.weight"].device)
+
+
+def export_hf(model: Transformer, out_dir: str | os.PathLike) -> None:
+    """Writes out_dir/config.json + model.safetensors, which AutoModelForCausalLM opens as LlamaForCausalLM."""
+    to_hf_llama(model).save_pretrained(out_dir)
+
+
+def load_hf(out_dir: str | os.PathLike) -> Transformer:
+    """Our model from a directory written by export_hf (or any compatible Llama checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    config_path = os.path.join(out_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: {out_dir} is not a Hugging Face model directory")
+    hf = AutoModelForCausalLM.from_pretrained(out_dir)
+    if not isinstance(hf, LlamaForCausalLM):
+        raise ValueError(f"{config_path}: expected a Llama model, got {type(hf).__name__}")
+    return from_hf_llama(hf)

@@ -1,0 +1,271 @@
+"""k_model against independent references: transformers' LlamaForCausalLM, an uncached decode loop written
+here, F.cross_entropy, and each prompt run alone."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM
+
+from k_model import ModelConfig, Transformer, export_hf, from_hf_llama, load_hf, to_hf_llama
+
+VOCAB = 97
+
+
+def tiny(seed: int = 0, **overrides) -> Transformer:
+    """A small random model in eval mode. Weights are re-drawn with a larger std than the training init so
+    the logits are far from uniform and greedy decoding is not decided by float noise."""
+    torch.manual_seed(seed)
+    kw = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=64)
+    kw.update(overrides)
+    model = Transformer(ModelConfig(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0.0, 0.08)
+            else:
+                p.uniform_(0.5, 1.5)  # non-trivial norm gains, so a swapped norm weight is caught
+    return model
+
+
+def uncached_greedy(model: Transformer, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Reference decode: the full (cropped) sequence through forward() for every new token."""
+    seq = idx
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(seq[:, -model.config.max_seq_len :]).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[:, idx.shape[1] :]
+
+
+CONFIGS = {
+    "gqa": dict(n_heads=4, n_kv_heads=2),
+    "mha": dict(n_heads=4, n_kv_heads=4, hidden_dim=96, rope_theta=500.0),
+    "mqa": dict(dim=96, n_heads=6, n_kv_heads=1, n_layers=3, norm_eps=1e-6),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_hf_llama(name):
+    model = tiny(**CONFIGS[name])
+    hf = to_hf_llama(model).eval()
+    assert isinstance(hf, LlamaForCausalLM)
+    tokens = torch.randint(0, VOCAB, (3, 40))
+    with torch.no_grad():
+        ours, theirs = model(tokens).logits, hf(tokens).logits
+    assert ours.shape == (3, 40, VOCAB)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert model.num_params() == hf.num_parameters()
+
+
+@pytest.mark.parametrize("flash_attn", [True, False])
+def test_padded_forward_matches_hf_with_position_ids(flash_attn):
+    """Left padding + attention_mask: real positions match HF given the same mask and per-row positions,
+    and no NaN appears (a pad query whose every key is masked would give one)."""
+    model = tiny(flash_attn=flash_attn)
+    hf = to_hf_llama(model).eval()
+    tokens = torch.randint(0, VOCAB, (3, 12))
+    mask = torch.ones_like(tokens)
+    mask[0, :5] = 0
+    mask[1, :11] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = model(tokens, attention_mask=mask).logits
+        theirs = hf(tokens, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    assert torch.isfinite(ours).all()
+    assert (ours[real] - theirs[real]).abs().max().item() <= 1e-4
+
+
+def test_math_attention_matches_sdpa():
+    model = tiny()
+    slow = tiny(flash_attn=False)
+    tokens = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        assert (model(tokens).logits - slow(tokens).logits).abs().max().item() <= 1e-4
+
+
+def test_last_loss_is_unreduced_cross_entropy_ignoring_minus_100():
+    model = tiny()
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    targets = torch.randint(0, VOCAB, (2, 16))
+    targets[0, :5] = -100
+    targets[1, -3:] = -100
+    out = model(tokens, targets)
+    ref = F.cross_entropy(out.logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-100, reduction="none")
+    assert out.last_loss.shape == (32,) and out.last_loss.dtype == torch.float32
+    torch.testing.assert_close(out.last_loss, ref)
+    assert (out.last_loss[targets.reshape(-1) == -100] == 0).all()
+    assert (out.last_loss[targets.reshape(-1) != -100] > 0).all()
+    assert model(tokens).last_loss is None
+
+
+def test_every_parameter_gets_a_gradient():
+    model = tiny(dropout=0.1).train()
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    model(tokens, tokens.roll(-1, 1)).last_loss.mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_residual_projections_get_scaled_init():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512))
+    small = 0.02 / math.sqrt(2 * 4)
+    layer = model.layers[0]
+    assert abs(layer.attention.wo.weight.std().item() - small) < 0.1 * small
+    assert abs(layer.feed_forward.w2.weight.std().item() - small) < 0.1 * small
+    assert abs(layer.attention.wqkv.weight.std().item() - 0.02) < 0.002
+    assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_kv_cache_greedy_equals_uncached_greedy():
+    model = tiny()
+    prompt = torch.randint(0, VOCAB, (2, 10))
+    ours = model.generate(prompt, max_new_tokens=24, temperature=0)
+    assert ours.shape == (2, 24)
+    assert torch.equal(ours, uncached_greedy(model, prompt, 24))
+
+
+def test_generation_slides_window_past_max_seq_len():
+    """50-token prompt, 30 new tokens, window 64: past the window every token is predicted from the last
+    64 tokens, exactly as the uncached model on the cropped sequence."""
+    model = tiny()
+    prompt = torch.randint(0, VOCAB, (1, 50))
+    assert torch.equal(model.generate(prompt, 30, temperature=0), uncached_greedy(model, prompt, 30))
+
+
+def test_prompt_longer_than_max_seq_len_keeps_last_tokens():
+    model = tiny()
+    prompt = torch.randint(0, VOCAB, (2, 100))
+    long = model.generate(prompt, 8, temperature=0)
+    assert torch.equal(long, model.generate(prompt[:, -64:], 8, temperature=0))
+    assert torch.equal(long, uncached_greedy(model, prompt, 8))
+
+
+def test_greedy_matches_hf_generate_of_exported_model(tmp_path):
+    model = tiny()
+    export_hf(model, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = torch.randint(0, VOCAB, (2, 8))
+    gen = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gen)[:, 8:]
+    assert torch.equal(model.generate(prompt, 32, temperature=0), theirs)
+
+
+def left_pad(prompts: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), width), pad)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    return idx, mask
+
+
+def test_padded_batch_equals_each_prompt_alone():
+    model = tiny()
+    torch.manual_seed(1)
+    prompts = [torch.randint(1, VOCAB, (n,)) for n in (3, 11, 1, 7)]
+    idx, mask = left_pad(prompts)
+    batch = model.generate(idx, 20, temperature=0, attention_mask=mask)
+    for row, p in zip(batch, prompts):
+        assert torch.equal(row, model.generate(p[None], 20, temperature=0)[0])
+
+
+def test_padded_batch_past_the_window_equals_each_prompt_alone():
+    model = tiny(max_seq_len=16)
+    torch.manual_seed(2)
+    prompts = [torch.randint(1, VOCAB, (n,)) for n in (4, 12)]
+    idx, mask = left_pad(prompts)
+    batch = model.generate(idx, 12, temperature=0, attention_mask=mask)
+    for row, p in zip(batch, prompts):
+        assert torch.equal(row, uncached_greedy(model, p[None], 12)[0])
+
+
+def test_stop_id_stops_each_row_and_fills_with_its_stop_token():
+    model = tiny()
+    prompt = torch.randint(0, VOCAB, (3, 6))
+    free = model.generate(prompt, 20, temperature=0)
+    # stop ids: row 0's 3rd token and row 1's 6th token (each may also stop other rows earlier)
+    stops = [int(free[0, 2]), int(free[1, 5])]
+    out = model.generate(prompt, 20, temperature=0, stop_id=stops)
+    expected, ends = [], []
+    for row in free.tolist():
+        hit = next((i for i, t in enumerate(row) if t in stops), None)
+        expected.append(row if hit is None else row[: hit + 1] + [row[hit]] * (len(row) - hit - 1))
+        ends.append(len(row) if hit is None else hit + 1)
+    n = max(ends)  # stops early only if every row stopped
+    assert out.shape == (3, n)
+    assert out.tolist() == [e[:n] for e in expected]
+
+
+def test_stream_generate_equals_generate():
+    model = tiny()
+    prompt = torch.randint(0, VOCAB, (1, 9))
+    full = model.generate(prompt, 25, temperature=0)[0].tolist()
+    assert list(model.stream_generate(prompt, 25, temperature=0)) == full
+    stop = full[7]
+    streamed = list(model.stream_generate(prompt, 25, temperature=0, stop_id=stop))
+    assert streamed == full[: full.index(stop)]
+
+
+def test_sampling_filters_reduce_to_greedy():
+    model = tiny()
+    prompt = torch.randint(0, VOCAB, (2, 5))
+    greedy = model.generate(prompt, 10, temperature=0)
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(prompt, 10, temperature=1.0, top_k=1), greedy)
+    assert torch.equal(model.generate(prompt, 10, temperature=0.7, top_p=1e-6), greedy)
+    sampled = model.generate(prompt, 10, temperature=1.5, top_k=20, top_p=0.9)
+    assert sampled.shape == (2, 10) and sampled.min() >= 0 and sampled.max() < VOCAB
+
+
+def test_export_load_round_trip(tmp_path):
+    model = tiny(**CONFIGS["mqa"])
+    export_hf(model, tmp_path)
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "model.safetensors").is_file()
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path), LlamaForCausalLM)
+    back = load_hf(tmp_path).eval()
+    assert back.config.to_dict() == model.config.to_dict()
+    tokens = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(back(tokens).logits, model(tokens).logits)
+    assert torch.equal(from_hf_llama(to_hf_llama(model))(tokens).logits, model(tokens).logits)
+
+
+def test_load_hf_missing_dir_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kw, numbers",
+    [
+        (dict(dim=100, n_heads=16), ["100", "16"]),
+        (dict(dim=64, n_heads=8, n_kv_heads=3), ["8", "3"]),
+        (dict(dim=72, n_heads=8, n_kv_heads=4), ["72", "8", "9"]),
+        (dict(n_layers=0), ["n_layers", "0"]),
+        (dict(dropout=1.5), ["1.5"]),
+        (dict(hidden_dim=-4), ["hidden_dim", "-4"]),
+    ],
+)
+def test_bad_config_raises_naming_the_numbers(kw, numbers):
+    with pytest.raises(ValueError) as err:
+        ModelConfig(**kw)
+    for n in numbers:
+        assert n in str(err.value)
+
+
+def test_config_defaults_and_round_trip():
+    cfg = ModelConfig()
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size) == (768, 12, 16, 8, 6144)
+    assert cfg.hidden_dim == 2048 and cfg.max_seq_len == 512 and cfg.model_type == "k_model"
+    assert ModelConfig(**cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_flops_per_token():
+    model = tiny()
+    cfg = model.config
+    assert model.flops_per_token(64) == 6 * model.num_params() + 12 * cfg.n_layers * cfg.dim * 64
