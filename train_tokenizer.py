@@ -18,6 +18,8 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from dataset import JsonlRecords
+
 # Fixed ids 0..4 (contract): the trainer assigns ids to special tokens in this order.
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 BOS, EOS, PAD, UNK = "<|im_start|>", "<|im_end|>", "<unk>", "<unk>"
@@ -33,29 +35,18 @@ CHAT_TEMPLATE = (
 DEFAULT_DATA = ["out/data/pretrain.jsonl", "out/data/sft_train.jsonl"]
 
 
-def texts_of_record(record: dict) -> list[str]:
-    """The trainable strings of one JSONL record: its text, or the contents of its conversation."""
-    if "text" in record:
-        return [record["text"]]
-    if "conversations" in record:
-        return [m["content"] for m in record["conversations"]]
-    raise KeyError('record has neither "text" nor "conversations"')
-
-
-def iter_jsonl_texts(paths: list[str]) -> Iterator[str]:
-    """Yield texts from JSONL files one line at a time, with a byte-based progress bar."""
+def iter_jsonl_texts(paths: list[str], skip_bad: bool = False) -> Iterator[str]:
+    """Yield the text of {"text"} records and the message contents of {"conversations"} records, one line
+    at a time, with a byte-based progress bar."""
     total = sum(os.path.getsize(p) for p in paths)
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer corpus") as bar:
         for path in paths:
-            with open(path, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    bar.update(len(raw))
-                    if not raw.strip():
-                        continue
-                    try:
-                        yield from texts_of_record(json.loads(raw))
-                    except (ValueError, KeyError, TypeError) as e:
-                        raise ValueError(f"{path}:{lineno}: {e}") from None
+            for _, length, record in JsonlRecords(path, None, skip_bad):
+                bar.update(length)
+                if "text" in record:
+                    yield record["text"]
+                else:
+                    yield from (m["content"] for m in record["conversations"])
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 6144) -> Tokenizer:
@@ -70,7 +61,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 6144) -> Tokenizer:
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable: no <unk> in practice
-        show_progress=False,  # our tqdm bar over the input stream replaces it
+        show_progress=True,  # the merge phase after our input bar reaches 100% takes as long again
     )
     tok.train_from_iterator(texts, trainer=trainer)
     for i, name in enumerate(SPECIAL_TOKENS):
@@ -105,12 +96,13 @@ def save_tokenizer(tok: Tokenizer, save_dir: str) -> None:
         json.dump(special, f, ensure_ascii=False, indent=2)
 
 
-def train_tokenizer(data_paths: list[str], save_dir: str, vocab_size: int = 6144) -> Tokenizer:
+def train_tokenizer(data_paths: list[str], save_dir: str, vocab_size: int = 6144,
+                    skip_bad: bool = False) -> Tokenizer:
     """Stream the JSONL files into the BPE trainer and save the result to save_dir."""
     missing = [p for p in data_paths if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f"missing corpus file(s): {missing} (build them with: python data_process.py)")
-    tok = build_tokenizer(iter_jsonl_texts(data_paths), vocab_size)
+    tok = build_tokenizer(iter_jsonl_texts(data_paths, skip_bad), vocab_size)
     save_tokenizer(tok, save_dir)
     return tok
 
@@ -120,8 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data_path", nargs="+", default=DEFAULT_DATA, help="one or more JSONL files")
     p.add_argument("--save_dir", default="out/tokenizer")
     p.add_argument("--vocab_size", type=int, default=6144)
+    p.add_argument("--skip_bad", action="store_true", help="skip malformed lines (counted) instead of failing")
     args = p.parse_args(argv)
-    tok = train_tokenizer(args.data_path, args.save_dir, args.vocab_size)
+    tok = train_tokenizer(args.data_path, args.save_dir, args.vocab_size, args.skip_bad)
     print(f"saved {tok.get_vocab_size()}-token tokenizer to {args.save_dir}")
 
 

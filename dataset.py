@@ -1,0 +1,290 @@
+"""Datasets for pretraining (packed token windows) and SFT (chat conversations with assistant loss masks),
+plus the JSONL validation and token-file helpers that data_process.py shares.
+
+Every item is (X, Y, loss_mask): X = ids[:-1], Y = ids[1:] (int64, length max_length) and loss_mask
+(float32) aligned with Y, so the trainer computes sum(loss * mask) / sum(mask) for either dataset.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+ROLES = ("system", "user", "assistant")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """First 16 hex chars of sha256 over the sorted vocab: detects data/checkpoints made by another tokenizer."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return hashlib.sha256(vocab.encode("utf-8")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSONL records: validated once, up front, so a bad line fails at start-up with its file and line.
+
+def check_conversation(conversations) -> None:
+    """Raise ValueError(reason) unless `conversations` is a non-empty list of {role, content} messages
+    with a known role and at least one assistant reply (there is nothing to learn otherwise)."""
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError('"conversations" must be a non-empty list')
+    for i, m in enumerate(conversations):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f'message {i} must be an object with "role" and "content"')
+        if not m["role"]:
+            raise ValueError(f"message {i} has an empty role")
+        if m["role"] not in ROLES:
+            raise ValueError(f"message {i} has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise ValueError(f'message {i} "content" must be a string')
+    if not any(m["role"] == "assistant" for m in conversations):
+        raise ValueError("conversation has no assistant message")
+
+
+def parse_record(raw: bytes, key: str | None, convert: Callable[[dict], dict] | None = None) -> dict:
+    """Decode and validate one JSONL line. key: "text", "conversations", or None for either;
+    convert: applied to the decoded object before validation (may raise ValueError)."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    if convert is not None:
+        record = convert(record)
+    if key is None:
+        key = "text" if "text" in record else "conversations"
+    if key not in record:
+        raise ValueError(f'missing key "{key}"')
+    if key == "text" and not isinstance(record["text"], str):
+        raise ValueError('"text" must be a string')
+    if key == "conversations":
+        check_conversation(record["conversations"])
+    return record
+
+
+class JsonlRecords:
+    """Iterate a JSONL file as (byte_offset, byte_length, record), validating every line.
+
+    A bad line raises ValueError("path:line: reason"); with skip_bad it is skipped, counted in
+    `.skipped`, and the count is reported on stderr. A file without any valid record is an error.
+    Blank lines are ignored. Lines are read one at a time, never the whole file."""
+
+    def __init__(self, path: str, key: str | None, skip_bad: bool = False,
+                 convert: Callable[[dict], dict] | None = None):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file")
+        self.path, self.key, self.skip_bad, self.convert = path, key, skip_bad, convert
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int, dict]]:
+        self.skipped, first_error, n, offset = 0, None, 0, 0
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                start, offset = offset, offset + len(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    record = parse_record(raw, self.key, self.convert)
+                except ValueError as e:
+                    where = f"{self.path}:{lineno}: {e}"
+                    if not self.skip_bad:
+                        raise ValueError(f"{where} (skip such lines with skip_bad / --skip_bad)") from None
+                    self.skipped += 1
+                    first_error = first_error or where
+                    continue
+                n += 1
+                yield start, len(raw), record
+        if self.skipped:
+            print(f"warning: {self.path}: skipped {self.skipped} bad line(s); first: {first_error}", file=sys.stderr)
+        if n == 0:
+            raise ValueError(f"{self.path}: empty file (no valid records)")
+
+
+def read_line_at(path: str, offset: int, length: int) -> dict:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return json.loads(f.read(length))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token files: <stem>.bin (flat ids) + <stem>.json sidecar, written by `data_process.py pretokenize`.
+
+def token_dtype(vocab_size: int, dtype: str = "auto") -> np.dtype:
+    """uint16 while every id fits, else uint32; refuse a requested dtype the vocab does not fit."""
+    limits = {"uint16": 2**16, "uint32": 2**32}
+    if dtype == "auto":
+        dtype = "uint16" if vocab_size <= limits["uint16"] else "uint32"
+    if dtype not in limits:
+        raise ValueError(f"unknown token dtype {dtype!r} (expected auto, uint16 or uint32)")
+    if vocab_size > limits[dtype]:
+        raise ValueError(f"vocab_size {vocab_size} does not fit {dtype} (at most {limits[dtype]} ids)")
+    return np.dtype(dtype)
+
+
+def encode_documents(tokenizer, texts: list[str]) -> np.ndarray:
+    """ids(text) + [eos] for each text, concatenated (EOS separates packed documents). A document is data:
+    a literal "<|im_end|>" in it is encoded as plain text, never as the control token."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int64)
+
+
+def sidecar_path(bin_path: str) -> str:
+    return os.path.splitext(bin_path)[0] + ".json"
+
+
+def read_sidecar(bin_path: str) -> dict:
+    """Load and check the sidecar of a .bin token file against the file itself."""
+    meta_path = sidecar_path(bin_path)
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{meta_path}: sidecar of {bin_path} is missing (rerun data_process.py pretokenize)")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    for key in ("num_tokens", "dtype", "vocab_size", "eos_token_id", "tokenizer_fingerprint"):
+        if key not in meta:
+            raise ValueError(f'{meta_path}: missing key "{key}"')
+    expected = meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize
+    if os.path.getsize(bin_path) != expected:
+        raise ValueError(f"{bin_path}: {os.path.getsize(bin_path)} bytes, but {meta_path} num_tokens/dtype "
+                         f"say {expected} (truncated or stale file)")
+    return meta
+
+
+def check_tokenizer_matches(tokenizer, meta: dict, meta_path: str) -> None:
+    fp = tokenizer_fingerprint(tokenizer)
+    if fp != meta["tokenizer_fingerprint"]:
+        raise ValueError(f'{meta_path}: "tokenizer_fingerprint" {meta["tokenizer_fingerprint"]} does not match the '
+                         f"given tokenizer ({fp}): the tokens were made by another tokenizer; rerun pretokenize")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets
+
+class PretrainDataset(Dataset):
+    """Packed windows over a token stream: item i = tokens[i*L : i*L+L+1] -> (X, Y, loss_mask of ones).
+
+    data_path .bin: memory-mapped, so random access is O(1) and RAM stays flat as the corpus grows.
+    data_path .jsonl ({"text"} lines, the seed's input): tokenized once at start-up into the same packed
+    stream, so training on the .jsonl or its pretokenized .bin gives identical samples; this costs one
+    tokenization pass and ~2 bytes per token of RAM, fine for small corpora (pretokenize large ones)."""
+
+    def __init__(self, data_path: str, tokenizer=None, max_length: int = 512, skip_bad: bool = False):
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.data_path, self.max_length = data_path, max_length
+        self._tokens: np.ndarray | None = None
+        if data_path.endswith(".bin"):
+            self.meta = read_sidecar(data_path)
+            if tokenizer is not None:
+                check_tokenizer_matches(tokenizer, self.meta, sidecar_path(data_path))
+            num_tokens = self.meta["num_tokens"]
+        elif data_path.endswith(".jsonl"):
+            if tokenizer is None:
+                raise ValueError(f"{data_path}: a tokenizer is needed to read .jsonl (or pretokenize it to .bin)")
+            texts = [r["text"] for _, _, r in JsonlRecords(data_path, "text", skip_bad)]
+            self._tokens = encode_documents(tokenizer, texts).astype(token_dtype(len(tokenizer)))
+            num_tokens = len(self._tokens)
+        else:
+            raise ValueError(f"{data_path}: expected a .bin (pretokenized) or .jsonl file")
+        self._len = (num_tokens - 1) // max_length
+        if self._len < 1:
+            raise ValueError(f"{data_path}: {num_tokens} tokens, too few for one window of {max_length}")
+
+    @property
+    def tokens(self) -> np.ndarray:
+        # Opened lazily and dropped on pickling, so DataLoader workers map the file instead of copying it.
+        if self._tokens is None:
+            self._tokens = np.memmap(self.data_path, dtype=self.meta["dtype"], mode="r")
+        return self._tokens
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if isinstance(state["_tokens"], np.memmap):
+            state["_tokens"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int):
+        if not -self._len <= i < self._len:
+            raise IndexError(f"index {i} out of range for {self._len} windows")
+        start = (i % self._len) * self.max_length
+        w = torch.from_numpy(self.tokens[start : start + self.max_length + 1].astype(np.int64))
+        return w[:-1], w[1:], torch.ones(self.max_length, dtype=torch.float32)
+
+
+def assistant_char_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
+    """Character spans of each assistant reply's content plus its closing EOS in the rendered `text`.
+
+    Found through the template itself: the reply starts where rendering the earlier messages with the
+    generation prompt ends; so no template layout or token id is hard-coded here."""
+    def render(msgs: list[dict], gen: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    # Templates refuse an empty history, so a reply that opens the conversation gets the bare generation prompt.
+    generation_prompt = render(messages[:1], True)[len(render(messages[:1], False)):]
+    eos, spans = tokenizer.eos_token, []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = render(messages[:k], True) if k else generation_prompt
+        start, end = len(prefix), len(prefix) + len(m["content"])
+        if not (text.startswith(prefix) and text[start:end] == m["content"] and text.startswith(eos, end)):
+            raise ValueError("chat template is not prefix-stable (a reply must render as its content + EOS "
+                             "after the generation prompt); cannot locate assistant spans")
+        spans.append((start, end + len(eos)))
+    return spans
+
+
+def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and a 0/1 mask that is 1 on every token overlapping an
+    assistant reply or its closing EOS (token character offsets vs. assistant_char_spans)."""
+    if not tokenizer.is_fast:
+        raise ValueError("SFT masks need a fast tokenizer (character offsets)")
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    in_reply = np.zeros(len(text) + 1, dtype=np.int64)  # prefix sums of "character is in a reply"
+    for start, end in assistant_char_spans(tokenizer, messages, text):
+        in_reply[start + 1 : end + 1] = 1
+    in_reply = np.cumsum(in_reply)
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    mask = (in_reply[offsets[:, 1]] - in_reply[offsets[:, 0]]) > 0
+    return enc["input_ids"], mask.astype(np.int64).tolist()
+
+
+class SFTDataset(Dataset):
+    """Chat conversations -> (X, Y, loss_mask), loss only on assistant replies and their closing EOS.
+
+    The file is validated and indexed by byte offset at start-up (a bad line fails here with file:line);
+    items are read and tokenized on access, so RAM holds 16 bytes per conversation, not the file.
+    Sequences are truncated to max_length + 1 tokens (ids and mask together, so they stay aligned) and
+    right-padded with pad_token_id, where the mask is 0."""
+
+    def __init__(self, data_path: str, tokenizer, max_length: int = 512, skip_bad: bool = False):
+        if tokenizer.pad_token_id is None or tokenizer.eos_token is None:
+            raise ValueError("the tokenizer needs pad and eos tokens")
+        self.data_path, self.tokenizer, self.max_length = data_path, tokenizer, max_length
+        index = [(off, n) for off, n, _ in JsonlRecords(data_path, "conversations", skip_bad)]
+        self._index = np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int):
+        offset, length = self._index[i]
+        messages = read_line_at(self.data_path, int(offset), int(length))["conversations"]
+        ids, mask = tokenize_conversation(self.tokenizer, messages)
+        n = self.max_length + 1
+        pad = n - min(len(ids), n)
+        ids = torch.tensor(ids[:n] + [self.tokenizer.pad_token_id] * pad, dtype=torch.int64)
+        mask = torch.tensor(mask[:n] + [0] * pad, dtype=torch.float32)
+        return ids[:-1], ids[1:], mask[1:]
