@@ -13,6 +13,7 @@ Every subcommand's defaults point at out/ (contract layout), so the pipeline run
 from __future__ import annotations
 
 import argparse
+import bisect
 import glob
 import importlib.util
 import json
@@ -24,6 +25,7 @@ import sys
 import tarfile
 import unicodedata
 from collections import deque
+from itertools import accumulate
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -174,6 +176,21 @@ def _split_balanced(reviews: list[tuple[str, str]], n: int, rng: random.Random):
     return taken, rest
 
 
+def drop_containing(reviews: list[tuple[str, str]], held_out: list[str], min_chars: int = 20):
+    """Drop the reviews that contain a held-out text of >= min_chars characters: near-duplicates (a review
+    quoted inside a longer one, or repeated) that exact deduplication misses. Shorter held-out texts
+    ("不错") occur inside many reviews by chance and are not a leak."""
+    joined = "\0".join(text for text, _ in reviews)
+    starts = list(accumulate((len(text) + 1 for text, _ in reviews), initial=0))
+    leaked = set()
+    for h in held_out:
+        i = joined.find(h) if len(h) >= min_chars else -1
+        while i != -1:
+            leaked.add(bisect.bisect_right(starts, i) - 1)
+            i = joined.find(h, i + 1)
+    return [r for j, r in enumerate(reviews) if j not in leaked]
+
+
 def build_embedded(out_dir: str = "out/data", chunk_size: int = 512, test_size: int = 1000,
                    val_size: int = 200, pretrain_val_docs: int = 100, max_review_chars: int = 200,
                    seed: int = 1234) -> dict[str, tuple[int, int]]:
@@ -187,6 +204,12 @@ def build_embedded(out_dir: str = "out/data", chunk_size: int = 512, test_size: 
     rng.shuffle(reviews)
     test, rest = _split_balanced(reviews, test_size, rng)
     val, train = _split_balanced(rest, val_size, rng)
+
+    def shown(split: list[tuple[str, str]]) -> list[str]:
+        return [text[:max_review_chars] for text, _ in split]
+
+    val = drop_containing(val, shown(test))
+    train = drop_containing(train, shown(test) + shown(val))
 
     news = list(dict.fromkeys(group_news_documents(read_news_paragraphs())))  # exact-duplicate articles out
     rng.shuffle(news)

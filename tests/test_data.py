@@ -1,0 +1,404 @@
+"""data_process.py and dataset.py: the embedded corpus and its splits, chunking, SFT conversion,
+pretokenization, the packed and SFT datasets against independent references, and every bad-input class."""
+import hashlib
+import json
+import os
+import pickle
+import re
+import unicodedata
+
+import numpy as np
+import pytest
+import torch
+
+import data_process
+import train_tokenizer
+from dataset import PretrainDataset, SFTDataset, token_dtype, tokenize_conversation, tokenizer_fingerprint
+
+
+def write_lines(path, lines):
+    path.write_bytes(b"".join((ln if isinstance(ln, bytes) else ln.encode("utf-8")) + b"\n" for ln in lines))
+    return str(path)
+
+
+def jsonl(path, records):
+    return write_lines(path, [json.dumps(r, ensure_ascii=False) for r in records])
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Embedded corpus
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("embedded")
+    sizes = data_process.build_embedded(str(out))
+    return out, sizes, {name: read_jsonl(out / name) for name in sizes}
+
+
+def review_of(sample):
+    """The review text inside a sentiment prompt (the prompt is review + newline + question)."""
+    return sample["conversations"][0]["content"].rsplit("\n", 1)[0]
+
+
+def key(text):
+    return "".join(text[:200].split())
+
+
+def test_news_tags_are_stripped_and_normalized():
+    first = data_process.read_news_paragraphs()[0]
+    assert first == unicodedata.normalize("NFKC", "迈向充满希望的新世纪——一九九八年新年讲话（附图片１张）")
+
+
+def test_embedded_files_follow_the_contract(embedded):
+    _, sizes, data = embedded
+    assert set(sizes) == {"pretrain.jsonl", "pretrain_val.jsonl", "sft_train.jsonl", "sft_val.jsonl", "sft_test.jsonl"}
+    assert all(set(r) == {"text"} and r["text"] for f in ("pretrain.jsonl", "pretrain_val.jsonl") for r in data[f])
+    assert all(len(r["text"]) <= 512 for r in data["pretrain.jsonl"])
+    for f in ("sft_train.jsonl", "sft_val.jsonl", "sft_test.jsonl"):
+        for r in data[f]:
+            roles = [m["role"] for m in r["conversations"]]
+            assert roles[-1] == "assistant" and set(roles) <= {"user", "assistant"}
+    assert sizes["pretrain.jsonl"][1] > 2_500_000 and sizes["sft_train.jsonl"][0] > 15_000
+
+
+def test_sentiment_test_split_is_balanced_and_labelled(embedded):
+    test = embedded[2]["sft_test.jsonl"]
+    assert len(test) == 1000
+    labels = [r["label"] for r in test]
+    assert labels.count("正面") == labels.count("负面") == 500
+    assert all(r["conversations"][-1]["content"] == r["label"] for r in test)
+    question = unicodedata.normalize("NFKC", data_process.SENTIMENT_QUESTION)
+    assert all(r["conversations"][0]["content"].endswith("\n" + question) for r in test)
+    assert all(len(review_of(r)) <= 200 for r in test)
+
+
+def test_held_out_reviews_are_seen_nowhere_else(embedded):
+    _, _, data = embedded
+    test_keys = {key(review_of(r)) for r in data["sft_test.jsonl"]}
+    val_keys = {key(review_of(r)) for r in data["sft_val.jsonl"] if "这条评论" in r["conversations"][0]["content"]}
+    train_keys = {key(review_of(r)) for r in data["sft_train.jsonl"]}
+    pretrain_keys = {key(r["text"]) for r in data["pretrain.jsonl"]}
+    assert len(test_keys) == 1000
+    assert not test_keys & (val_keys | train_keys | pretrain_keys)
+    assert not val_keys & (train_keys | pretrain_keys)
+    # and, by plain substring search, no test review of 20+ characters hides inside a longer training text
+    train_text = "\n".join([r["text"] for r in data["pretrain.jsonl"]] + [review_of(r) for r in data["sft_train.jsonl"]])
+    long_reviews = [review_of(r) for r in data["sft_test.jsonl"] if len(review_of(r)) >= 20]
+    assert len(long_reviews) > 500 and not [t for t in long_reviews if t in train_text]
+
+
+def test_pretrain_val_articles_are_not_in_pretrain(embedded):
+    _, _, data = embedded
+    assert not {r["text"] for r in data["pretrain_val.jsonl"]} & {r["text"] for r in data["pretrain.jsonl"]}
+
+
+def test_embedded_build_is_deterministic(embedded, tmp_path):
+    out, _, _ = embedded
+    data_process.main(["embedded", "--out_dir", str(tmp_path)])
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert {p.name: digest(p) for p in tmp_path.iterdir()} == {p.name: digest(p) for p in out.iterdir()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# chunk / convert_sft
+
+def test_chunk_text_is_lossless_and_prefers_sentence_ends():
+    text = "第一句话。第二句话比较长一些！Third sentence here. 最后没有句号的尾巴" * 3
+    chunks = data_process.chunk_text(text, 30)
+    assert "".join(chunks) == text
+    assert all(len(c) <= 30 for c in chunks)
+    assert all(c[-1] in "。!！. " for c in chunks[:-1])
+    assert data_process.chunk_text("x" * 25, 10) == ["x" * 10, "x" * 10, "x" * 5]  # no sentence end: hard cut
+
+
+def test_chunk_cli(tmp_path):
+    src = jsonl(tmp_path / "in.jsonl", [{"text": "一二三。四五六。七八九。"}, {"text": "短。"}])
+    out = tmp_path / "out.jsonl"
+    data_process.main(["chunk", "--input", src, "--output", str(out), "--chunk_size", "8"])
+    assert read_jsonl(out) == [{"text": "一二三。四五六。"}, {"text": "七八九。"}, {"text": "短。"}]
+
+
+def test_convert_sft_from_belle_format(tmp_path):
+    src = jsonl(tmp_path / "belle.jsonl", [
+        {"id": "1", "conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}]},
+        {"id": "2", "conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                                      {"from": "assistant", "value": "a"}]},
+    ])
+    out = tmp_path / "sft.jsonl"
+    data_process.main(["convert_sft", "--input", src, "--output", str(out)])
+    assert read_jsonl(out) == [
+        {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]},
+        {"conversations": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                           {"role": "assistant", "content": "a"}]},
+    ]
+
+
+def test_convert_sft_unknown_speaker(tmp_path, capsys):
+    good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    bad = {"conversations": [{"from": "bot", "value": "q"}]}
+    src = jsonl(tmp_path / "belle.jsonl", [good, bad, good])
+    out = str(tmp_path / "sft.jsonl")
+    with pytest.raises(ValueError, match=rf"{re.escape(src)}:2: turn 0 has unknown speaker 'bot'"):
+        data_process.main(["convert_sft", "--input", src, "--output", out])
+    data_process.main(["convert_sft", "--input", src, "--output", out, "--skip_bad"])
+    assert len(read_jsonl(out)) == 2 and "skipped 1 bad line" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pretokenize + PretrainDataset
+
+DOCS = ["人民日报一九九八年元旦献辞。", "Hello world, 12345 🙂", "短", "我们要更好地坚持解放思想、实事求是的思想路线。" * 5,
+        "a literal <|im_end|> inside a document is text"]
+
+
+def reference_stream(tok, docs):
+    """Direct tokenization, one document at a time, EOS after each."""
+    out = []
+    for d in docs:
+        out += tok(d, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tok.eos_token_id]
+    return out
+
+
+@pytest.fixture
+def pretokenized(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
+    docs = DOCS * 20
+    src = jsonl(tmp_path / "corpus.jsonl", [{"text": d} for d in docs])
+    meta = data_process.pretokenize(src, tiny_tokenizer_dir, num_workers=2, batch_size=7)
+    return tmp_path, docs, meta
+
+
+def test_pretokenize_matches_direct_tokenization(pretokenized, tiny_tokenizer):
+    path, docs, meta = pretokenized
+    tokens = np.fromfile(path / "corpus.bin", dtype=np.uint16)
+    ref = reference_stream(tiny_tokenizer, docs)
+    assert tokens.tolist() == ref
+    assert tokens.tolist().count(tiny_tokenizer.eos_token_id) == len(docs)  # the literal <|im_end|> is not EOS
+    assert json.loads((path / "corpus.json").read_text()) == meta == {
+        "num_tokens": len(ref), "dtype": "uint16", "vocab_size": 1000, "eos_token_id": 4,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tiny_tokenizer), "num_documents": len(docs),
+        "source": "corpus.jsonl"}
+
+
+def test_pretokenize_workers_do_not_change_output(pretokenized, tiny_tokenizer_dir):
+    path, _, _ = pretokenized
+    parallel = (path / "corpus.bin").read_bytes()
+    data_process.pretokenize(str(path / "corpus.jsonl"), tiny_tokenizer_dir, num_workers=1, batch_size=1000)
+    assert (path / "corpus.bin").read_bytes() == parallel
+
+
+def test_pretokenize_default_builds_train_and_val(tmp_path, monkeypatch, tiny_tokenizer_dir):
+    (tmp_path / "out" / "data").mkdir(parents=True)
+    jsonl(tmp_path / "out/data/pretrain.jsonl", [{"text": d} for d in DOCS])
+    jsonl(tmp_path / "out/data/pretrain_val.jsonl", [{"text": d} for d in DOCS[:2]])
+    monkeypatch.chdir(tmp_path)
+    data_process.main(["pretokenize", "--tokenizer", tiny_tokenizer_dir, "--num_workers", "1"])
+    assert {p.name for p in (tmp_path / "out/data").glob("*.bin")} == {"pretrain.bin", "pretrain_val.bin"}
+    assert json.loads((tmp_path / "out/data/pretrain_val.json").read_text())["num_documents"] == 2
+
+
+def test_token_dtype_fits_the_vocab():
+    assert token_dtype(6144) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32 and token_dtype(6144, "uint32") == np.uint32
+    with pytest.raises(ValueError, match="vocab_size 65537 does not fit uint16"):
+        token_dtype(65537, "uint16")
+
+
+def test_pretrain_dataset_windows_equal_direct_tokenization(pretokenized, tiny_tokenizer):
+    path, docs, _ = pretokenized
+    ref = torch.tensor(reference_stream(tiny_tokenizer, docs))
+    L = 16
+    ds = PretrainDataset(str(path / "corpus.bin"), tiny_tokenizer, max_length=L)
+    assert len(ds) == (len(ref) - 1) // L
+    for i in (0, 1, len(ds) // 2, len(ds) - 1):
+        x, y, mask = ds[i]
+        assert x.dtype == y.dtype == torch.int64 and mask.dtype == torch.float32
+        assert torch.equal(x, ref[i * L : i * L + L]) and torch.equal(y, ref[i * L + 1 : i * L + L + 1])
+        assert torch.equal(mask, torch.ones(L))
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_pretrain_dataset_jsonl_input_gives_the_same_items(pretokenized, tiny_tokenizer):
+    path, _, _ = pretokenized
+    from_bin = PretrainDataset(str(path / "corpus.bin"), max_length=32)
+    from_jsonl = PretrainDataset(str(path / "corpus.jsonl"), tiny_tokenizer, max_length=32)
+    assert len(from_bin) == len(from_jsonl)
+    assert all(torch.equal(a, b) for i in range(len(from_bin)) for a, b in zip(from_bin[i], from_jsonl[i]))
+
+
+def test_pretrain_dataset_pickles_without_copying_the_map(pretokenized):
+    path, _, _ = pretokenized
+    ds = PretrainDataset(str(path / "corpus.bin"), max_length=8)
+    ds[0]  # opens the memory map
+    blob = pickle.dumps(ds)
+    assert len(blob) < 2000
+    assert all(torch.equal(a, b) for a, b in zip(pickle.loads(blob)[3], ds[3]))
+
+
+def test_pretrain_dataset_refuses_another_tokenizer(pretokenized, tiny_texts):
+    path, _, _ = pretokenized
+    other = train_tokenizer.build_tokenizer(iter(tiny_texts[:100]), vocab_size=400)
+    train_tokenizer.save_tokenizer(other, str(path / "other"))
+    from transformers import AutoTokenizer
+
+    with pytest.raises(ValueError, match=r'corpus\.json: "tokenizer_fingerprint"'):
+        PretrainDataset(str(path / "corpus.bin"), AutoTokenizer.from_pretrained(str(path / "other")))
+
+
+def test_pretrain_dataset_bad_token_files(pretokenized, tiny_tokenizer):
+    path, _, _ = pretokenized
+    with pytest.raises(ValueError, match="truncated or stale"):
+        (path / "corpus.bin").write_bytes((path / "corpus.bin").read_bytes()[:-2])
+        PretrainDataset(str(path / "corpus.bin"))
+    (path / "corpus.json").unlink()
+    with pytest.raises(FileNotFoundError, match="corpus.json: sidecar"):
+        PretrainDataset(str(path / "corpus.bin"))
+    with pytest.raises(ValueError, match="needs|needed"):
+        PretrainDataset(str(path / "corpus.jsonl"))
+    with pytest.raises(ValueError, match="too few for one window"):
+        PretrainDataset(str(path / "corpus.jsonl"), tiny_tokenizer, max_length=10**6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SFTDataset masks vs. transformers' assistant-token mask
+
+# The contract's ChatML with each assistant reply + <|im_end|> wrapped in {% generation %}: transformers then
+# marks exactly the tokens rendered inside those blocks. It is written independently of dataset.py.
+ORACLE_TEMPLATE = (
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ m['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "这本书很好看\n这条评论的情感是正面还是负面?"}, {"role": "assistant", "content": "正面"}],
+    [
+        {"role": "system", "content": "You are a helpful assistant. 你是助手。"},
+        {"role": "user", "content": "What is AI?"},
+        {"role": "assistant", "content": "Artificial Intelligence 🙂 is\n  the branch of engineering."},
+        {"role": "user", "content": "再说一遍"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "  spaces  "},
+        {"role": "assistant", "content": " 好的，明白了！12345 "},
+    ],
+    [{"role": "assistant", "content": "I speak first."}, {"role": "user", "content": "ok"},
+     {"role": "assistant", "content": "bye"}],
+]
+
+
+def oracle(tok, messages):
+    out = tok.apply_chat_template(messages, chat_template=ORACLE_TEMPLATE, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    return out["input_ids"], out["assistant_masks"]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["single_turn", "multi_turn_system", "reply_first"])
+def test_sft_mask_equals_transformers_oracle(tiny_tokenizer, messages):
+    ids, mask = tokenize_conversation(tiny_tokenizer, messages)
+    oracle_ids, oracle_mask = oracle(tiny_tokenizer, messages)
+    assert ids == oracle_ids and mask == oracle_mask
+    ends = [i for i, t in enumerate(ids) if t == tiny_tokenizer.eos_token_id]
+    n_replies = sum(m["role"] == "assistant" for m in messages)
+    assert sum(mask[i] for i in ends) == n_replies  # each reply's closing <|im_end|> is learned, no other
+
+
+@pytest.mark.parametrize("max_length", [512, 40, 7])
+def test_sft_dataset_items_shift_pad_and_truncate(tmp_path, tiny_tokenizer, max_length):
+    path = jsonl(tmp_path / "sft.jsonl", [{"conversations": c} for c in CONVERSATIONS])
+    ds = SFTDataset(path, tiny_tokenizer, max_length=max_length)
+    assert len(ds) == len(CONVERSATIONS)
+    for i, messages in enumerate(CONVERSATIONS):
+        ids, mask = oracle(tiny_tokenizer, messages)
+        n = max_length + 1
+        ids = (ids + [tiny_tokenizer.pad_token_id] * n)[:n]
+        mask = (mask + [0] * n)[:n]
+        x, y, loss_mask = ds[i]
+        assert x.shape == y.shape == loss_mask.shape == (max_length,)
+        assert x.dtype == y.dtype == torch.int64 and loss_mask.dtype == torch.float32
+        assert x.tolist() == ids[:-1] and y.tolist() == ids[1:] and loss_mask.tolist() == mask[1:]
+
+
+def test_sft_pad_is_not_eos_and_never_learned(tmp_path, tiny_tokenizer):
+    path = jsonl(tmp_path / "sft.jsonl", [{"conversations": CONVERSATIONS[0]}])
+    x, y, mask = SFTDataset(path, tiny_tokenizer, max_length=256)[0]
+    assert tiny_tokenizer.pad_token_id != tiny_tokenizer.eos_token_id
+    last_eos = (y == tiny_tokenizer.eos_token_id).nonzero().max()
+    assert mask[last_eos] == 1 and (y[last_eos + 2 :] == tiny_tokenizer.pad_token_id).all()
+    assert mask[last_eos + 1 :].sum() == 0  # the trailing newline and the padding
+
+
+def test_sft_dataset_reads_the_embedded_test_split(embedded, tiny_tokenizer):
+    out, _, data = embedded
+    ds = SFTDataset(str(out / "sft_test.jsonl"), tiny_tokenizer, max_length=1024)
+    x, y, mask = ds[5]
+    learned = tiny_tokenizer.decode(y[mask.bool()].tolist())
+    assert learned == data["sft_test.jsonl"][5]["label"] + "<|im_end|>"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: each class fails at start-up naming file:line; skip_bad skips and counts
+
+GOOD_CONV = json.dumps({"conversations": CONVERSATIONS[0]}, ensure_ascii=False)
+GOOD_TEXT = json.dumps({"text": "好"}, ensure_ascii=False)
+BAD_CONV = {
+    "malformed_json": ('{"conversations": [', "malformed JSON"),
+    "missing_key": ('{"messages": []}', 'missing key "conversations"'),
+    "not_utf8": (b'{"conversations": "\xff\xfe"}', "not UTF-8"),
+    "empty_role": ('{"conversations": [{"role": "", "content": "x"}]}', "message 0 has an empty role"),
+    "unknown_role": ('{"conversations": [{"role": "bot", "content": "x"}]}', "unknown role 'bot'"),
+    "no_reply": ('{"conversations": [{"role": "user", "content": "x"}]}', "no assistant message"),
+}
+BAD_TEXT = {
+    "malformed_json": ('{"text": "unterminated', "malformed JSON"),
+    "missing_key": ('{"content": "x"}', 'missing key "text"'),
+    "not_utf8": (b'{"text": "\xc3\x28"}', "not UTF-8"),
+    "not_a_string": ('{"text": 5}', '"text" must be a string'),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONV)
+def test_sft_bad_line_fails_at_start_with_file_and_line(tmp_path, tiny_tokenizer, case, capsys):
+    line, reason = BAD_CONV[case]
+    path = write_lines(tmp_path / "sft.jsonl", [GOOD_CONV, "", GOOD_CONV, line, GOOD_CONV])
+    with pytest.raises(ValueError, match=rf"{re.escape(path)}:4: .*{reason}"):
+        SFTDataset(path, tiny_tokenizer)
+    ds = SFTDataset(path, tiny_tokenizer, skip_bad=True)
+    assert len(ds) == 3 and "skipped 1 bad line" in capsys.readouterr().err
+    assert ds[2][2].sum() > 0
+
+
+@pytest.mark.parametrize("case", BAD_TEXT)
+def test_pretrain_bad_line_fails_with_file_and_line(tmp_path, tiny_tokenizer_dir, tiny_tokenizer, case, capsys):
+    line, reason = BAD_TEXT[case]
+    path = write_lines(tmp_path / "pretrain.jsonl", [GOOD_TEXT, line] + [GOOD_TEXT] * 20)
+    with pytest.raises(ValueError, match=rf"{re.escape(path)}:2: .*{reason}"):
+        PretrainDataset(path, tiny_tokenizer, max_length=4)
+    with pytest.raises(ValueError, match=rf"{re.escape(path)}:2: .*{reason}"):
+        data_process.main(["pretokenize", "--input", path, "--tokenizer", tiny_tokenizer_dir, "--num_workers", "1"])
+    data_process.main(["pretokenize", "--input", path, "--tokenizer", tiny_tokenizer_dir, "--skip_bad"])
+    assert "skipped 1 bad line" in capsys.readouterr().err
+    assert json.loads((tmp_path / "pretrain.json").read_text())["num_documents"] == 21
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n"])
+def test_empty_file_is_refused(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    for make in (lambda: SFTDataset(str(path), tiny_tokenizer), lambda: PretrainDataset(str(path), tiny_tokenizer),
+                 lambda: data_process.pretokenize(str(path), tiny_tokenizer_dir, num_workers=1)):
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: empty file"):
+            make()
+
+
+def test_all_bad_lines_with_skip_bad_is_still_an_error(tmp_path, tiny_tokenizer):
+    path = write_lines(tmp_path / "sft.jsonl", ["{", "[]"])
+    with pytest.raises(ValueError, match="empty file"):
+        SFTDataset(path, tiny_tokenizer, skip_bad=True)
