@@ -1,0 +1,199 @@
+"""The training loop in one process: it learns, SFT learns only from answer tokens, the data order shards
+cleanly, bad checkpoints and diverging runs fail clearly, and the HF export opens with transformers.
+Multi-process behaviour: test_train_ddp.py (DDP) and test_train_resume.py (kill and resume)."""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import ddp_pretrain
+import ddp_sft_full
+import train_tokenizer
+import trainer
+from checkpoint import load_checkpoint, load_model
+from dataset import SFTDataset, tokenizer_fingerprint
+from k_model import ModelConfig, Transformer
+from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_tokenizer_dir):
+    root = tmp_path_factory.mktemp("train_data")
+    train_bin, val_bin = make_pretrain_data(root, tiny_tokenizer_dir)
+    sft_train, sft_val = make_sft_data(root)
+    return SimpleNamespace(tok=tiny_tokenizer_dir, train_bin=train_bin, val_bin=val_bin,
+                           sft_train=sft_train, sft_val=sft_val)
+
+
+def pretrain_args(data, out_dir, *extra: str) -> list[str]:
+    return ["--data_path", data.train_bin, "--val_data_path", data.val_bin, "--tokenizer_path", data.tok,
+            "--out_dir", str(out_dir), *TINY_MODEL, *QUIET, "--batch_size", "8", "--warmup_iters", "2",
+            "--log_interval", "1", *extra]
+
+
+def sft_args(data, out_dir, init_from, *extra: str) -> list[str]:
+    return ["--data_path", data.sft_train, "--val_data_path", data.sft_val, "--tokenizer_path", data.tok,
+            "--out_dir", str(out_dir), "--init_from", str(init_from), *QUIET, "--batch_size", "4",
+            "--max_seq_len", "32", "--log_interval", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def pretrained(data, tmp_path_factory):
+    """A 150-step pretraining run on People's Daily text (~5 s)."""
+    out = tmp_path_factory.mktemp("pretrain")
+    ddp_pretrain.main(pretrain_args(data, out, "--dim", "64", "--batch_size", "16", "--max_steps", "150",
+                                    "--learning_rate", "1e-2", "--warmup_iters", "10", "--log_interval", "10",
+                                    "--eval_interval", "75", "--save_interval", "50"))
+    return out
+
+
+def test_pretraining_beats_the_unigram_model(data, pretrained):
+    vocab = len(AutoTokenizer.from_pretrained(data.tok))
+    train_tokens, val_tokens = (np.fromfile(p, dtype=np.uint16) for p in (data.train_bin, data.val_bin))
+    counts = np.bincount(train_tokens, minlength=vocab) + 1  # add-one smoothed unigram of the training data
+    unigram_ce = float(-np.log(counts[val_tokens] / counts.sum()).mean())
+
+    losses, val = read_metrics(pretrained), read_metrics(pretrained, "val_loss")
+    assert losses[0][1] > math.log(vocab) - 0.5  # starts near uniform
+    assert [step for step, _ in val] == [75, 150]
+    # a context-free predictor cannot go below unigram_ce on held-out text; the model must use context
+    assert val[-1][1] < unigram_ce - 0.1, (val, unigram_ce)
+    log = (pretrained / "train.log").read_text(encoding="utf-8")
+    assert "val ppl" in log and "tok/s" in log and "saved" in log
+
+
+def test_hf_export_opens_with_transformers(pretrained):
+    hf_dir = pretrained / "hf"
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    ours, info = load_model(pretrained)
+    assert info["step"] == 150 and info["format"] == "ckpt"
+    assert tokenizer_fingerprint(tok) == info["tokenizer_fingerprint"]
+    assert hf.config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    ids = tok("人民日报：今天的新闻。", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_sft_gradients_come_only_from_masked_positions(data):
+    tok = AutoTokenizer.from_pretrained(data.tok)
+    ds = SFTDataset(data.sft_train, tok, max_length=48)
+    micro = [trainer.collate_trimmed([ds[i] for i in idx]) for idx in ([0, 1, 2], [3, 4, 5])]
+    assert all(0 < m.sum() < m.numel() for _, _, m in micro)  # prompts and padding are unmasked
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=len(tok), max_seq_len=64))
+
+    # reference: transformers-style labels (-100 where the mask is 0), one mean over both micro-batches,
+    # one plain SGD step (lr 1: new weight = weight - gradient)
+    ref = copy.deepcopy(model)
+    total = sum(F.cross_entropy(ref(x).logits.flatten(0, 1), torch.where(m.bool(), y, -100).flatten(),
+                                reduction="sum") for x, y, m in micro)
+    (total / sum(m.sum() for _, _, m in micro)).backward()
+    expected = {name: (p - p.grad).detach() for name, p in ref.named_parameters()}
+
+    # unmasked targets replaced by noise: if they reached the gradient, the step would differ
+    noisy = [(x, torch.where(m.bool(), y, torch.randint_like(y, len(tok))), m) for x, y, m in micro]
+    trainer.train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), torch.amp.GradScaler("cpu", enabled=False),
+                       noisy, device=torch.device("cpu"), autocast=nullcontext, grad_clip=0.0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_sft_starts_identically_from_checkpoint_or_hf_export(data, pretrained, tmp_path):
+    ddp_sft_full.main(sft_args(data, tmp_path / "a", pretrained, "--max_steps", "3"))
+    ddp_sft_full.main(sft_args(data, tmp_path / "b", pretrained / "hf", "--max_steps", "3"))
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [s for s, _ in a] == [1, 2, 3]
+    np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-6)
+    assert read_metrics(tmp_path / "a", "val_loss")  # sft_val.jsonl was evaluated
+    state = load_checkpoint(tmp_path / "a")
+    assert state["args"]["init_from"] == str(pretrained) and state["args"]["max_seq_len"] == 32
+    assert (tmp_path / "a" / "hf" / "model.safetensors").is_file()
+
+
+def test_step_sampler_shards_the_global_batch():
+    n, B, W, A = 50, 3, 2, 2
+    single = list(trainer.StepSampler(n, B * W, A, rank=0, world_size=1, seed=7, epoch=1, start=0))
+    ranks = [list(trainer.StepSampler(n, B, A, rank=r, world_size=W, seed=7, epoch=1, start=0)) for r in range(W)]
+    assert single == [r0 + r1 for r0, r1 in zip(*ranks)]  # a micro-batch = the ranks' shares side by side
+    flat = [i for batch in single for i in batch]
+    assert len(set(flat)) == len(flat) == (n // (B * W * A)) * B * W * A
+    resumed = trainer.StepSampler(n, B * W, A, rank=0, world_size=1, seed=7, epoch=1, start=2 * B * W * A)
+    assert list(resumed) == single[2 * A :]
+    other_epoch = list(trainer.StepSampler(n, B * W, A, rank=0, world_size=1, seed=7, epoch=2, start=0))
+    assert other_epoch != single
+
+
+def test_lr_schedule_warmup_then_cosine_to_a_tenth():
+    lrs = [trainer.lr_at(s, 1e-3, warmup=10, total=100) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[100] == pytest.approx(1e-4) and lrs[55] == pytest.approx(0.55e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+@dataclass
+class NotATensor:
+    payload: str
+
+
+def test_bad_checkpoints_name_the_file_and_key(data, pretrained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_model(tmp_path / "nowhere")
+    good = (pretrained / "ckpt.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="truncated.pt: not a readable checkpoint"):
+        load_model(tmp_path / "truncated.pt")
+    state = torch.load(pretrained / "ckpt.pt", weights_only=True)
+    torch.save({**state, "extra": NotATensor("runs code on load")}, tmp_path / "pickle.pt")
+    with pytest.raises(ValueError, match="pickle.pt: not a readable checkpoint"):  # weights_only refuses it
+        load_model(tmp_path / "pickle.pt")
+    torch.save({k: v for k, v in state.items() if k != "model_config"}, tmp_path / "nocfg.pt")
+    with pytest.raises(ValueError, match=r"nocfg.pt: checkpoint is missing key\(s\) \['model_config'\]"):
+        load_model(tmp_path / "nocfg.pt")
+    torch.save({**state, "model_config": {**state["model_config"], "n_layers": 3}}, tmp_path / "layers.pt")
+    with pytest.raises(ValueError, match=r"layers.pt: weights do not match model_config: missing keys \['layers.2"):
+        load_model(tmp_path / "layers.pt")
+
+    # resuming with another architecture
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt.pt").write_bytes(good)
+    with pytest.raises(ValueError, match=r"ckpt.pt: checkpoint was trained with --dim 64, this run asks for --dim 32"):
+        ddp_pretrain.main(pretrain_args(data, tmp_path / "run", "--resume"))
+    # fine-tuning with a different tokenizer than the model was trained with
+    other_tok = tmp_path / "other_tokenizer"
+    train_tokenizer.save_tokenizer(train_tokenizer.build_tokenizer(iter(["另一个分词器 another tokenizer"] * 50),
+                                                                   vocab_size=300), str(other_tok))
+    with pytest.raises(ValueError, match=r"ckpt.pt: model vocab_size=1000 but the tokenizer at .*other_tokenizer has"):
+        ddp_sft_full.main(sft_args(data, tmp_path / "sft", pretrained, "--tokenizer_path", str(other_tok)))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    ddp_pretrain.main(pretrain_args(data, out, "--max_steps", "4", "--save_interval", "2"))
+    good = torch.load(out / "ckpt.pt", weights_only=True)
+    # an absurd learning rate: the weights blow up at step 5 and the loss of step 6 is not finite
+    with pytest.raises(SystemExit) as exit_info:
+        ddp_pretrain.main(pretrain_args(data, out, "--max_steps", "12", "--save_interval", "2", "--resume",
+                                        "--learning_rate", "1e30"))
+    message = str(exit_info.value.code)
+    assert re.search(r"nan/inf at step 6: stopping, kept the last good checkpoint .*ckpt.pt \(step 4\)", message)
+    kept = load_checkpoint(out)
+    assert kept["step"] == 4
+    assert all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
+    assert "nan/inf at step 6" in (out / "train.log").read_text(encoding="utf-8")
+
+
+def test_swanlab_logs_offline(data, tmp_path):
+    out = tmp_path / "run"
+    ddp_pretrain.main(pretrain_args(data, out, "--max_steps", "2", "--use_swanlab"))
+    assert list((out / "swanlog").glob("run-*")), "swanlab offline mode wrote no run directory"
