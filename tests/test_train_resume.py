@@ -1,0 +1,82 @@
+"""Exact resume: a run stopped by Ctrl-C (SIGINT), resumed, killed by SIGKILL after its next checkpoint,
+and resumed again to the end has, on CPU float32, exactly the loss sequence, validation losses and final
+weights of the same run left alone. Dropout is on, so the dropout masks must be reproduced as well."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import ddp_pretrain
+from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, read_metrics
+
+TOTAL = 40
+
+
+def last_logged_step(out_dir: Path) -> int:
+    try:
+        lines = (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        return max((json.loads(line)["step"] for line in lines), default=0)
+    except (FileNotFoundError, ValueError):  # not written yet, or caught mid-rewrite
+        return 0
+
+
+def saved_step(out_dir: Path) -> int:
+    try:
+        return torch.load(out_dir / "ckpt.pt", weights_only=True)["step"]
+    except FileNotFoundError:
+        return 0
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as f:  # a file, not a pipe: a full pipe would stall the trainer
+        return subprocess.Popen([sys.executable, str(ROOT / "ddp_pretrain.py"), *args], cwd=ROOT, stdout=f,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"trainer exited early ({proc.returncode}):\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out waiting for the trainer"
+        time.sleep(0.01)
+
+
+def test_interrupted_runs_resume_exactly(tmp_path, tiny_tokenizer_dir):
+    train_bin, val_bin = make_pretrain_data(tmp_path, tiny_tokenizer_dir, n_train=300, n_val=20)
+    args = ["--data_path", train_bin, "--val_data_path", val_bin, "--tokenizer_path", tiny_tokenizer_dir,
+            *TINY_MODEL, *QUIET, "--dropout", "0.1", "--batch_size", "8", "--accumulation_steps", "2",
+            "--max_steps", str(TOTAL), "--learning_rate", "3e-3", "--warmup_iters", "5",
+            "--log_interval", "1", "--eval_interval", "10", "--save_interval", "5"]
+    ref, run = tmp_path / "reference", tmp_path / "interrupted"
+    ddp_pretrain.main(args + ["--out_dir", str(ref)])
+
+    # Ctrl-C mid-run: a checkpoint of the current step, exit status 128 + SIGINT
+    proc = start(args + ["--out_dir", str(run)], tmp_path / "run1.log")
+    wait_for(lambda: last_logged_step(run) >= 7, proc, tmp_path / "run1.log")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 128 + signal.SIGINT
+    stopped = saved_step(run)
+    assert 7 <= stopped < TOTAL
+
+    # resumed, then SIGKILL (no chance to save) once it saved again and trained past that checkpoint
+    proc = start(args + ["--out_dir", str(run), "--resume"], tmp_path / "run2.log")
+    wait_for(lambda: saved_step(run) > stopped and last_logged_step(run) > saved_step(run), proc, tmp_path / "run2.log")
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert stopped < saved_step(run) < TOTAL and not (run / "hf").exists()
+
+    # resumed to the end
+    ddp_pretrain.main(args + ["--out_dir", str(run), "--resume"])
+    for metric in ("loss", "val_loss"):
+        assert read_metrics(run, metric) == read_metrics(ref, metric)
+    a, b = torch.load(ref / "ckpt.pt", weights_only=True), torch.load(run / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == TOTAL
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
