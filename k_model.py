@@ -163,7 +163,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
         dropout = self.dropout if self.training else 0.0
-        if self.flash:
+        if self.flash and T == 1 and H != KV:
+            # Decoding one token: view the query heads sharing a kv head as a length-(H/KV) query sequence
+            # of that kv head. Same result, but SDPA on CPU is ~50x faster than with enable_gqa on the
+            # strided cache views. The (B, 1, 1, S) mask broadcasts over the group.
+            y = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, self.head_dim), k, v, attn_mask=mask)
+            y = y.reshape(B, H, 1, self.head_dim)
+        elif self.flash:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None, enable_gqa=H != KV
             )
