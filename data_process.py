@@ -362,6 +362,7 @@ def pretokenize(input_path: str, tokenizer_dir: str, dtype: str = "auto", num_wo
             f.write(ids.astype(np_dtype).tobytes())
             num_tokens += len(ids)
             num_docs += n_docs
+        bar.update(bar.total - bar.n)  # skipped and blank lines at the end
     os.replace(stem + ".bin.tmp", stem + ".bin")
     meta = {"num_tokens": num_tokens, "dtype": np_dtype.name, "vocab_size": len(tok),
             "eos_token_id": tok.eos_token_id, "tokenizer_fingerprint": tokenizer_fingerprint(tok),

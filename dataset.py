@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 ROLES = ("system", "user", "assistant")
 
@@ -103,7 +104,7 @@ class JsonlRecords:
                 n += 1
                 yield start, len(raw), record
         if self.skipped:
-            print(f"warning: {self.path}: skipped {self.skipped} bad line(s); first: {first_error}", file=sys.stderr)
+            tqdm.write(f"warning: {self.path}: skipped {self.skipped} bad line(s); first: {first_error}", file=sys.stderr)
         if n == 0:
             raise ValueError(f"{self.path}: empty file (no valid records)")
 

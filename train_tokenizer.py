@@ -40,13 +40,16 @@ def iter_jsonl_texts(paths: list[str], skip_bad: bool = False) -> Iterator[str]:
     at a time, with a byte-based progress bar."""
     total = sum(os.path.getsize(p) for p in paths)
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer corpus") as bar:
+        done = 0  # bytes of the files already read
         for path in paths:
-            for _, length, record in JsonlRecords(path, None, skip_bad):
-                bar.update(length)
+            for offset, length, record in JsonlRecords(path, None, skip_bad):
+                bar.update(done + offset + length - bar.n)
                 if "text" in record:
                     yield record["text"]
                 else:
                     yield from (m["content"] for m in record["conversations"])
+            done += os.path.getsize(path)
+            bar.update(done - bar.n)  # skipped and blank lines at the end
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 6144) -> Tokenizer:
