@@ -156,7 +156,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, KV = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(B, T, H + 2 * KV, self.head_dim)
-        qk = apply_rope(qkv[:, :, : H + KV], cos, sin)  # q and k heads rotated in one go
+        # q and k heads rotated in one go; tables cast to the activations' dtype (bf16 under autocast)
+        qk = apply_rope(qkv[:, :, : H + KV], cos.to(qkv.dtype), sin.to(qkv.dtype))
         q = qk[:, :, :H].transpose(1, 2)
         k = qk[:, :, H:].transpose(1, 2)
         v = qkv[:, :, H + KV :].transpose(1, 2)
@@ -167,7 +168,8 @@ class Attention(nn.Module):
             # Decoding one token: view the query heads sharing a kv head as a length-(H/KV) query sequence
             # of that kv head. Same result, but SDPA on CPU is ~50x faster than with enable_gqa on the
             # strided cache views. The (B, 1, 1, S) mask broadcasts over the group.
-            y = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, self.head_dim), k, v, attn_mask=mask)
+            q = q.reshape(B, KV, H // KV, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
             y = y.reshape(B, H, 1, self.head_dim)
         elif self.flash:
             y = F.scaled_dot_product_attention(

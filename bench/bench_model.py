@@ -119,11 +119,14 @@ def decode_fns(ours, hf, prompt_len: int, new_tokens: int, device: str, seed: in
     return {"ours": dec_ours, "hf": dec_hf}, out
 
 
-def row(table, name, device, dtype, shape, tokens, times, target):
+def row(table, name, device, dtype, shape, tokens, times, target, flops_per_token=None):
+    """Appends medians as tokens/s, their ratio, each side's slowest-fastest round, and for training the
+    model FLOP/s ours achieves (flops_per_token * tokens/s: how close the step is to the hardware peak)."""
     ours, theirs = (tokens / statistics.median(times[k]) for k in ("ours", "hf"))
     spread = lambda k: f"{tokens / max(times[k]):,.0f}-{tokens / min(times[k]):,.0f}"  # noqa: E731
+    gflops = f"{ours * flops_per_token / 1e9:,.1f}" if flops_per_token else "-"
     table.append((name, device, dtype, shape, f"{ours:,.0f}", f"{theirs:,.0f}", f"{ours / theirs:.2f}x", target,
-                  f"{spread('ours')} / {spread('hf')}", str(len(times["ours"]))))
+                  f"{spread('ours')} / {spread('hf')}", str(len(times["ours"])), gflops))
 
 
 def main() -> None:
@@ -168,7 +171,8 @@ def main() -> None:
             ours, hf = build(cfg, device, args.seed)
             fns = train_step_fns(ours.train(), hf.train(), batch, seq, autocast, device, args.seed)
             times = interleaved(fns, rounds, warmup=1, device=device)
-            row(table, "train step tok/s", device, dtype_name, f"{batch}x{seq}", batch * seq, times, ">= 1.25x")
+            row(table, "train step tok/s", device, dtype_name, f"{batch}x{seq}", batch * seq, times, ">= 1.25x",
+                ours.flops_per_token(seq))
             print(f"  {table[-1]}", flush=True)
         decode_dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if fast_bf16 else [])
         for dtype_name, dtype in decode_dtypes:
@@ -185,7 +189,8 @@ def main() -> None:
     print()
     print(f"config: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads, "
           f"ffn {cfg.hidden_dim}, vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params; medians of interleaved rounds")
-    header = ("benchmark", "device", "dtype", "shape", "ours", "HF Llama", "ours/HF", "target", "range ours / HF", "rounds")
+    header = ("benchmark", "device", "dtype", "shape", "ours", "HF Llama", "ours/HF", "target", "range ours / HF",
+              "rounds", "ours GFLOP/s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in table:

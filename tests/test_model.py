@@ -13,6 +13,15 @@ from k_model import ModelConfig, Transformer, export_hf, from_hf_llama, load_hf,
 VOCAB = 97
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine cannot stall it at OpenMP barriers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(seed: int = 0, **overrides) -> Transformer:
     """A small random model in eval mode. Weights are re-drawn with a larger std than the training init so
     the logits are far from uniform and greedy decoding is not decided by float noise."""
@@ -101,6 +110,16 @@ def test_last_loss_is_unreduced_cross_entropy_ignoring_minus_100():
     assert model(tokens).last_loss is None
 
 
+def test_bf16_autocast_forward_and_generate():
+    model = tiny()
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens, tokens)
+        new = model.generate(tokens, 4, temperature=0)
+    assert out.last_loss.dtype == torch.float32 and new.shape == (2, 4)
+    torch.testing.assert_close(out.last_loss.mean(), model(tokens, tokens).last_loss.mean(), rtol=0.05, atol=0.05)
+
+
 def test_every_parameter_gets_a_gradient():
     model = tiny(dropout=0.1).train()
     tokens = torch.randint(0, VOCAB, (2, 16))
@@ -120,8 +139,9 @@ def test_residual_projections_get_scaled_init():
     assert model.output.weight is model.tok_embeddings.weight
 
 
-def test_kv_cache_greedy_equals_uncached_greedy():
-    model = tiny()
+@pytest.mark.parametrize("name", CONFIGS)
+def test_kv_cache_greedy_equals_uncached_greedy(name):
+    model = tiny(**CONFIGS[name])
     prompt = torch.randint(0, VOCAB, (2, 10))
     ours = model.generate(prompt, max_new_tokens=24, temperature=0)
     assert ours.shape == (2, 24)
