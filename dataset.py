@@ -104,7 +104,8 @@ class JsonlRecords:
                 n += 1
                 yield start, len(raw), record
         if self.skipped:
-            tqdm.write(f"warning: {self.path}: skipped {self.skipped} bad line(s); first: {first_error}", file=sys.stderr)
+            tqdm.write(f"warning: {self.path}: skipped {self.skipped} bad line(s); first: {first_error}",
+                       file=sys.stderr)
         if n == 0:
             raise ValueError(f"{self.path}: empty file (no valid records)")
 

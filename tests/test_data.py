@@ -2,7 +2,6 @@
 pretokenization, the packed and SFT datasets against independent references, and every bad-input class."""
 import hashlib
 import json
-import os
 import pickle
 import re
 import unicodedata
@@ -88,7 +87,8 @@ def test_held_out_reviews_are_seen_nowhere_else(embedded):
     assert not test_keys & (val_keys | train_keys | pretrain_keys)
     assert not val_keys & (train_keys | pretrain_keys)
     # and, by plain substring search, no test review of 20+ characters hides inside a longer training text
-    train_text = "\n".join([r["text"] for r in data["pretrain.jsonl"]] + [review_of(r) for r in data["sft_train.jsonl"]])
+    train_texts = [r["text"] for r in data["pretrain.jsonl"]] + [review_of(r) for r in data["sft_train.jsonl"]]
+    train_text = "\n".join(train_texts)
     long_reviews = [review_of(r) for r in data["sft_test.jsonl"] if len(review_of(r)) >= 20]
     assert len(long_reviews) > 500 and not [t for t in long_reviews if t in train_text]
 
@@ -101,8 +101,11 @@ def test_pretrain_val_articles_are_not_in_pretrain(embedded):
 def test_embedded_build_is_deterministic(embedded, tmp_path):
     out, _, _ = embedded
     data_process.main(["embedded", "--out_dir", str(tmp_path)])
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    assert {p.name: digest(p) for p in tmp_path.iterdir()} == {p.name: digest(p) for p in out.iterdir()}
+
+    def digests(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+    assert digests(tmp_path) == digests(out)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,8 +256,8 @@ def test_pretrain_dataset_refuses_another_tokenizer(pretokenized, tiny_texts):
 
 def test_pretrain_dataset_bad_token_files(pretokenized, tiny_tokenizer):
     path, _, _ = pretokenized
+    (path / "corpus.bin").write_bytes((path / "corpus.bin").read_bytes()[:-2])
     with pytest.raises(ValueError, match="truncated or stale"):
-        (path / "corpus.bin").write_bytes((path / "corpus.bin").read_bytes()[:-2])
         PretrainDataset(str(path / "corpus.bin"))
     (path / "corpus.json").unlink()
     with pytest.raises(FileNotFoundError, match="corpus.json: sidecar"):
