@@ -206,19 +206,24 @@ def autocast_factory(device: torch.device, dtype: torch.dtype) -> Callable[[], A
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
-def measure_matmul_flops(dtype: torch.dtype, n: int = 512, bursts: int = 5, seconds: float = 0.05) -> float:
-    """Dense matmul FLOP/s on this CPU with the current thread count: the best of a few short bursts, so
-    other load on the machine during the measurement does not lower the peak (and inflate the MFU)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b  # warm-up
-    best = 0.0
-    for _ in range(bursts):
-        iters, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds or iters == 0:
-            a @ b
-            iters += 1
-        best = max(best, 2 * n**3 * iters / elapsed)
-    return best
+def measure_matmul_flops(dtype: torch.dtype, n: int = 512, bursts: int = 10, seconds: float = 0.03) -> float:
+    """Dense matmul FLOP/s of one CPU thread: the best of a few short bursts, so that other load on the
+    machine during the measurement does not lower the peak (and inflate the MFU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b  # warm-up
+        best = 0.0
+        for _ in range(bursts):
+            iters, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds or iters == 0:
+                a @ b
+                iters += 1
+            best = max(best, 2 * n**3 * iters / elapsed)
+        return best
+    finally:
+        torch.set_num_threads(threads)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, peak_tflops: float = 0.0) -> tuple[float | None, str]:
@@ -232,9 +237,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype, peak_tflops: float = 0.
                 return tflops * 1e12, f"{name} datasheet 16-bit peak"
         return None, f"{name} is not in the peak table (pass --peak_tflops)"
     if device.type == "cpu":
-        # the best this CPU does in any dtype we might train in: on AVX2, float32
-        peak = max(measure_matmul_flops(d) for d in {torch.float32, dtype})
-        return peak, "measured CPU matmul peak"
+        # the best one thread does in any dtype we might train in (on AVX2: float32), times the threads
+        threads = torch.get_num_threads()
+        peak = threads * max(measure_matmul_flops(d) for d in {torch.float32, dtype})
+        return peak, f"measured 1-thread CPU matmul peak x {threads} threads"
     return None, f"no peak known for {device.type} (pass --peak_tflops)"
 
 
