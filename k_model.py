@@ -331,7 +331,8 @@ class Transformer(PreTrainedModel):
         max_new_tokens. A row that samples a stop id keeps that token and is then filled with it while the
         other rows go on; generation ends early once every row has stopped. Rows of different lengths are
         left-padded and described by attention_mask (1 = token, 0 = pad); each row then gets exactly the
-        tokens it would get alone (greedy). temperature 0 = greedy (argmax)."""
+        tokens it would get alone (greedy). temperature 0 = greedy (argmax). Runs the model as it is: call
+        model.eval() first if it was built with dropout."""
         stops = _stop_tensor(stop_id, idx.device)
         B = idx.shape[0]
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -379,6 +380,8 @@ class Transformer(PreTrainedModel):
         max_seq_len tokens (positions restarting at 0) for every further token, which is exactly the
         model run without a cache on the cropped sequence (slower: one full window forward per token)."""
         _check_sampling(temperature, top_k, top_p)
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"idx must be (B, T) with at least one prompt token, got shape {tuple(idx.shape)}")
         window = self.config.max_seq_len
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)

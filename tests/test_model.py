@@ -242,6 +242,26 @@ def test_sampling_filters_reduce_to_greedy():
     assert sampled.shape == (2, 10) and sampled.min() >= 0 and sampled.max() < VOCAB
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5),
+     dict(attention_mask=torch.ones(2, 3, dtype=torch.long))],
+)
+def test_bad_generate_arguments_raise(kw):
+    with pytest.raises(ValueError):
+        tiny().generate(torch.randint(0, VOCAB, (2, 5)), 4, **kw)
+
+
+def test_bad_prompt_shapes_raise():
+    model = tiny()
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="one row"):
+        next(model.stream_generate(torch.zeros(2, 3, dtype=torch.long), 4))
+    with pytest.raises(ValueError, match="exceeds max_seq_len 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
 def test_export_load_round_trip(tmp_path):
     model = tiny(**CONFIGS["mqa"])
     export_hf(model, tmp_path)
