@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -60,23 +57,14 @@ def make_dataset(variant: str, path: str, tokenizer_dir: str, max_length: int):
     return PretrainDataset(path, tok, max_length)
 
 
-def time_round(ds, indices: np.ndarray) -> tuple[float, float]:
-    """(samples/s, useful tokens/s) reading ds[i] for each index."""
-    useful = 0.0
-    t0 = time.perf_counter()
-    for i in indices:
-        useful += float(ds[int(i)][2].sum())
-    dt = time.perf_counter() - t0
-    return len(indices) / dt, useful / dt
+def reader(ds, indices: np.ndarray):
+    """A callable that reads ds[i] for each index (the timed unit of work)."""
+    return lambda: [ds[int(i)] for i in indices]
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    return (f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, device cpu")
+def useful_tokens(ds, indices: np.ndarray) -> float:
+    """Targets that are trained on (loss_mask 1) over the given samples."""
+    return sum(float(ds[int(i)][2].sum()) for i in indices)
 
 
 def scaled_copies(jsonl: str, bin_path: str, factor: int, tmp: str) -> tuple[str, str]:
@@ -98,9 +86,9 @@ def scaled_copies(jsonl: str, bin_path: str, factor: int, tmp: str) -> tuple[str
 
 
 def memory_mb(variant: str, path: str, tokenizer_dir: str, max_length: int) -> tuple[float, float]:
-    """(peak RSS, anonymous RSS at the end) of a fresh process that builds the dataset and reads 2000
-    random samples. Peak RSS also counts page-cache pages of the memory map, which the kernel can drop;
-    anonymous memory is what the process really holds."""
+    """(peak RSS, anonymous RSS at the end) in MB of a fresh process that builds the dataset and reads
+    2000 random samples (Linux). Peak RSS also counts page-cache pages of the memory map, which the kernel
+    can drop; anonymous memory is what the process really holds."""
     out = subprocess.run([sys.executable, __file__, "--_rss", variant, path, "--tokenizer", tokenizer_dir,
                           "--max_length", str(max_length)], capture_output=True, text=True, check=True)
     peak, anon = out.stdout.split()[-2:]
@@ -111,11 +99,12 @@ def _rss_child(variant: str, path: str, tokenizer_dir: str, max_length: int) -> 
     ds = make_dataset(variant, path, tokenizer_dir, max_length)
     for i in np.random.default_rng(0).integers(0, len(ds), 2000):
         ds[int(i)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
-    anon = float("nan")
+    # /proc/self/status, not getrusage: ru_maxrss survives exec, so it would report the parent's size.
+    status = {}
     if os.path.exists("/proc/self/status"):
         with open("/proc/self/status") as f:
-            anon = next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("RssAnon:"))
+            status = dict(ln.split(":", 1) for ln in f)
+    peak, anon = (int(status[k].split()[0]) / 1024 if k in status else float("nan") for k in ("VmHWM", "RssAnon"))
     print(peak, anon)
 
 
@@ -132,25 +121,28 @@ def main() -> None:
     args = p.parse_args()
     if args._rss:
         return _rss_child(*args._rss, args.tokenizer, args.max_length)
+    # Imported here, not at the top, so the RSS subprocesses do not carry the model code in their baseline.
+    from bench_model import interleaved, machine_line
+
     for path in (args.data, args.bin, args.tokenizer):
         if not os.path.exists(path):
             sys.exit(f"{path} is missing; build it first:\n  python data_process.py && python train_tokenizer.py"
                      " && python data_process.py pretokenize")
 
     torch.set_num_threads(1)
-    print(machine_line())
+    print("machine:", machine_line("cpu"))
     seed = make_dataset("seed", args.data, args.tokenizer, args.max_length)
     ours = make_dataset("ours", args.bin, args.tokenizer, args.max_length)
     rng = np.random.default_rng(1234)
-    variants = {"seed": (seed, args.seed_samples), "ours": (ours, args.ours_samples)}
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
-    time_round(seed, rng.integers(0, len(seed), 50))  # warm-up: tokenizer caches, page cache
-    time_round(ours, rng.integers(0, len(ours), 50))
-    for _ in range(args.rounds):
-        for name, (ds, n) in variants.items():
-            results[name].append(time_round(ds, rng.integers(0, len(ds), n)))
-    med = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
-           for name, rs in results.items()}
+    indices = {"seed": rng.integers(0, len(seed), args.seed_samples),
+               "ours": rng.integers(0, len(ours), args.ours_samples)}
+    datasets = {"seed": seed, "ours": ours}
+    times = interleaved({name: reader(datasets[name], idx) for name, idx in indices.items()},
+                        args.rounds, warmup=1, device="cpu")
+    med = {}  # name -> (samples/s, useful tokens/s) from the median round time
+    for name, idx in indices.items():
+        t = statistics.median(times[name])
+        med[name] = (len(idx) / t, useful_tokens(datasets[name], idx) / t)
     print(f"\nmax_length {args.max_length}, {args.rounds} interleaved rounds, medians; "
           f"seed corpus {len(seed):,} lines, ours {len(ours):,} windows")
     print(f"{'variant':<8}{'samples/s':>12}{'useful tok/s':>15}{'useful/sample':>15}")
