@@ -74,6 +74,11 @@ class ModelConfig(PretrainedConfig):
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    @property
+    def tie_word_embeddings(self) -> bool:
+        # always tied; transformers reads this (with Transformer._tied_weights_keys) in save/from_pretrained
+        return True
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -254,6 +259,7 @@ class Transformer(PreTrainedModel):
     config_class = ModelConfig
     base_model_prefix = "k_model"
     main_input_name = "tokens"
+    _tied_weights_keys = {"output.weight": "tok_embeddings.weight"}
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -278,6 +284,13 @@ class Transformer(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
+        elif module is self:
+            # from_pretrained builds the model on the meta device and loads only persistent tensors: the
+            # rotary tables are recomputed here, like HF Llama does for its inv_freq buffer
+            cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+            with torch.no_grad():
+                self.rope_cos.copy_(cos)
+                self.rope_sin.copy_(sin)
 
     # -- forward -------------------------------------------------------------------------------------------
 

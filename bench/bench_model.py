@@ -157,6 +157,7 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" else args.devices.split(",")
     cfg = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                       vocab_size=args.vocab_size, max_seq_len=max(args.max_seq_len, args.prompt_len + args.new_tokens))
+    load_start = os.getloadavg()[0]
     table = []
     for device in devices:
         print(f"# {machine_line(device)}", flush=True)
@@ -197,6 +198,8 @@ def main() -> None:
         print("| " + " | ".join(r) + " |")
     for device in devices:
         print(f"machine: {machine_line(device)}")
+    # other processes on the same cores skew every number (both sides, but not equally): show how busy it was
+    print(f"load average (1 min) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f}, on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

@@ -275,6 +275,17 @@ def test_export_load_round_trip(tmp_path):
     assert torch.equal(from_hf_llama(to_hf_llama(model))(tokens).logits, model(tokens).logits)
 
 
+def test_save_pretrained_from_pretrained_round_trip(tmp_path):
+    """Our own class through transformers' save/load: tied weights restored, rotary tables recomputed."""
+    model = tiny()
+    model.save_pretrained(tmp_path)
+    back = Transformer.from_pretrained(tmp_path).eval()
+    assert back.output.weight is back.tok_embeddings.weight
+    tokens = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(back(tokens).logits, model(tokens).logits)
+
+
 def test_load_hf_missing_dir_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf(tmp_path)
