@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from inspect import signature
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -53,7 +54,7 @@ from k_model import Transformer, export_hf
 PRESETS: dict[str, dict[str, Any]] = {
     # a few seconds on a laptop CPU: smoke tests, debugging
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, batch_size=16, accumulation_steps=1),
-    # the CPU demo (about 7M parameters with a 6144-token vocabulary)
+    # the CPU demo (4.5M parameters with a 6144-token vocabulary)
     "demo": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=256, batch_size=16, accumulation_steps=1),
     # the original project's 215M model; per GPU: 32 x 512 tokens, x4 accumulation
     "215M": dict(dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=512, batch_size=32, accumulation_steps=4),
@@ -118,16 +119,19 @@ def build_parser(description: str, defaults: dict[str, Any], model_flags: bool) 
     g.add_argument("--use_swanlab", action="store_true", help="also log to swanlab (pip install swanlab)")
     g.add_argument("--swanlab_project", default="k-model", help="swanlab project name")
     g.add_argument("--swanlab_mode", default="offline", choices=["offline", "local", "online", "disabled"],
-                   help="offline: no account or network needed, logs under out_dir/swanlog "
-                        "(`swanlab sync` uploads them later)")
+                   help="offline: no account or network, logs under out_dir/swanlog (`swanlab sync` uploads "
+                        "them later); local: the same plus `swanlab watch` (needs pip install 'swanlab[dashboard]')")
 
     g = p.add_argument_group("model")
     if model_flags:
-        g.add_argument("--preset", default="demo", choices=list(PRESETS), help="model shape and batch size")
+        shapes = "; ".join(f"{name}: dim {v['dim']}, {v['n_layers']} layers, seq {v['max_seq_len']}"
+                           for name, v in PRESETS.items())
+        g.add_argument("--preset", default="demo", choices=list(PRESETS), help=f"model shape and batch size ({shapes})")
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads"):
             g.add_argument(f"--{name}", type=int, help="default from --preset")
         g.add_argument("--max_seq_len", type=int, help="tokens per sample; default from --preset")
         g.add_argument("--dropout", type=float, default=0.0)
+        p.set_defaults(**PRESETS["demo"])  # so that --help shows the default preset's values
     else:
         g.add_argument("--max_seq_len", type=int, help="tokens per sample; default: the model's max_seq_len")
         g.add_argument("--dropout", type=float, help="default: the initial model's dropout")
@@ -517,6 +521,9 @@ def check_tokenizer_match(init: InitModel, tokenizer: Any, fingerprint: str, tok
 
 
 class Trainer:
+    """One run: builds model, optimizer and data from the flags (or from out_dir/ckpt.pt with --resume),
+    then `fit` trains to the last step, logging, evaluating and saving on the way."""
+
     def __init__(self, args: argparse.Namespace, task: Task, d: DistInfo, stop: StopRequest):
         self.args, self.task, self.d, self.stop = args, task, d, stop
         self.out_dir = Path(args.out_dir)
@@ -532,7 +539,8 @@ class Trainer:
         if state is None:
             init = task.init_model(args, self.tokenizer)
         else:
-            init = InitModel(model_from_state(state, self.ckpt_path), str(self.ckpt_path), state["tokenizer_fingerprint"])
+            model = model_from_state(state, self.ckpt_path)
+            init = InitModel(model, str(self.ckpt_path), state["tokenizer_fingerprint"])
         check_tokenizer_match(init, self.tokenizer, self.fingerprint, args.tokenizer_path)
         self.model_source = init.source
         model = init.model
@@ -571,9 +579,12 @@ class Trainer:
 
         self.ddp = None
         if d.world_size > 1:
-            # broadcast_buffers=False: the only buffers are constant rotary tables
-            self.ddp = DistributedDataParallel(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                                               broadcast_buffers=False)
+            # the rotary tables are the only buffers and identical on every rank: no need to sync them
+            # before each forward (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
+            ddp_flags = signature(DistributedDataParallel).parameters
+            sync_flag = "forward_sync_buffers" if "forward_sync_buffers" in ddp_flags else "broadcast_buffers"
+            device_ids = [d.device.index] if d.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, **{sync_flag: False})
         self.forward_model = self.ddp or self.model
         if args.compile:
             self.forward_model = torch.compile(self.forward_model)
@@ -627,7 +638,8 @@ class Trainer:
         a, d = self.args, self.d
         steps = iterate_steps(self.train_set, a, d, self.position)
         no_sync = self.ddp.no_sync if self.ddp is not None else None
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not d.is_main, unit="step",
+        # disable=None: no bar when stderr is not a terminal (CI, nohup); log lines still print
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=None if d.is_main else True, unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         self._reset_window()
         try:
