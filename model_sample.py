@@ -1,0 +1,348 @@
+"""Sample from, chat with and evaluate a trained model.
+
+    python model_sample.py                                   # SFT answers to a few built-in prompts (out/sft)
+    python model_sample.py --mode pretrain --prompt "北京" --num_samples 3 --stream   # continue text (out/pretrain)
+    python model_sample.py --prompt "你好" --temperature 0   # one SFT answer, greedy
+    python model_sample.py --chat                            # multi-turn chat; /reset clears it, /exit quits
+    python model_sample.py --eval        # val perplexity (out/pretrain) and sentiment accuracy (out/sft)
+    python model_sample.py --sft_path out/sft/hf --prompt "你好"   # an HF export works too (its own tokenizer)
+
+A model path may be a ckpt.pt, a run directory (its ckpt.pt, else its hf/ export) or an HF export directory.
+The tokenizer is --tokenizer_path, else the one saved in the HF export, else out/tokenizer; a model whose
+vocabulary differs from it is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from transformers import AutoTokenizer
+
+from checkpoint import load_model
+from dataset import JsonlRecords, PretrainDataset, tokenizer_fingerprint
+from k_model import Transformer
+from trainer import DTYPES, InitModel, check_tokenizer_match, resolve_dtype
+
+DEFAULT_TOKENIZER = "out/tokenizer"
+DEFAULT_PRETRAIN_PROMPTS = ["中国", "北京", "今天"]
+DEFAULT_SFT_PROMPTS = [
+    "你好",
+    "房间很干净,服务也很周到,下次还会再来。\n这条评论的情感是正面还是负面?",
+    "质量太差了,用了两天就坏了,不推荐。\n这条评论的情感是正面还是负面?",
+]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def tokenizer_dir_for(model_path: str | Path, tokenizer_path: str | None) -> str:
+    """--tokenizer_path if given; else the tokenizer saved next to an HF export; else out/tokenizer."""
+    if tokenizer_path:
+        return tokenizer_path
+    path = Path(model_path)
+    for hf_dir in (path, path / "hf"):
+        # an HF export is only used when load_model would load it, i.e. no ckpt.pt takes precedence
+        if (hf_dir / "config.json").is_file() and (hf_dir / "tokenizer.json").is_file() \
+                and not (path / "ckpt.pt").is_file():
+            return str(hf_dir)
+    return DEFAULT_TOKENIZER
+
+
+class TextGenerator:
+    """A trained model and its tokenizer, ready to generate. Weights load with torch.load(weights_only=True)
+    or from safetensors (checkpoint.load_model); a vocabulary mismatch raises ValueError naming both files."""
+
+    def __init__(self, model_path: str | Path, tokenizer_path: str | None = None, device: str = "auto",
+                 dtype: str = "auto"):
+        self.device = resolve_device(device)
+        tok_dir = tokenizer_dir_for(model_path, tokenizer_path)
+        if not (Path(tok_dir) / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"tokenizer not found: {Path(tok_dir) / 'tokenizer.json'} "
+                                    "(run train_tokenizer.py or pass --tokenizer_path)")
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        model, self.info = load_model(model_path, device="cpu")
+        check_tokenizer_match(InitModel(model, self.info["source"], self.info["tokenizer_fingerprint"]),
+                              self.tokenizer, tokenizer_fingerprint(self.tokenizer), tok_dir)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model: Transformer = model.to(device=self.device, dtype=self.dtype).eval()
+        self.eos_id = self.tokenizer.eos_token_id
+
+    @property
+    def context_len(self) -> int:
+        return self.model.config.max_seq_len
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _tensor(self, ids: list[int], rows: int = 1) -> torch.Tensor:
+        return torch.tensor([ids] * rows, dtype=torch.long, device=self.device)
+
+    # -- pretrained model: continue text ----------------------------------------------------------------------
+
+    def _document_start(self, start: str) -> list[int]:
+        # Pretraining documents follow the previous document's EOS, so EOS is where a new text begins.
+        return [self.eos_id] + self.encode(start)
+
+    def pretrain_sample(self, start: str = "", num_samples: int = 1, max_new_tokens: int = 128,
+                        temperature: float = 0.7, top_k: int | None = None, top_p: float | None = None) -> list[str]:
+        """num_samples continuations of `start` (each returned with `start` in front); a sample ends at EOS."""
+        new = self.model.generate(self._tensor(self._document_start(start), num_samples), max_new_tokens,
+                                  temperature, top_k, top_p, stop_id=self.eos_id)
+        return [start + self.decode(row) for row in new.tolist()]
+
+    def pretrain_stream(self, start: str = "", max_new_tokens: int = 128, temperature: float = 0.7,
+                        top_k: int | None = None, top_p: float | None = None) -> Iterator[str]:
+        """One continuation of `start`, yielded as text pieces while it is generated (start not included)."""
+        ids = self.model.stream_generate(self._tensor(self._document_start(start)), max_new_tokens, temperature,
+                                         top_k, top_p, stop_id=self.eos_id)
+        yield from self._text_pieces(ids)
+
+    # -- SFT model: chat template ----------------------------------------------------------------------------
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation rendered by the chat template, ending with the assistant's generation prompt."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.encode(text)
+
+    def sft_sample(self, prompt: str, system_prompt: str | None = None, history: list[dict[str, str]] | None = None,
+                   max_new_tokens: int = 128, temperature: float = 0.7, top_k: int | None = None,
+                   top_p: float | None = None) -> str:
+        """The assistant's reply to `prompt` after the optional system prompt and earlier turns."""
+        ids = self.chat_ids(build_messages(prompt, system_prompt, history))
+        new = self.model.generate(self._tensor(ids), max_new_tokens, temperature, top_k, top_p, stop_id=self.eos_id)
+        return self.decode(new[0].tolist())
+
+    def sft_stream(self, messages: list[dict[str, str]], max_new_tokens: int = 128, temperature: float = 0.7,
+                   top_k: int | None = None, top_p: float | None = None) -> Iterator[str]:
+        ids = self.model.stream_generate(self._tensor(self.chat_ids(messages)), max_new_tokens, temperature,
+                                         top_k, top_p, stop_id=self.eos_id)
+        yield from self._text_pieces(ids)
+
+    def _text_pieces(self, ids: Iterable[int]) -> Iterator[str]:
+        """Decoded text as tokens arrive. A Chinese character spans several byte-level tokens, so a piece is
+        only released once the text decoded so far no longer ends in an incomplete character."""
+        tokens: list[int] = []
+        shown = 0
+        for tok in ids:
+            tokens.append(tok)
+            text = self.decode(tokens)
+            if not text.endswith("\ufffd"):
+                yield text[shown:]
+                shown = len(text)
+        text = self.decode(tokens)
+        if len(text) > shown:
+            yield text[shown:]
+
+    def trim_history(self, messages: list[dict[str, str]], max_new_tokens: int) -> list[dict[str, str]]:
+        """Drop the oldest turns (keeping a leading system prompt and the last user message) until the prompt
+        and the reply fit the context window. The reply is given up to half of the window."""
+        budget = self.context_len - min(max_new_tokens, self.context_len // 2)
+        system = messages[:1] if messages and messages[0]["role"] == "system" else []
+        turns = messages[len(system):]
+        while len(turns) > 1 and len(self.chat_ids(system + turns)) > budget:
+            turns = turns[2:] if turns[0]["role"] == "user" and len(turns) > 2 else turns[1:]
+        return system + turns
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def perplexity(self, data_path: str, batch_size: int = 32) -> tuple[float, int]:
+        """exp of the mean next-token loss over every full window of the pretokenized file (windows as
+        long as the model's context, as in training); returns (perplexity, tokens scored)."""
+        data = PretrainDataset(data_path, self.tokenizer, max_length=self.context_len)
+        loss_sum, count = 0.0, 0
+        for i in range(0, len(data), batch_size):
+            items = [data[j] for j in range(i, min(i + batch_size, len(data)))]
+            x, y = (torch.stack(t).to(self.device) for t in list(zip(*items))[:2])
+            loss_sum += self.model(x, y).last_loss.double().sum().item()
+            count += y.numel()
+        return math.exp(loss_sum / count), count
+
+    @torch.inference_mode()
+    def classify(self, conversations: list[list[dict[str, str]]], labels: list[str],
+                 batch_size: int = 64) -> list[str]:
+        """Greedy replies (at most as long as the longest label) to many prompts at once: prompts of similar
+        length are batched together, left-padded, with an attention mask."""
+        max_new = max(len(self.encode(label)) for label in labels) + 1  # + the closing EOS
+        prompts = [self.chat_ids(c)[-self.context_len:] for c in conversations]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        replies = [""] * len(prompts)
+        pad = self.tokenizer.pad_token_id
+        for b in range(0, len(order), batch_size):
+            rows = [prompts[i] for i in order[b : b + batch_size]]
+            width = max(map(len, rows))
+            idx = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+            new = self.model.generate(idx, max_new, temperature=0.0, stop_id=self.eos_id, attention_mask=mask)
+            for i, row in zip(order[b : b + batch_size], new.tolist()):
+                replies[i] = self.decode(row).strip()
+        return replies
+
+
+def build_messages(prompt: str, system_prompt: str | None = None,
+                   history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + list(history or []) + [{"role": "user", "content": prompt}]
+
+
+def sentiment_accuracy(gen: TextGenerator, test_path: str, batch_size: int = 64,
+                       limit: int | None = None) -> dict[str, Any]:
+    """Accuracy of the model's greedy answer on a held-out split ({"conversations", "label"} lines: the
+    messages before the last one are the prompt, "label" the gold answer); an answer that is not exactly
+    one of the labels counts as wrong."""
+    records = [r for _, _, r in JsonlRecords(test_path, "conversations")][:limit]
+    missing = [i + 1 for i, r in enumerate(records) if "label" not in r]
+    if missing:
+        raise ValueError(f"{test_path}:{missing[0]}: missing key \"label\" (the gold answer)")
+    labels = sorted({r["label"] for r in records})
+    prompts = [r["conversations"][:-1] for r in records]
+    replies = gen.classify(prompts, labels, batch_size)
+    correct = sum(reply == r["label"] for reply, r in zip(replies, records))
+    majority = max(sum(r["label"] == lab for r in records) for lab in labels)
+    return {"accuracy": correct / len(records), "correct": correct, "total": len(records),
+            "majority_baseline": majority / len(records),
+            "invalid": sum(reply not in labels for reply in replies)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def chat_repl(gen: TextGenerator, args: argparse.Namespace, stdin: TextIO = sys.stdin,
+              stdout: TextIO = sys.stdout) -> None:
+    """Multi-turn chat on stdin/stdout. /reset forgets the conversation, /exit (or end of input) quits."""
+    print(f"chat with {gen.info['source']} (/reset clears the history, /exit quits)", file=stdout, flush=True)
+    history: list[dict[str, str]] = []
+    while True:
+        print("user> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            print(file=stdout)
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history = []
+            print("(history cleared)", file=stdout, flush=True)
+            continue
+        messages = gen.trim_history(build_messages(text, args.system_prompt, history), args.max_new_tokens)
+        print("assistant> ", end="", file=stdout, flush=True)
+        reply = ""
+        for piece in gen.sft_stream(messages, args.max_new_tokens, args.temperature, args.top_k, args.top_p):
+            reply += piece
+            if args.stream:
+                print(piece, end="", file=stdout, flush=True)
+        print("" if args.stream else reply, file=stdout, flush=True)
+        history = [m for m in messages if m["role"] != "system"] + [{"role": "assistant", "content": reply}]
+
+
+def run_samples(gen: TextGenerator, args: argparse.Namespace) -> None:
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p)
+    prompts = args.prompt or (DEFAULT_PRETRAIN_PROMPTS if args.mode == "pretrain" else DEFAULT_SFT_PROMPTS)
+    for prompt in prompts:
+        for k in range(args.num_samples):
+            if args.mode == "pretrain":
+                header = f"--- sample {k + 1}: " if args.num_samples > 1 else "--- "
+                print(f"{header}{prompt}", end="", flush=True)
+                if args.stream:
+                    for piece in gen.pretrain_stream(prompt, **sampling):
+                        print(piece, end="", flush=True)
+                    print()
+                else:
+                    print(gen.pretrain_sample(prompt, 1, **sampling)[0][len(prompt):])
+            else:
+                print(f"user> {prompt}\nassistant> ", end="", flush=True)
+                if args.stream:
+                    messages = build_messages(prompt, args.system_prompt)
+                    for piece in gen.sft_stream(messages, **sampling):
+                        print(piece, end="", flush=True)
+                    print()
+                else:
+                    print(gen.sft_sample(prompt, args.system_prompt, **sampling))
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    pre = TextGenerator(args.pretrain_path, args.tokenizer_path, args.device, args.dtype)
+    ppl, tokens = pre.perplexity(args.val_data_path, args.eval_batch_size)
+    results["val_perplexity"] = {"model": pre.info["source"], "data": args.val_data_path, "perplexity": ppl,
+                                 "tokens": tokens}
+    print(f"val perplexity: {ppl:.2f} ({pre.info['source']} on {args.val_data_path}, {tokens:,} tokens "
+          f"in windows of {pre.context_len})", flush=True)
+    del pre
+    sft = TextGenerator(args.sft_path, args.tokenizer_path, args.device, args.dtype)
+    acc = sentiment_accuracy(sft, args.test_data_path, args.eval_batch_size, args.eval_limit)
+    results["sentiment"] = {"model": sft.info["source"], "data": args.test_data_path, **acc}
+    print(f"sentiment accuracy: {acc['accuracy']:.1%} ({acc['correct']}/{acc['total']} on {args.test_data_path}; "
+          f"majority class {acc['majority_baseline']:.1%}; {acc['invalid']} answers were neither label)", flush=True)
+    if args.eval_out:
+        Path(args.eval_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.eval_out).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["pretrain", "sft"], default="sft",
+                   help="pretrain: continue text with --pretrain_path; sft: answer prompts with --sft_path")
+    p.add_argument("--pretrain_path", default="out/pretrain", help="pretrained model (ckpt.pt, run dir or HF export)")
+    p.add_argument("--sft_path", default="out/sft", help="SFT model (ckpt.pt, run dir or HF export)")
+    p.add_argument("--tokenizer_path", default=None,
+                   help="tokenizer dir (default: the HF export's own, else out/tokenizer)")
+    p.add_argument("--prompt", action="append", help="prompt (repeatable); default: a few built-in ones")
+    p.add_argument("--system_prompt", default=None, help="system message before the conversation (sft, chat)")
+    p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat with the SFT model")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto = bfloat16 on CUDA and on CPUs with native bf16, else float32")
+    g = p.add_argument_group("evaluation (--eval)")
+    g.add_argument("--eval", action="store_true",
+                   help="val perplexity of --pretrain_path and sentiment accuracy of --sft_path")
+    g.add_argument("--val_data_path", default="out/data/pretrain_val.bin", help="pretokenized held-out text")
+    g.add_argument("--test_data_path", default="out/data/sft_test.jsonl", help="held-out sentiment split")
+    g.add_argument("--eval_batch_size", type=int, default=64)
+    g.add_argument("--eval_limit", type=int, default=None, help="score only the first N test records")
+    g.add_argument("--eval_out", default=None, help="also write the results as JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    try:
+        if args.eval:
+            run_eval(args)
+            return
+        path = args.pretrain_path if args.mode == "pretrain" else args.sft_path
+        gen = TextGenerator(path, args.tokenizer_path, args.device, args.dtype)
+        if args.chat:
+            chat_repl(gen, args)
+        else:
+            run_samples(gen, args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
