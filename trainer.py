@@ -627,6 +627,11 @@ class Trainer:
                           f"sample {self.position['sample']})")
         elif self.ckpt_path.exists():
             self.log.info(f"note: starting fresh; the first save overwrites {self.ckpt_path} (--resume continues it)")
+        if d.device.type == "cpu" and hasattr(os, "getloadavg"):
+            load, threads = os.getloadavg()[0], torch.get_num_threads()
+            if threads > 1 and load + threads > (os.cpu_count() or 1) + 0.5:
+                self.log.info(f"note: load average {load:.1f} on {os.cpu_count()} CPUs: with other processes busy, "
+                              f"{threads} threads per process can be several times slower than --num_threads 1")
         if self.peak is not None:
             self.log.info(f"MFU against {self.peak / 1e12:.3g} TFLOP/s per device ({self.peak_source})")
         elif d.is_main:

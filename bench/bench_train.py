@@ -8,6 +8,7 @@
     the GPU datasheet, or on CPU the best measured one-thread matmul rate x threads).
 (b) SFT-shaped batches (right-padded, answers end at random lengths in [seq/8, seq/2]): trainer's
     collate_trimmed (drop the columns past the last answer token) vs training on the full padding.
+(c) with more than one torch thread: float32 with all threads vs one thread.
 Rounds alternate the variants (A B A B ...) in one process so drifting machine load hits all alike;
 the table shows medians and ratios against the first row.
 """
@@ -41,6 +42,19 @@ def step_fn(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, batches:
         trainer.train_step(model, optimizer, scaler, batches, device=device, autocast=autocast, grad_clip=1.0)
 
     return run, model.flops_per_token(cfg.max_seq_len)
+
+
+def with_threads(fn, n: int):
+    """fn run with n torch threads (restoring the previous count), so variants can differ in threads."""
+    def run() -> None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(previous)
+
+    return run
 
 
 def packed_batch(cfg: ModelConfig, batch_size: int, seed: int) -> list[trainer.Batch]:
@@ -77,6 +91,52 @@ def table(title: str, times: dict[str, list[float]], tokens: dict[str, int], flo
         print(f"| {name} | {1000 * med:,.1f} | {tok_s:,.0f} | {mfu} | {base / med:.2f}x |")
 
 
+def bench_dtypes(cfg: ModelConfig, batch_size: int, rounds: int, seed: int) -> None:
+    """(a) float32 vs bfloat16 autocast on each device."""
+    packed = packed_batch(cfg, batch_size, seed)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        fns, flops = {}, {}
+        for label, dtype in (("float32", torch.float32), ("bfloat16 autocast", torch.bfloat16)):
+            name = f"{device.type} {label}"
+            fns[name], flops[name] = step_fn(cfg, device, dtype, packed, seed)
+        peak, source = trainer.peak_flops(device, torch.bfloat16)
+        times = interleaved(fns, rounds, warmup=1, device=device.type)
+        print(f"\nmachine: {machine_line(device.type)}")
+        print(f"MFU peak: {peak / 1e12:.3g} TFLOP/s ({source})" if peak else f"MFU: {source}")
+        table(f"(a) dtype, {device.type}", times, {n: batch_size * cfg.max_seq_len for n in fns}, flops, peak)
+
+
+def bench_sft_trim(cfg: ModelConfig, batch_size: int, rounds: int, seed: int) -> None:
+    """(b) a right-padded SFT batch trained as is vs trimmed by collate_trimmed."""
+    items = sft_items(cfg, batch_size, seed)
+    full = [tuple(torch.stack(t) for t in zip(*items))]
+    trimmed = [trainer.collate_trimmed(items)]
+    fns, flops = {}, {}
+    for name, batches in (("full padding", full), ("collate_trimmed", trimmed)):
+        fns[name], flops[name] = step_fn(cfg, torch.device("cpu"), torch.float32, batches, seed)
+    times = interleaved(fns, rounds, warmup=1, device="cpu")
+    answer_tokens = int(full[0][2].sum())
+    table(f"(b) SFT batch, cpu float32: {batch_size} x {cfg.max_seq_len} right-padded, trimmed to "
+          f"{trimmed[0][0].shape[1]} columns; tokens/s counts the {answer_tokens} answer tokens",
+          times, {n: answer_tokens for n in fns}, flops, None)
+
+
+def bench_threads(cfg: ModelConfig, batch_size: int, rounds: int, seed: int) -> None:
+    """(c) float32 with all torch threads vs one thread."""
+    packed = packed_batch(cfg, batch_size, seed)
+    threads = torch.get_num_threads()
+    fns, flops = {}, {}
+    for n in (threads, 1):
+        name = f"cpu float32, {n} thread(s)"
+        step, flops[name] = step_fn(cfg, torch.device("cpu"), torch.float32, packed, seed)
+        fns[name] = with_threads(step, n)
+    times = interleaved(fns, rounds, warmup=1, device="cpu")
+    peak, _ = trainer.peak_flops(torch.device("cpu"), torch.float32)
+    table(f"(c) threads, cpu float32; MFU against the {threads}-thread peak (other busy processes slow "
+          f"multi-threaded steps most)", times, {n: batch_size * cfg.max_seq_len for n in fns}, flops, peak)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=128)
@@ -94,34 +154,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                       vocab_size=args.vocab_size, max_seq_len=args.seq)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"model: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), vocab "
           f"{cfg.vocab_size}, seq {cfg.max_seq_len}, batch {args.batch_size}; {args.rounds} rounds, medians")
 
-    packed = packed_batch(cfg, args.batch_size, args.seed)
-    for device in devices:
-        dtypes = {"float32": torch.float32, "bfloat16 autocast": torch.bfloat16}
-        fns, flops = {}, {}
-        for label, dtype in dtypes.items():
-            name = f"{device.type} {label}"
-            fns[name], flops[name] = step_fn(cfg, device, dtype, packed, args.seed)
-        peak, source = trainer.peak_flops(device, torch.bfloat16)
-        times = interleaved(fns, args.rounds, warmup=1, device=device.type)
-        print(f"\nmachine: {machine_line(device.type)}")
-        print(f"MFU peak: {peak / 1e12:.3g} TFLOP/s ({source})" if peak else f"MFU: {source}")
-        table(f"(a) dtype, {device.type}", times, {n: args.batch_size * cfg.max_seq_len for n in fns}, flops, peak)
-
-    items = sft_items(cfg, args.batch_size, args.seed)
-    full = [tuple(torch.stack(t) for t in zip(*items))]
-    trimmed = [trainer.collate_trimmed(items)]
-    fns, flops = {}, {}
-    for name, batches in (("full padding", full), ("collate_trimmed", trimmed)):
-        fns[name], flops[name] = step_fn(cfg, torch.device("cpu"), torch.float32, batches, args.seed)
-    times = interleaved(fns, args.rounds, warmup=1, device="cpu")
-    answer_tokens = int(full[0][2].sum())
-    table(f"(b) SFT batch, cpu float32: {args.batch_size} x {cfg.max_seq_len} right-padded, trimmed to "
-          f"{trimmed[0][0].shape[1]} columns; tokens/s counts the {answer_tokens} answer tokens",
-          times, {n: answer_tokens for n in fns}, flops, None)
+    bench_dtypes(cfg, args.batch_size, args.rounds, args.seed)
+    bench_sft_trim(cfg, args.batch_size, args.rounds, args.seed)
+    if torch.get_num_threads() > 1:
+        bench_threads(cfg, args.batch_size, args.rounds, args.seed)
 
 
 if __name__ == "__main__":
