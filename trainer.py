@@ -406,9 +406,10 @@ class RunLogger:
             out_dir.mkdir(parents=True, exist_ok=True)
             self.log_file = open(out_dir / "train.log", "a", encoding="utf-8")
 
-    def info(self, msg: str) -> None:
+    def info(self, msg: str, console: bool = True) -> None:
         if self.enabled:
-            tqdm.write(msg)
+            if console:
+                tqdm.write(msg)
             self.log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
             self.log_file.flush()
 
@@ -700,9 +701,10 @@ class Trainer:
         if int(bad) != NO_STEP:
             kept = (f"kept the last good checkpoint {self.ckpt_path} (step {self.last_saved_step})"
                     if self.last_saved_step is not None else "no checkpoint was saved")
-            msg = (f"loss or weights became nan/inf at step {int(bad)}: stopping, {kept}. Try a lower --learning_rate, "
-                   "--grad_clip 1.0, or --dtype float32")
-            self.log.info(msg)
+            remedies = ["a lower --learning_rate"] + (["--grad_clip 1.0"] if not self.args.grad_clip else []) \
+                + (["--dtype float32"] if self.dtype != torch.float32 else [])
+            msg = f"loss or weights became nan/inf at step {int(bad)}: stopping, {kept}. Try {' or '.join(remedies)}"
+            self.log.info(msg, console=False)  # main() prints it as the exit message
             raise TrainingError(msg)
 
     def _log_progress(self, lr: float, bar: tqdm) -> None:
