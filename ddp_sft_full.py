@@ -11,7 +11,7 @@ The loop, flags and checkpoint format live in trainer.py; this script picks the 
 import argparse
 
 import trainer
-from checkpoint import load_model
+from checkpoint import config_to_dict, load_model
 from dataset import SFTDataset
 from k_model import ModelConfig, Transformer
 
@@ -33,7 +33,7 @@ def pretrained_model(args: argparse.Namespace, tokenizer) -> trainer.InitModel:
     model, info = load_model(args.init_from)
     if args.dropout is not None and args.dropout != model.config.dropout:
         # dropout probabilities are fixed when modules are built: rebuild, then copy the weights
-        config = ModelConfig(**{**trainer.config_to_dict(model.config), "dropout": args.dropout})
+        config = ModelConfig(**{**config_to_dict(model.config), "dropout": args.dropout})
         rebuilt = Transformer(config)
         rebuilt.load_state_dict(model.state_dict())
         model = rebuilt

@@ -118,7 +118,12 @@ def test_sft_starts_identically_from_checkpoint_or_hf_export(data, pretrained, t
     assert read_metrics(tmp_path / "a", "val_loss")  # sft_val.jsonl was evaluated
     state = load_checkpoint(tmp_path / "a")
     assert state["args"]["init_from"] == str(pretrained) and state["args"]["max_seq_len"] == 32
+    assert state["model_config"]["dropout"] == 0.0  # inherited from the pretrained model
     assert (tmp_path / "a" / "hf" / "model.safetensors").is_file()
+    # --dropout rebuilds the model around the pretrained weights
+    ddp_sft_full.main(sft_args(data, tmp_path / "c", pretrained, "--max_steps", "1", "--dropout", "0.2"))
+    assert load_checkpoint(tmp_path / "c")["model_config"]["dropout"] == 0.2
+    assert read_metrics(tmp_path / "c")[0][1] != a[0][1]  # same weights and data, but dropout is on
 
 
 def test_step_sampler_shards_the_global_batch():
