@@ -26,12 +26,14 @@ one without carrying RNG states in the checkpoint.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -678,10 +680,11 @@ class Trainer:
                     self.log.info(f"stopped by {signal.Signals(stop).name} at step {self.step}; "
                                   f"resume with --resume")
                     raise SystemExit(128 + stop)
+            if d.is_main:
+                self._export_hf()
         finally:
             bar.close()
-        if d.is_main:
-            self._export_hf()
+            self.log.close()
 
     def _reset_window(self) -> None:
         self.win_loss = torch.zeros((), device=self.d.device)
@@ -767,15 +770,19 @@ class Trainer:
 def train(args: argparse.Namespace, task: Task) -> None:
     """Run one training job (single process or one torchrun rank) to the end, or until stopped."""
     d = setup_distributed(args.device)
-    trainer = None
     try:
         with StopRequest(announce=d.is_main) as stop:
-            trainer = Trainer(args, task, d, stop)
-            trainer.fit()
+            Trainer(args, task, d, stop).fit()
+    except BaseException as e:
+        if d.world_size > 1:
+            traceback.clear_frames(e.__traceback__)  # the frames' locals hold the DDP model: see below
+        raise
     finally:
-        if trainer is not None:
-            trainer.log.close()
         if dist.is_initialized():
+            # Free the DDP model before its process group. Otherwise the group dies last, from DDP's C++
+            # reducer, which joins gloo's worker threads while holding the GIL: a deadlock whenever a worker
+            # still needs the GIL to release a tensor (seen as a hung rank at exit; pytorch issue 56297).
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -44,7 +44,9 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 90) 
     deadline = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, f"trainer exited early ({proc.returncode}):\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, "timed out waiting for the trainer"
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for the trainer:\n{log.read_text()[-3000:]}")
         time.sleep(0.01)
 
 

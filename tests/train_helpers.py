@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,13 +46,21 @@ def make_sft_data(root: Path, n_train: int = 160, n_val: int = 32) -> tuple[str,
 
 
 def run_script(script: str, args: list[str], timeout: float = 120, nproc: int = 1) -> subprocess.CompletedProcess:
-    """Run a training script in a fresh process (torchrun with nproc > 1); a hang fails the test."""
+    """Run a training script in a fresh process (torchrun with nproc > 1). A hang fails the test with the
+    script's output, and kills the whole process group, so no worker outlives the test."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(launcher + [str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    cmd = launcher + [str(ROOT / script), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{script} did not finish in {timeout} s:\n{out[-2000:]}\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def read_metrics(out_dir: str | Path, key: str = "loss") -> list[tuple[int, float]]:
