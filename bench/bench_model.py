@@ -52,7 +52,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int, device: str) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], None]], rounds: int, warmup: int, device: str, clock: Callable[[], float]
+) -> dict[str, list[float]]:
     """Seconds per call of each fn, rounds alternating between them (A B A B ...) after warmup calls."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -61,10 +63,10 @@ def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int, de
     for _ in range(rounds):
         for name, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 
@@ -149,12 +151,18 @@ def main() -> None:
     p.add_argument("--decode-rounds", type=int, default=3)
     p.add_argument("--devices", default="auto", help="comma list of cpu,cuda; auto = cpu plus cuda when present")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time (the number that matters); cpu: this process's CPU time, for a CPU "
+                        "shared with other jobs - with --threads 1 it approximates the time on an idle machine")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" else args.devices.split(",")
+    if args.clock == "cpu" and "cuda" in devices:
+        p.error("--clock cpu measures host CPU time; it means nothing for CUDA kernels (use --devices cpu)")
     cfg = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                       vocab_size=args.vocab_size, max_seq_len=max(args.max_seq_len, args.prompt_len + args.new_tokens))
     load_start = os.getloadavg()[0]
@@ -171,7 +179,7 @@ def main() -> None:
         for dtype_name, autocast, batch, seq, rounds in shapes:
             ours, hf = build(cfg, device, args.seed)
             fns = train_step_fns(ours.train(), hf.train(), batch, seq, autocast, device, args.seed)
-            times = interleaved(fns, rounds, warmup=1, device=device)
+            times = interleaved(fns, rounds, warmup=1, device=device, clock=clock)
             row(table, "train step tok/s", device, dtype_name, f"{batch}x{seq}", batch * seq, times, ">= 1.25x",
                 ours.flops_per_token(seq))
             print(f"  {table[-1]}", flush=True)
@@ -180,7 +188,7 @@ def main() -> None:
             ours, hf = build(cfg, device, args.seed)
             ours, hf = ours.to(dtype).eval(), hf.to(dtype).eval()
             fns, out = decode_fns(ours, hf, args.prompt_len, args.new_tokens, device, args.seed)
-            times = interleaved(fns, args.decode_rounds, warmup=1, device=device)
+            times = interleaved(fns, args.decode_rounds, warmup=1, device=device, clock=clock)
             same = torch.equal(out["ours"], out["hf"])
             row(table, "decode tok/s" + ("" if same else " (tokens differ!)"), device, dtype_name,
                 f"1x({args.prompt_len}+{args.new_tokens})", args.new_tokens, times, ">= 1.0x")
@@ -189,7 +197,8 @@ def main() -> None:
     n_params = Transformer(cfg).num_params()
     print()
     print(f"config: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads, "
-          f"ffn {cfg.hidden_dim}, vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params; medians of interleaved rounds")
+          f"ffn {cfg.hidden_dim}, vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params; medians of interleaved rounds, "
+          f"{args.clock} clock")
     header = ("benchmark", "device", "dtype", "shape", "ours", "HF Llama", "ours/HF", "target", "range ours / HF",
               "rounds", "ours GFLOP/s")
     print("| " + " | ".join(header) + " |")
