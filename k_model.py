@@ -526,29 +526,32 @@ def _hf_config(cfg: ModelConfig) -> LlamaConfig:
     )
 
 
+# Each of our per-layer weights and the HF Llama weights it holds, stacked by rows in this order.
+LAYER_WEIGHTS = {
+    "attention.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attention.wo": ("self_attn.o_proj",),
+    "feed_forward.w13": ("mlp.gate_proj", "mlp.up_proj"),
+    "feed_forward.w2": ("mlp.down_proj",),
+    "attention_norm": ("input_layernorm",),
+    "ffn_norm": ("post_attention_layernorm",),
+}
+TOP_WEIGHTS = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
 def to_hf_llama(model: Transformer) -> LlamaForCausalLM:
     """The same network as a transformers LlamaForCausalLM (sdpa attention), fused weights split apart."""
     cfg = model.config
-    hf = LlamaForCausalLM(_hf_config(cfg)).to(dtype=model.tok_embeddings.weight.dtype)
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        wq, wk, wv = layer.attention.wqkv.weight.split([q, kv, kv])
-        gate, up = layer.feed_forward.w13.weight.chunk(2)
-        sd.update({
-            p + "self_attn.q_proj.weight": wq,
-            p + "self_attn.k_proj.weight": wk,
-            p + "self_attn.v_proj.weight": wv,
-            p + "self_attn.o_proj.weight": layer.attention.wo.weight,
-            p + "mlp.gate_proj.weight": gate,
-            p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": layer.feed_forward.w2.weight,
-            p + "input_layernorm.weight": layer.attention_norm.weight,
-            p + "post_attention_layernorm.weight": layer.ffn_norm.weight,
-        })
-    sd["lm_head.weight"] = model.output.weight
-    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+    rows = {"attention.wqkv": [q, kv, kv], "feed_forward.w13": [cfg.hidden_dim, cfg.hidden_dim]}
+    ours = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd = {f"{hf}.weight": ours[f"{name}.weight"] for name, hf in TOP_WEIGHTS.items()}
+    for i in range(cfg.n_layers):
+        for name, hf_names in LAYER_WEIGHTS.items():
+            w = ours[f"layers.{i}.{name}.weight"]
+            for hf_name, part in zip(hf_names, w.split(rows.get(name, [w.shape[0]]))):
+                sd[f"model.layers.{i}.{hf_name}.weight"] = part
+    hf = LlamaForCausalLM(_hf_config(cfg)).to(dtype=model.tok_embeddings.weight.dtype)
+    hf.load_state_dict(sd, strict=True)
     return hf.to(model.tok_embeddings.weight.device).train(model.training)
 
 
@@ -566,7 +569,7 @@ def from_hf_llama(hf: LlamaForCausalLM) -> Transformer:
     }
     bad = {k: v for k, v in unsupported.items() if v}
     if bad:
-        raise ValueError(f"this Llama config cannot be expressed by k_model (tied, bias-free, silu, default rope): {bad}")
+        raise ValueError(f"k_model cannot express this Llama config (it is tied, bias-free, silu, default rope): {bad}")
     cfg = ModelConfig(
         dim=c.hidden_size,
         n_layers=c.num_hidden_layers,
@@ -580,23 +583,15 @@ def from_hf_llama(hf: LlamaForCausalLM) -> Transformer:
         rope_theta=float(rope.get("rope_theta", 10000.0)),
         **{k: getattr(c, k) for k in TOKEN_ID_KEYS if getattr(c, k, None) is not None},
     )
-    model = Transformer(cfg)
-    hsd = hf.state_dict()
-    sd = {"tok_embeddings.weight": hsd["model.embed_tokens.weight"], "norm.weight": hsd["model.norm.weight"]}
+    theirs = hf.state_dict()
+    sd = {f"{name}.weight": theirs[f"{hf_name}.weight"] for name, hf_name in TOP_WEIGHTS.items()}
     for i in range(cfg.n_layers):
-        p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        sd.update({
-            f"layers.{i}.attention.wqkv.weight": torch.cat([hsd[a + "q_proj.weight"], hsd[a + "k_proj.weight"], hsd[a + "v_proj.weight"]]),
-            f"layers.{i}.attention.wo.weight": hsd[a + "o_proj.weight"],
-            f"layers.{i}.feed_forward.w13.weight": torch.cat([hsd[m + "gate_proj.weight"], hsd[m + "up_proj.weight"]]),
-            f"layers.{i}.feed_forward.w2.weight": hsd[m + "down_proj.weight"],
-            f"layers.{i}.attention_norm.weight": hsd[p + "input_layernorm.weight"],
-            f"layers.{i}.ffn_norm.weight": hsd[p + "post_attention_layernorm.weight"],
-        })
-    sd["output.weight"] = sd["tok_embeddings.weight"]
+        for name, hf_names in LAYER_WEIGHTS.items():
+            sd[f"layers.{i}.{name}.weight"] = torch.cat([theirs[f"model.layers.{i}.{n}.weight"] for n in hf_names])
+    weight = theirs["model.embed_tokens.weight"]
+    model = Transformer(cfg).to(dtype=weight.dtype, device=weight.device)
     model.load_state_dict(sd, strict=True)
-    dtype = hsd["model.embed_tokens.weight"].dtype
-    return model.to(dtype=dtype, device=hsd["model.embed_tokens.weight"].device)
+    return model
 
 
 def export_hf(model: Transformer, out_dir: str | os.PathLike) -> None:

@@ -160,7 +160,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" else args.devices.split(",")
+    if args.devices == "auto":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        devices = args.devices.split(",")
     if args.clock == "cpu" and "cuda" in devices:
         p.error("--clock cpu measures host CPU time; it means nothing for CUDA kernels (use --devices cpu)")
     cfg = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,

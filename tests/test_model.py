@@ -286,6 +286,15 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path):
         assert torch.equal(back(tokens).logits, model(tokens).logits)
 
 
+def test_from_hf_llama_refuses_what_it_cannot_express():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False)
+    with pytest.raises(ValueError, match="attention_bias.*tie_word_embeddings"):
+        from_hf_llama(LlamaForCausalLM(cfg))
+
+
 def test_load_hf_missing_dir_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf(tmp_path)
