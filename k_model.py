@@ -470,9 +470,8 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
 
 
 def _stop_list(stop_id: int | list[int] | None) -> list[int]:
-    if stop_id is None:
-        return []
-    return [int(stop_id)] if isinstance(stop_id, int) else [int(s) for s in stop_id]
+    """An id, a list of ids, or a tensor of them -> list of ints."""
+    return [] if stop_id is None else [int(s) for s in torch.as_tensor(stop_id).flatten().tolist()]
 
 
 def _stop_tensor(stop_id, device) -> torch.Tensor | None:

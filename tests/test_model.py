@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM
 
-from k_model import ModelConfig, Transformer, export_hf, from_hf_llama, load_hf, to_hf_llama
+from k_model import ModelConfig, Transformer, export_hf, from_hf_llama, load_hf, sample, to_hf_llama
 
 VOCAB = 97
 
@@ -260,6 +260,17 @@ def test_bad_prompt_shapes_raise():
         next(model.stream_generate(torch.zeros(2, 3, dtype=torch.long), 4))
     with pytest.raises(ValueError, match="exceeds max_seq_len 64"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_top_k_and_top_p_keep_only_the_most_likely_tokens():
+    probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
+    logits = probs.log().expand(2000, -1)
+    torch.manual_seed(0)
+    assert set(sample(logits, 1.0, top_k=2, top_p=None).tolist()) == {1, 3}
+    # top_p 0.5: 0.4 alone does not reach it, 0.4 + 0.3 does -> tokens 1 and 3
+    assert set(sample(logits, 1.0, top_k=None, top_p=0.5).tolist()) == {1, 3}
+    assert set(sample(logits, 1.0, top_k=None, top_p=0.75).tolist()) == {1, 3, 4}
+    assert set(sample(logits, 1.0, top_k=None, top_p=None).tolist()) == {0, 1, 2, 3, 4}
 
 
 def test_export_load_round_trip(tmp_path):
