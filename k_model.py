@@ -233,8 +233,9 @@ class Block(nn.Module):
 
 @dataclass
 class TransformerOutput(ModelOutput):
-    """logits: (B, T, vocab) for every position. last_loss: (B*T,) float32 per-token cross-entropy, 0 where
-    the target is -100; None without targets. Unreduced, so the caller applies its own loss mask."""
+    """logits: (B, T, vocab) for every position (None when forward was given a loss_mask). last_loss: (B*T,)
+    float32 per-token cross-entropy, 0 where the target is -100 or outside the loss_mask; None without
+    targets. Unreduced, so the caller applies its own loss mask."""
 
     logits: torch.Tensor | None = None
     last_loss: torch.Tensor | None = None
@@ -299,9 +300,13 @@ class Transformer(PreTrainedModel):
         tokens: torch.Tensor,
         targets: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
     ) -> TransformerOutput:
         """tokens, targets: (B, T) int64. attention_mask: optional (B, T), 1 = token, 0 = left padding;
-        positions then count real tokens only, so a padded row computes what it computes alone."""
+        positions then count real tokens only, so a padded row computes what it computes alone.
+        loss_mask: optional (B, T) with targets; only positions where it is nonzero are projected onto the
+        vocabulary (logits is then None). In SFT most positions are prompt, and the vocabulary projection
+        with its cross-entropy is a large share of a small model's step."""
         T = tokens.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
@@ -313,13 +318,17 @@ class Transformer(PreTrainedModel):
             cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None]
             mask = padded_causal_mask(attention_mask)
         h = self._hidden(tokens, cos, sin, mask, causal=True, caches=None)
-        logits = self.output(h)
-        last_loss = None
-        if targets is not None:
-            last_loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="none"
-            )
-        return TransformerOutput(logits=logits, last_loss=last_loss)
+        if targets is None:
+            return TransformerOutput(logits=self.output(h))
+        if loss_mask is None:
+            logits = self.output(h)
+            return TransformerOutput(logits=logits, last_loss=_token_losses(logits, targets))
+        if loss_mask.shape != targets.shape:
+            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != targets shape {tuple(targets.shape)}")
+        keep = loss_mask.reshape(-1) != 0
+        kept_losses = _token_losses(self.output(h.reshape(-1, h.shape[-1])[keep]), targets.reshape(-1)[keep])
+        last_loss = kept_losses.new_zeros(keep.shape).masked_scatter(keep, kept_losses)
+        return TransformerOutput(logits=None, last_loss=last_loss)
 
     def _hidden(self, tokens, cos, sin, mask, causal, caches) -> torch.Tensor:
         h = self.dropout(self.tok_embeddings(tokens))
@@ -454,6 +463,11 @@ class Transformer(PreTrainedModel):
         dim * seq_len (causal masking not discounted). MFU = tokens/s * this / peak FLOP/s."""
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in float32, flat; 0 where the target is -100."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
 
 
 # ----------------------------------------------------------------------------------------------------------

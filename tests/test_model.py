@@ -110,6 +110,25 @@ def test_last_loss_is_unreduced_cross_entropy_ignoring_minus_100():
     assert model(tokens).last_loss is None
 
 
+def test_loss_mask_projects_only_masked_positions_with_same_losses_and_grads():
+    tokens = torch.randint(0, VOCAB, (3, 16))
+    targets = torch.randint(0, VOCAB, (3, 16))
+    mask = torch.zeros(3, 16)
+    mask[0, -2:] = 1
+    mask[2, 4:9] = 1  # row 1 has no supervised position at all
+    full, sparse = tiny(), tiny()
+    ref = full(tokens, targets).last_loss * mask.reshape(-1)
+    out = sparse(tokens, targets, loss_mask=mask)
+    assert out.logits is None
+    torch.testing.assert_close(out.last_loss, ref)
+    ref.sum().backward()
+    out.last_loss.sum().backward()
+    for (name, p), q in zip(full.named_parameters(), sparse.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    with pytest.raises(ValueError, match="loss_mask shape"):
+        sparse(tokens, targets, loss_mask=mask[:, :8])
+
+
 def test_bf16_autocast_forward_and_generate():
     model = tiny()
     tokens = torch.randint(0, VOCAB, (2, 16))
