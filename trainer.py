@@ -342,6 +342,17 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
 
 
+def masked_loss_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """sum(per-token loss * mask) of one host-side batch. A partial mask (SFT: answers only) goes to the
+    model, which then projects only those positions onto the vocabulary; checking it on the host, before
+    the copy, keeps the all-ones pretraining mask free of a device sync."""
+    x, y, mask = batch
+    partial = not bool(mask.all())
+    x, y, mask = (t.to(device, non_blocking=True) for t in batch)
+    out = model(x, y, loss_mask=mask) if partial else model(x, y)
+    return (out.last_loss * mask.reshape(-1)).sum()
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                batches: list[Batch], *, device: torch.device, autocast: Callable[[], AbstractContextManager],
                grad_clip: float, world_size: int = 1,
@@ -353,14 +364,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
         dist.all_reduce(count)
     scale = world_size / count.clamp(min=1)
     total = torch.zeros((), device=device)
-    for i, (x, y, mask) in enumerate(batches):
-        x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
+    for i, batch in enumerate(batches):
         # gradients are all-reduced on the last micro-step only
         sync = no_sync() if no_sync is not None and i < len(batches) - 1 else nullcontext()
         with sync:
             with autocast():
-                out = model(x, y)
-            loss = (out.last_loss * mask.reshape(-1)).sum() * scale
+                loss = masked_loss_sum(model, batch, device) * scale
             scaler.scale(loss).backward()
         total += loss.detach()
     if grad_clip > 0:
@@ -382,10 +391,10 @@ def evaluate(model: Transformer, dataset: Dataset, batch_size: int, num_samples:
     mine = list(range(d.rank, n, d.world_size))
     sums = torch.zeros(2, device=d.device)
     for i in range(0, len(mine), batch_size):
-        x, y, mask = (t.to(d.device) for t in collate_trimmed([dataset[j] for j in mine[i : i + batch_size]]))
+        batch = collate_trimmed([dataset[j] for j in mine[i : i + batch_size]])
         with autocast():
-            out = model(x, y)
-        sums += torch.stack([(out.last_loss * mask.reshape(-1)).sum(), mask.sum()])
+            loss = masked_loss_sum(model, batch, d.device)
+        sums += torch.stack([loss, batch[2].sum().to(d.device)])
     if d.world_size > 1:
         dist.all_reduce(sums)
     model.train()
