@@ -116,6 +116,8 @@ def build_parser(description: str, defaults: dict[str, Any], model_flags: bool) 
     g.add_argument("--save_interval", type=int, default=200, help="steps between checkpoints (also saved at the end "
                                                                   "and on SIGINT/SIGTERM)")
     g.add_argument("--resume", action="store_true", help="continue exactly from out_dir/ckpt.pt")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run even though out_dir/ckpt.pt exists (it is replaced at the first save)")
     g.add_argument("--peak_tflops", type=float, default=0.0,
                    help="per-device peak for MFU; 0 = GPU datasheet table, or a measured matmul peak on CPU")
     g.add_argument("--use_swanlab", action="store_true", help="also log to swanlab (pip install swanlab)")
@@ -547,6 +549,12 @@ class Trainer:
         self.tokenizer = load_tokenizer(args.tokenizer_path)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 
+        if args.resume and args.overwrite:
+            raise ValueError("--resume continues out_dir/ckpt.pt, --overwrite replaces it: pass one of them")
+        if not args.resume and not args.overwrite and self.ckpt_path.exists():
+            # a fresh run would replace hours of training at its first save: make the user say so
+            raise FileExistsError(f"{self.ckpt_path} already exists: --resume continues that run, --overwrite "
+                                  f"starts over and replaces it, or choose another --out_dir")
         state = self._load_resume_state() if args.resume else None
         if state is None:
             init = task.init_model(args, self.tokenizer)
@@ -638,7 +646,7 @@ class Trainer:
             self.log.info(f"resumed from {self.ckpt_path} at step {self.step} (epoch {self.position['epoch']}, "
                           f"sample {self.position['sample']})")
         elif self.ckpt_path.exists():
-            self.log.info(f"note: starting fresh; the first save overwrites {self.ckpt_path} (--resume continues it)")
+            self.log.info(f"note: --overwrite: starting fresh; the first save replaces {self.ckpt_path}")
         if d.device.type == "cpu" and hasattr(os, "getloadavg"):
             load, threads = os.getloadavg()[0], torch.get_num_threads()
             if threads > 1 and load + threads > (os.cpu_count() or 1) + 0.5:

@@ -202,3 +202,14 @@ def test_swanlab_logs_offline(data, tmp_path):
     out = tmp_path / "run"
     ddp_pretrain.main(pretrain_args(data, out, "--max_steps", "2", "--use_swanlab"))
     assert list((out / "swanlog").glob("run-*")), "swanlab offline mode wrote no run directory"
+
+
+def test_fresh_run_refuses_to_replace_an_existing_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    ddp_pretrain.main(pretrain_args(data, out, "--max_steps", "2"))
+    before = (out / "ckpt.pt").read_bytes()
+    with pytest.raises(FileExistsError, match=r"ckpt.pt already exists: --resume continues that run, --overwrite"):
+        ddp_pretrain.main(pretrain_args(data, out, "--max_steps", "4"))
+    assert (out / "ckpt.pt").read_bytes() == before  # the earlier run is untouched
+    ddp_pretrain.main(pretrain_args(data, out, "--max_steps", "3", "--overwrite"))
+    assert load_checkpoint(out)["step"] == 3
