@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Every stage of the pipeline on the embedded offline corpus (People's Daily 1998, labelled reviews, Q/A
+# dialogues shipped in PyPI packages), each by its own script with its real flags:
+#   data -> tokenizer -> pretokenize -> pretrain -> SFT -> samples -> evaluation
+#
+#   bash demo.sh            # full demo: about 15 minutes on a 2-core CPU, no network
+#   bash demo.sh --tiny     # (or DEMO_SCALE=tiny) the same stages at toy sizes, about a minute (CI)
+#
+# Artifacts go to ./out/ (the scripts' default layout), so any stage can be rerun alone with other flags.
+# On a machine with a GPU the same commands run there (--device auto); see README for the full-scale runs.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+SCALE="${DEMO_SCALE:-full}"
+for arg in "$@"; do
+  case "$arg" in
+    --tiny) SCALE=tiny ;;
+    --full) SCALE=full ;;
+    *) echo "usage: bash demo.sh [--tiny|--full]" >&2; exit 2 ;;
+  esac
+done
+
+if [[ "$SCALE" == tiny ]]; then
+  DATA=(--test_size 200 --val_size 40 --pretrain_val_docs 20 --max_review_chars 96)
+  TOKENIZER=(--vocab_size 512)
+  PRETRAIN=(--preset tiny --max_seq_len 64 --batch_size 16 --max_steps 60 --learning_rate 3e-3 --warmup_iters 10
+            --log_interval 10 --eval_interval 0 --eval_samples 32)
+  SFT=(--max_seq_len 64 --batch_size 16 --max_steps 60 --learning_rate 3e-3 --warmup_iters 10
+       --log_interval 10 --eval_interval 0 --eval_samples 32)
+  SAMPLES=(--max_new_tokens 24)
+  EVAL=(--eval_limit 200)
+elif [[ "$SCALE" == full ]]; then
+  DATA=(--max_review_chars 96)
+  TOKENIZER=(--vocab_size 4096)
+  PRETRAIN=(--dim 128 --n_layers 4 --n_heads 4 --n_kv_heads 2 --max_seq_len 128 --batch_size 16 --max_steps 600
+            --learning_rate 2e-3 --warmup_iters 50 --log_interval 50 --eval_interval 0 --eval_samples 64)
+  SFT=(--max_seq_len 128 --batch_size 16 --epochs 2 --learning_rate 5e-4 --warmup_iters 20
+       --log_interval 100 --eval_interval 0 --eval_samples 216)
+  SAMPLES=(--max_new_tokens 60)
+  EVAL=()
+else
+  echo "DEMO_SCALE must be tiny or full, got '$SCALE'" >&2
+  exit 2
+fi
+
+declare -a TIMES=()
+stage() {  # stage NAME COMMAND...: print the command, run it, record its wall time
+  local name="$1"; shift
+  echo
+  echo ">>> $name: ${*/#$ROOT\//}"
+  local start=$EPOCHREALTIME
+  "$@"
+  local seconds
+  seconds=$(python -c "print(f'{$EPOCHREALTIME - $start:.1f}')")
+  TIMES+=("$name $seconds")
+  echo ">>> $name done in ${seconds} s"
+}
+
+START=$EPOCHREALTIME
+echo "demo ($SCALE) in $(pwd)/out on $(nproc) CPU core(s)"
+stage data        python "$ROOT/data_process.py" embedded "${DATA[@]}"
+stage tokenizer   python "$ROOT/train_tokenizer.py" "${TOKENIZER[@]}"
+stage pretokenize python "$ROOT/data_process.py" pretokenize
+stage pretrain    python "$ROOT/ddp_pretrain.py" --overwrite "${PRETRAIN[@]}"
+stage sft         python "$ROOT/ddp_sft_full.py" --overwrite "${SFT[@]}"
+stage samples     python "$ROOT/model_sample.py" --mode pretrain --prompt "中国" --prompt "今天" --num_samples 2 \
+                    "${SAMPLES[@]}"
+stage chat        python "$ROOT/model_sample.py" --temperature 0 "${SAMPLES[@]}"
+stage eval        python "$ROOT/model_sample.py" --eval --eval_out out/eval.json "${EVAL[@]}"
+
+echo
+echo ">>> wall time per stage (s)"
+for t in "${TIMES[@]}"; do printf '  %-12s %8s\n' $t; done
+printf '  %-12s %8s\n' total "$(python -c "print(f'{$EPOCHREALTIME - $START:.1f}')")"
