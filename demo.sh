@@ -32,10 +32,10 @@ if [[ "$SCALE" == tiny ]]; then
 elif [[ "$SCALE" == full ]]; then
   DATA=(--max_review_chars 96)
   TOKENIZER=(--vocab_size 4096)
-  PRETRAIN=(--dim 128 --n_layers 4 --n_heads 4 --n_kv_heads 2 --max_seq_len 128 --batch_size 16 --max_steps 600
-            --learning_rate 2e-3 --warmup_iters 50 --log_interval 50 --eval_interval 0 --eval_samples 64)
-  SFT=(--max_seq_len 128 --batch_size 16 --epochs 2 --learning_rate 5e-4 --warmup_iters 20
-       --log_interval 100 --eval_interval 0 --eval_samples 216)
+  PRETRAIN=(--preset demo --max_steps 600 --learning_rate 2e-3 --warmup_iters 50 --log_interval 50 --eval_interval 0
+            --eval_samples 64)
+  SFT=(--batch_size 16 --epochs 2 --learning_rate 5e-4 --warmup_iters 20 --log_interval 100 --eval_interval 0
+       --eval_samples 216 --save_interval 500)
   SAMPLES=(--max_new_tokens 60)
   EVAL=()
 else

@@ -609,7 +609,16 @@ def from_hf_llama(hf: LlamaForCausalLM) -> Transformer:
 
 def export_hf(model: Transformer, out_dir: str | os.PathLike) -> None:
     """Writes out_dir/config.json + model.safetensors, which AutoModelForCausalLM opens as LlamaForCausalLM."""
-    to_hf_llama(model).save_pretrained(out_dir)
+    from transformers.utils import logging as hf_logging
+
+    # save_pretrained draws a progress bar for its single shard: noise in a training log
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        to_hf_llama(model).save_pretrained(out_dir)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def load_hf(out_dir: str | os.PathLike) -> Transformer:
