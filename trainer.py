@@ -199,6 +199,23 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def cpus_busy_elsewhere(seconds: float = 0.3) -> float | None:
+    """How many CPUs other processes keep busy, from /proc/stat while this process sleeps (None off Linux).
+    Not the load average: it lags by a minute, so right after a busy pipeline stage it still reads high."""
+    def idle_and_total() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    try:
+        idle0, total0 = idle_and_total()
+        time.sleep(seconds)
+        idle1, total1 = idle_and_total()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (1 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
@@ -647,10 +664,11 @@ class Trainer:
                           f"sample {self.position['sample']})")
         elif self.ckpt_path.exists():
             self.log.info(f"note: --overwrite: starting fresh; the first save replaces {self.ckpt_path}")
-        if d.device.type == "cpu" and hasattr(os, "getloadavg"):
-            load, threads = os.getloadavg()[0], torch.get_num_threads()
-            if threads > 1 and load + threads > (os.cpu_count() or 1) + 0.5:
-                self.log.info(f"note: load average {load:.1f} on {os.cpu_count()} CPUs: with other processes busy, "
+        threads = torch.get_num_threads()
+        if d.device.type == "cpu" and threads > 1:
+            busy = cpus_busy_elsewhere()
+            if busy is not None and busy + threads > (os.cpu_count() or 1) + 0.5:
+                self.log.info(f"note: other processes keep {busy:.1f} of {os.cpu_count()} CPUs busy: "
                               f"{threads} threads per process can be several times slower than --num_threads 1")
         if self.peak is not None:
             self.log.info(f"MFU against {self.peak / 1e12:.3g} TFLOP/s per device ({self.peak_source})")

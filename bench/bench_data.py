@@ -129,7 +129,7 @@ def main() -> None:
     if args._rss:
         return _rss_child(*args._rss, args.tokenizer, args.max_length)
     # Imported here, not at the top, so the RSS subprocesses do not carry the model code in their baseline.
-    from bench_model import interleaved, machine_line
+    from common import interleaved, machine_line
 
     for path in (args.data, args.bin, args.tokenizer):
         if not os.path.exists(path):

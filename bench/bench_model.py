@@ -14,60 +14,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import torch
-import transformers
 from transformers import GenerationConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import interleaved, machine_line  # noqa: E402
 from k_model import ModelConfig, Transformer, to_hf_llama  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_line(device: str) -> str:
-    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.backends.cpu.get_cpu_capability()})"
-    return (
-        f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads | torch {torch.__version__} | "
-        f"transformers {transformers.__version__} | device: {where}"
-    )
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved(
-    fns: dict[str, Callable[[], None]], rounds: int, warmup: int, device: str, clock: Callable[[], float]
-) -> dict[str, list[float]]:
-    """Seconds per call of each fn, rounds alternating between them (A B A B ...) after warmup calls."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = clock()
-            fn()
-            sync(device)
-            times[name].append(clock() - t0)
-    return times
 
 
 def build(cfg: ModelConfig, device: str, seed: int):

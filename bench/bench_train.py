@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import trainer  # noqa: E402
-from bench_model import interleaved, machine_line  # noqa: E402
+from common import interleaved, machine_line  # noqa: E402
 from k_model import ModelConfig, Transformer  # noqa: E402
 
 

@@ -1,0 +1,49 @@
+"""bench/*.py at toy sizes: each script runs to the end and prints its ratio table (timings are not checked,
+only that the benchmarks anyone can run still run and report every row)."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import data_process
+from train_helpers import ROOT
+
+
+def run_bench(script: str, *args: str, cwd=ROOT) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_bench_model_prints_train_and_decode_ratios():
+    out = run_bench("bench_model.py", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1",
+                    "--vocab-size", "64", "--batch-size", "1", "--seq-len", "16", "--rounds", "1",
+                    "--new-tokens", "8", "--decode-rounds", "1", "--devices", "cpu", "--threads", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| train step") or line.startswith("| decode")]
+    assert [r.split("|")[1].strip() for r in rows] == ["train step tok/s", "train step tok/s", "decode tok/s"]
+    assert all(re.search(r"\| \d+\.\d+x \|", r) for r in rows)
+    assert "tokens differ" not in out  # ours and HF decoded the same tokens
+    assert "machine: " in out
+
+
+def test_bench_train_prints_every_table():
+    out = run_bench("bench_train.py", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1",
+                    "--vocab-size", "64", "--seq", "16", "--batch-size", "2", "--rounds", "1")
+    for name in ("cpu float32", "cpu bfloat16 autocast", "full padding", "collate_trimmed", "1 thread(s)"):
+        assert name in out, name
+    assert "machine: " in out
+
+
+def test_bench_data_prints_ratios_and_memory(tmp_path, tiny_texts, tiny_tokenizer_dir):
+    jsonl = tmp_path / "pretrain.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in tiny_texts),
+                     encoding="utf-8")
+    data_process.pretokenize(str(jsonl), tiny_tokenizer_dir, num_workers=1)
+    out = run_bench("bench_data.py", "--data", str(jsonl), "--bin", str(tmp_path / "pretrain.bin"), "--tokenizer",
+                    tiny_tokenizer_dir, "--max_length", "64", "--rounds", "1", "--seed_samples", "20",
+                    "--ours_samples", "20")
+    assert re.search(r"^ratio\s+[\d,.]+x\s+[\d,.]+x$", out, re.M), out
+    assert [line.split()[0] for line in out.splitlines() if re.match(r"\s*\d+x\s", line)] == ["1x", "4x", "16x"]
