@@ -419,6 +419,13 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["embedded", *argv]  # the default subcommand, with or without its flags
     args = p.parse_args(argv)
+    try:
+        run_command(args)
+    except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file and line
+        sys.exit(f"error: {e}")
+
+
+def run_command(args: argparse.Namespace) -> None:
     if args.command == "embedded":
         print_sizes(build_embedded(args.out_dir, args.chunk_size, args.test_size, args.val_size,
                                    args.pretrain_val_docs, args.max_review_chars, args.seed))

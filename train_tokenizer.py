@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -117,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab_size", type=int, default=6144)
     p.add_argument("--skip_bad", action="store_true", help="skip malformed lines (counted) instead of failing")
     args = p.parse_args(argv)
-    tok = train_tokenizer(args.data_path, args.save_dir, args.vocab_size, args.skip_bad)
+    try:
+        tok = train_tokenizer(args.data_path, args.save_dir, args.vocab_size, args.skip_bad)
+    except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file and line
+        sys.exit(f"error: {e}")
     print(f"saved {tok.get_vocab_size()}-token tokenizer to {args.save_dir}")
 
 

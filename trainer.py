@@ -822,9 +822,10 @@ def train(args: argparse.Namespace, task: Task) -> None:
 
 
 def main(task: Task, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
-    """Script entry point: a diverged run ends with its one-line message and exit status 1."""
+    """Script entry point: bad input (missing, corrupt or mismatched files, an occupied out_dir) and a diverged
+    run end with their one-line message, which names the file or step, and exit status 1."""
     args = parse_args(parser, argv)
     try:
         train(args, task)
-    except TrainingError as e:
+    except (TrainingError, FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -147,7 +147,7 @@ def test_convert_sft_unknown_speaker(tmp_path, capsys):
     bad = {"conversations": [{"from": "bot", "value": "q"}]}
     src = jsonl(tmp_path / "belle.jsonl", [good, bad, good])
     out = str(tmp_path / "sft.jsonl")
-    with pytest.raises(ValueError, match=rf"{re.escape(src)}:2: turn 0 has unknown speaker 'bot'"):
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(src)}:2: turn 0 has unknown speaker 'bot'"):
         data_process.main(["convert_sft", "--input", src, "--output", out])
     data_process.main(["convert_sft", "--input", src, "--output", out, "--skip_bad"])
     assert len(read_jsonl(out)) == 2 and "skipped 1 bad line" in capsys.readouterr().err
@@ -385,7 +385,7 @@ def test_pretrain_bad_line_fails_with_file_and_line(tmp_path, tiny_tokenizer_dir
     path = write_lines(tmp_path / "pretrain.jsonl", [GOOD_TEXT, line] + [GOOD_TEXT] * 20)
     with pytest.raises(ValueError, match=rf"{re.escape(path)}:2: .*{reason}"):
         PretrainDataset(path, tiny_tokenizer, max_length=4)
-    with pytest.raises(ValueError, match=rf"{re.escape(path)}:2: .*{reason}"):
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(path)}:2: .*{reason}"):
         data_process.main(["pretokenize", "--input", path, "--tokenizer", tiny_tokenizer_dir, "--num_workers", "1"])
     data_process.main(["pretokenize", "--input", path, "--tokenizer", tiny_tokenizer_dir, "--skip_bad"])
     assert "skipped 1 bad line" in capsys.readouterr().err

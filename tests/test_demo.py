@@ -33,7 +33,8 @@ def test_every_stage_runs_its_own_script_in_order(demo):
                if line.startswith(">>> ") and ": python " in line]
     assert started == STAGES
     for script in ("data_process.py embedded", "train_tokenizer.py", "data_process.py pretokenize",
-                   "ddp_pretrain.py --overwrite", "ddp_sft_full.py --overwrite", "model_sample.py --mode pretrain", "model_sample.py --eval"):
+                   "ddp_pretrain.py --overwrite", "ddp_sft_full.py --overwrite", "model_sample.py --mode pretrain",
+                   "model_sample.py --eval"):
         assert f": python {script}" in log
     timings = log[log.index(">>> wall time per stage"):].splitlines()[1:]
     assert [line.split()[0] for line in timings] == STAGES + ["total"]

@@ -97,7 +97,7 @@ def test_cli_streams_pretrain_and_sft_jsonl(tmp_path):
 def test_cli_bad_line_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "no text key"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:2:"):
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(bad))}:2:"):
         train_tokenizer.main(["--data_path", str(bad), "--save_dir", str(tmp_path / "tok")])
 
 

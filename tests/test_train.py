@@ -172,13 +172,15 @@ def test_bad_checkpoints_name_the_file_and_key(data, pretrained, tmp_path):
     # resuming with another architecture
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "ckpt.pt").write_bytes(good)
-    with pytest.raises(ValueError, match=r"ckpt.pt: checkpoint was trained with --dim 64, this run asks for --dim 32"):
+    mismatch = r"^error: .*ckpt.pt: checkpoint was trained with --dim 64, this run asks for --dim 32"
+    with pytest.raises(SystemExit, match=mismatch):
         ddp_pretrain.main(pretrain_args(data, tmp_path / "run", "--resume"))
     # fine-tuning with a different tokenizer than the model was trained with
     other_tok = tmp_path / "other_tokenizer"
     train_tokenizer.save_tokenizer(train_tokenizer.build_tokenizer(iter(["另一个分词器 another tokenizer"] * 50),
                                                                    vocab_size=300), str(other_tok))
-    with pytest.raises(ValueError, match=r"ckpt.pt: model vocab_size=1000 but the tokenizer at .*other_tokenizer has"):
+    mismatch = r"^error: .*ckpt.pt: model vocab_size=1000 but the tokenizer at .*other_tokenizer has"
+    with pytest.raises(SystemExit, match=mismatch):
         ddp_sft_full.main(sft_args(data, tmp_path / "sft", pretrained, "--tokenizer_path", str(other_tok)))
 
 
@@ -208,7 +210,7 @@ def test_fresh_run_refuses_to_replace_an_existing_checkpoint(data, tmp_path):
     out = tmp_path / "run"
     ddp_pretrain.main(pretrain_args(data, out, "--max_steps", "2"))
     before = (out / "ckpt.pt").read_bytes()
-    with pytest.raises(FileExistsError, match=r"ckpt.pt already exists: --resume continues that run, --overwrite"):
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt already exists: --resume continues that run, --overwrite"):
         ddp_pretrain.main(pretrain_args(data, out, "--max_steps", "4"))
     assert (out / "ckpt.pt").read_bytes() == before  # the earlier run is untouched
     ddp_pretrain.main(pretrain_args(data, out, "--max_steps", "3", "--overwrite"))
