@@ -228,6 +228,8 @@ def chat_repl(gen: TextGenerator, args: argparse.Namespace, stdin: TextIO = sys.
     while True:
         print("user> ", end="", file=stdout, flush=True)
         line = stdin.readline()
+        if line and not stdin.isatty():
+            print(line.rstrip("\n"), file=stdout)  # a terminal echoes what is typed; a pipe does not
         if not line or line.strip() == "/exit":
             print(file=stdout)
             return

@@ -128,6 +128,7 @@ def test_chat_repl_driven_through_stdin(run, gen, tiny_tokenizer_dir):
     replies = [line.split("assistant> ", 1)[1] for line in proc.stdout.splitlines() if "assistant> " in line]
     assert len(replies) == 3, proc.stdout
     assert "(history cleared)" in proc.stdout
+    assert f"user> {PROMPT}\n" in proc.stdout  # piped input is echoed, so the transcript reads like a session
     expected_first = gen.sft_sample(PROMPT, max_new_tokens=12, temperature=0)
     # the first reply and the reply after /reset see the same (empty) history
     assert replies[0] == replies[2] == expected_first.split("\n")[0]
