@@ -665,7 +665,7 @@ class Trainer:
         elif self.ckpt_path.exists():
             self.log.info(f"note: --overwrite: starting fresh; the first save replaces {self.ckpt_path}")
         threads = torch.get_num_threads()
-        if d.device.type == "cpu" and threads > 1:
+        if d.is_main and d.device.type == "cpu" and threads > 1:  # only rank 0 logs: only it measures
             busy = cpus_busy_elsewhere()
             if busy is not None and busy + threads > (os.cpu_count() or 1) + 0.5:
                 self.log.info(f"note: other processes keep {busy:.1f} of {os.cpu_count()} CPUs busy: "
