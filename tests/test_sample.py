@@ -52,7 +52,8 @@ def run(tmp_path_factory, tiny_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def gen(run, tiny_tokenizer_dir):
-    return TextGenerator(run[0], tiny_tokenizer_dir, device="cpu", dtype="float32")  # HF generate, the reference, runs in float32
+    # float32 like the reference, HF generate (dtype auto is bfloat16 on CPUs with AVX512_BF16)
+    return TextGenerator(run[0], tiny_tokenizer_dir, device="cpu", dtype="float32")
 
 
 def test_greedy_sft_sample_equals_model_and_transformers_generate(run, gen, tiny_tokenizer_dir):
@@ -71,7 +72,8 @@ def test_greedy_sft_sample_equals_model_and_transformers_generate(run, gen, tiny
     assert theirs[: len(ours)] == ours
     assert reply == tok.decode(ours, skip_special_tokens=True)
     # the HF export, with the tokenizer saved beside it, is the same model
-    assert TextGenerator(run[0] / "hf", device="cpu", dtype="float32").sft_sample(PROMPT, SYSTEM, max_new_tokens=24, temperature=0) == reply
+    from_hf = TextGenerator(run[0] / "hf", device="cpu", dtype="float32")
+    assert from_hf.sft_sample(PROMPT, SYSTEM, max_new_tokens=24, temperature=0) == reply
 
 
 def test_history_is_part_of_the_prompt(gen):
