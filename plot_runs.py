@@ -81,13 +81,14 @@ def panel_layout(metrics: list[str]) -> list[tuple[str, list[str]]]:
 def plot_runs(out_dirs: list[Path], png: Path) -> Path:
     """Draw the runs' curves into one PNG (one colour per run) and return its path. The file is
     written whole under a temporary name and renamed, so a reader never sees a half-written image."""
-    runs = {str(d): metric_series(read_metrics(Path(d) / "metrics.jsonl")) for d in out_dirs}
+    runs = {str(d): metric_series(read_metrics(d / "metrics.jsonl")) for d in out_dirs}
     metrics = list(dict.fromkeys(k for series in runs.values() for k in series))
     panels = panel_layout(metrics)
-    fig = _new_figure(len(panels))
     cols = 2 if len(panels) > 1 else 1
+    rows = math.ceil(len(panels) / cols)
+    fig = _new_figure(width=5.5 * cols, height=1 + 3 * rows)
     for i, (title, keys) in enumerate(panels):
-        ax = fig.add_subplot(math.ceil(len(panels) / cols), cols, i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         _draw_panel(ax, title, keys, runs)
     fig.suptitle(" vs ".join(runs), fontsize=12)
     tmp = png.with_name(png.name + ".tmp")
@@ -99,14 +100,13 @@ def plot_runs(out_dirs: list[Path], png: Path) -> Path:
     return png
 
 
-def _new_figure(n_panels: int):
+def _new_figure(width: float, height: float):
     try:
         # the object-oriented API without pyplot: no GUI backend, no global figure list to leak into
         from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError("drawing curves.png needs matplotlib: pip install matplotlib") from e
-    rows = math.ceil(n_panels / 2)
-    return Figure(figsize=(11 if n_panels > 1 else 6, 1 + 3 * rows), layout="constrained")
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 def _draw_panel(ax, title: str, keys: list[str], runs: dict[str, Series]) -> None:
