@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from k_model import ModelConfig, Transformer, load_hf
+from loading import load_tokenizer, tokenizer_fingerprint
 
 CKPT_NAME = "ckpt.pt"
 # keys every checkpoint must carry to rebuild its model without guessing
@@ -113,11 +114,7 @@ def _hf_fingerprint(hf_dir: Path) -> str | None:
     """Fingerprint of the tokenizer exported next to the HF weights, if one was saved there."""
     if not (hf_dir / "tokenizer.json").is_file():
         return None
-    from transformers import AutoTokenizer
-
-    from dataset import tokenizer_fingerprint
-
-    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(hf_dir))
+    return tokenizer_fingerprint(load_tokenizer(hf_dir))
 
 
 def _load_hf_dir(hf_dir: Path) -> tuple[Transformer, dict[str, Any]]:

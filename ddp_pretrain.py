@@ -8,35 +8,42 @@ The loop, flags and checkpoint format live in trainer.py; this script picks the 
 """
 
 import argparse
+from typing import Any
 
 import trainer
 from dataset import PretrainDataset
 from k_model import ModelConfig, Transformer
-
-DEFAULTS = dict(
-    data_path="out/data/pretrain.bin",
-    val_data_path="out/data/pretrain_val.bin",
-    out_dir="out/pretrain",
-    learning_rate=1e-3,
-    warmup_iters=100,
-    save_interval=500,
-    eval_interval=500,
-)
+from loading import SourcedModel
 
 
-def new_model(args: argparse.Namespace, tokenizer) -> trainer.InitModel:
-    """A randomly initialized model whose vocabulary is the tokenizer's."""
-    config = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                         vocab_size=len(tokenizer), max_seq_len=args.max_seq_len, dropout=args.dropout)
-    return trainer.InitModel(Transformer(config), "a new model", None)
+class Pretrain(trainer.Task):
+    name = "pretrain"
+    description = __doc__
+    builds_model = True
+    defaults = dict(
+        preset="demo",
+        data_path="out/data/pretrain.bin",
+        val_data_path="out/data/pretrain_val.bin",
+        out_dir="out/pretrain",
+        dropout=0.0,
+        learning_rate=1e-3,
+        warmup_iters=100,
+        save_interval=500,
+        eval_interval=500,
+    )
 
+    def initial_model(self, args: argparse.Namespace, tokenizer: Any) -> SourcedModel:
+        """A randomly initialized model whose vocabulary is the tokenizer's."""
+        config = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                             vocab_size=len(tokenizer), max_seq_len=args.max_seq_len, dropout=args.dropout)
+        return SourcedModel(Transformer(config), "a new model", None)
 
-TASK = trainer.Task(name="pretrain", dataset_cls=PretrainDataset, init_model=new_model)
+    def dataset(self, path: str, tokenizer: Any, args: argparse.Namespace) -> PretrainDataset:
+        return PretrainDataset(path, tokenizer, max_length=args.max_seq_len)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = trainer.build_parser(__doc__, DEFAULTS, model_flags=True)
-    trainer.main(TASK, parser, argv)
+    trainer.main(Pretrain(), argv)
 
 
 if __name__ == "__main__":

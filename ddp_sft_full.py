@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (all weights) of a pretrained model on ChatML conversations; the loss covers
+"""Supervised fine-tuning (all weights) of a pretrained model on chat conversations; the loss covers
 assistant replies only (SFTDataset's loss mask).
 
     python ddp_sft_full.py                                  # from out/pretrain, data out/data/sft_train.jsonl
@@ -9,45 +9,52 @@ The loop, flags and checkpoint format live in trainer.py; this script picks the 
 """
 
 import argparse
+from typing import Any
 
 import trainer
 from checkpoint import config_to_dict, load_model
 from dataset import SFTDataset
 from k_model import ModelConfig, Transformer
-
-DEFAULTS = dict(
-    data_path="out/data/sft_train.jsonl",
-    val_data_path="out/data/sft_val.jsonl",
-    out_dir="out/sft",
-    batch_size=16,
-    accumulation_steps=1,
-    learning_rate=2e-4,  # well below pretraining's: adapt the pretrained weights, do not overwrite them
-    warmup_iters=20,
-    save_interval=200,
-    eval_interval=200,
-)
+from loading import SourcedModel
 
 
-def pretrained_model(args: argparse.Namespace, tokenizer) -> trainer.InitModel:
-    """The --init_from model (checkpoint, run dir or HF export), with --dropout applied if given."""
-    model, info = load_model(args.init_from)
-    if args.dropout is not None and args.dropout != model.config.dropout:
-        # dropout probabilities are fixed when modules are built: rebuild, then copy the weights
-        config = ModelConfig(**{**config_to_dict(model.config), "dropout": args.dropout})
-        rebuilt = Transformer(config)
-        rebuilt.load_state_dict(model.state_dict())
-        model = rebuilt
-    return trainer.InitModel(model.train(), info["source"], info["tokenizer_fingerprint"])
+class SFT(trainer.Task):
+    name = "sft"
+    description = __doc__
+    may_lack_targets = True  # a prompt longer than --max_seq_len leaves no answer token
+    defaults = dict(
+        init_from="out/pretrain",
+        data_path="out/data/sft_train.jsonl",
+        val_data_path="out/data/sft_val.jsonl",
+        out_dir="out/sft",
+        batch_size=16,
+        learning_rate=2e-4,  # well below pretraining's: adapt the pretrained weights, do not overwrite them
+        warmup_iters=20,
+        save_interval=200,
+        eval_interval=200,
+    )
 
+    def add_flags(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--init_from", help="pretraining ckpt.pt, its run dir, or an HF export dir (config.json "
+                            f"+ model.safetensors) (default: {self.defaults['init_from']})")
 
-TASK = trainer.Task(name="sft", dataset_cls=SFTDataset, init_model=pretrained_model)
+    def initial_model(self, args: argparse.Namespace, tokenizer: Any) -> SourcedModel:
+        """The --init_from model (checkpoint, run dir or HF export), with --dropout applied if given."""
+        model, info = load_model(args.init_from)
+        if args.dropout is not None and args.dropout != model.config.dropout:
+            # dropout probabilities are fixed when modules are built: rebuild, then copy the weights
+            config = ModelConfig(**{**config_to_dict(model.config), "dropout": args.dropout})
+            rebuilt = Transformer(config)
+            rebuilt.load_state_dict(model.state_dict())
+            model = rebuilt
+        return SourcedModel(model.train(), info["source"], info["tokenizer_fingerprint"])
+
+    def dataset(self, path: str, tokenizer: Any, args: argparse.Namespace) -> SFTDataset:
+        return SFTDataset(path, tokenizer, max_length=args.max_seq_len)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = trainer.build_parser(__doc__, DEFAULTS, model_flags=False)
-    parser.add_argument("--init_from", default="out/pretrain",
-                        help="pretraining ckpt.pt, its run dir, or an HF export dir (config.json + model.safetensors)")
-    trainer.main(TASK, parser, argv)
+    trainer.main(SFT(), argv)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
-"""The training loop shared by ddp_pretrain.py and ddp_sft_full.py, with its CLI flags, distributed setup,
-progress logging and checkpointing. The two scripts only choose the dataset, defaults and initial model.
+"""The training loop shared by every training script, and its command-line flags.
 
-Launch: `python ddp_pretrain.py ...` is one process; `torchrun --nproc_per_node=N ddp_pretrain.py ...` is
-DDP (NCCL on CUDA, gloo on CPU). Only rank 0 prints, logs and saves.
+A script (ddp_pretrain.py, ddp_sft_full.py) subclasses `Task`: it names its defaults and says which model a
+fresh run starts from, what its dataset is, the loss on a batch and which parameters train. Everything else
+is here: flags, data order, optimization, evaluation, checkpoints, logs. Around it, trainer_utils.py holds the
+process group, logging and Ctrl-C handling; checkpoint.py the checkpoint file; loading.py tokenizer and dtype.
 
 Data order. Epoch e visits the samples in a permutation seeded by (seed, e). Each optimizer step consumes
 the next S = batch_size * world_size * accumulation_steps samples of it: micro-step m is the slice
 [m*W*B, (m+1)*W*B) of those, of which rank r takes the r-th B-sized part. The checkpoint stores the data
-position as (epoch, next sample), so a resumed run reads exactly what the interrupted run would have read.
+position as (epoch, next sample), so a resumed run reads exactly what the interrupted run would have read,
+even with another batch size or process count (then only the step boundaries move).
 
-Loss normalization. One optimizer step minimizes the mean per-token loss over every loss-masked token
-that the step reads on all ranks: sum(loss * mask) / mask.sum() over the whole global batch. Each rank
-learns that token count up front (one all_reduce of a scalar) and backpropagates
+Loss normalization. One optimizer step minimizes the mean loss over every loss unit (a target token; a
+preference pair) that the step reads on all ranks: sum(loss * mask) / mask.sum() over the whole global batch.
+Each rank learns that count up front (one all_reduce of a scalar) and backpropagates
 sum(loss * mask) * world_size / count for each micro-batch; DDP averages gradients over ranks (divides by
 world_size) and accumulation adds micro-steps up, so the gradient is exactly that of the global mean.
 Hence one process with batch B and N processes with batch B/N, or any other split of S between batch
@@ -21,13 +23,17 @@ not over-weighted, as averaging per-micro-batch means would do.
 Randomness. After initialization the only randomness is dropout. The RNG is reseeded from
 (seed, rank, step) before every step, so a resumed run draws the same dropout masks as an uninterrupted
 one without carrying RNG states in the checkpoint.
+
+Flags. Every flag's value comes from the first of: the command line; on --resume, the flags saved in the
+checkpoint (except PER_LAUNCH ones); the --preset; the script's Task.defaults; COMMON_DEFAULTS. Flags left
+unset by all of them (SFT's --max_seq_len, --dropout) are the initial model's. train.log lists each value
+with where it came from.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import signal
@@ -36,7 +42,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from functools import partial
 from inspect import signature
 from pathlib import Path
@@ -49,10 +54,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from checkpoint import CKPT_NAME, config_to_dict, load_checkpoint, model_from_state, save_checkpoint
-from dataset import tokenizer_fingerprint
 from k_model import Transformer, export_hf
+from loading import DTYPES, SourcedModel, check_model_tokenizer, load_tokenizer, resolve_dtype, tokenizer_fingerprint
+from perf import cpus_busy_elsewhere, peak_flops
+from trainer_utils import DistInfo, RunLogger, StopRequest, setup_distributed
 
-# Pretraining presets: model shape and per-process batch. Explicit flags override a preset's values.
+# Model shape and per-process batch, for scripts that build a new model. Explicit flags override them.
 PRESETS: dict[str, dict[str, Any]] = {
     # a few seconds on a laptop CPU: smoke tests, debugging
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, batch_size=16, accumulation_steps=1),
@@ -61,13 +68,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the original project's 215M model; per GPU: 32 x 512 tokens, x4 accumulation
     "215M": dict(dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=512, batch_size=32, accumulation_steps=4),
 }
-# flags that shape the network: a resumed run must use the values its checkpoint was trained with
-ARCH_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# dense 16-bit tensor-core peak TFLOP/s from vendor datasheets, matched against the CUDA device name in order
-GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0),
-                   ("L4", 121.0), ("A10", 125.0), ("V100", 125.0), ("T4", 65.0))
-NO_STEP = 2**62  # "no non-finite loss seen yet"
+COMMON_DEFAULTS: dict[str, Any] = dict(
+    tokenizer_path="out/tokenizer", epochs=1, max_steps=0, accumulation_steps=1, weight_decay=0.1, grad_clip=1.0,
+    seed=1337, device="auto", dtype="auto", num_threads=0, num_workers=0, compile=False, log_interval=10,
+    eval_interval=200, eval_samples=512, save_interval=200, resume=False, overwrite=False, peak_tflops=0.0,
+    use_swanlab=False, swanlab_project="k-model", swanlab_mode="offline",
+)
+# flags that shape the network or the data order: a resumed run must keep the values it was trained with
+FIXED_AT_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout", "seed")
+# flags about this launch only, never taken from a checkpoint
+PER_LAUNCH = ("resume", "overwrite", "device", "num_threads", "num_workers", "compile", "peak_tflops",
+              "use_swanlab", "swanlab_project", "swanlab_mode")
+AT_LEAST_ONE = ("epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "eval_samples",
+                "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
+AT_LEAST_ZERO = ("max_steps", "warmup_iters", "eval_interval", "num_threads", "num_workers", "weight_decay",
+                 "grad_clip", "peak_tflops")
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # X, Y (B, T) int64; loss mask (B, T) float32
 
 
 class TrainingError(RuntimeError):
@@ -75,198 +92,180 @@ class TrainingError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Command line
+# What a training objective supplies
 
 
-def build_parser(description: str, defaults: dict[str, Any], model_flags: bool) -> argparse.ArgumentParser:
-    """Flags common to both trainers. `defaults` holds the script's own defaults (paths, lr, ...).
-    model_flags: pretraining chooses the model shape (and --preset); SFT takes it from --init_from."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data and paths")
-    g.add_argument("--data_path", help="training data")
-    g.add_argument("--val_data_path", help="held-out data for evaluation; evaluation is skipped if it is absent")
-    g.add_argument("--tokenizer_path", default="out/tokenizer", help="tokenizer directory (sets the vocab size)")
-    g.add_argument("--out_dir", help="checkpoint ckpt.pt, train.log, metrics.jsonl and the final hf/ export")
-
-    g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=1, help="passes over the data (when --max_steps is 0)")
-    g.add_argument("--max_steps", type=int, default=0, help="optimizer steps to train; 0 = --epochs passes")
-    g.add_argument("--batch_size", type=int, help="samples per micro-batch per process")
-    g.add_argument("--accumulation_steps", type=int, help="micro-batches per optimizer step")
-    g.add_argument("--learning_rate", type=float, help="peak learning rate (cosine decay to a tenth of it)")
-    g.add_argument("--warmup_iters", type=int, help="linear warmup steps")
-    g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay (only weights with >= 2 dims)")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
-    g.add_argument("--seed", type=int, default=1337, help="initialization, data order and dropout")
-
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="autocast dtype; auto = bfloat16 on CUDA (float16 without bf16 support) and on CPUs with "
-                        "native bf16 (AVX512_BF16/AMX), else float32")
-    g.add_argument("--num_threads", type=int, default=0, help="torch CPU threads per process; 0 = torch default")
-    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-
-    g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--log_interval", type=int, default=10, help="steps between progress lines")
-    g.add_argument("--eval_interval", type=int, default=200, help="steps between evaluations; 0 = only at the end")
-    g.add_argument("--eval_samples", type=int, default=512,
-                   help="validation samples per evaluation (the first ones; all if fewer)")
-    g.add_argument("--save_interval", type=int, default=200, help="steps between checkpoints (also saved at the end "
-                                                                  "and on SIGINT/SIGTERM)")
-    g.add_argument("--resume", action="store_true", help="continue exactly from out_dir/ckpt.pt")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start a fresh run even though out_dir/ckpt.pt exists (it is replaced at the first save)")
-    g.add_argument("--peak_tflops", type=float, default=0.0,
-                   help="per-device peak for MFU; 0 = GPU datasheet table, or a measured matmul peak on CPU")
-    g.add_argument("--use_swanlab", action="store_true", help="also log to swanlab (pip install swanlab)")
-    g.add_argument("--swanlab_project", default="k-model", help="swanlab project name")
-    g.add_argument("--swanlab_mode", default="offline", choices=["offline", "local", "online", "disabled"],
-                   help="offline: no account or network, logs under out_dir/swanlog (`swanlab sync` uploads "
-                        "them later); local: the same plus `swanlab watch` (needs pip install 'swanlab[dashboard]')")
-
-    g = p.add_argument_group("model")
-    if model_flags:
-        shapes = "; ".join(f"{name}: dim {v['dim']}, {v['n_layers']} layers, seq {v['max_seq_len']}"
-                           for name, v in PRESETS.items())
-        g.add_argument("--preset", default="demo", choices=list(PRESETS), help=f"model shape and batch size ({shapes})")
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads"):
-            g.add_argument(f"--{name}", type=int, help="default from --preset")
-        g.add_argument("--max_seq_len", type=int, help="tokens per sample; default from --preset")
-        g.add_argument("--dropout", type=float, default=0.0)
-        p.set_defaults(**PRESETS["demo"])  # so that --help shows the default preset's values
-    else:
-        g.add_argument("--max_seq_len", type=int, help="tokens per sample; default: the model's max_seq_len")
-        g.add_argument("--dropout", type=float, help="default: the initial model's dropout")
-    p.set_defaults(**defaults)
-    return p
+def collate_trimmed(items: list[Batch]) -> Batch:
+    """Stack samples, then drop the trailing columns where no sample has loss mask. The model is causal, so
+    those positions cannot change the loss; right-padded SFT batches shrink to their longest answer."""
+    x, y, mask = (torch.stack(t) for t in zip(*items))
+    used = mask.any(dim=0).nonzero()
+    keep = int(used[-1]) + 1 if len(used) else 1
+    return x[:, :keep].contiguous(), y[:, :keep].contiguous(), mask[:, :keep].contiguous()
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse twice: once to learn --preset, then with the preset's values as defaults."""
-    args = parser.parse_args(argv)
-    if getattr(args, "preset", None):
-        parser.set_defaults(**PRESETS[args.preset])
-        args = parser.parse_args(argv)
-    for name in ("batch_size", "accumulation_steps", "log_interval", "save_interval", "eval_samples"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    return args
+def masked_loss_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """sum(per-token loss * mask) of one host-side batch. A partial mask (SFT: answers only) goes to the
+    model, which then projects only those positions onto the vocabulary; checking it on the host, before
+    the copy, keeps the all-ones pretraining mask free of a device sync."""
+    x, y, mask = batch
+    partial_mask = not bool(mask.all())
+    x, y, mask = (t.to(device, non_blocking=True) for t in batch)
+    out = model(x, y, loss_mask=mask) if partial_mask else model(x, y)
+    return (out.last_loss * mask.reshape(-1)).sum()
+
+
+class Task:
+    """A training objective. The base class is next-token prediction on (X, Y, loss_mask) items; a script
+    overrides what differs. Methods get the resolved flags `args`."""
+
+    name = "train"
+    description = ""  # the script's --help text
+    defaults: dict[str, Any] = {}  # the script's flag defaults (paths, learning rate, ...)
+    builds_model = False  # True: the run makes a new model, so --preset and the shape flags exist
+    # True when a sample can lack targets (an SFT answer cut off by --max_seq_len): checked at start-up
+    may_lack_targets = False
+    metrics = ("loss",)  # the keys of loss_sums
+
+    def add_flags(self, parser: argparse.ArgumentParser) -> None:
+        """Flags of this script only."""
+
+    def initial_model(self, args: argparse.Namespace, tokenizer: Any) -> SourcedModel:
+        """The model a fresh (not resumed) run starts from."""
+        raise NotImplementedError
+
+    def dataset(self, path: str, tokenizer: Any, args: argparse.Namespace) -> Dataset:
+        raise NotImplementedError
+
+    def collate(self, items: list[Any]) -> Any:
+        return collate_trimmed(items)
+
+    def loss_units(self, batch: Any) -> torch.Tensor:
+        """How many loss units a host-side batch holds (the normalization count), without a device sync."""
+        return batch[2].sum()
+
+    def loss_sums(self, model: torch.nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        """Sums over the batch's loss units: "loss" (backpropagated) and any other metric to report as a mean."""
+        return {"loss": masked_loss_sum(model, batch, device)}
+
+    def val_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        """What an evaluation reports, from the mean of each loss_sums entry over the validation samples."""
+        return {"val_loss": means["loss"], "val_ppl": math.exp(min(means["loss"], 50.0))}
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Devices, precision, distributed setup
+# Command line
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    control_group: Any  # CPU (gloo) group for small host-side decisions, e.g. agreeing to stop
+def build_parser(task: Task) -> argparse.ArgumentParser:
+    """Every flag defaults to None here; resolve_args fills in the value and --help shows it."""
+    shown = {**COMMON_DEFAULTS, **task.defaults, **(PRESETS[task.defaults["preset"]] if task.builds_model else {})}
+    p = argparse.ArgumentParser(description=task.description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def add(group: argparse._ArgumentGroup, name: str, help: str, **kw: Any) -> None:
+        if shown.get(name) is not None and kw.get("action") != "store_true":
+            help += f" (default: {shown[name]})"
+        group.add_argument(f"--{name}", help=help, **kw)
 
+    g = p.add_argument_group("data and paths")
+    add(g, "data_path", "training data")
+    add(g, "val_data_path", "held-out data for evaluation; evaluation is skipped if it is absent")
+    add(g, "tokenizer_path", "tokenizer directory (sets the vocab size)")
+    add(g, "out_dir", "checkpoint ckpt.pt, train.log, metrics.jsonl and the final hf/ export")
 
-def setup_distributed(device: str) -> DistInfo:
-    """One process, or DDP when launched by torchrun (which sets RANK/LOCAL_RANK/WORLD_SIZE)."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
-    if "RANK" not in os.environ:
-        return DistInfo(0, 0, 1, dev, None)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", device_id=dev)
-        control = dist.new_group(backend="gloo")
+    g = p.add_argument_group("optimization")
+    add(g, "epochs", "passes over the data (when --max_steps is 0)", type=int)
+    add(g, "max_steps", "optimizer steps to train; 0 = --epochs passes", type=int)
+    add(g, "batch_size", "samples per micro-batch per process", type=int)
+    add(g, "accumulation_steps", "micro-batches per optimizer step", type=int)
+    add(g, "learning_rate", "peak learning rate (cosine decay to a tenth of it)", type=float)
+    add(g, "warmup_iters", "linear warmup steps", type=int)
+    add(g, "weight_decay", "AdamW decay (only weights with >= 2 dims)", type=float)
+    add(g, "grad_clip", "max gradient norm; 0 disables clipping", type=float)
+    add(g, "seed", "initialization, data order and dropout", type=int)
+
+    g = p.add_argument_group("runtime")
+    add(g, "device", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    add(g, "dtype", "autocast dtype; auto = bfloat16 on CUDA (float16 without bf16 support) and on CPUs with "
+                    "native bf16 (AVX512_BF16/AMX), else float32", choices=["auto", *DTYPES])
+    add(g, "num_threads", "torch CPU threads per process; 0 = torch default", type=int)
+    add(g, "num_workers", "DataLoader worker processes", type=int)
+    add(g, "compile", "torch.compile the model", action="store_true", default=None)
+
+    g = p.add_argument_group("logging and checkpoints")
+    add(g, "log_interval", "steps between progress lines", type=int)
+    add(g, "eval_interval", "steps between evaluations; 0 = only at the end", type=int)
+    add(g, "eval_samples", "validation samples per evaluation (the first ones; all if fewer)", type=int)
+    add(g, "save_interval", "steps between checkpoints (also saved at the end and on SIGINT/SIGTERM)", type=int)
+    add(g, "resume", "continue exactly from out_dir/ckpt.pt, with its flags unless given again",
+        action="store_true", default=None)
+    add(g, "overwrite", "start a fresh run even though out_dir/ckpt.pt exists (it is replaced at the first save)",
+        action="store_true", default=None)
+    add(g, "peak_tflops", "per-device peak for MFU; 0 = GPU datasheet table, or a measured matmul peak on CPU",
+        type=float)
+    add(g, "use_swanlab", "also log to swanlab (pip install swanlab)", action="store_true", default=None)
+    add(g, "swanlab_project", "swanlab project name")
+    add(g, "swanlab_mode", "offline: no account or network, logs under out_dir/swanlog (`swanlab sync` uploads them "
+                           "later); local: the same plus `swanlab watch` (needs pip install 'swanlab[dashboard]')",
+        choices=["offline", "local", "online", "disabled"])
+
+    g = p.add_argument_group("model")
+    if task.builds_model:
+        shapes = "; ".join(f"{name}: dim {v['dim']}, {v['n_layers']} layers, seq {v['max_seq_len']}"
+                           for name, v in PRESETS.items())
+        add(g, "preset", f"model shape and batch size ({shapes})", choices=list(PRESETS))
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads"):
+            add(g, name, "from --preset", type=int)
+        add(g, "max_seq_len", "tokens per sample; from --preset", type=int)
+        add(g, "dropout", "dropout probability", type=float)
     else:
-        dist.init_process_group("gloo")
-        control = None  # the default group already is gloo
-    return DistInfo(rank, local_rank, dist.get_world_size(), dev, control)
+        add(g, "max_seq_len", "tokens per sample; default: the initial model's max_seq_len", type=int)
+        add(g, "dropout", "default: the initial model's dropout", type=float)
+    task.add_flags(p)
+    return p
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512_BF16 or AMX. Elsewhere bf16 matmul is emulated: ~90x slower than fp32 on an AVX2 CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+def resolve_args(given: argparse.Namespace, task: Task, saved: dict[str, Any] | None = None,
+                 ) -> tuple[argparse.Namespace, dict[str, str]]:
+    """Each flag's value and where it came from (precedence in the module docstring). `given` is the parsed
+    command line (None = not given); `saved` the flags a checkpoint was trained with."""
+    explicit = {k: v for k, v in vars(given).items() if v is not None}
+    inherited = {k: v for k, v in (saved or {}).items() if k in vars(given) and k not in PER_LAUNCH}
+    preset = explicit.get("preset") or inherited.get("preset") or task.defaults.get("preset")
+    layers = [("command line", explicit), ("checkpoint", inherited), (f"preset {preset}", PRESETS.get(preset, {})),
+              ("script default", task.defaults), ("default", COMMON_DEFAULTS)]
+    values, sources = {}, {}
+    for name in vars(given):
+        values[name], sources[name] = None, "the model"
+        for source, layer in layers:
+            if layer.get(name) is not None:
+                values[name], sources[name] = layer[name], source
+                break
+    return argparse.Namespace(**values), sources
 
 
-def cpus_busy_elsewhere(seconds: float = 0.3) -> float | None:
-    """How many CPUs other processes keep busy, from /proc/stat while this process sleeps (None off Linux).
-    Not the load average: it lags by a minute, so right after a busy pipeline stage it still reads high."""
-    def idle_and_total() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
-
-    try:
-        idle0, total0 = idle_and_total()
-        time.sleep(seconds)
-        idle1, total1 = idle_and_total()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (1 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse values that would train nothing or nonsense (ValueError naming the flag)."""
+    for names, low in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and value < low:
+                raise ValueError(f"--{name} must be >= {low}, got {value}")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-
-
-def autocast_factory(device: torch.device, dtype: torch.dtype) -> Callable[[], AbstractContextManager]:
-    """Mixed precision: weights and optimizer stay float32, matmuls run in `dtype`."""
-    if dtype == torch.float32:
-        return nullcontext
-    return partial(torch.autocast, device_type=device.type, dtype=dtype)
-
-
-def measure_matmul_flops(dtype: torch.dtype, n: int = 512, bursts: int = 10, seconds: float = 0.03) -> float:
-    """Dense matmul FLOP/s of one CPU thread: the best of a few short bursts, so that other load on the
-    machine during the measurement does not lower the peak (and inflate the MFU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        a @ b  # warm-up
-        best = 0.0
-        for _ in range(bursts):
-            iters, start = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - start) < seconds or iters == 0:
-                a @ b
-                iters += 1
-            best = max(best, 2 * n**3 * iters / elapsed)
-        return best
-    finally:
-        torch.set_num_threads(threads)
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype, peak_tflops: float = 0.0) -> tuple[float | None, str]:
-    """Per-device peak FLOP/s for MFU and where it comes from; (None, why) when unknown."""
-    if peak_tflops > 0:
-        return peak_tflops * 1e12, "--peak_tflops"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS:
-            if key in name:
-                return tflops * 1e12, f"{name} datasheet 16-bit peak"
-        return None, f"{name} is not in the peak table (pass --peak_tflops)"
-    if device.type == "cpu":
-        # the best one thread does in any dtype we might train in (on AVX2: float32), times the threads
-        threads = torch.get_num_threads()
-        peak = threads * max(measure_matmul_flops(d) for d in {torch.float32, dtype})
-        return peak, f"measured 1-thread CPU matmul peak x {threads} threads"
-    return None, f"no peak known for {device.type} (pass --peak_tflops)"
+def check_resume_flags(given: argparse.Namespace, saved: dict[str, Any], ckpt_path: Path) -> None:
+    for name in FIXED_AT_RESUME:
+        asked = getattr(given, name, None)
+        if asked is not None and name in saved and saved[name] != asked:
+            raise ValueError(f"{ckpt_path}: checkpoint was trained with --{name} {saved[name]}, "
+                             f"this run asks for --{name} {asked}; resume with the same value")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,31 +300,28 @@ class StepSampler(Sampler[list[int]]):
                 yield perm[lo : lo + B].tolist()
 
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # X, Y (B, T) int64; loss mask (B, T) float32
-
-
-def collate_trimmed(items: list[Batch]) -> Batch:
-    """Stack samples, then drop the trailing columns where no sample has loss mask. The model is causal, so
-    those positions cannot change the loss; right-padded SFT batches shrink to their longest answer."""
-    x, y, mask = (torch.stack(t) for t in zip(*items))
-    used = mask.any(dim=0).nonzero()
-    keep = int(used[-1]) + 1 if len(used) else 1
-    return x[:, :keep].contiguous(), y[:, :keep].contiguous(), mask[:, :keep].contiguous()
+def steps_left(n: int, step_samples: int, position: dict[str, int], epochs: int) -> int:
+    """Optimizer steps from `position` to the end of epoch `epochs - 1`, at `step_samples` samples a step."""
+    if position["epoch"] >= epochs:
+        return 0
+    this_epoch = max(0, (n - position["sample"]) // step_samples)
+    return this_epoch + (epochs - position["epoch"] - 1) * (n // step_samples)
 
 
 class Step(NamedTuple):
-    batches: list[Batch]  # this rank's accumulation_steps micro-batches
+    batches: list[Any]  # this rank's accumulation_steps micro-batches
     position: dict[str, int]  # data position after this step: {"epoch", "sample"}
 
 
-def iterate_steps(dataset: Dataset, args: argparse.Namespace, d: DistInfo, position: dict[str, int]) -> Iterator[Step]:
+def iterate_steps(dataset: Dataset, task: Task, args: argparse.Namespace, d: DistInfo,
+                  position: dict[str, int]) -> Iterator[Step]:
     """Endless stream of optimizer steps from `position` on, epoch after epoch."""
     epoch, start = position["epoch"], position["sample"]
     while True:
         sampler = StepSampler(len(dataset), args.batch_size, args.accumulation_steps, d.rank, d.world_size,
                               args.seed, epoch, start)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_trimmed,
-                            num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=task.collate, num_workers=args.num_workers,
+                            pin_memory=d.device.type == "cuda", worker_init_fn=StopRequest.ignore_in_worker)
         micro = iter(loader)
         for k in range(sampler.num_steps):
             batches = [next(micro) for _ in range(args.accumulation_steps)]
@@ -337,9 +333,9 @@ def iterate_steps(dataset: Dataset, args: argparse.Namespace, d: DistInfo, posit
 # Optimization
 
 
-def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(params: list[torch.nn.Parameter], args: argparse.Namespace,
+                   device: torch.device) -> torch.optim.AdamW:
     """AdamW; weight decay only on matrices (embeddings, projections), not on norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -361,204 +357,89 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
 
 
-def masked_loss_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    """sum(per-token loss * mask) of one host-side batch. A partial mask (SFT: answers only) goes to the
-    model, which then projects only those positions onto the vocabulary; checking it on the host, before
-    the copy, keeps the all-ones pretraining mask free of a device sync."""
-    x, y, mask = batch
-    partial = not bool(mask.all())
-    x, y, mask = (t.to(device, non_blocking=True) for t in batch)
-    out = model(x, y, loss_mask=mask) if partial else model(x, y)
-    return (out.last_loss * mask.reshape(-1)).sum()
+def autocast_factory(device: torch.device, dtype: torch.dtype) -> Callable[[], AbstractContextManager]:
+    """Mixed precision: weights and optimizer stay float32, matmuls run in `dtype`."""
+    if dtype == torch.float32:
+        return nullcontext
+    return partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               batches: list[Batch], *, device: torch.device, autocast: Callable[[], AbstractContextManager],
-               grad_clip: float, world_size: int = 1,
-               no_sync: Callable[[], AbstractContextManager] | None = None) -> torch.Tensor:
-    """One optimizer step over this rank's micro-batches (normalization in the module docstring).
-    Returns this rank's share of the step's mean loss, detached, without a host sync."""
-    count = torch.stack([mask.sum() for _, _, mask in batches]).sum().to(device, non_blocking=True)
+               batches: list[Any], *, device: torch.device, autocast: Callable[[], AbstractContextManager],
+               grad_clip: float, world_size: int = 1, no_sync: Callable[[], AbstractContextManager] | None = None,
+               task: Task | None = None) -> dict[str, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches (normalization in the module docstring). Returns
+    this rank's share of the step's mean of each loss_sums entry, detached, without a host sync."""
+    task = task or Task()
+    count = torch.stack([task.loss_units(b) for b in batches]).sum().to(device, non_blocking=True)
     if world_size > 1:
         dist.all_reduce(count)
     scale = world_size / count.clamp(min=1)
-    total = torch.zeros((), device=device)
+    totals: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         # gradients are all-reduced on the last micro-step only
         sync = no_sync() if no_sync is not None and i < len(batches) - 1 else nullcontext()
         with sync:
             with autocast():
-                loss = masked_loss_sum(model, batch, device) * scale
-            scaler.scale(loss).backward()
-        total += loss.detach()
+                sums = {k: v * scale for k, v in task.loss_sums(model, batch, device).items()}
+            scaler.scale(sums["loss"]).backward()
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0) + v.detach().float()
     if grad_clip > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return totals
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, dataset: Dataset, batch_size: int, num_samples: int, d: DistInfo,
-             autocast: Callable[[], AbstractContextManager]) -> float:
-    """Token-weighted mean loss over the first num_samples samples, shared out between the ranks; the
-    value does not depend on the batch size or the number of processes."""
+def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int, num_samples: int, d: DistInfo,
+             autocast: Callable[[], AbstractContextManager], task: Task | None = None) -> dict[str, float]:
+    """Mean of each loss_sums entry per loss unit over the first num_samples samples, shared out between the
+    ranks; the values do not depend on the batch size or the number of processes."""
+    task = task or Task()
     model.eval()
     n = min(len(dataset), num_samples)
     mine = list(range(d.rank, n, d.world_size))
-    sums = torch.zeros(2, device=d.device)
+    stats = torch.zeros(1 + len(task.metrics), device=d.device)  # loss units, then each metric's sum
     for i in range(0, len(mine), batch_size):
-        batch = collate_trimmed([dataset[j] for j in mine[i : i + batch_size]])
+        batch = task.collate([dataset[j] for j in mine[i : i + batch_size]])
         with autocast():
-            loss = masked_loss_sum(model, batch, d.device)
-        sums += torch.stack([loss, batch[2].sum().to(d.device)])
+            sums = task.loss_sums(model, batch, d.device)
+        stats += torch.stack([task.loss_units(batch).to(d.device), *(sums[k].float() for k in task.metrics)])
     if d.world_size > 1:
-        dist.all_reduce(sums)
+        dist.all_reduce(stats)
     model.train()
-    return (sums[0] / sums[1]).item()
+    units, *values = stats.tolist()
+    return {k: v / units if units else math.nan for k, v in zip(task.metrics, values)}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Logging and signals
-
-
-class RunLogger:
-    """Rank 0's output: console lines (through tqdm, so the bar stays intact), out_dir/train.log,
-    out_dir/metrics.jsonl (one JSON record per log/eval line) and optionally swanlab."""
-
-    def __init__(self, out_dir: Path, enabled: bool):
-        self.enabled = enabled
-        self.swanlab = None
-        self.metrics_path = out_dir / "metrics.jsonl"
-        if enabled:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self.log_file = open(out_dir / "train.log", "a", encoding="utf-8")
-
-    def info(self, msg: str, console: bool = True) -> None:
-        if self.enabled:
-            if console:
-                tqdm.write(msg)
-            self.log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
-            self.log_file.flush()
-
-    def start_metrics(self, resume_step: int | None) -> None:
-        """A fresh run starts an empty metrics.jsonl; a resumed one drops the records after its checkpoint's
-        step, which it is about to recompute, so the file reads like an uninterrupted run's."""
-        if not self.enabled:
-            return
-        keep = []
-        if resume_step is not None and self.metrics_path.exists():
-            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-            keep = [line for line in lines if line and json.loads(line)["step"] <= resume_step]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-
-    def metrics(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.swanlab is not None:
-            self.swanlab.log({k: v for k, v in values.items() if v is not None}, step=step)
-
-    def start_swanlab(self, args: argparse.Namespace, out_dir: Path) -> None:
-        if not self.enabled:
-            return
-        try:
-            import swanlab
-        except ImportError as e:
-            raise ImportError("--use_swanlab needs the swanlab package: pip install swanlab "
-                              "(or drop --use_swanlab)") from e
-        swanlab.init(project=args.swanlab_project, mode=args.swanlab_mode, log_dir=str(out_dir / "swanlog"),
-                     config=vars(args))
-        self.swanlab = swanlab
-
-    def close(self) -> None:
-        if self.enabled:
-            self.log_file.close()
-            if self.swanlab is not None:
-                self.swanlab.finish()
-
-
-class StopRequest:
-    """SIGINT (Ctrl-C) / SIGTERM ask the loop to save a checkpoint after the current step and exit.
-    Repeats are ignored, because torchrun forwards the terminal's Ctrl-C to workers that already got it;
-    SIGKILL still stops at once, and the atomic save keeps the last checkpoint intact."""
-
-    def __init__(self, announce: bool):
-        self.announce = announce
-        self.signum = 0
-
-    def __enter__(self) -> StopRequest:
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if not self.signum and self.announce:
-            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
-                  "(SIGKILL aborts without saving)", file=sys.stderr, flush=True)
-        self.signum = self.signum or signum
-
-    def agreed(self, d: DistInfo) -> int:
-        """The signal number if any rank was signalled, else 0; every rank gets the same answer."""
-        if d.world_size == 1:
-            return self.signum
-        flag = torch.tensor([self.signum])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=d.control_group)
-        return int(flag)
+def count_without_targets(dataset: Dataset, task: Task, limit: int) -> tuple[int, int]:
+    """(samples without a single loss unit, samples checked) among the first `limit` of `dataset`."""
+    checked = min(len(dataset), limit)
+    empty = sum(1 for i in range(checked) if not task.loss_units(task.collate([dataset[i]])))
+    return empty, checked
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The run
 
 
-class InitModel(NamedTuple):
-    model: Transformer
-    source: str  # for messages: "a new model", a checkpoint path, ...
-    tokenizer_fingerprint: str | None  # of the tokenizer the weights were trained with; None = unknown
-
-
-@dataclass(frozen=True)
-class Task:
-    """What pretraining and SFT do differently."""
-    name: str
-    dataset_cls: Callable[..., Dataset]  # (data_path, tokenizer, max_length=...) -> (X, Y, loss_mask) items
-    init_model: Callable[[argparse.Namespace, Any], InitModel]  # the model a fresh (not resumed) run starts from
-
-
-def load_tokenizer(path: str | os.PathLike) -> Any:
-    from transformers import AutoTokenizer
-
-    if not (Path(path) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"tokenizer not found: {Path(path) / 'tokenizer.json'} "
-                                "(run train_tokenizer.py or pass --tokenizer_path)")
-    return AutoTokenizer.from_pretrained(path)
-
-
-def check_tokenizer_match(init: InitModel, tokenizer: Any, fingerprint: str, tokenizer_path: str) -> None:
-    """The model's vocabulary must be the tokenizer's: same size and, where known, the same tokens."""
-    vocab = init.model.config.vocab_size
-    if vocab != len(tokenizer):
-        raise ValueError(f"{init.source}: model vocab_size={vocab} but the tokenizer at {tokenizer_path} has "
-                         f"{len(tokenizer)} tokens; pass the tokenizer the model was trained with (--tokenizer_path)")
-    if init.tokenizer_fingerprint not in (None, fingerprint):
-        raise ValueError(f"{init.source}: tokenizer_fingerprint {init.tokenizer_fingerprint} differs from "
-                         f"{fingerprint} of the tokenizer at {tokenizer_path}: same size, different tokens")
-
-
 class Trainer:
-    """One run: builds model, optimizer and data from the flags (or from out_dir/ckpt.pt with --resume),
-    then `fit` trains to the last step, logging, evaluating and saving on the way."""
+    """One run: resolves the flags, builds model, optimizer and data (or restores them from out_dir/ckpt.pt
+    with --resume), then `fit` trains to the last step, logging, evaluating and saving on the way."""
 
-    def __init__(self, args: argparse.Namespace, task: Task, d: DistInfo, stop: StopRequest):
-        self.args, self.task, self.d, self.stop = args, task, d, stop
+    def __init__(self, given: argparse.Namespace, task: Task, d: DistInfo, stop: StopRequest):
+        self.task, self.d, self.stop = task, d, stop
+        args, sources = resolve_args(given, task)
         self.out_dir = Path(args.out_dir)
         self.ckpt_path = self.out_dir / CKPT_NAME
+        state = self._resume_state(given, args)
+        if state is not None:
+            args, sources = resolve_args(given, task, state["args"])
+        check_args(args)
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         torch.manual_seed(args.seed)
@@ -566,87 +447,132 @@ class Trainer:
         self.tokenizer = load_tokenizer(args.tokenizer_path)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 
-        if args.resume and args.overwrite:
-            raise ValueError("--resume continues out_dir/ckpt.pt, --overwrite replaces it: pass one of them")
-        if not args.resume and not args.overwrite and self.ckpt_path.exists():
-            # a fresh run would replace hours of training at its first save: make the user say so
-            raise FileExistsError(f"{self.ckpt_path} already exists: --resume continues that run, --overwrite "
-                                  f"starts over and replaces it, or choose another --out_dir")
-        state = self._load_resume_state() if args.resume else None
-        if state is None:
-            init = task.init_model(args, self.tokenizer)
-        else:
-            model = model_from_state(state, self.ckpt_path)
-            init = InitModel(model, str(self.ckpt_path), state["tokenizer_fingerprint"])
-        check_tokenizer_match(init, self.tokenizer, self.fingerprint, args.tokenizer_path)
-        self.model_source = init.source
-        model = init.model
-        for name in ("max_seq_len", "dropout"):  # SFT leaves these to the model unless given
-            if getattr(args, name) is None:
-                setattr(args, name, getattr(model.config, name))
-        if args.max_seq_len > model.config.max_seq_len:
-            raise ValueError(f"--max_seq_len {args.max_seq_len} exceeds the model's max_seq_len "
-                             f"{model.config.max_seq_len} ({init.source})")
-
-        self.dtype = resolve_dtype(args.dtype, d.device)
+        start = self._initial_model(args, state)
+        check_model_tokenizer(start, self.tokenizer, args.tokenizer_path)
+        self.args, self.sources = self._with_model_defaults(args, sources, start)
+        self.model_source = start.source
+        self.model = start.model.to(d.device).train()
+        self.dtype = resolve_dtype(self.args.dtype, d.device)
         self.autocast = autocast_factory(d.device, self.dtype)
-        self.model = model.to(d.device).train()
-        self.optimizer = make_optimizer(self.model, args, d.device)
+        self.optimizer = make_optimizer(task.trainable_parameters(self.model), self.args, d.device)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
-        self.step, self.position = 0, {"epoch": 0, "sample": 0}
-        self.last_saved_step: int | None = None
+        self.step, self.position, self.last_saved_step = 0, {"epoch": 0, "sample": 0}, None
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            if state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-            self.step, self.position = state["step"], dict(state["data_position"])
-            self.last_saved_step = self.step
+            self._restore(state)
         del state
 
-        self.train_set = task.dataset_cls(args.data_path, self.tokenizer, max_length=args.max_seq_len)
-        self.val_set = None
-        if args.val_data_path and Path(args.val_data_path).exists():
-            self.val_set = task.dataset_cls(args.val_data_path, self.tokenizer, max_length=args.max_seq_len)
-        self.step_samples = args.batch_size * d.world_size * args.accumulation_steps
+        self.train_set, self.val_set = self._datasets()
+        self.step_samples = self.args.batch_size * d.world_size * self.args.accumulation_steps
         self.steps_per_epoch = len(self.train_set) // self.step_samples
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{args.data_path}: {len(self.train_set)} samples are fewer than one optimizer step "
-                             f"reads (batch_size x processes x accumulation_steps = {self.step_samples})")
-        self.total_steps = args.max_steps or args.epochs * self.steps_per_epoch
+            raise ValueError(f"{self.args.data_path}: {len(self.train_set)} samples are fewer than one optimizer "
+                             f"step reads (batch_size x processes x accumulation_steps = {self.step_samples})")
+        # under --epochs the end is a data position, so a resumed run with another batch size or process
+        # count still reads exactly the rest of the data
+        self.total_steps = self.args.max_steps or self.step + steps_left(
+            len(self.train_set), self.step_samples, self.position, self.args.epochs)
+        self.ddp, self.forward_model = self._wrap_model()
+        self.flops_per_token = self.model.flops_per_token(self.args.max_seq_len)
+        self.peak, self.peak_source = (peak_flops(d.device, self.dtype, self.args.peak_tflops) if d.is_main
+                                       else (None, ""))
+        self.log.start_metrics(self.step if self.args.resume else None)
+        if self.args.use_swanlab:
+            self.log.start_swanlab(self.args.swanlab_project, self.args.swanlab_mode, self.out_dir, vars(self.args))
+        self._reset_window()
+        self._log_header()
 
-        self.ddp = None
-        if d.world_size > 1:
-            # the rotary tables are the only buffers and identical on every rank: no need to sync them
-            # before each forward (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
-            ddp_flags = signature(DistributedDataParallel).parameters
-            sync_flag = "forward_sync_buffers" if "forward_sync_buffers" in ddp_flags else "broadcast_buffers"
-            device_ids = [d.device.index] if d.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, **{sync_flag: False})
-        self.forward_model = self.ddp or self.model
-        if args.compile:
-            self.forward_model = torch.compile(self.forward_model)
-        self.flops_per_token = self.model.flops_per_token(args.max_seq_len)
-        self.peak, self.peak_source = peak_flops(d.device, self.dtype, args.peak_tflops) if d.is_main else (None, "")
-        self.log.start_metrics(self.step if args.resume else None)
-        if args.use_swanlab:
-            self.log.start_swanlab(args, self.out_dir)
-        self.bad_step = torch.full((), NO_STEP, device=d.device)
-        self._log_header(args.resume)
+    # -- set-up --------------------------------------------------------------------------------------------
 
-    def _load_resume_state(self) -> dict[str, Any]:
+    def _resume_state(self, given: argparse.Namespace, args: argparse.Namespace) -> dict[str, Any] | None:
+        """The checkpoint to resume from (None for a fresh run), after the rules that keep work from being lost."""
+        if args.resume and args.overwrite:
+            raise ValueError("--resume continues out_dir/ckpt.pt, --overwrite replaces it: pass one of them")
+        if not args.resume:
+            if not args.overwrite and self.ckpt_path.exists():
+                # a fresh run would replace hours of training at its first save: make the user say so
+                raise FileExistsError(f"{self.ckpt_path} already exists: --resume continues that run, --overwrite "
+                                      f"starts over and replaces it, or choose another --out_dir")
+            return None
         state = load_checkpoint(self.ckpt_path)
         missing = [k for k in ("optimizer", "data_position", "args") if k not in state]
         if missing:
             raise ValueError(f"{self.ckpt_path}: cannot resume, checkpoint is missing key(s) {missing}")
-        saved = state["args"]
-        for name in ARCH_FLAGS:
-            asked = getattr(self.args, name, None)
-            if asked is not None and name in saved and saved[name] != asked:
-                raise ValueError(f"{self.ckpt_path}: checkpoint was trained with --{name} {saved[name]}, "
-                                 f"this run asks for --{name} {asked}; resume with the same value")
+        check_resume_flags(given, state["args"], self.ckpt_path)
         return state
 
-    def _log_header(self, resumed: bool) -> None:
+    def _initial_model(self, args: argparse.Namespace, state: dict[str, Any] | None) -> SourcedModel:
+        if state is None:
+            start = self.task.initial_model(args, self.tokenizer)
+        else:
+            start = SourcedModel(model_from_state(state, self.ckpt_path), str(self.ckpt_path),
+                                 state["tokenizer_fingerprint"])
+        stored = {p.dtype for p in start.model.parameters()}
+        if stored != {torch.float32}:
+            # master weights and AdamW state in float32 whatever the source stored; autocast does the rest
+            self.log.info(f"note: {start.source} stores {', '.join(str(t).removeprefix('torch.') for t in stored)} "
+                          "weights: training float32 master weights")
+            start = start._replace(model=start.model.float())
+        return start
+
+    @staticmethod
+    def _with_model_defaults(args: argparse.Namespace, sources: dict[str, str],
+                             start: SourcedModel) -> tuple[argparse.Namespace, dict[str, str]]:
+        """Flags no layer set (SFT's max_seq_len, dropout) take the initial model's values."""
+        config = start.model.config
+        values, sources = dict(vars(args)), dict(sources)
+        for name in ("max_seq_len", "dropout"):
+            if values[name] is None:
+                values[name] = getattr(config, name)
+        if values["max_seq_len"] > config.max_seq_len:
+            raise ValueError(f"--max_seq_len {values['max_seq_len']} exceeds the model's max_seq_len "
+                             f"{config.max_seq_len} ({start.source})")
+        return argparse.Namespace(**values), sources
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.position = state["step"], dict(state["data_position"])
+        self.last_saved_step = self.step
+
+    def _datasets(self) -> tuple[Dataset, Dataset | None]:
+        a = self.args
+        train_set = self.task.dataset(a.data_path, self.tokenizer, a)
+        val_set = None
+        if a.val_data_path and Path(a.val_data_path).exists():
+            val_set = self.task.dataset(a.val_data_path, self.tokenizer, a)
+        if self.task.may_lack_targets:
+            self._check_targets(train_set, a.data_path, limit=10_000)
+            if val_set is not None:
+                self._check_targets(val_set, a.val_data_path, limit=a.eval_samples)
+        return train_set, val_set
+
+    def _check_targets(self, dataset: Dataset, path: str, limit: int) -> None:
+        """Warn about samples that teach nothing (their answer is cut off); refuse data where none is left."""
+        empty, checked = count_without_targets(dataset, self.task, limit)
+        what = f"of the first {checked:,} samples" if checked < len(dataset) else f"of its {checked:,} samples"
+        if empty == checked:
+            raise ValueError(f"{path}: none {what} has a target token within --max_seq_len {self.args.max_seq_len} "
+                             f"(every answer is cut off): raise --max_seq_len or shorten the prompts")
+        if empty:
+            self.log.info(f"warning: {path}: {empty:,} {what} ({empty / checked:.1%}) have no target token within "
+                          f"--max_seq_len {self.args.max_seq_len} (their answers are cut off) and teach nothing")
+
+    def _wrap_model(self) -> tuple[DistributedDataParallel | None, torch.nn.Module]:
+        ddp = None
+        if self.d.world_size > 1:
+            # the rotary tables are the only buffers and identical on every rank: no need to sync them
+            # before each forward (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
+            ddp_flags = signature(DistributedDataParallel).parameters
+            sync_flag = "forward_sync_buffers" if "forward_sync_buffers" in ddp_flags else "broadcast_buffers"
+            device_ids = [self.d.device.index] if self.d.device.type == "cuda" else None
+            ddp = DistributedDataParallel(self.model, device_ids=device_ids, **{sync_flag: False})
+        forward_model = ddp or self.model
+        if self.args.compile:
+            forward_model = torch.compile(forward_model)
+        return ddp, forward_model
+
+    def _log_header(self) -> None:
         a, d, cfg = self.args, self.d, self.model.config
         tokens_per_step = self.step_samples * a.max_seq_len
         self.log.info(f"=== {self.task.name}: {d.world_size} process(es) on {d.device.type}, dtype "
@@ -657,11 +583,14 @@ class Trainer:
         self.log.info(f"data: {a.data_path}: {len(self.train_set):,} samples x {a.max_seq_len} tokens; "
                       f"{self.step_samples} samples (<= {tokens_per_step:,} tokens) per step; "
                       f"{self.steps_per_epoch:,} steps/epoch; training to step {self.total_steps:,}")
+        self.log.info("flags: " + ", ".join(f"{k}={v!r} ({self.sources[k]})" for k, v in sorted(vars(a).items())),
+                      console=False)
         if self.val_set is None:
             self.log.info(f"no validation data at {a.val_data_path}: evaluation skipped")
-        if resumed:
+        if a.resume:
+            from_ckpt = sorted(k for k, s in self.sources.items() if s == "checkpoint")
             self.log.info(f"resumed from {self.ckpt_path} at step {self.step} (epoch {self.position['epoch']}, "
-                          f"sample {self.position['sample']})")
+                          f"sample {self.position['sample']}); {len(from_ckpt)} flags from the checkpoint")
         elif self.ckpt_path.exists():
             self.log.info(f"note: --overwrite: starting fresh; the first save replaces {self.ckpt_path}")
         threads = torch.get_num_threads()
@@ -679,12 +608,11 @@ class Trainer:
 
     def fit(self) -> None:
         a, d = self.args, self.d
-        steps = iterate_steps(self.train_set, a, d, self.position)
+        steps = iterate_steps(self.train_set, self.task, a, d, self.position)
         no_sync = self.ddp.no_sync if self.ddp is not None else None
         # disable=None: no bar when stderr is not a terminal (CI, nohup); log lines still print
         bar = tqdm(total=self.total_steps, initial=self.step, disable=None if d.is_main else True, unit="step",
                    dynamic_ncols=True, mininterval=1.0)
-        self._reset_window()
         try:
             while self.step < self.total_steps:
                 batch = next(steps)
@@ -692,15 +620,13 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 torch.manual_seed(step_seed(a.seed, d.rank, self.step))
-                loss = train_step(self.forward_model, self.optimizer, self.scaler, batch.batches, device=d.device,
-                                  autocast=self.autocast, grad_clip=a.grad_clip, world_size=d.world_size,
-                                  no_sync=no_sync)
+                means = train_step(self.forward_model, self.optimizer, self.scaler, batch.batches, device=d.device,
+                                   autocast=self.autocast, grad_clip=a.grad_clip, world_size=d.world_size,
+                                   no_sync=no_sync, task=self.task)
                 self.step += 1
                 self.position = batch.position
-                self.bad_step = torch.minimum(self.bad_step, torch.where(torch.isfinite(loss), NO_STEP, self.step))
-                self.win_loss += loss
-                self.win_tokens += sum(x.numel() for x, _, _ in batch.batches)
-                self.win_steps += 1
+                self.window.append(means)
+                self.window_tokens += sum(b[0].numel() for b in batch.batches)
                 bar.update()
 
                 stop = self.stop.agreed(d)
@@ -722,45 +648,53 @@ class Trainer:
             self.log.close()
 
     def _reset_window(self) -> None:
-        self.win_loss = torch.zeros((), device=self.d.device)
-        self.win_tokens, self.win_steps = 0, 0
-        self.win_start = time.perf_counter()
+        """Start a new logging window: the steps' loss means since the last progress line, stay on the device."""
+        self.window: list[dict[str, torch.Tensor]] = []
+        self.window_tokens = 0
+        self.window_start = time.perf_counter()
 
     def _check_finite(self, weights: bool = False) -> None:
-        """Raise if a step's loss was nan/inf (one host sync, at log and save points only). weights=True
-        also checks the parameters, which the latest update changed after the last loss was computed:
-        a checkpoint is only written when its weights are finite."""
-        bad = self.bad_step.clone()
-        if weights:
-            finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
-            bad = torch.where(finite, bad, torch.clamp(bad, max=self.step))
-        if self.d.world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-        if int(bad) != NO_STEP:
+        """Raise if a step's loss was nan/inf (one host sync, at log and save points only; every step is in
+        a window that is checked before it is logged). weights=True also checks the parameters, which the
+        latest update changed after the last loss was computed: a checkpoint is only written when its weights
+        are finite."""
+        losses = torch.stack([m["loss"] for m in self.window]) if self.window else torch.zeros(0)
+        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+        first_bad = self.step - len(self.window) + 1 + bad[0] if bad else self.total_steps + 1
+        if weights and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            first_bad = min(first_bad, self.step)
+        if self.d.world_size > 1:  # every rank must agree to stop
+            flag = torch.tensor([first_bad])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.d.control_group)
+            first_bad = int(flag)
+        if first_bad <= self.total_steps:
             kept = (f"kept the last good checkpoint {self.ckpt_path} (step {self.last_saved_step})"
                     if self.last_saved_step is not None else "no checkpoint was saved")
             remedies = ["a lower --learning_rate"] + (["--grad_clip 1.0"] if not self.args.grad_clip else []) \
                 + (["--dtype float32"] if self.dtype != torch.float32 else [])
-            msg = f"loss or weights became nan/inf at step {int(bad)}: stopping, {kept}. Try {' or '.join(remedies)}"
+            msg = f"loss or weights became nan/inf at step {first_bad}: stopping, {kept}. Try {' or '.join(remedies)}"
             self.log.info(msg, console=False)  # main() prints it as the exit message
             raise TrainingError(msg)
 
     def _log_progress(self, lr: float, bar: tqdm) -> None:
         self._check_finite()
-        d = self.d
-        stats = torch.stack([self.win_loss, torch.tensor(float(self.win_tokens), device=d.device)])
+        d, names = self.d, self.task.metrics
+        sums = [torch.stack([m[k] for m in self.window]).sum() for k in names]
+        stats = torch.stack([*sums, torch.tensor(float(self.window_tokens), device=d.device)])
         if d.world_size > 1:
             dist.all_reduce(stats)
-        loss_sum, tokens = stats.tolist()
-        loss = loss_sum / d.world_size / self.win_steps  # each rank holds its share (see train_step)
-        seconds = time.perf_counter() - self.win_start
+        *values, tokens = stats.tolist()
+        # each rank holds its share of the step means (see train_step)
+        means = {k: v / d.world_size / len(self.window) for k, v in zip(names, values)}
+        seconds = time.perf_counter() - self.window_start
         tok_s = tokens / seconds
         mfu = tok_s * self.flops_per_token / (self.peak * d.world_size) if self.peak else None
         mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
-        bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s mfu {mfu_text}", refresh=False)
-        self.log.info(f"step {self.step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-                      f"mfu {mfu_text} | {1000 * seconds / self.win_steps:.0f} ms/step")
-        self.log.metrics(self.step, {"loss": loss, "lr": lr, "tok_per_s": tok_s, "mfu": mfu,
+        shown = " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in means.items())
+        bar.set_postfix_str(f"{shown} lr {lr:.2e} {tok_s:,.0f} tok/s mfu {mfu_text}", refresh=False)
+        self.log.info(f"step {self.step}/{self.total_steps} | {shown} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+                      f"mfu {mfu_text} | {1000 * seconds / len(self.window):.0f} ms/step")
+        self.log.metrics(self.step, {**means, "lr": lr, "tok_per_s": tok_s, "mfu": mfu,
                                      "epoch": self.position["epoch"]})
         self._reset_window()
 
@@ -768,11 +702,13 @@ class Trainer:
         if self.val_set is None:
             return
         start = time.perf_counter()
-        loss = evaluate(self.model, self.val_set, self.args.batch_size, self.args.eval_samples, self.d, self.autocast)
-        ppl = math.exp(min(loss, 50.0))
-        self.log.info(f"eval step {self.step} | val loss {loss:.4f} | val ppl {ppl:.2f}")
-        self.log.metrics(self.step, {"val_loss": loss, "val_ppl": ppl})
-        self.win_start += time.perf_counter() - start  # keep evaluation out of tokens/s
+        means = evaluate(self.model, self.val_set, self.args.batch_size, self.args.eval_samples, self.d,
+                         self.autocast, self.task)
+        values = self.task.val_metrics(means)
+        self.log.info(f"eval step {self.step} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}"
+                                                               for k, v in values.items()))
+        self.log.metrics(self.step, values)
+        self.window_start += time.perf_counter() - start  # keep evaluation out of tokens/s
 
     def _save(self) -> None:
         self._check_finite(weights=True)
@@ -802,12 +738,12 @@ class Trainer:
         self.log.info(f"exported {hf_dir} (AutoModelForCausalLM / AutoTokenizer)")
 
 
-def train(args: argparse.Namespace, task: Task) -> None:
+def train(given: argparse.Namespace, task: Task) -> None:
     """Run one training job (single process or one torchrun rank) to the end, or until stopped."""
-    d = setup_distributed(args.device)
+    d = setup_distributed(resolve_args(given, task)[0].device)
     try:
         with StopRequest(announce=d.is_main) as stop:
-            Trainer(args, task, d, stop).fit()
+            Trainer(given, task, d, stop).fit()
     except BaseException as e:
         if d.world_size > 1:
             traceback.clear_frames(e.__traceback__)  # the frames' locals hold the DDP model: see below
@@ -821,11 +757,12 @@ def train(args: argparse.Namespace, task: Task) -> None:
             dist.destroy_process_group()
 
 
-def main(task: Task, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
-    """Script entry point: bad input (missing, corrupt or mismatched files, an occupied out_dir) and a diverged
-    run end with their one-line message, which names the file or step, and exit status 1."""
-    args = parse_args(parser, argv)
+def main(task: Task, argv: list[str] | None = None) -> None:
+    """Script entry point: bad input (missing, corrupt or mismatched files, an occupied out_dir, a bad flag
+    value) and a diverged run end with their one-line message, which names the file, flag or step, and exit
+    status 1."""
+    given = build_parser(task).parse_args(argv)
     try:
-        train(args, task)
+        train(given, task)
     except (TrainingError, FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"error: {e}")

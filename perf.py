@@ -1,0 +1,121 @@
+"""Peak FLOP/s for MFU (model FLOPs utilization), and whether other processes compete for the CPU.
+
+GPUs: a datasheet table, matched exactly by model name ("L40" is not "L4", "A10G" is not "A10").
+CPUs: a measured matmul peak, cached on disk per CPU model, thread count, dtype and torch version, so
+only the first run on a machine pays the ~0.5 s measurement. Used by trainer.py and bench/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) 16-bit tensor-core TFLOP/s from NVIDIA's datasheets. Keys are the model name as
+# gpu_model() reads it from the CUDA device name, with the form factor where it changes the peak.
+GPU_PEAK_TFLOPS = {
+    "H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "A100": 312.0,
+    "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10": 125.0, "V100": 125.0, "T4": 65.0,
+}
+CACHE_PATH = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "k_model" / "cpu_peak_flops.json"
+
+
+def gpu_model(device_name: str) -> str:
+    """The table key for a CUDA device name: "NVIDIA H100 PCIe" -> "H100 PCIe", "NVIDIA A100-SXM4-80GB" ->
+    "A100", "Tesla T4" -> "T4", "NVIDIA L40" -> "L40"."""
+    words = [w for w in re.split(r"[\s\-_]+", device_name) if w not in ("NVIDIA", "Tesla", "")]
+    if not words:
+        return device_name
+    for form in ("PCIe", "NVL"):
+        if form in words[1:] and f"{words[0]} {form}" in GPU_PEAK_TFLOPS:
+            return f"{words[0]} {form}"
+    return words[0]
+
+
+def measure_matmul_flops(dtype: torch.dtype, n: int = 512, bursts: int = 10, seconds: float = 0.03) -> float:
+    """Dense matmul FLOP/s of one CPU thread: the best of a few short bursts, so that other load on the
+    machine during the measurement does not lower the peak (and inflate the MFU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b  # warm-up
+        best = 0.0
+        for _ in range(bursts):
+            iters, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds or iters == 0:
+                a @ b
+                iters += 1
+            best = max(best, 2 * n**3 * iters / elapsed)
+        return best
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown cpu"
+
+
+def cpu_thread_peak(dtype: torch.dtype, cache_path: Path = CACHE_PATH) -> float:
+    """One thread's matmul FLOP/s in `dtype`, from the cache file or measured once and cached. A cache that
+    cannot be read or written is ignored: the number is then measured on every call."""
+    key = f"{_cpu_name()} | {str(dtype).removeprefix('torch.')} | torch {torch.__version__}"
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache.get(key), (int, float)):
+        return float(cache[key])
+    peak = measure_matmul_flops(dtype)
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({**cache, key: peak}, indent=1))
+        os.replace(tmp, cache_path)
+    except OSError:
+        pass
+    return peak
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, peak_tflops: float = 0.0) -> tuple[float | None, str]:
+    """Per-device peak FLOP/s for MFU and where it comes from; (None, why) when unknown."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12, "--peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tflops = GPU_PEAK_TFLOPS.get(gpu_model(name))
+        if tflops is None:
+            return None, f"{name} is not in the peak table (pass --peak_tflops)"
+        return tflops * 1e12, f"{name} datasheet 16-bit peak"
+    if device.type == "cpu":
+        # the best one thread does in any dtype we might train in (on AVX2: float32), times the threads
+        threads = torch.get_num_threads()
+        peak = threads * max(cpu_thread_peak(d) for d in {torch.float32, dtype})
+        return peak, f"1-thread CPU matmul peak x {threads} threads (measured once, cached in {CACHE_PATH})"
+    return None, f"no peak known for {device.type} (pass --peak_tflops)"
+
+
+def cpus_busy_elsewhere(seconds: float = 0.3) -> float | None:
+    """How many CPUs other processes keep busy, from /proc/stat while this process sleeps (None off Linux).
+    Not the load average: it lags by a minute, so right after a busy pipeline stage it still reads high."""
+    def idle_and_total() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    try:
+        idle0, total0 = idle_and_total()
+        time.sleep(seconds)
+        idle1, total1 = idle_and_total()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (1 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
