@@ -4,6 +4,7 @@ Multi-process behaviour: test_train_ddp.py (DDP) and test_train_resume.py (kill 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from contextlib import nullcontext
@@ -23,7 +24,7 @@ import trainer
 from checkpoint import load_checkpoint, load_model
 from dataset import SFTDataset, tokenizer_fingerprint
 from k_model import ModelConfig, Transformer
-from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics
+from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +216,48 @@ def test_fresh_run_refuses_to_replace_an_existing_checkpoint(data, tmp_path):
     assert (out / "ckpt.pt").read_bytes() == before  # the earlier run is untouched
     ddp_pretrain.main(pretrain_args(data, out, "--max_steps", "3", "--overwrite"))
     assert load_checkpoint(out)["step"] == 3
+
+
+def test_bf16_checkpoint_trains_float32_master_weights(data, pretrained, tmp_path):
+    bf16_dir = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(pretrained / "hf").to(torch.bfloat16).save_pretrained(bf16_dir)
+    AutoTokenizer.from_pretrained(pretrained / "hf").save_pretrained(bf16_dir)
+    start = AutoModelForCausalLM.from_pretrained(bf16_dir)
+    assert start.dtype == torch.bfloat16  # transformers loads the file's dtype
+    ddp_sft_full.main(sft_args(data, tmp_path / "sft", bf16_dir, "--max_steps", "2", "--learning_rate", "1e-5",
+                               "--warmup_iters", "0"))
+    state = load_checkpoint(tmp_path / "sft")
+    assert {t.dtype for t in state["model"].values()} == {torch.float32}
+    assert {t.dtype for s in state["optimizer"]["state"].values() for t in s.values() if t.dim()} == {torch.float32}
+    # in bf16 most of these tiny updates would round away; in float32 every element moves
+    before = start.model.layers[0].self_attn.q_proj.weight.float()
+    after = state["model"]["layers.0.attention.wqkv.weight"][: before.shape[0]]
+    assert (after != before).float().mean() > 0.99
+    assert "stores bfloat16 weights: training float32 master weights" in (tmp_path / "sft" / "train.log").read_text()
+
+
+def test_sft_answers_cut_off_by_max_seq_len_are_counted_or_refused(data, pretrained, tmp_path):
+    tok = AutoTokenizer.from_pretrained(data.tok)
+    long_prompt = "人民日报报道了今天的经济新闻和国际新闻。" * 8  # far beyond 32 tokens
+    convs = [[{"role": "user", "content": long_prompt if i % 3 == 0 else f"问题{i}"},
+              {"role": "assistant", "content": f"回答{i}"}] for i in range(48)]
+
+    def has_target(messages: list[dict], max_len: int) -> bool:  # the template's oracle: the answer starts in time
+        prompt = tok.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True)["input_ids"]
+        return len(prompt) <= max_len
+
+    expected = sum(not has_target(c, 32) for c in convs)
+    assert expected == 16
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"conversations": c} for c in convs])
+    out = tmp_path / "mixed_run"
+    ddp_sft_full.main(sft_args(data, out, pretrained, "--data_path", str(mixed), "--max_steps", "3"))
+    assert f"{expected} of its 48 samples (33.3%) have no target token within --max_seq_len 32" in \
+        (out / "train.log").read_text(encoding="utf-8")
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert all(json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}")) for line in lines)
+
+    cut = write_jsonl(tmp_path / "cut.jsonl", [{"conversations": c} for c in convs if not has_target(c, 32)])
+    with pytest.raises(SystemExit, match=r"cut.jsonl: none of its 16 samples has a target token within "
+                                         r"--max_seq_len 32 \(every answer is cut off\)"):
+        ddp_sft_full.main(sft_args(data, tmp_path / "cut_run", pretrained, "--data_path", str(cut)))
+    assert not (tmp_path / "cut_run" / "hf").exists()

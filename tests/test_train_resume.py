@@ -83,3 +83,24 @@ def test_interrupted_runs_resume_exactly(tmp_path, tiny_tokenizer_dir):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     adam_a, adam_b = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(x, y) for i in adam_a for x, y in zip(adam_a[i].values(), adam_b[i].values()))
+
+
+def test_ctrl_c_with_dataloader_workers_saves_once(tmp_path, tiny_tokenizer_dir):
+    """A terminal's Ctrl-C reaches the whole process group, DataLoader workers included: only the trainer
+    announces and writes the checkpoint."""
+    train_bin, _ = make_pretrain_data(tmp_path, tiny_tokenizer_dir, n_train=300, n_val=20)
+    run = tmp_path / "run"
+    args = ["--data_path", train_bin, "--val_data_path", "", "--tokenizer_path", tiny_tokenizer_dir, *TINY_MODEL,
+            *QUIET, "--batch_size", "8", "--max_steps", "100000", "--log_interval", "1", "--save_interval", "100000",
+            "--num_workers", "2", "--out_dir", str(run)]
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "ddp_pretrain.py"), *args], cwd=ROOT, stdout=f,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                start_new_session=True)
+    wait_for(lambda: last_logged_step(run) >= 3, proc, log)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    assert proc.wait(timeout=60) == 128 + signal.SIGINT
+    output = log.read_text()
+    assert output.count("SIGINT: saving a checkpoint after this step") == 1, output[-3000:]
+    assert output.count("saved ") == 1 and saved_step(run) >= 3
