@@ -4,7 +4,7 @@
     python bench/bench_train.py --dim 256 --n-layers 4 --seq 256 --batch-size 8 --rounds 7
 
 (a) float32 vs bfloat16 autocast, same model, weights and tokens, on CPU and on CUDA when present;
-    tokens/s and MFU (model FLOPs per token x tokens/s over the peak that trainer.py uses for MFU:
+    tokens/s and MFU (model FLOPs per token x tokens/s over the peak that trainer.py uses for MFU, perf.py:
     the GPU datasheet, or on CPU the best measured one-thread matmul rate x threads).
 (b) SFT-shaped batches (right-padded, answers end at random lengths in [seq/8, seq/2]): trainer's
     collate_trimmed (drop the columns past the last answer token) vs training on the full padding.
@@ -24,6 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import perf  # noqa: E402
 import trainer  # noqa: E402
 from common import interleaved, machine_line  # noqa: E402
 from k_model import ModelConfig, Transformer  # noqa: E402
@@ -34,7 +35,7 @@ def step_fn(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, batches:
     torch.manual_seed(seed)
     model = Transformer(cfg).to(device)
     hp = argparse.Namespace(learning_rate=1e-3, weight_decay=0.1)
-    optimizer = trainer.make_optimizer(model, hp, device)
+    optimizer = trainer.make_optimizer(list(model.parameters()), hp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = trainer.autocast_factory(device, dtype)
 
@@ -100,7 +101,7 @@ def bench_dtypes(cfg: ModelConfig, batch_size: int, rounds: int, seed: int) -> N
         for label, dtype in (("float32", torch.float32), ("bfloat16 autocast", torch.bfloat16)):
             name = f"{device.type} {label}"
             fns[name], flops[name] = step_fn(cfg, device, dtype, packed, seed)
-        peak, source = trainer.peak_flops(device, torch.bfloat16)
+        peak, source = perf.peak_flops(device, torch.bfloat16)
         times = interleaved(fns, rounds, warmup=1, device=device.type)
         print(f"\nmachine: {machine_line(device.type)}")
         print(f"MFU peak: {peak / 1e12:.3g} TFLOP/s ({source})" if peak else f"MFU: {source}")
@@ -132,7 +133,7 @@ def bench_threads(cfg: ModelConfig, batch_size: int, rounds: int, seed: int) -> 
         step, flops[name] = step_fn(cfg, torch.device("cpu"), torch.float32, packed, seed)
         fns[name] = with_threads(step, n)
     times = interleaved(fns, rounds, warmup=1, device="cpu")
-    peak, _ = trainer.peak_flops(torch.device("cpu"), torch.float32)
+    peak, _ = perf.peak_flops(torch.device("cpu"), torch.float32)
     table(f"(c) threads, cpu float32; MFU against the {threads}-thread peak (other busy processes slow "
           f"multi-threaded steps most)", times, {n: batch_size * cfg.max_seq_len for n in fns}, flops, peak)
 
