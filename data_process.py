@@ -219,7 +219,7 @@ def build_embedded(out_dir: str = "out/data", test_size: int = 1000, val_size: i
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Real corpora: download (modelscope), convert BelleGroup conversations.
+# Real corpora: download (modelscope), convert SFT conversations to our shape.
 
 SEQ_MONKEY = ("ddzhu123/seq-monkey", "mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2")
 BELLE = ("BelleGroup/train_3.5M_CN", "train_3.5M_CN.json")
@@ -242,28 +242,11 @@ def download(out_dir: str) -> None:
           f"  python data_process.py convert_sft --input {out_dir}/{BELLE[1]}")
 
 
-BELLE_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-def belle_to_chatml(record: dict) -> dict:
-    """{"conversations": [{"from": "human"|"gpt", "value"}]} -> {"conversations": [{"role", "content"}]}."""
-    turns = record.get("conversations")
-    if not isinstance(turns, list):
-        raise ValueError('missing key "conversations" (a list)')
-    messages = []
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict) or "from" not in t or "value" not in t:
-            raise ValueError(f'turn {i} must be an object with "from" and "value"')
-        if t["from"] not in BELLE_ROLES:
-            raise ValueError(f"turn {i} has unknown speaker {t['from']!r} (expected one of {', '.join(BELLE_ROLES)})")
-        messages.append({"role": BELLE_ROLES[t["from"]], "content": t["value"]})
-    return {"conversations": messages}
-
-
 def convert_sft(input_path: str, output_path: str, skip_bad: bool = False) -> tuple[int, int]:
-    """BelleGroup JSONL -> contract SFT JSONL; returns (records, characters)."""
-    records = JsonlRecords(input_path, "conversations", skip_bad, convert=belle_to_chatml)
-    return write_jsonl(output_path, (r for _, _, r in records))
+    """SFT JSONL of any accepted shape (dataset.ACCEPTED_SFT: ShareGPT, BelleGroup, Alpaca, OpenAI messages,
+    bare lists) -> our {"conversations": [{"role", "content"}, ...]} lines, other keys kept; returns
+    (records, characters)."""
+    return write_jsonl(output_path, (r for _, _, r in JsonlRecords(input_path, "conversations", skip_bad)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("download", help="fetch seq-monkey + BelleGroup via modelscope (large)")
     d.add_argument("--out_dir", default="out/raw")
 
-    s = sub.add_parser("convert_sft", help="BelleGroup {from, value} conversations -> {role, content}")
+    s = sub.add_parser("convert_sft", help="SFT JSONL of any common shape (ShareGPT, BelleGroup, Alpaca, "
+                       "OpenAI messages, bare lists) -> {conversations: [{role, content}]}")
     s.add_argument("--input", required=True)
     s.add_argument("--output", default="out/data/sft_train.jsonl")
 

@@ -10,15 +10,12 @@ import hashlib
 import json
 import os
 import sys
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
-
-ROLES = ("system", "user", "assistant")
-
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """First 16 hex chars of sha256 over the sorted vocab: detects data/checkpoints made by another tokenizer."""
@@ -27,62 +24,126 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# SFT records: every common shape, read into one list of {"role", "content"} messages.
+
+ROLES = ("system", "user", "assistant")
+# ShareGPT's speakers ("human" / "gpt") and BelleGroup's ("human" / "assistant") as roles
+SPEAKERS = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# the key that tells each object shape apart -> the keys that shape consumes (any others are kept as metadata)
+SFT_SHAPES = {
+    "messages": ("messages", "system"),
+    "conversations": ("conversations", "system"),
+    "instruction": ("instruction", "input", "output", "system"),
+}
+ACCEPTED_SFT = ('[{"role", "content"}, ...] | {"messages": [{"role", "content"}, ...]} | '
+                '{"conversations": [{"role", "content"}, ...]} | '
+                '{"conversations": [{"from": "system"|"human"|"gpt"|"assistant", "value"}, ...]} '
+                '(ShareGPT, BelleGroup) | {"instruction", "input", "output"} (Alpaca); '
+                'an object may add a "system" prompt')
+
+
+def _turns_to_messages(turns, where: str) -> list[dict]:
+    """{"role", "content"} turns, or ShareGPT {"from", "value"} ones (told apart by the first turn), as messages."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where} must be a non-empty list")
+    sharegpt = isinstance(turns[0], dict) and "from" in turns[0]
+    who, what, noun, names = ("from", "value", "speaker", SPEAKERS) if sharegpt else ("role", "content", "role", ROLES)
+    messages = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or who not in t or what not in t:
+            raise ValueError(f'message {i} must be an object with "{who}" and "{what}"')
+        if t[who] == "":
+            raise ValueError(f"message {i} has an empty {noun}")
+        if not isinstance(t[who], str) or t[who] not in names:
+            raise ValueError(f"message {i} has unknown {noun} {t[who]!r} (expected one of {', '.join(names)})")
+        if not isinstance(t[what], str):
+            raise ValueError(f'message {i} "{what}" must be a string')
+        messages.append({"role": SPEAKERS[t[who]] if sharegpt else t[who], "content": t[what]})
+    return messages
+
+
+def _string(record: dict, key: str, required: bool = True) -> str:
+    """record[key], which must be a string; "" for a missing optional key."""
+    if key not in record:
+        if required:
+            raise ValueError(f'missing key "{key}"')
+        return ""
+    if not isinstance(record[key], str):
+        raise ValueError(f'"{key}" must be a string')
+    return record[key]
+
+
+def _sft_shape(record) -> str:
+    """Which SFT_SHAPES key an object record has: exactly one, else the error lists the accepted shapes."""
+    keys = [k for k in SFT_SHAPES if k in record] if isinstance(record, dict) else []
+    if len(keys) == 1:
+        return keys[0]
+    what = f'ambiguous SFT record (has both "{keys[0]}" and "{keys[1]}")' if keys else "not an SFT record"
+    raise ValueError(f"{what}; accepted: {ACCEPTED_SFT}")
+
+
+def sft_record(record) -> dict:
+    """A decoded SFT record of any accepted shape (ACCEPTED_SFT) in ours: {"conversations": [{"role",
+    "content"}, ...], **its other keys} (metadata such as a test split's "label"). The messages have a known
+    role and string content, and one is an assistant reply (there is nothing to learn otherwise); anything
+    else raises ValueError(reason)."""
+    if isinstance(record, list):
+        messages, metadata = _turns_to_messages(record, "the conversation"), {}
+    else:
+        shape = _sft_shape(record)
+        if shape == "instruction":  # Alpaca: the input, when there is one, follows the instruction
+            prompt = "\n".join(filter(None, (_string(record, "instruction"), _string(record, "input", required=False))))
+            messages = [{"role": "user", "content": prompt},
+                        {"role": "assistant", "content": _string(record, "output")}]
+        else:
+            messages = _turns_to_messages(record[shape], f'"{shape}"')
+        system = _string(record, "system", required=False)
+        messages = ([{"role": "system", "content": system}] if system else []) + messages
+        metadata = {k: v for k, v in record.items() if k not in SFT_SHAPES[shape]}
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("conversation has no assistant message")
+    return {"conversations": messages, **metadata}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # JSONL records: validated once, up front, so a bad line fails at start-up with its file and line.
 
-def check_conversation(conversations) -> None:
-    """Raise ValueError(reason) unless `conversations` is a non-empty list of {role, content} messages
-    with a known role and at least one assistant reply (there is nothing to learn otherwise)."""
-    if not isinstance(conversations, list) or not conversations:
-        raise ValueError('"conversations" must be a non-empty list')
-    for i, m in enumerate(conversations):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f'message {i} must be an object with "role" and "content"')
-        if not m["role"]:
-            raise ValueError(f"message {i} has an empty role")
-        if m["role"] not in ROLES:
-            raise ValueError(f"message {i} has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(m["content"], str):
-            raise ValueError(f'message {i} "content" must be a string')
-    if not any(m["role"] == "assistant" for m in conversations):
-        raise ValueError("conversation has no assistant message")
-
-
-def parse_record(raw: bytes, key: str | None, convert: Callable[[dict], dict] | None = None) -> dict:
-    """Decode and validate one JSONL line. key: "text", "conversations", or None for either;
-    convert: applied to the decoded object before validation (may raise ValueError)."""
+def decode_json(raw: bytes):
+    """One JSONL line's value; ValueError saying where a line is not UTF-8 or not JSON."""
     try:
-        record = json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ValueError(f"not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+def parse_record(raw: bytes, key: str | None) -> dict:
+    """Decode and validate one JSONL line. key "text": a {"text"} pretraining record; "conversations": an SFT
+    record of any accepted shape, returned in ours (sft_record); None: "text" when the record has that key,
+    else "conversations"."""
+    record = decode_json(raw)
+    if key is None:
+        key = "text" if isinstance(record, dict) and "text" in record else "conversations"
+    if key == "conversations":
+        return sft_record(record)
     if not isinstance(record, dict):
         raise ValueError("expected a JSON object")
-    if convert is not None:
-        record = convert(record)
-    if key is None:
-        key = "text" if "text" in record else "conversations"
-    if key not in record:
-        raise ValueError(f'missing key "{key}"')
-    if key == "text" and not isinstance(record["text"], str):
-        raise ValueError('"text" must be a string')
-    if key == "conversations":
-        check_conversation(record["conversations"])
+    _string(record, "text")
     return record
 
 
 class JsonlRecords:
-    """Iterate a JSONL file as (byte_offset, byte_length, record), validating every line.
+    """Iterate a JSONL file as (byte_offset, byte_length, record), validating every line (parse_record).
 
     A bad line raises ValueError("path:line: reason"); with skip_bad it is skipped, counted in
     `.skipped`, and the count is reported on stderr. A file without any valid record is an error.
     Blank lines are ignored. Lines are read one at a time, never the whole file."""
 
-    def __init__(self, path: str, key: str | None, skip_bad: bool = False,
-                 convert: Callable[[dict], dict] | None = None):
+    def __init__(self, path: str, key: str | None, skip_bad: bool = False):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file")
-        self.path, self.key, self.skip_bad, self.convert = path, key, skip_bad, convert
+        self.path, self.key, self.skip_bad = path, key, skip_bad
         self.skipped = 0
 
     def __iter__(self) -> Iterator[tuple[int, int, dict]]:
@@ -93,7 +154,7 @@ class JsonlRecords:
                 if not raw.strip():
                     continue
                 try:
-                    record = parse_record(raw, self.key, self.convert)
+                    record = parse_record(raw, self.key)
                 except ValueError as e:
                     where = f"{self.path}:{lineno}: {e}"
                     if not self.skip_bad:
@@ -110,10 +171,10 @@ class JsonlRecords:
             raise ValueError(f"{self.path}: empty file (no valid records)")
 
 
-def read_line_at(path: str, offset: int, length: int) -> dict:
+def read_bytes_at(path: str, offset: int, length: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
-        return json.loads(f.read(length))
+        return f.read(length)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,7 +329,7 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], l
 class SFTDataset(Dataset):
     """Chat conversations -> (X, Y, loss_mask), loss only on assistant replies and their closing EOS.
 
-    The file is validated and indexed by byte offset at start-up (a bad line fails here with file:line);
+    The file (any shape sft_record accepts) is validated and indexed by byte offset at start-up (a bad line fails here with file:line);
     items are read and tokenized on access, so RAM holds 16 bytes per conversation, not the file.
     Sequences are truncated to max_length + 1 tokens (ids and mask together, so they stay aligned) and
     right-padded with pad_token_id, where the mask is 0."""
@@ -285,8 +346,8 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, i: int):
         offset, length = self._index[i]
-        messages = read_line_at(self.data_path, int(offset), int(length))["conversations"]
-        ids, mask = tokenize_conversation(self.tokenizer, messages)
+        raw = read_bytes_at(self.data_path, int(offset), int(length))
+        ids, mask = tokenize_conversation(self.tokenizer, parse_record(raw, "conversations")["conversations"])
         n = self.max_length + 1
         pad = n - min(len(ids), n)
         ids = torch.tensor(ids[:n] + [self.tokenizer.pad_token_id] * pad, dtype=torch.int64)

@@ -4,9 +4,10 @@
     python train_tokenizer.py --data_path a.jsonl b.jsonl --save_dir out/tokenizer --vocab_size 6144
 
 The corpus is streamed line by line into the trainer, so RAM does not grow with the corpus size.
-Each JSONL line is either {"text": ...} (pretraining) or {"conversations": [{"role", "content"}, ...]} (SFT);
-both are read, so the chat words of the SFT data get merges too. Held-out files (sft_val / sft_test /
-pretrain_val) are not in the defaults on purpose: a tokenizer fitted on them would leak into evaluation.
+Each JSONL line is either {"text": ...} (pretraining) or an SFT conversation in any shape dataset.py reads
+(ShareGPT, BelleGroup, Alpaca, OpenAI messages, bare lists); both are read, so the chat words of the SFT
+data get merges too. Held-out files (sft_val / sft_test / pretrain_val) are not in the defaults on
+purpose: a tokenizer fitted on them would leak into evaluation.
 """
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ DEFAULT_DATA = ["out/data/pretrain.jsonl", "out/data/sft_train.jsonl"]
 
 
 def iter_jsonl_texts(paths: list[str], skip_bad: bool = False) -> Iterator[str]:
-    """Yield the text of {"text"} records and the message contents of {"conversations"} records, one line
-    at a time, with a byte-based progress bar."""
+    """Yield the text of {"text"} records and the message contents of SFT records, one line at a time, with
+    a byte-based progress bar."""
     total = sum(os.path.getsize(p) for p in paths)
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer corpus") as bar:
         done = 0  # bytes of the files already read

@@ -1,4 +1,4 @@
-"""data_process.py and dataset.py: the embedded corpus and its splits (whole documents), SFT conversion,
+"""data_process.py and dataset.py: the embedded corpus and its splits (whole documents), every SFT shape,
 pretokenization, the packed and SFT datasets against independent references, and every bad-input class."""
 import hashlib
 import json
@@ -127,21 +127,41 @@ def test_pretraining_records_are_whole_documents(embedded, tmp_path, tiny_tokeni
 
 
 # ---------------------------------------------------------------------------------------------------------
-# convert_sft
+# Every SFT shape, read by one parser: convert_sft, SFTDataset and the tokenizer's corpus reader
 
-def test_convert_sft_from_belle_format(tmp_path):
-    src = jsonl(tmp_path / "belle.jsonl", [
-        {"id": "1", "conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}]},
-        {"id": "2", "conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
-                                      {"from": "assistant", "value": "a"}]},
-    ])
+SYSTEM, QUESTION, ANSWER = "你是一个翻译。", "翻译成英文:\n今天天气很好", "The weather is nice today."
+CONVERSATION = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION},
+                {"role": "assistant", "content": ANSWER}]
+# the same conversation in each accepted shape, written out by hand; "label" and "id" are metadata to keep
+SFT_SHAPES = {
+    "bare_list": CONVERSATION,
+    "openai_messages": {"messages": CONVERSATION},
+    "conversations": {"conversations": CONVERSATION, "label": "x"},
+    "sharegpt": {"conversations": [{"from": "system", "value": SYSTEM}, {"from": "human", "value": QUESTION},
+                                   {"from": "gpt", "value": ANSWER}]},
+    "belle_with_system": {"id": "7", "system": SYSTEM, "conversations": [
+        {"from": "human", "value": QUESTION}, {"from": "assistant", "value": ANSWER}]},
+    "alpaca": {"instruction": "翻译成英文:", "input": "今天天气很好", "output": ANSWER, "system": SYSTEM},
+    "alpaca_no_input": {"instruction": QUESTION, "input": "", "output": ANSWER, "system": SYSTEM},
+}
+
+
+def test_every_sft_shape_reads_as_the_same_conversation(tmp_path, tiny_tokenizer):
+    src = jsonl(tmp_path / "shapes.jsonl", list(SFT_SHAPES.values()))
     out = tmp_path / "sft.jsonl"
     data_process.main(["convert_sft", "--input", src, "--output", str(out)])
-    assert read_jsonl(out) == [
-        {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]},
-        {"conversations": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
-                           {"role": "assistant", "content": "a"}]},
-    ]
+    ours = {"conversations": CONVERSATION}
+    assert read_jsonl(out) == [ours, ours, {**ours, "label": "x"}, ours, {**ours, "id": "7"}, ours, ours]
+
+    ids, mask = oracle(tiny_tokenizer, CONVERSATION)
+    ds = SFTDataset(src, tiny_tokenizer, max_length=len(ids) - 1)
+    assert len(ds) == len(SFT_SHAPES)
+    for i in range(len(ds)):
+        x, y, loss_mask = ds[i]
+        assert x.tolist() == ids[:-1] and y.tolist() == ids[1:] and loss_mask.tolist() == mask[1:]
+
+    texts = list(train_tokenizer.iter_jsonl_texts([src]))
+    assert texts == [SYSTEM, QUESTION, ANSWER] * len(SFT_SHAPES)
 
 
 def test_convert_sft_unknown_speaker(tmp_path, capsys):
@@ -149,7 +169,7 @@ def test_convert_sft_unknown_speaker(tmp_path, capsys):
     bad = {"conversations": [{"from": "bot", "value": "q"}]}
     src = jsonl(tmp_path / "belle.jsonl", [good, bad, good])
     out = str(tmp_path / "sft.jsonl")
-    with pytest.raises(SystemExit, match=rf"^error: {re.escape(src)}:2: turn 0 has unknown speaker 'bot'"):
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(src)}:2: message 0 has unknown speaker 'bot'"):
         data_process.main(["convert_sft", "--input", src, "--output", out])
     data_process.main(["convert_sft", "--input", src, "--output", out, "--skip_bad"])
     assert len(read_jsonl(out)) == 2 and "skipped 1 bad line" in capsys.readouterr().err
@@ -356,10 +376,21 @@ GOOD_CONV = json.dumps({"conversations": CONVERSATIONS[0]}, ensure_ascii=False)
 GOOD_TEXT = json.dumps({"text": "好"}, ensure_ascii=False)
 BAD_CONV = {
     "malformed_json": ('{"conversations": [', "malformed JSON"),
-    "missing_key": ('{"messages": []}', 'missing key "conversations"'),
+    "no_shape": ('{"prompt": "q", "response": "a"}', r"not an SFT record; accepted: \[\{"),
+    "not_a_record": ('"just text"', "not an SFT record"),
+    "ambiguous": ('{"messages": [], "instruction": "q"}',
+                  'ambiguous SFT record .has both "messages" and "instruction"'),
+    "empty_list": ("[]", "the conversation must be a non-empty list"),
+    "empty_messages": ('{"messages": []}', '"messages" must be a non-empty list'),
+    "mixed_turns": ('{"conversations": [{"from": "human", "value": "q"}, {"role": "assistant", "content": "a"}]}',
+                    'message 1 must be an object with "from" and "value"'),
+    "alpaca_no_output": ('{"instruction": "q", "input": ""}', 'missing key "output"'),
+    "alpaca_not_string": ('{"instruction": "q", "output": ["a"]}', '"output" must be a string'),
     "not_utf8": (b'{"conversations": "\xff\xfe"}', "not UTF-8"),
     "empty_role": ('{"conversations": [{"role": "", "content": "x"}]}', "message 0 has an empty role"),
     "unknown_role": ('{"conversations": [{"role": "bot", "content": "x"}]}', "unknown role 'bot'"),
+    "unknown_speaker": ('[{"from": "bot", "value": "x"}]', "unknown speaker 'bot'"),
+    "speaker_not_a_string": ('[{"from": ["human"], "value": "x"}]', r"unknown speaker \['human'\]"),
     "no_reply": ('{"conversations": [{"role": "user", "content": "x"}]}', "no assistant message"),
 }
 BAD_TEXT = {

@@ -1,4 +1,5 @@
-"""train_tokenizer.py: special ids, AutoTokenizer loading, lossless round trips, the ChatML template, the CLI."""
+"""train_tokenizer.py: special ids, AutoTokenizer loading, lossless round trips, the ChatML template, the CLI
+(any SFT shape)."""
 import json
 import os
 import re
@@ -85,13 +86,14 @@ def test_cli_streams_pretrain_and_sft_jsonl(tmp_path):
     pre, sft, out = tmp_path / "pre.jsonl", tmp_path / "sft.jsonl", tmp_path / "tok"
     pre.write_text("".join(json.dumps({"text": f"第{i}篇新闻。天气很好。"}, ensure_ascii=False) + "\n"
                            for i in range(200)), encoding="utf-8")
-    conv = {"conversations": [{"role": "user", "content": "zqxjv zqxjv"}, {"role": "assistant", "content": "ok"}]}
+    # the SFT file in the bare-list shape: each line a JSON list of messages
+    conv = [{"role": "user", "content": "zqxjv zqxjv"}, {"role": "assistant", "content": "ok"}]
     sft.write_text((json.dumps(conv) + "\n") * 200, encoding="utf-8")
     train_tokenizer.main(["--data_path", str(pre), str(sft), "--save_dir", str(out), "--vocab_size", "400"])
     tok = AutoTokenizer.from_pretrained(str(out))
     assert len(tok) == 400
     assert len(tok.encode(" zqxjv")) == 1  # a word only the SFT file contains was learned as one token
-    assert tok.apply_chat_template(conv["conversations"], tokenize=False) == chatml(conv["conversations"])
+    assert tok.apply_chat_template(conv, tokenize=False) == chatml(conv)
 
 
 def test_cli_bad_line_names_file_and_line(tmp_path):
