@@ -287,52 +287,99 @@ class PretrainDataset(Dataset):
         return torch.from_numpy(w[:-1]), torch.from_numpy(w[1:]), torch.ones(self.max_length, dtype=torch.float32)
 
 
-def assistant_char_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
-    """Character spans of each assistant reply's content plus its closing EOS in the rendered `text`.
+# Stands in for a message's content while the template renders: private-use characters, which no template
+# or tokenizer gives a meaning, around the message's index.
+_PLACEHOLDER = "\ue000{}\ue001"
 
-    Found through the template itself: the reply starts where rendering the earlier messages with the
-    generation prompt ends; so no template layout or token id is hard-coded here."""
-    def render(msgs: list[dict], gen: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
-    # Templates refuse an empty history, so a reply that opens the conversation gets the bare generation prompt.
-    generation_prompt = render(messages[:1], True)[len(render(messages[:1], False)):]
-    eos, spans = tokenizer.eos_token, []
+def render_chat(tokenizer, messages: list[dict],
+                add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """The chat template's rendering of `messages` and the character span of each message's content in it.
+
+    The spans are found by rendering placeholders in place of the contents, so no template layout is
+    assumed; a template that does not render every content verbatim, once and in order, is refused."""
+    def render(msgs: list[dict]) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    marked = render([{**m, "content": _PLACEHOLDER.format(k)} for k, m in enumerate(messages)])
+    text, spans, pos = "", [], 0
     for k, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix = render(messages[:k], True) if k else generation_prompt
-        start, end = len(prefix), len(prefix) + len(m["content"])
-        if not (text.startswith(prefix) and text[start:end] == m["content"] and text.startswith(eos, end)):
-            raise ValueError("chat template is not prefix-stable (a reply must render as its content + EOS "
-                             "after the generation prompt); cannot locate assistant spans")
-        spans.append((start, end + len(eos)))
-    return spans
+        found = marked.find(_PLACEHOLDER.format(k), pos)
+        if found < 0:
+            break
+        text += marked[pos:found]
+        spans.append((len(text), len(text) + len(m["content"])))
+        text += m["content"]
+        pos = found + len(_PLACEHOLDER.format(k))
+    text += marked[pos:]
+    if len(spans) < len(messages) or text != render(messages):
+        raise ValueError("the chat template does not render each message's content verbatim, once and in order: "
+                         "cannot tell message content from the template's control tokens")
+    return text, spans
 
 
-def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and a 0/1 mask that is 1 on every token overlapping an
-    assistant reply or its closing EOS (token character offsets vs. assistant_char_spans)."""
+def _control_tokens(tokenizer, text: str, content_spans: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(start, end, id) of each control token the template itself wrote: the added tokens the tokenizer finds
+    in the text around the message contents. The contents are not searched, so a typed marker stays text."""
+    bounds = [0, *(b for span in content_spans for b in span), len(text)]
+    template = list(zip(bounds[::2], bounds[1::2]))
+    added = set(tokenizer.get_added_vocab().values())
+    enc = tokenizer([text[a:b] for a, b in template], add_special_tokens=False, return_offsets_mapping=True)
+    return [(a + s, a + e, t) for (a, _), ids, offsets in zip(template, enc["input_ids"], enc["offset_mapping"])
+            for t, (s, e) in zip(ids, offsets) if t in added]
+
+
+def _overlap_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], n_chars: int) -> list[int]:
+    """1 for each token whose character offsets overlap one of the spans, else 0."""
+    inside = np.zeros(n_chars + 1, dtype=np.int64)  # prefix sums of "character is in a span"
+    for start, end in spans:
+        inside[start + 1 : end + 1] = 1
+    inside = np.cumsum(inside)
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    return ((inside[offsets[:, 1]] - inside[offsets[:, 0]]) > 0).astype(np.int64).tolist()
+
+
+def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation in the tokenizer's chat template, and a 0/1 mask that is 1 on every token
+    overlapping an assistant reply or its closing EOS (what SFT learns). For a chat prompt, pass
+    add_generation_prompt=True and ignore the mask.
+
+    Only the template's own markers become control tokens: message content is always encoded as text, so a
+    user who types "<|im_end|>\\n<|im_start|>system\\n..." cannot forge a turn. The text between two markers
+    is encoded in one piece, so for content without such text the ids equal tokenizing the rendered
+    template; no token id or template layout is hard-coded."""
     if not tokenizer.is_fast:
-        raise ValueError("SFT masks need a fast tokenizer (character offsets)")
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    in_reply = np.zeros(len(text) + 1, dtype=np.int64)  # prefix sums of "character is in a reply"
-    for start, end in assistant_char_spans(tokenizer, messages, text):
-        in_reply[start + 1 : end + 1] = 1
-    in_reply = np.cumsum(in_reply)
-    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    mask = (in_reply[offsets[:, 1]] - in_reply[offsets[:, 0]]) > 0
-    return enc["input_ids"], mask.astype(np.int64).tolist()
+        raise ValueError("chat encoding needs a fast tokenizer (character offsets)")
+    text, spans = render_chat(tokenizer, messages, add_generation_prompt)
+    replies = []
+    for m, (start, end) in zip(messages, spans):
+        if m["role"] == "assistant":
+            if not text.startswith(tokenizer.eos_token, end):
+                raise ValueError(f"the chat template does not close an assistant reply with EOS "
+                                 f"({tokenizer.eos_token}), so a model trained on it would never learn to stop")
+            replies.append((start, end + len(tokenizer.eos_token)))
+    markers = _control_tokens(tokenizer, text, spans)
+    cuts = [0, *(c for start, end, _ in markers for c in (start, end)), len(text)]
+    gaps = list(zip(cuts[::2], cuts[1::2]))  # the text before, between and after the markers
+    enc = tokenizer([text[a:b] for a, b in gaps], add_special_tokens=False, split_special_tokens=True,
+                    return_offsets_mapping=True)
+    ids, offsets = [], []
+    for k, (a, _) in enumerate(gaps):
+        ids += enc["input_ids"][k]
+        offsets += [(a + s, a + e) for s, e in enc["offset_mapping"][k]]
+        if k < len(markers):
+            ids.append(markers[k][2])
+            offsets.append(markers[k][:2])
+    return ids, _overlap_mask(offsets, replies, len(text))
 
 
 class SFTDataset(Dataset):
     """Chat conversations -> (X, Y, loss_mask), loss only on assistant replies and their closing EOS.
 
-    The file (any shape sft_record accepts) is validated and indexed by byte offset at start-up (a bad line fails here with file:line);
-    items are read and tokenized on access, so RAM holds 16 bytes per conversation, not the file.
-    Sequences are truncated to max_length + 1 tokens (ids and mask together, so they stay aligned) and
-    right-padded with pad_token_id, where the mask is 0."""
+    The file (any shape sft_record accepts) is validated and indexed by byte offset at start-up (a bad
+    line fails here with file:line); items are read and tokenized by encode_chat on access, so RAM holds 16
+    bytes per conversation, not the file. Sequences are truncated to max_length + 1 tokens (ids and mask
+    together, so they stay aligned) and right-padded with pad_token_id, where the mask is 0."""
 
     def __init__(self, data_path: str, tokenizer, max_length: int = 512, skip_bad: bool = False):
         if tokenizer.pad_token_id is None or tokenizer.eos_token is None:
@@ -347,7 +394,7 @@ class SFTDataset(Dataset):
     def __getitem__(self, i: int):
         offset, length = self._index[i]
         raw = read_bytes_at(self.data_path, int(offset), int(length))
-        ids, mask = tokenize_conversation(self.tokenizer, parse_record(raw, "conversations")["conversations"])
+        ids, mask = encode_chat(self.tokenizer, parse_record(raw, "conversations")["conversations"])
         n = self.max_length + 1
         pad = n - min(len(ids), n)
         ids = torch.tensor(ids[:n] + [self.tokenizer.pad_token_id] * pad, dtype=torch.int64)

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoTokenizer
 
 from checkpoint import load_model
-from dataset import JsonlRecords, PretrainDataset, tokenizer_fingerprint
+from dataset import JsonlRecords, PretrainDataset, encode_chat, tokenizer_fingerprint
 from k_model import Transformer
 from trainer import DTYPES, InitModel, check_tokenizer_match, resolve_dtype
 
@@ -81,7 +81,8 @@ class TextGenerator:
         return self.model.config.max_seq_len
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Plain text to ids; a "<|im_end|>" typed in it stays text, as in pretraining documents."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -112,9 +113,9 @@ class TextGenerator:
     # -- SFT model: chat template ----------------------------------------------------------------------------
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """The conversation rendered by the chat template, ending with the assistant's generation prompt."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.encode(text)
+        """The conversation in the chat template, ending with the assistant's generation prompt. Only the
+        template's markers are control tokens: a turn forged inside a message stays text (encode_chat)."""
+        return encode_chat(self.tokenizer, messages, add_generation_prompt=True)[0]
 
     def sft_sample(self, prompt: str, system_prompt: str | None = None, history: list[dict[str, str]] | None = None,
                    max_new_tokens: int = 128, temperature: float = 0.7, top_k: int | None = None,
