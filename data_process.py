@@ -308,8 +308,10 @@ def pretokenize(input_path: str, tokenizer_dir: str, dtype: str = "auto", num_wo
     num_workers = num_workers or os.cpu_count() or 1
     records = JsonlRecords(input_path, "text", skip_bad)
     num_tokens = num_docs = 0
+    # disable=None: a bar on a terminal only, never carriage returns in a log file (main prints the summary)
     with open(stem + ".bin.tmp", "wb") as f, tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True,
-                                                   desc=f"pretokenize {os.path.basename(input_path)}") as bar:
+                                                   desc=f"pretokenize {os.path.basename(input_path)}",
+                                                   disable=None) as bar:
         batches = _text_batches(records, batch_size, bar)
         for ids, n_docs in _encode_in_workers(batches, tok, tokenizer_dir, num_workers):
             f.write(ids.astype(np_dtype).tobytes())

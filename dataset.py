@@ -115,7 +115,8 @@ def decode_json(raw: bytes):
     except UnicodeDecodeError as e:
         raise ValueError(f"not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+        at = "" if e.msg.endswith(" at") else " at"  # some of json's messages already end in "at"
+        raise ValueError(f"malformed JSON: {e.msg}{at} column {e.colno}") from None
 
 
 def parse_record(raw: bytes, key: str | None) -> dict:

@@ -41,7 +41,8 @@ def iter_jsonl_texts(paths: list[str], skip_bad: bool = False) -> Iterator[str]:
     """Yield the text of {"text"} records and the message contents of SFT records, one line at a time, with
     a byte-based progress bar."""
     total = sum(os.path.getsize(p) for p in paths)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer corpus") as bar:
+    # disable=None: a bar on a terminal only, never carriage returns in a log file
+    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer corpus", disable=None) as bar:
         done = 0  # bytes of the files already read
         for path in paths:
             for offset, length, record in JsonlRecords(path, None, skip_bad):
@@ -66,7 +67,8 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 6144) -> Tokenizer:
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable: no <unk> in practice
-        show_progress=True,  # the merge phase after our input bar reaches 100% takes as long again
+        # the merge phase after our input bar reaches 100% takes as long again; its bars, like ours, only on a terminal
+        show_progress=sys.stderr.isatty(),
     )
     tok.train_from_iterator(texts, trainer=trainer)
     for i, name in enumerate(SPECIAL_TOKENS):
@@ -123,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
         tok = train_tokenizer(args.data_path, args.save_dir, args.vocab_size, args.skip_bad)
     except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file and line
         sys.exit(f"error: {e}")
-    print(f"saved {tok.get_vocab_size()}-token tokenizer to {args.save_dir}")
+    size = tqdm.format_sizeof(sum(os.path.getsize(p) for p in args.data_path), "B")
+    print(f"saved {tok.get_vocab_size()}-token tokenizer to {args.save_dir} "
+          f"(trained on {size} of JSONL in {len(args.data_path)} file(s))")
 
 
 if __name__ == "__main__":

@@ -228,6 +228,15 @@ def test_pretokenize_default_builds_train_and_val(tmp_path, monkeypatch, tiny_to
     assert json.loads((tmp_path / "out/data/pretrain_val.json").read_text())["num_documents"] == 2
 
 
+def test_pretokenize_draws_no_progress_bar_off_a_terminal(tmp_path, tiny_tokenizer_dir, tiny_tokenizer, capfd):
+    src = jsonl(tmp_path / "corpus.jsonl", [{"text": d} for d in DOCS])
+    data_process.main(["pretokenize", "--input", src, "--tokenizer", tiny_tokenizer_dir, "--num_workers", "1"])
+    out, err = capfd.readouterr()  # both go to files here, as in a log
+    assert "\r" not in out + err
+    assert out == f"{src} -> {tmp_path / 'corpus.bin'}: {len(reference_stream(tiny_tokenizer, DOCS))} tokens " \
+                  f"(uint16), {len(DOCS)} documents\n" and not err  # the summary is still printed
+
+
 def test_token_dtype_fits_the_vocab():
     assert token_dtype(6144) == np.uint16 and token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32 and token_dtype(6144, "uint32") == np.uint32
@@ -447,6 +456,7 @@ BAD_CONV = {
 }
 BAD_TEXT = {
     "malformed_json": ('{"text": "unterminated', "malformed JSON"),
+    "control_character": ('{"text": "a\tb"}', r"malformed JSON: Invalid control character at column 12 \(skip"),
     "missing_key": ('{"content": "x"}', 'missing key "text"'),
     "not_utf8": (b'{"text": "\xc3\x28"}', "not UTF-8"),
     "not_a_string": ('{"text": 5}', '"text" must be a string'),

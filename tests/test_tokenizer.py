@@ -1,5 +1,5 @@
 """train_tokenizer.py: special ids, AutoTokenizer loading, lossless round trips, the ChatML template, the CLI
-(any SFT shape)."""
+(any SFT shape, no progress bar off a terminal)."""
 import json
 import os
 import re
@@ -82,7 +82,7 @@ def test_chat_template_renders_exactly(tiny_tokenizer, messages, gen):
     assert rendered == chatml(messages, gen)
 
 
-def test_cli_streams_pretrain_and_sft_jsonl(tmp_path):
+def test_cli_streams_pretrain_and_sft_jsonl(tmp_path, capfd):
     pre, sft, out = tmp_path / "pre.jsonl", tmp_path / "sft.jsonl", tmp_path / "tok"
     pre.write_text("".join(json.dumps({"text": f"第{i}篇新闻。天气很好。"}, ensure_ascii=False) + "\n"
                            for i in range(200)), encoding="utf-8")
@@ -94,6 +94,12 @@ def test_cli_streams_pretrain_and_sft_jsonl(tmp_path):
     assert len(tok) == 400
     assert len(tok.encode(" zqxjv")) == 1  # a word only the SFT file contains was learned as one token
     assert tok.apply_chat_template(conv, tokenize=False) == chatml(conv)
+
+    # stdout and stderr are files here, as in a log: no progress bar, but the summary line
+    printed, errors = capfd.readouterr()
+    assert "\r" not in printed + errors and not errors.strip()
+    kb = (pre.stat().st_size + sft.stat().st_size) / 1000
+    assert printed == f"saved 400-token tokenizer to {out} (trained on {kb:.1f}kB of JSONL in 2 file(s))\n"
 
 
 def test_cli_bad_line_names_file_and_line(tmp_path):
