@@ -30,6 +30,7 @@ class Pretrain(trainer.Task):
         warmup_iters=100,
         save_interval=500,
         eval_interval=500,
+        sample_prompt=["本报北京1月1日讯"],  # how a People's Daily article opens
     )
 
     def initial_model(self, args: argparse.Namespace, tokenizer: Any) -> SourcedModel:

@@ -13,7 +13,7 @@ from typing import Any
 
 import trainer
 from checkpoint import config_to_dict, load_model
-from dataset import SFTDataset
+from dataset import SFTDataset, encode_chat
 from k_model import ModelConfig, Transformer
 from loading import SourcedModel
 
@@ -32,6 +32,7 @@ class SFT(trainer.Task):
         warmup_iters=20,
         save_interval=200,
         eval_interval=200,
+        sample_prompt=["你好,请介绍一下你自己。"],
     )
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
@@ -48,6 +49,9 @@ class SFT(trainer.Task):
             rebuilt.load_state_dict(model.state_dict())
             model = rebuilt
         return SourcedModel(model.train(), info["source"], info["tokenizer_fingerprint"])
+
+    def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
+        return encode_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
 
     def dataset(self, path: str, tokenizer: Any, args: argparse.Namespace) -> SFTDataset:
         return SFTDataset(path, tokenizer, max_length=args.max_seq_len)

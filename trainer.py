@@ -40,24 +40,25 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from inspect import signature
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from checkpoint import CKPT_NAME, config_to_dict, load_checkpoint, model_from_state, save_checkpoint
-from k_model import Transformer, export_hf
+from k_model import export_hf
 from loading import DTYPES, SourcedModel, check_model_tokenizer, load_tokenizer, resolve_dtype, tokenizer_fingerprint
 from perf import cpus_busy_elsewhere, peak_flops
-from trainer_utils import DistInfo, RunLogger, StopRequest, setup_distributed
+from plot_runs import draw_curves
+from trainer_utils import DistInfo, RunLogger, StopRequest, iterate_steps, setup_distributed, steps_left
 
 # Model shape and per-process batch, for scripts that build a new model. Explicit flags override them.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -71,8 +72,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 COMMON_DEFAULTS: dict[str, Any] = dict(
     tokenizer_path="out/tokenizer", epochs=1, max_steps=0, accumulation_steps=1, weight_decay=0.1, grad_clip=1.0,
     seed=1337, device="auto", dtype="auto", num_threads=0, num_workers=0, compile=False, log_interval=10,
-    eval_interval=200, eval_samples=512, save_interval=200, resume=False, overwrite=False, peak_tflops=0.0,
-    use_swanlab=False, swanlab_project="k-model", swanlab_mode="offline",
+    eval_interval=200, eval_samples=512, save_interval=200, sample_tokens=32, resume=False, overwrite=False,
+    peak_tflops=0.0, use_swanlab=False, swanlab_project="k-model", swanlab_mode="offline",
 )
 # flags that shape the network or the data order: a resumed run must keep the values it was trained with
 FIXED_AT_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout", "seed")
@@ -82,7 +83,7 @@ PER_LAUNCH = ("resume", "overwrite", "device", "num_threads", "num_workers", "co
 AT_LEAST_ONE = ("epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "eval_samples",
                 "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
 AT_LEAST_ZERO = ("max_steps", "warmup_iters", "eval_interval", "num_threads", "num_workers", "weight_decay",
-                 "grad_clip", "peak_tflops")
+                 "grad_clip", "peak_tflops", "sample_tokens")
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # X, Y (B, T) int64; loss mask (B, T) float32
 
@@ -148,6 +149,12 @@ class Task:
         """Sums over the batch's loss units: "loss" (backpropagated) and any other metric to report as a mean."""
         return {"loss": masked_loss_sum(model, batch, device)}
 
+    def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
+        """The ids a --sample_prompt continues at each evaluation: a document start (pretraining documents
+        follow the previous one's EOS); chat objectives put the prompt in the chat template instead."""
+        return [tokenizer.eos_token_id] + tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)[
+            "input_ids"]
+
     def val_metrics(self, means: dict[str, float]) -> dict[str, float]:
         """What an evaluation reports, from the mean of each loss_sums entry over the validation samples."""
         return {"val_loss": means["loss"], "val_ppl": math.exp(min(means["loss"], 50.0))}
@@ -200,6 +207,9 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     add(g, "eval_interval", "steps between evaluations; 0 = only at the end", type=int)
     add(g, "eval_samples", "validation samples per evaluation (the first ones; all if fewer)", type=int)
     add(g, "save_interval", "steps between checkpoints (also saved at the end and on SIGINT/SIGTERM)", type=int)
+    add(g, "sample_prompt", "prompt the model continues greedily at each evaluation, printed and logged "
+                            "(repeatable)", action="append")
+    add(g, "sample_tokens", "tokens of each evaluation sample; 0 = no samples", type=int)
     add(g, "resume", "continue exactly from out_dir/ckpt.pt, with its flags unless given again",
         action="store_true", default=None)
     add(g, "overwrite", "start a fresh run even though out_dir/ckpt.pt exists (it is replaced at the first save)",
@@ -266,67 +276,6 @@ def check_resume_flags(given: argparse.Namespace, saved: dict[str, Any], ckpt_pa
         if asked is not None and name in saved and saved[name] != asked:
             raise ValueError(f"{ckpt_path}: checkpoint was trained with --{name} {saved[name]}, "
                              f"this run asks for --{name} {asked}; resume with the same value")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data order
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-class StepSampler(Sampler[list[int]]):
-    """This rank's micro-batches for one epoch, from sample `start` of the epoch's permutation
-    (layout in the module docstring). An incomplete last optimizer step is dropped."""
-
-    def __init__(self, n: int, batch_size: int, accumulation_steps: int, rank: int, world_size: int,
-                 seed: int, epoch: int, start: int):
-        self.n, self.batch_size, self.accumulation_steps = n, batch_size, accumulation_steps
-        self.rank, self.world_size, self.seed, self.epoch, self.start = rank, world_size, seed, epoch, start
-        self.step_samples = batch_size * world_size * accumulation_steps
-        self.num_steps = max(0, (n - start) // self.step_samples)
-
-    def __len__(self) -> int:
-        return self.num_steps * self.accumulation_steps
-
-    def __iter__(self) -> Iterator[list[int]]:
-        perm = epoch_permutation(self.n, self.seed, self.epoch)
-        B, W = self.batch_size, self.world_size
-        for k in range(self.num_steps):
-            base = self.start + k * self.step_samples
-            for m in range(self.accumulation_steps):
-                lo = base + (m * W + self.rank) * B
-                yield perm[lo : lo + B].tolist()
-
-
-def steps_left(n: int, step_samples: int, position: dict[str, int], epochs: int) -> int:
-    """Optimizer steps from `position` to the end of epoch `epochs - 1`, at `step_samples` samples a step."""
-    if position["epoch"] >= epochs:
-        return 0
-    this_epoch = max(0, (n - position["sample"]) // step_samples)
-    return this_epoch + (epochs - position["epoch"] - 1) * (n // step_samples)
-
-
-class Step(NamedTuple):
-    batches: list[Any]  # this rank's accumulation_steps micro-batches
-    position: dict[str, int]  # data position after this step: {"epoch", "sample"}
-
-
-def iterate_steps(dataset: Dataset, task: Task, args: argparse.Namespace, d: DistInfo,
-                  position: dict[str, int]) -> Iterator[Step]:
-    """Endless stream of optimizer steps from `position` on, epoch after epoch."""
-    epoch, start = position["epoch"], position["sample"]
-    while True:
-        sampler = StepSampler(len(dataset), args.batch_size, args.accumulation_steps, d.rank, d.world_size,
-                              args.seed, epoch, start)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=task.collate, num_workers=args.num_workers,
-                            pin_memory=d.device.type == "cuda", worker_init_fn=StopRequest.ignore_in_worker)
-        micro = iter(loader)
-        for k in range(sampler.num_steps):
-            batches = [next(micro) for _ in range(args.accumulation_steps)]
-            yield Step(batches, {"epoch": epoch, "sample": start + (k + 1) * sampler.step_samples})
-        epoch, start = epoch + 1, 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -478,6 +427,7 @@ class Trainer:
         self.log.start_metrics(self.step if self.args.resume else None)
         if self.args.use_swanlab:
             self.log.start_swanlab(self.args.swanlab_project, self.args.swanlab_mode, self.out_dir, vars(self.args))
+        self.curves_note_given = False
         self._reset_window()
         self._log_header()
 
@@ -608,7 +558,7 @@ class Trainer:
 
     def fit(self) -> None:
         a, d = self.args, self.d
-        steps = iterate_steps(self.train_set, self.task, a, d, self.position)
+        steps = iterate_steps(self.train_set, self.task.collate, a, d, self.position)
         no_sync = self.ddp.no_sync if self.ddp is not None else None
         # disable=None: no bar when stderr is not a terminal (CI, nohup); log lines still print
         bar = tqdm(total=self.total_steps, initial=self.step, disable=None if d.is_main else True, unit="step",
@@ -633,7 +583,7 @@ class Trainer:
                 end = self.step == self.total_steps
                 if self.step % a.log_interval == 0 or end or stop:
                     self._log_progress(lr, bar)
-                if (a.eval_interval and self.step % a.eval_interval == 0 or end) and not stop:
+                if (a.eval_interval and self.step % a.eval_interval == 0 or end) and not stop:  # after progress
                     self._evaluate()
                 if self.step % a.save_interval == 0 or end or stop:
                     self._save()
@@ -699,16 +649,48 @@ class Trainer:
         self._reset_window()
 
     def _evaluate(self) -> None:
-        if self.val_set is None:
-            return
+        """Validation metrics, the --sample_prompt continuations and curves.png; kept out of tokens/s."""
         start = time.perf_counter()
-        means = evaluate(self.model, self.val_set, self.args.batch_size, self.args.eval_samples, self.d,
-                         self.autocast, self.task)
-        values = self.task.val_metrics(means)
-        self.log.info(f"eval step {self.step} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}"
-                                                               for k, v in values.items()))
-        self.log.metrics(self.step, values)
-        self.window_start += time.perf_counter() - start  # keep evaluation out of tokens/s
+        values: dict[str, Any] = {}
+        if self.val_set is not None:
+            means = evaluate(self.model, self.val_set, self.args.batch_size, self.args.eval_samples, self.d,
+                             self.autocast, self.task)
+            values = self.task.val_metrics(means)
+            self.log.info(f"eval step {self.step} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}"
+                                                                   for k, v in values.items()))
+        if self.d.is_main and self.args.sample_tokens and self.args.sample_prompt:
+            values["samples"] = self._samples()
+        if values:
+            self.log.metrics(self.step, values)
+        if self.d.is_main:
+            self._draw_curves()
+        self.window_start += time.perf_counter() - start
+
+    @torch.no_grad()
+    def _samples(self) -> dict[str, str]:
+        """Greedy continuations of the --sample_prompt texts (greedy and dropout off: a resumed run prints
+        the same text)."""
+        samples = {}
+        self.model.eval()
+        for prompt in self.args.sample_prompt:
+            ids = self.task.prompt_ids(self.tokenizer, prompt)
+            with self.autocast():
+                new = self.model.generate(torch.tensor([ids], device=self.d.device), self.args.sample_tokens,
+                                          temperature=0.0, stop_id=self.tokenizer.eos_token_id)
+            samples[prompt] = self.tokenizer.decode(new[0].tolist(), skip_special_tokens=True)
+            self.log.info(f"sample step {self.step} | {prompt!r} -> {samples[prompt]!r}")
+        self.model.train()
+        return samples
+
+    def _draw_curves(self) -> None:
+        """out_dir/curves.png from metrics.jsonl (plot_runs.py); without matplotlib, one note and no more tries."""
+        if self.curves_note_given:
+            return
+        try:
+            draw_curves(self.out_dir)
+        except ImportError as e:
+            self.log.info(f"note: no curves.png ({e})")
+            self.curves_note_given = True
 
     def _save(self) -> None:
         self._check_finite(weights=True)

@@ -1,22 +1,25 @@
-"""What trainer.py needs around the loop: the process group, rank 0's logs, and Ctrl-C handling.
+"""What trainer.py needs around the loop: the process group, the data order, rank 0's logs, Ctrl-C handling.
 
 Launch: `python ddp_pretrain.py ...` is one process; `torchrun --nproc_per_node=N ddp_pretrain.py ...` is DDP
 (NCCL on CUDA, gloo on CPU). Only rank 0 prints, logs and saves.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from loading import resolve_device
@@ -50,6 +53,72 @@ def setup_distributed(device: str) -> DistInfo:
         dist.init_process_group("gloo")
         control = None  # the default group already is gloo
     return DistInfo(rank, local_rank, dist.get_world_size(), dev, control)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data order (the layout is in trainer.py's docstring)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+class StepSampler(Sampler[list[int]]):
+    """This rank's micro-batches for one epoch, from sample `start` of the epoch's permutation
+    (layout in the module docstring). An incomplete last optimizer step is dropped."""
+
+    def __init__(self, n: int, batch_size: int, accumulation_steps: int, rank: int, world_size: int,
+                 seed: int, epoch: int, start: int):
+        self.n, self.batch_size, self.accumulation_steps = n, batch_size, accumulation_steps
+        self.rank, self.world_size, self.seed, self.epoch, self.start = rank, world_size, seed, epoch, start
+        self.step_samples = batch_size * world_size * accumulation_steps
+        self.num_steps = max(0, (n - start) // self.step_samples)
+
+    def __len__(self) -> int:
+        return self.num_steps * self.accumulation_steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = epoch_permutation(self.n, self.seed, self.epoch)
+        B, W = self.batch_size, self.world_size
+        for k in range(self.num_steps):
+            base = self.start + k * self.step_samples
+            for m in range(self.accumulation_steps):
+                lo = base + (m * W + self.rank) * B
+                yield perm[lo : lo + B].tolist()
+
+
+def steps_left(n: int, step_samples: int, position: dict[str, int], epochs: int) -> int:
+    """Optimizer steps from `position` to the end of epoch `epochs - 1`, at `step_samples` samples a step."""
+    if position["epoch"] >= epochs:
+        return 0
+    this_epoch = max(0, (n - position["sample"]) // step_samples)
+    return this_epoch + (epochs - position["epoch"] - 1) * (n // step_samples)
+
+
+class Step(NamedTuple):
+    batches: list[Any]  # this rank's accumulation_steps micro-batches
+    position: dict[str, int]  # data position after this step: {"epoch", "sample"}
+
+
+def iterate_steps(dataset: Dataset, collate: Callable[[list[Any]], Any], args: argparse.Namespace, d: DistInfo,
+                  position: dict[str, int]) -> Iterator[Step]:
+    """Endless stream of optimizer steps from `position` on, epoch after epoch (args: batch_size,
+    accumulation_steps, seed, num_workers)."""
+    epoch, start = position["epoch"], position["sample"]
+    while True:
+        sampler = StepSampler(len(dataset), args.batch_size, args.accumulation_steps, d.rank, d.world_size,
+                              args.seed, epoch, start)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers,
+                            pin_memory=d.device.type == "cuda", worker_init_fn=StopRequest.ignore_in_worker)
+        micro = iter(loader)
+        for k in range(sampler.num_steps):
+            batches = [next(micro) for _ in range(args.accumulation_steps)]
+            yield Step(batches, {"epoch": epoch, "sample": start + (k + 1) * sampler.step_samples})
+        epoch, start = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rank 0's logs, Ctrl-C
 
 
 def json_safe(value: Any) -> Any:

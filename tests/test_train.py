@@ -21,6 +21,7 @@ import ddp_pretrain
 import ddp_sft_full
 import train_tokenizer
 import trainer
+import trainer_utils
 from checkpoint import load_checkpoint, load_model
 from dataset import SFTDataset, tokenizer_fingerprint
 from k_model import ModelConfig, Transformer
@@ -71,6 +72,20 @@ def test_pretraining_beats_the_unigram_model(data, pretrained):
     assert val[-1][1] < unigram_ce - 0.1, (val, unigram_ce)
     log = (pretrained / "train.log").read_text(encoding="utf-8")
     assert "val ppl" in log and "tok/s" in log and "saved" in log
+
+
+def test_each_evaluation_logs_a_greedy_sample_and_redraws_the_curves(pretrained):
+    samples = read_metrics(pretrained, "samples")
+    assert [step for step, _ in samples] == [75, 150]
+    ours, _ = load_model(pretrained)
+    tok = AutoTokenizer.from_pretrained(pretrained / "hf")
+    prompt = "本报北京1月1日讯"  # the pretraining script's default --sample_prompt
+    ids = torch.tensor([[tok.eos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]])
+    greedy = ours.generate(ids, 32, temperature=0.0, stop_id=tok.eos_token_id)[0].tolist()
+    assert samples[-1][1] == {prompt: tok.decode(greedy, skip_special_tokens=True)}  # the final weights' sample
+    log = (pretrained / "train.log").read_text(encoding="utf-8")
+    assert f"sample step 150 | {prompt!r} -> {samples[-1][1][prompt]!r}" in log
+    assert (pretrained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_hf_export_opens_with_transformers(pretrained):
@@ -129,14 +144,14 @@ def test_sft_starts_identically_from_checkpoint_or_hf_export(data, pretrained, t
 
 def test_step_sampler_shards_the_global_batch():
     n, B, W, A = 50, 3, 2, 2
-    single = list(trainer.StepSampler(n, B * W, A, rank=0, world_size=1, seed=7, epoch=1, start=0))
-    ranks = [list(trainer.StepSampler(n, B, A, rank=r, world_size=W, seed=7, epoch=1, start=0)) for r in range(W)]
+    single = list(trainer_utils.StepSampler(n, B * W, A, rank=0, world_size=1, seed=7, epoch=1, start=0))
+    ranks = [list(trainer_utils.StepSampler(n, B, A, rank=r, world_size=W, seed=7, epoch=1, start=0)) for r in range(W)]
     assert single == [r0 + r1 for r0, r1 in zip(*ranks)]  # a micro-batch = the ranks' shares side by side
     flat = [i for batch in single for i in batch]
     assert len(set(flat)) == len(flat) == (n // (B * W * A)) * B * W * A
-    resumed = trainer.StepSampler(n, B * W, A, rank=0, world_size=1, seed=7, epoch=1, start=2 * B * W * A)
+    resumed = trainer_utils.StepSampler(n, B * W, A, rank=0, world_size=1, seed=7, epoch=1, start=2 * B * W * A)
     assert list(resumed) == single[2 * A :]
-    other_epoch = list(trainer.StepSampler(n, B * W, A, rank=0, world_size=1, seed=7, epoch=2, start=0))
+    other_epoch = list(trainer_utils.StepSampler(n, B * W, A, rank=0, world_size=1, seed=7, epoch=2, start=0))
     assert other_epoch != single
 
 

@@ -55,7 +55,7 @@ def test_interrupted_runs_resume_exactly(tmp_path, tiny_tokenizer_dir):
     args = ["--data_path", train_bin, "--val_data_path", val_bin, "--tokenizer_path", tiny_tokenizer_dir,
             *TINY_MODEL, *QUIET, "--dropout", "0.1", "--batch_size", "8", "--accumulation_steps", "2",
             "--max_steps", str(TOTAL), "--learning_rate", "3e-3", "--warmup_iters", "5",
-            "--log_interval", "1", "--eval_interval", "10", "--save_interval", "5"]
+            "--log_interval", "1", "--eval_interval", "10", "--save_interval", "5", "--sample_tokens", "12"]
     ref, run = tmp_path / "reference", tmp_path / "interrupted"
     ddp_pretrain.main(args + ["--out_dir", str(ref)])
 
@@ -76,8 +76,9 @@ def test_interrupted_runs_resume_exactly(tmp_path, tiny_tokenizer_dir):
 
     # resumed to the end
     ddp_pretrain.main(args + ["--out_dir", str(run), "--resume"])
-    for metric in ("loss", "val_loss"):
+    for metric in ("loss", "val_loss", "samples"):  # the greedy sample at each evaluation too
         assert read_metrics(run, metric) == read_metrics(ref, metric)
+    assert len(read_metrics(ref, "samples")) == TOTAL // 10
     a, b = torch.load(ref / "ckpt.pt", weights_only=True), torch.load(run / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == TOTAL
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
