@@ -135,6 +135,10 @@ class Task:
         """The model a fresh (not resumed) run starts from."""
         raise NotImplementedError
 
+    def prepare(self, model: torch.nn.Module, args: argparse.Namespace, tokenizer: Any, device: torch.device) -> None:
+        """Called once the model to train is on its device, fresh or resumed: set up what the loss needs
+        besides it (DPO: the frozen reference model)."""
+
     def dataset(self, path: str, tokenizer: Any, args: argparse.Namespace) -> Dataset:
         raise NotImplementedError
 
@@ -144,6 +148,10 @@ class Task:
     def loss_units(self, batch: Any) -> torch.Tensor:
         """How many loss units a host-side batch holds (the normalization count), without a device sync."""
         return batch[2].sum()
+
+    def batch_tokens(self, batch: Any) -> int:
+        """Tokens the model reads for a batch (for tokens/s and MFU)."""
+        return batch[0].numel()
 
     def loss_sums(self, model: torch.nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
         """Sums over the batch's loss units: "loss" (backpropagated) and any other metric to report as a mean."""
@@ -161,6 +169,16 @@ class Task:
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
+
+    def export(self, model: torch.nn.Module, out_dir: Path, tokenizer: Any) -> Path:
+        """The final weights as a Llama model + tokenizer that AutoModelForCausalLM / AutoTokenizer open."""
+        hf_dir = out_dir / "hf"
+        cfg = model.config
+        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = (tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                                                 tokenizer.pad_token_id)
+        export_hf(model, hf_dir)
+        tokenizer.save_pretrained(hf_dir)
+        return hf_dir
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -401,6 +419,7 @@ class Trainer:
         self.args, self.sources = self._with_model_defaults(args, sources, start)
         self.model_source = start.source
         self.model = start.model.to(d.device).train()
+        task.prepare(self.model, self.args, self.tokenizer, d.device)
         self.dtype = resolve_dtype(self.args.dtype, d.device)
         self.autocast = autocast_factory(d.device, self.dtype)
         self.optimizer = make_optimizer(task.trainable_parameters(self.model), self.args, d.device)
@@ -576,7 +595,7 @@ class Trainer:
                 self.step += 1
                 self.position = batch.position
                 self.window.append(means)
-                self.window_tokens += sum(b[0].numel() for b in batch.batches)
+                self.window_tokens += sum(self.task.batch_tokens(b) for b in batch.batches)
                 bar.update()
 
                 stop = self.stop.agreed(d)
@@ -711,12 +730,7 @@ class Trainer:
         self.last_saved_step = self.step
 
     def _export_hf(self) -> None:
-        """Final weights as a Llama model + tokenizer that AutoModelForCausalLM / AutoTokenizer open."""
-        hf_dir = self.out_dir / "hf"
-        cfg, tok = self.model.config, self.tokenizer
-        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-        export_hf(self.model, hf_dir)
-        tok.save_pretrained(hf_dir)
+        hf_dir = self.task.export(self.model, self.out_dir, self.tokenizer)
         self.log.info(f"exported {hf_dir} (AutoModelForCausalLM / AutoTokenizer)")
 
 
