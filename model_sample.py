@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from transformers import AutoTokenizer
 
-from checkpoint import load_model
-from dataset import JsonlRecords, PretrainDataset, encode_chat, tokenizer_fingerprint
+from checkpoint import CKPT_NAME, load_model
+from dataset import JsonlRecords, PretrainDataset, encode_chat
 from k_model import Transformer
-from trainer import DTYPES, InitModel, check_tokenizer_match, resolve_dtype
+from loading import DTYPES, SourcedModel, check_model_tokenizer, load_tokenizer, resolve_device, resolve_dtype
 
 DEFAULT_TOKENIZER = "out/tokenizer"
 DEFAULT_PRETRAIN_PROMPTS = ["中国", "北京", "今天"]
@@ -38,12 +37,6 @@ DEFAULT_SFT_PROMPTS = [
 ]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def tokenizer_dir_for(model_path: str | Path, tokenizer_path: str | None) -> str:
     """--tokenizer_path if given; else the tokenizer saved next to an HF export; else out/tokenizer."""
     if tokenizer_path:
@@ -52,7 +45,7 @@ def tokenizer_dir_for(model_path: str | Path, tokenizer_path: str | None) -> str
     for hf_dir in (path, path / "hf"):
         # an HF export is only used when load_model would load it, i.e. no ckpt.pt takes precedence
         if (hf_dir / "config.json").is_file() and (hf_dir / "tokenizer.json").is_file() \
-                and not (path / "ckpt.pt").is_file():
+                and not (path / CKPT_NAME).is_file():
             return str(hf_dir)
     return DEFAULT_TOKENIZER
 
@@ -65,13 +58,10 @@ class TextGenerator:
                  dtype: str = "auto"):
         self.device = resolve_device(device)
         tok_dir = tokenizer_dir_for(model_path, tokenizer_path)
-        if not (Path(tok_dir) / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"tokenizer not found: {Path(tok_dir) / 'tokenizer.json'} "
-                                    "(run train_tokenizer.py or pass --tokenizer_path)")
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        self.tokenizer = load_tokenizer(tok_dir)
         model, self.info = load_model(model_path, device="cpu")
-        check_tokenizer_match(InitModel(model, self.info["source"], self.info["tokenizer_fingerprint"]),
-                              self.tokenizer, tokenizer_fingerprint(self.tokenizer), tok_dir)
+        check_model_tokenizer(SourcedModel(model, self.info["source"], self.info["tokenizer_fingerprint"]),
+                              self.tokenizer, tok_dir)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model: Transformer = model.to(device=self.device, dtype=self.dtype).eval()
         self.eos_id = self.tokenizer.eos_token_id

@@ -25,6 +25,7 @@ from k_model import export_hf
 from model_sample import TextGenerator, build_messages, build_parser, chat_repl, sentiment_accuracy
 from test_data import FORGED, chatml_reference
 from train_helpers import QUIET, ROOT, make_pretrain_data, write_jsonl
+from trainer_utils import DistInfo
 
 SYSTEM = "你是一个有帮助的助手。"
 PROMPT = "人民日报今天报道了什么新闻?"
@@ -135,7 +136,7 @@ def test_history_trimmed_to_the_context_window(gen):
 
 def test_chat_repl_driven_through_stdin(run, gen, tiny_tokenizer_dir):
     common = ["--sft_path", str(run[0]), "--tokenizer_path", tiny_tokenizer_dir, "--device", "cpu",
-              "--temperature", "0", "--max_new_tokens", "12"]
+              "--dtype", "float32", "--temperature", "0", "--max_new_tokens", "12"]
     # a real process reading a pipe, as a user's terminal or a script would drive it
     proc = subprocess.run([sys.executable, str(ROOT / "model_sample.py"), *common, "--chat", "--stream"],
                           input=f"{PROMPT}\n\n第二个问题\n/reset\n{PROMPT}\n/exit\nnever read\n",
@@ -164,11 +165,11 @@ def test_evaluation_equals_direct_computation(run, gen, tmp_path, capsys):
     out, val_bin = run
     ppl, tokens = gen.perplexity(val_bin, batch_size=3)
     data = PretrainDataset(val_bin, gen.tokenizer, max_length=gen.context_len)
-    dist = trainer.DistInfo(0, 0, 1, torch.device("cpu"), None)
-    loss = trainer.evaluate(gen.model, data, batch_size=8, num_samples=len(data), d=dist, autocast=nullcontext)
+    dist = DistInfo(0, 0, 1, torch.device("cpu"), None)
+    means = trainer.evaluate(gen.model, data, batch_size=8, num_samples=len(data), d=dist, autocast=nullcontext)
     gen.model.eval()
     assert tokens == len(data) * gen.context_len
-    assert ppl == pytest.approx(math.exp(loss), rel=1e-5)
+    assert ppl == pytest.approx(math.exp(means["loss"]), rel=1e-5)
 
     texts = ["人民日报报道", "今天天气很好,我们去公园散步吧。这里的风景非常美丽", "新年", "经济发展",
              "我们要认真学习", "中国共产党第十五次全国代表大会"]
@@ -187,7 +188,7 @@ def test_evaluation_equals_direct_computation(run, gen, tmp_path, capsys):
 
     model_sample.main(["--eval", "--pretrain_path", str(out), "--sft_path", str(out), "--val_data_path", val_bin,
                        "--test_data_path", str(test_path), "--tokenizer_path", str(out / "hf"), "--device", "cpu",
-                       "--eval_out", str(tmp_path / "eval.json")])
+                       "--dtype", "float32", "--eval_out", str(tmp_path / "eval.json")])
     saved = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
     assert saved["val_perplexity"]["perplexity"] == pytest.approx(ppl, rel=1e-5)
     assert saved["sentiment"]["correct"] == result["correct"]
