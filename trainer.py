@@ -60,12 +60,17 @@ from perf import cpus_busy_elsewhere, peak_flops
 from plot_runs import draw_curves
 from trainer_utils import DistInfo, RunLogger, StopRequest, iterate_steps, setup_distributed, steps_left
 
-# Model shape and per-process batch, for scripts that build a new model. Explicit flags override them.
+# Model shape and per-process batch (and a schedule, where the preset has one) for scripts that build a new model.
+# Explicit flags override them.
 PRESETS: dict[str, dict[str, Any]] = {
     # a few seconds on a laptop CPU: smoke tests, debugging
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, batch_size=16, accumulation_steps=1),
     # demo.sh's model: 1.3M parameters with its 4096-token vocabulary, about 6k tokens/s on a 2-core CPU
     "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128, batch_size=16, accumulation_steps=1),
+    # the TinyStories paper's ~28M size class (hidden 512, 8 layers), whose models write fluent stories: 25.7M
+    # parameters with a 4096-token vocabulary; 20k steps of 64 x 512 tokens = 655M tokens, about 1.4 epochs
+    "tinystories": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512, batch_size=64,
+                        accumulation_steps=1, learning_rate=5e-4, warmup_iters=1000, max_steps=20000),
     # the original project's 215M model; per GPU: 32 x 512 tokens, x4 accumulation
     "215M": dict(dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=512, batch_size=32, accumulation_steps=4),
 }
