@@ -68,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # demo.sh's model: 1.3M parameters with its 4096-token vocabulary, about 6k tokens/s on a 2-core CPU
     "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128, batch_size=16, accumulation_steps=1),
     # the TinyStories paper's ~28M size class (hidden 512, 8 layers), whose models write fluent stories: 25.7M
-    # parameters with a 4096-token vocabulary; 20k steps of 64 x 512 tokens = 655M tokens, about 1.4 epochs
+    # parameters with a 4096-token vocabulary; 20k steps of 64 x 512 tokens read 655M tokens
     "tinystories": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512, batch_size=64,
                         accumulation_steps=1, learning_rate=5e-4, warmup_iters=1000, max_steps=20000),
     # the original project's 215M model; per GPU: 32 x 512 tokens, x4 accumulation
