@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every stage of the pipeline on the embedded offline corpus (People's Daily 1998, labelled reviews, Q/A
 # dialogues shipped in PyPI packages), each by its own script with its real flags:
-#   data -> tokenizer -> pretokenize -> pretrain -> SFT -> samples -> evaluation
+#   data -> tokenizer -> pretokenize -> pretrain -> SFT -> samples -> evaluation -> loss curves
 #
 #   bash demo.sh            # full demo: about 15 minutes on a 2-core CPU, no network
 #   bash demo.sh --tiny     # (or DEMO_SCALE=tiny) the same stages at toy sizes, about a minute (CI)
@@ -29,6 +29,7 @@ if [[ "$SCALE" == tiny ]]; then
        --log_interval 10 --eval_interval 0 --eval_samples 32)
   SAMPLES=(--max_new_tokens 24)
   EVAL=(--eval_limit 200)
+  CURVES=out/curves.png
 elif [[ "$SCALE" == full ]]; then
   # reviews cut to 96 characters keep review + question inside the demo model's 128-token context;
   # the step counts fill about 11 of the 15 minutes on 2 CPU cores (more steps did not raise the accuracy)
@@ -40,6 +41,7 @@ elif [[ "$SCALE" == full ]]; then
        --eval_samples 216 --save_interval 500)
   SAMPLES=(--max_new_tokens 60)
   EVAL=()
+  CURVES="$ROOT/docs/demo_curves.png"  # the picture in README
 else
   echo "DEMO_SCALE must be tiny or full, got '$SCALE'" >&2
   exit 2
@@ -69,6 +71,7 @@ stage samples     python "$ROOT/model_sample.py" --mode pretrain --prompt "ä¸­å›
                     "${SAMPLES[@]}"
 stage chat        python "$ROOT/model_sample.py" --temperature 0 "${SAMPLES[@]}"
 stage eval        python "$ROOT/model_sample.py" --eval --eval_out out/eval.json "${EVAL[@]}"
+stage curves      python "$ROOT/plot_runs.py" out/pretrain out/sft --out "$CURVES"
 
 echo
 echo ">>> wall time per stage (s)"

@@ -14,7 +14,7 @@ from checkpoint import load_checkpoint
 from model_sample import TextGenerator
 from train_helpers import ROOT, read_metrics
 
-STAGES = ["data", "tokenizer", "pretokenize", "pretrain", "sft", "samples", "chat", "eval"]
+STAGES = ["data", "tokenizer", "pretokenize", "pretrain", "sft", "samples", "chat", "eval", "curves"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_every_stage_runs_its_own_script_in_order(demo):
     assert started == STAGES
     for script in ("data_process.py embedded", "train_tokenizer.py", "data_process.py pretokenize",
                    "ddp_pretrain.py --overwrite", "ddp_sft_full.py --overwrite", "model_sample.py --mode pretrain",
-                   "model_sample.py --eval"):
+                   "model_sample.py --eval", "plot_runs.py out/pretrain out/sft"):
         assert f": python {script}" in log
     timings = log[log.index(">>> wall time per stage"):].splitlines()[1:]
     assert [line.split()[0] for line in timings] == STAGES + ["total"]
@@ -44,10 +44,10 @@ def test_artifacts_of_every_stage(demo):
     out, _ = demo
     for name in ("data/pretrain.jsonl", "data/pretrain.bin", "data/pretrain.json", "data/pretrain_val.bin",
                  "data/sft_train.jsonl", "data/sft_val.jsonl", "data/sft_test.jsonl", "tokenizer/tokenizer.json",
-                 "eval.json"):
+                 "eval.json", "curves.png"):
         assert (out / name).is_file(), name
     for run in ("pretrain", "sft"):
-        for name in ("ckpt.pt", "train.log", "metrics.jsonl", "hf/config.json", "hf/model.safetensors",
+        for name in ("ckpt.pt", "train.log", "metrics.jsonl", "curves.png", "hf/config.json", "hf/model.safetensors",
                      "hf/tokenizer.json"):
             assert (out / run / name).is_file(), f"{run}/{name}"
     # SFT started from the pretrained model, with the tokenizer the data was pretokenized with
