@@ -5,6 +5,8 @@
     python data_process.py pretokenize     # out/data/pretrain*.jsonl -> .bin + .json sidecar (needs out/tokenizer)
     python data_process.py download --out_dir out/raw        # seq-monkey + BelleGroup via modelscope
     python data_process.py convert_sft --input train_3.5M_CN.json --output out/data/sft_train.jsonl
+    python data_process.py download --dataset tinystories    # TinyStories via modelscope, then:
+    python data_process.py tinystories --input out/raw/TinyStoriesV2-GPT4-train.txt --output out/data/pretrain.jsonl
 
 Pretraining records are whole documents (articles, reviews): training packs them into windows with an EOS
 after each, so EOS marks only real document ends and nothing needs chunking.
@@ -133,16 +135,20 @@ def sentiment_conversation(review: str, label: str, max_chars: int) -> dict:
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> tuple[int, int]:
-    """Stream records to path, one JSON object per line (UTF-8, not escaped), replacing it atomically;
-    return (records, characters of text / message content)."""
+    """Stream records to path, one JSON object per line (UTF-8, not escaped), replacing it atomically: if
+    reading the records fails, path keeps its old content. Returns (records, characters of text / content)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     n = chars = 0
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for r in records:
-            n += 1
-            chars += len(r["text"]) if "text" in r else sum(len(m["content"]) for m in r["conversations"])
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            for r in records:
+                n += 1
+                chars += len(r["text"]) if "text" in r else sum(len(m["content"]) for m in r["conversations"])
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
     return n, chars
 
 
@@ -224,23 +230,92 @@ def build_embedded(out_dir: str = "out/data", test_size: int = 1000, val_size: i
 
 SEQ_MONKEY = ("ddzhu123/seq-monkey", "mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2")
 BELLE = ("BelleGroup/train_3.5M_CN", "train_3.5M_CN.json")
+# TinyStories (Eldan & Li, 2023): GPT-4 stories, one story per block, blocks separated by <|endoftext|> lines
+TINYSTORIES = [("AI-ModelScope/TinyStories", name)
+               for name in ("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt")]
+STORY_END = "<|endoftext|>"
 
 
-def download(out_dir: str) -> None:
-    """Fetch seq-monkey (pretraining, ~10B tokens) and BelleGroup 3.5M (SFT) from modelscope, unpack."""
+def download(out_dir: str, dataset: str = "seq-monkey") -> None:
+    """Fetch a corpus from modelscope: seq-monkey (pretraining, ~10B tokens) + BelleGroup 3.5M (SFT), or
+    TinyStories (pretraining, English stories); print the commands that turn it into out/data/."""
     try:
         from modelscope import dataset_file_download
     except ImportError:
         sys.exit("download needs modelscope: pip install modelscope")
-    for dataset_id, file_name in (SEQ_MONKEY, BELLE):
+    files = TINYSTORIES if dataset == "tinystories" else [SEQ_MONKEY, BELLE]
+    for dataset_id, file_name in files:
         path = dataset_file_download(dataset_id, file_name, local_dir=out_dir)
         print(f"downloaded {dataset_id}/{file_name} -> {path}")
         if path.endswith(".tar.bz2"):
             with tarfile.open(path) as tar:
                 tar.extractall(out_dir, filter="data")
+    if dataset == "tinystories":
+        train, valid = (f"{out_dir}/{name}" for _, name in TINYSTORIES)
+        print("next:\n"
+              f"  python data_process.py tinystories --input {train} --output out/data/pretrain.jsonl\n"
+              f"  python data_process.py tinystories --input {valid} --output out/data/pretrain_val.jsonl")
+        return
     print("next (seq-monkey is one {\"text\"} document per line already: pretraining packs documents, no chunking):\n"
           f"  mkdir -p out/data && mv {out_dir}/mobvoi_seq_monkey_general_open_corpus.jsonl out/data/pretrain.jsonl\n"
           f"  python data_process.py convert_sft --input {out_dir}/{BELLE[1]}")
+
+
+def read_stories_txt(path: str) -> Iterator[str]:
+    """Stories of a TinyStories .txt release, one per block between <|endoftext|> lines, streamed line by line.
+    A marker inside a line of text, or bytes that are not UTF-8, are errors naming the line."""
+    lines: list[str] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+            if line.strip() == STORY_END:
+                yield "".join(lines).strip()
+                lines = []
+            elif STORY_END in line:
+                raise ValueError(f"{path}:{lineno}: {STORY_END} inside a line of text (expected it alone on its line)")
+            else:
+                lines.append(line)
+    yield "".join(lines).strip()  # a file need not end with a marker
+
+
+def read_stories_json(path: str) -> Iterator[str]:
+    """Stories of a TinyStories .json release (TinyStories_all_data: a list of {"story", ...} objects)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of story objects, found {type(items).__name__}")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("story"), str):
+            raise ValueError(f'{path}: item {i}: expected an object with a "story" string')
+        yield item["story"].strip()
+
+
+def convert_tinystories(input_paths: list[str], output_path: str) -> tuple[int, int]:
+    """TinyStories .txt / .json files -> {"text"} JSONL, one record per story, so each story ends with one
+    EOS after pretokenizing; blank blocks (two markers in a row) hold no text and are dropped."""
+    for path in input_paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file")
+        if not path.endswith((".txt", ".json")):
+            raise ValueError(f"{path}: expected a TinyStories .txt or .json file")
+
+    def stories() -> Iterator[dict]:
+        found = False
+        for path in input_paths:
+            read = read_stories_json if path.endswith(".json") else read_stories_txt
+            for story in filter(None, read(path)):
+                found = True
+                yield {"text": story}
+        if not found:  # raised before write_jsonl replaces output_path
+            raise ValueError(f"{', '.join(input_paths)}: no stories found")
+
+    return write_jsonl(output_path, stories())
 
 
 def convert_sft(input_path: str, output_path: str, skip_bad: bool = False) -> tuple[int, int]:
@@ -350,8 +425,13 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--max_review_chars", type=int, default=200, help="reviews are cut to this in SFT prompts")
     e.add_argument("--seed", type=int, default=1234)
 
-    d = sub.add_parser("download", help="fetch seq-monkey + BelleGroup via modelscope (large)")
+    d = sub.add_parser("download", help="fetch seq-monkey + BelleGroup, or TinyStories, via modelscope (large)")
     d.add_argument("--out_dir", default="out/raw")
+    d.add_argument("--dataset", default="seq-monkey", choices=["seq-monkey", "tinystories"])
+
+    ts = sub.add_parser("tinystories", help='TinyStories .txt / .json releases -> {"text"} JSONL, one story a line')
+    ts.add_argument("--input", nargs="+", required=True)
+    ts.add_argument("--output", default="out/data/pretrain.jsonl")
 
     s = sub.add_parser("convert_sft", help="SFT JSONL of any common shape (ShareGPT, BelleGroup, Alpaca, "
                        "OpenAI messages, bare lists) -> {conversations: [{role, content}]}")
@@ -381,7 +461,9 @@ def run_command(args: argparse.Namespace) -> None:
         print_sizes(build_embedded(args.out_dir, args.test_size, args.val_size, args.pretrain_val_docs,
                                    args.max_review_chars, args.seed))
     elif args.command == "download":
-        download(args.out_dir)
+        download(args.out_dir, args.dataset)
+    elif args.command == "tinystories":
+        print_sizes({args.output: convert_tinystories(args.input, args.output)})
     elif args.command == "convert_sft":
         print_sizes({args.output: convert_sft(args.input, args.output, args.skip_bad)})
     elif args.command == "pretokenize":

@@ -502,3 +502,44 @@ def test_all_bad_lines_with_skip_bad_is_still_an_error(tmp_path, tiny_tokenizer)
     path = write_lines(tmp_path / "sft.jsonl", ["{", "[]"])
     with pytest.raises(ValueError, match="empty file"):
         SFTDataset(path, tiny_tokenizer, skip_bad=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TinyStories converter: story boundaries kept, malformed input named by file and line
+
+STORIES = ["Once upon a time, there was a little cat.\nThe cat liked to play.", "Tom had a red ball. He was happy."]
+
+
+def test_tinystories_txt_and_json_become_one_record_per_story(tmp_path):
+    txt = tmp_path / "TinyStoriesV2-GPT4-valid.txt"
+    txt.write_text("".join(f"{story}\n<|endoftext|>\n" for story in STORIES) + "\n<|endoftext|>\nLast one.",
+                   encoding="utf-8")  # a blank block, and a last story without a closing marker
+    js = tmp_path / "data00.json"
+    js.write_text(json.dumps([{"story": s, "summary": "x"} for s in STORIES]), encoding="utf-8")
+    out = tmp_path / "pretrain.jsonl"
+    assert data_process.main(["tinystories", "--input", str(txt), str(js), "--output", str(out)]) is None
+    texts = [json.loads(line)["text"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert texts == STORIES + ["Last one."] + STORIES
+
+
+@pytest.mark.parametrize("content, message", [
+    ("A story.\nIt ends here <|endoftext|> and goes on.\n", r"bad.txt:2: <\|endoftext\|> inside a line"),
+    (b"A story.\n\xff\xfe broken\n", r"bad.txt:2: not UTF-8"),
+    ("\n<|endoftext|>\n\n", r"bad.txt: no stories found"),
+])
+def test_tinystories_malformed_input_names_the_file_and_line(tmp_path, content, message):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier work\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+        data_process.main(["tinystories", "--input", str(bad), "--output", str(out)])
+    assert out.read_text(encoding="utf-8") == "earlier work\n"  # not replaced by a partial file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "out.jsonl"]  # no temp file left
+
+
+def test_tinystories_json_without_stories_is_refused(tmp_path):
+    bad = tmp_path / "data01.json"
+    bad.write_text(json.dumps([{"story": "ok"}, {"text": "no story key"}]), encoding="utf-8")
+    with pytest.raises(ValueError, match=r'data01.json: item 1: expected an object with a "story" string'):
+        data_process.convert_tinystories([str(bad)], str(tmp_path / "out.jsonl"))
