@@ -1,8 +1,11 @@
-"""Datasets for pretraining (packed token windows) and SFT (chat conversations with assistant loss masks),
-plus the JSONL validation and token-file helpers that data_process.py shares.
+"""Datasets for pretraining (packed token windows), SFT (chat conversations with assistant loss masks) and
+preference tuning (pairs of replies), plus the JSONL validation and token-file helpers that data_process.py
+shares.
 
 Every item is (X, Y, loss_mask): X = ids[:-1], Y = ids[1:] (int64, length max_length) and loss_mask
-(float32) aligned with Y, so the trainer computes sum(loss * mask) / sum(mask) for either dataset.
+(float32) aligned with Y, so the trainer computes sum(loss * mask) / sum(mask) for either dataset. A
+preference item stacks two such rows, (2, max_length) each: the prompt with the chosen and with the rejected
+reply.
 """
 from __future__ import annotations
 
@@ -117,13 +120,15 @@ def decode_json(raw: bytes):
 
 def parse_record(raw: bytes, key: str | None) -> dict:
     """Decode and validate one JSONL line. key "text": a {"text"} pretraining record; "conversations": an SFT
-    record of any accepted shape, returned in ours (sft_record); None: "text" when the record has that key,
-    else "conversations"."""
+    record of any accepted shape, returned in ours (sft_record); "pair": a preference pair (preference_pair);
+    None: "text" when the record has that key, else "conversations"."""
     record = decode_json(raw)
     if key is None:
         key = "text" if isinstance(record, dict) and "text" in record else "conversations"
     if key == "conversations":
         return sft_record(record)
+    if key == "pair":
+        return preference_pair(record)
     if not isinstance(record, dict):
         raise ValueError("expected a JSON object")
     _string(record, "text")
@@ -398,3 +403,106 @@ class SFTDataset(Dataset):
         ids = torch.tensor(ids[:n] + [self.tokenizer.pad_token_id] * pad, dtype=torch.int64)
         mask = torch.tensor(mask[:n] + [0] * pad, dtype=torch.float32)
         return ids[:-1], ids[1:], mask[1:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preference pairs (DPO): one prompt, a chosen and a rejected assistant reply.
+
+ACCEPTED_PAIRS = ('{"prompt": "..." | [messages], "chosen": "..." | [one assistant message], "rejected": the same} '
+                  '(TRL) | {"chosen": [messages], "rejected": [messages]} (MiniMind: two conversations that differ '
+                  'only in their last message, an assistant reply); messages are {"role", "content"} or ShareGPT '
+                  '{"from", "value"}')
+
+
+def _reply_message(record: dict, side: str) -> dict:
+    """record[side] of a {"prompt", "chosen", "rejected"} pair as one assistant message."""
+    value = record[side]
+    if isinstance(value, str):
+        return {"role": "assistant", "content": value}
+    messages = _turns_to_messages(value, f'"{side}"')
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise ValueError(f'"{side}" must be a string or a list of one assistant message')
+    return messages[0]
+
+
+def _split_conversation(record: dict, side: str) -> tuple[list[dict], dict]:
+    """record[side] of a MiniMind pair as (prompt messages, final assistant message)."""
+    messages = _turns_to_messages(record[side], f'"{side}"')
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f'"{side}" must end with an assistant message (the reply being judged)')
+    return messages[:-1], messages[-1]
+
+
+def preference_pair(record) -> dict:
+    """A decoded preference record of either accepted shape (ACCEPTED_PAIRS) in ours: {"prompt": [messages],
+    "chosen": message, "rejected": message, **its other keys}. Refused with ValueError(reason): a missing
+    side, prompts that differ, a prompt that does not end with a user message, identical replies."""
+    if not isinstance(record, dict) or not ("chosen" in record or "rejected" in record):
+        raise ValueError(f"not a preference pair; accepted: {ACCEPTED_PAIRS}")
+    for side in ("chosen", "rejected"):
+        if side not in record:
+            raise ValueError(f'missing key "{side}": a pair needs a chosen and a rejected reply')
+    if "prompt" in record:
+        prompt = record["prompt"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
+            _turns_to_messages(prompt, '"prompt"')
+        chosen, rejected = _reply_message(record, "chosen"), _reply_message(record, "rejected")
+    else:
+        (prompt, chosen), (other_prompt, rejected) = (_split_conversation(record, s) for s in ("chosen", "rejected"))
+        if other_prompt != prompt:
+            k = next(k for k, (a, b) in enumerate(zip(prompt + [None], other_prompt + [None])) if a != b)
+            raise ValueError(f'"chosen" and "rejected" have different prompts (message {k} differs): a pair '
+                             "compares two replies to the same conversation")
+    if not prompt or prompt[-1]["role"] != "user":
+        raise ValueError("the prompt must end with a user message, which the replies answer")
+    if chosen["content"] == rejected["content"]:
+        raise ValueError('"chosen" and "rejected" are the same reply: there is nothing to prefer')
+    metadata = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected")}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **metadata}
+
+
+def encode_reply(tokenizer, prompt: list[dict], reply: dict) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + reply in the chat template and a 0/1 mask on the reply's tokens only: its content
+    and closing EOS (encode_chat's mask), without the assistant turns inside the prompt, which both replies
+    of a pair share."""
+    ids, mask = encode_chat(tokenizer, prompt + [reply])
+    if any(m["role"] == "assistant" for m in prompt):  # else the mask covers the reply alone already
+        prompt_ids, _ = encode_chat(tokenizer, prompt)
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError("the chat template does not render a conversation as its prompt followed by the reply: "
+                             "cannot tell the reply's tokens from the prompt's")
+        mask = [0] * len(prompt_ids) + mask[len(prompt_ids):]
+    return ids, mask
+
+
+class PreferenceDataset(Dataset):
+    """Preference pairs -> (X, Y, loss_mask), each of shape (2, max_length): row 0 is the prompt + chosen
+    reply, row 1 the prompt + rejected reply, laid out like an SFTDataset item, the mask 1 on the reply's
+    tokens only (encode_reply), so a sum over it is the reply's log-probability.
+
+    The file (either shape of ACCEPTED_PAIRS) is validated and indexed by byte offset at start-up (a bad
+    line fails here with file:line, or is skipped and counted with skip_bad); items are tokenized on access.
+    Sequences are truncated to max_length + 1 tokens, and right-padded with pad_token_id where the mask is 0."""
+
+    def __init__(self, data_path: str, tokenizer, max_length: int = 512, skip_bad: bool = False):
+        if tokenizer.pad_token_id is None or tokenizer.eos_token is None:
+            raise ValueError("the tokenizer needs pad and eos tokens")
+        self.data_path, self.tokenizer, self.max_length = data_path, tokenizer, max_length
+        index = [(off, n) for off, n, _ in JsonlRecords(data_path, "pair", skip_bad)]
+        self._index = np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int):
+        offset, length = self._index[i]
+        pair = parse_record(read_bytes_at(self.data_path, int(offset), int(length)), "pair")
+        n = self.max_length + 1
+        ids, mask = [], []
+        for side in ("chosen", "rejected"):
+            side_ids, side_mask = encode_reply(self.tokenizer, pair["prompt"], pair[side])
+            pad = n - min(len(side_ids), n)
+            ids.append(side_ids[:n] + [self.tokenizer.pad_token_id] * pad)
+            mask.append(side_mask[:n] + [0] * pad)
+        ids, mask = torch.tensor(ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.float32)
+        return ids[:, :-1], ids[:, 1:], mask[:, 1:]
