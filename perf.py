@@ -104,18 +104,29 @@ def peak_flops(device: torch.device, dtype: torch.dtype, peak_tflops: float = 0.
     return None, f"no peak known for {device.type} (pass --peak_tflops)"
 
 
-def cpus_busy_elsewhere(seconds: float = 0.3) -> float | None:
-    """How many CPUs other processes keep busy, from /proc/stat while this process sleeps (None off Linux).
-    Not the load average: it lags by a minute, so right after a busy pipeline stage it still reads high."""
-    def idle_and_total() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+class CpuShare:
+    """How many CPUs other processes kept busy since this object was made: the machine's busy time (/proc/stat)
+    minus this process's own CPU time, over the wall time. Measured over real work instead of a sleep, so it
+    costs nothing at start-up; None off Linux. Not the load average, which lags by a minute."""
 
-    try:
-        idle0, total0 = idle_and_total()
-        time.sleep(seconds)
-        idle1, total1 = idle_and_total()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (1 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        """(machine busy CPU seconds, this process's CPU seconds, wall seconds)."""
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        own = os.times()
+        return busy, own.user + own.system, time.perf_counter()
+
+    def busy_elsewhere(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None or end[2] - self.start[2] < 0.5:
+            return None
+        (busy0, own0, wall0), (busy1, own1, wall1) = self.start, end
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)

@@ -56,7 +56,7 @@ from tqdm import tqdm
 from checkpoint import CKPT_NAME, config_to_dict, load_checkpoint, model_from_state, save_checkpoint
 from k_model import export_hf
 from loading import DTYPES, SourcedModel, check_model_tokenizer, load_tokenizer, resolve_dtype, tokenizer_fingerprint
-from perf import cpus_busy_elsewhere, peak_flops
+from perf import CpuShare, peak_flops
 from plot_runs import draw_curves
 from trainer_utils import DistInfo, RunLogger, StopRequest, iterate_steps, setup_distributed, steps_left
 
@@ -452,6 +452,8 @@ class Trainer:
         if self.args.use_swanlab:
             self.log.start_swanlab(self.args.swanlab_project, self.args.swanlab_mode, self.out_dir, vars(self.args))
         self.curves_note_given = False
+        watch_cpu = d.is_main and d.device.type == "cpu" and not self.args.num_workers
+        self.cpu_share = CpuShare() if watch_cpu else None
         self._reset_window()
         self._log_header()
 
@@ -567,12 +569,6 @@ class Trainer:
                           f"sample {self.position['sample']}); {len(from_ckpt)} flags from the checkpoint")
         elif self.ckpt_path.exists():
             self.log.info(f"note: --overwrite: starting fresh; the first save replaces {self.ckpt_path}")
-        threads = torch.get_num_threads()
-        if d.is_main and d.device.type == "cpu" and threads > 1:  # only rank 0 logs: only it measures
-            busy = cpus_busy_elsewhere()
-            if busy is not None and busy + threads > (os.cpu_count() or 1) + 0.5:
-                self.log.info(f"note: other processes keep {busy:.1f} of {os.cpu_count()} CPUs busy: "
-                              f"{threads} threads per process can be several times slower than --num_threads 1")
         if self.peak is not None:
             self.log.info(f"MFU against {self.peak / 1e12:.3g} TFLOP/s per device ({self.peak_source})")
         elif d.is_main:
@@ -650,8 +646,20 @@ class Trainer:
             self.log.info(msg, console=False)  # main() prints it as the exit message
             raise TrainingError(msg)
 
+    def _note_cpu_contention(self) -> None:
+        """Once, at the first progress line: multi-threaded CPU steps slow down several times when other
+        processes (other ranks included; DataLoader workers would count too, so not with them) want the cores."""
+        threads = torch.get_num_threads()
+        busy = self.cpu_share.busy_elsewhere()
+        self.cpu_share = None
+        if busy is not None and threads > 1 and busy + threads > (os.cpu_count() or 1) + 0.5:
+            self.log.info(f"note: other processes keep {busy:.1f} of {os.cpu_count()} CPUs busy: "
+                          f"{threads} threads per process can be several times slower than --num_threads 1")
+
     def _log_progress(self, lr: float, bar: tqdm) -> None:
         self._check_finite()
+        if self.cpu_share is not None:
+            self._note_cpu_contention()
         d, names = self.d, self.task.metrics
         sums = [torch.stack([m[k] for m in self.window]).sum() for k in names]
         stats = torch.stack([*sums, torch.tensor(float(self.window_tokens), device=d.device)])

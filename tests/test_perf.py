@@ -1,7 +1,9 @@
-"""perf.py: the GPU peak table is matched by exact model name, and the CPU peak is measured once and cached."""
+"""perf.py: the GPU peak table is matched by exact model name, the CPU peak is measured once and cached, and\nother processes' CPU use is measured over real work."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -37,3 +39,12 @@ def test_cpu_peak_is_measured_once_then_read_from_the_cache(tmp_path):
     cache.write_text("not json")
     assert perf.cpu_thread_peak(torch.float32, cache) > 1e8  # a broken cache is measured over and rewritten
     assert json.loads(cache.read_text())[key] > 1e8
+
+
+def test_cpu_share_counts_other_processes_over_real_work():
+    share = perf.CpuShare()
+    spin = "import time\nend = time.time() + 1.2\nwhile time.time() < end: pass"
+    burner = subprocess.Popen([sys.executable, "-c", spin])
+    burner.wait(timeout=30)
+    # the other process kept one CPU busy for the whole window (other load on the machine can only add)
+    assert share.busy_elsewhere() >= 0.8
