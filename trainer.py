@@ -42,6 +42,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from inspect import signature
 from pathlib import Path
@@ -399,6 +400,14 @@ def count_without_targets(dataset: Dataset, task: Task, limit: int) -> tuple[int
 # The run
 
 
+@dataclass
+class Window:
+    """The steps since the last progress line: their loss means stay on the device until it is printed."""
+    means: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
 class Trainer:
     """One run: resolves the flags, builds model, optimizer and data (or restores them from out_dir/ckpt.pt
     with --resume), then `fit` trains to the last step, logging, evaluating and saving on the way."""
@@ -454,7 +463,7 @@ class Trainer:
         self.curves_note_given = False
         watch_cpu = d.is_main and d.device.type == "cpu" and not self.args.num_workers
         self.cpu_share = CpuShare() if watch_cpu else None
-        self._reset_window()
+        self.window = Window()
         self._log_header()
 
     # -- set-up --------------------------------------------------------------------------------------------
@@ -595,8 +604,8 @@ class Trainer:
                                    no_sync=no_sync, task=self.task)
                 self.step += 1
                 self.position = batch.position
-                self.window.append(means)
-                self.window_tokens += sum(self.task.batch_tokens(b) for b in batch.batches)
+                self.window.means.append(means)
+                self.window.tokens += sum(self.task.batch_tokens(b) for b in batch.batches)
                 bar.update()
 
                 stop = self.stop.agreed(d)
@@ -617,20 +626,15 @@ class Trainer:
             bar.close()
             self.log.close()
 
-    def _reset_window(self) -> None:
-        """Start a new logging window: the steps' loss means since the last progress line, stay on the device."""
-        self.window: list[dict[str, torch.Tensor]] = []
-        self.window_tokens = 0
-        self.window_start = time.perf_counter()
-
     def _check_finite(self, weights: bool = False) -> None:
         """Raise if a step's loss was nan/inf (one host sync, at log and save points only; every step is in
         a window that is checked before it is logged). weights=True also checks the parameters, which the
         latest update changed after the last loss was computed: a checkpoint is only written when its weights
         are finite."""
-        losses = torch.stack([m["loss"] for m in self.window]) if self.window else torch.zeros(0)
+        steps = self.window.means
+        losses = torch.stack([m["loss"] for m in steps]) if steps else torch.zeros(0)
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-        first_bad = self.step - len(self.window) + 1 + bad[0] if bad else self.total_steps + 1
+        first_bad = self.step - len(steps) + 1 + bad[0] if bad else self.total_steps + 1
         if weights and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             first_bad = min(first_bad, self.step)
         if self.d.world_size > 1:  # every rank must agree to stop
@@ -661,24 +665,25 @@ class Trainer:
         if self.cpu_share is not None:
             self._note_cpu_contention()
         d, names = self.d, self.task.metrics
-        sums = [torch.stack([m[k] for m in self.window]).sum() for k in names]
-        stats = torch.stack([*sums, torch.tensor(float(self.window_tokens), device=d.device)])
+        steps = self.window.means
+        sums = [torch.stack([m[k] for m in steps]).sum() for k in names]
+        stats = torch.stack([*sums, torch.tensor(float(self.window.tokens), device=d.device)])
         if d.world_size > 1:
             dist.all_reduce(stats)
         *values, tokens = stats.tolist()
         # each rank holds its share of the step means (see train_step)
-        means = {k: v / d.world_size / len(self.window) for k, v in zip(names, values)}
-        seconds = time.perf_counter() - self.window_start
+        means = {k: v / d.world_size / len(steps) for k, v in zip(names, values)}
+        seconds = time.perf_counter() - self.window.start
         tok_s = tokens / seconds
         mfu = tok_s * self.flops_per_token / (self.peak * d.world_size) if self.peak else None
         mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
         shown = " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in means.items())
         bar.set_postfix_str(f"{shown} lr {lr:.2e} {tok_s:,.0f} tok/s mfu {mfu_text}", refresh=False)
         self.log.info(f"step {self.step}/{self.total_steps} | {shown} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-                      f"mfu {mfu_text} | {1000 * seconds / len(self.window):.0f} ms/step")
+                      f"mfu {mfu_text} | {1000 * seconds / len(steps):.0f} ms/step")
         self.log.metrics(self.step, {**means, "lr": lr, "tok_per_s": tok_s, "mfu": mfu,
                                      "epoch": self.position["epoch"]})
-        self._reset_window()
+        self.window = Window()
 
     def _evaluate(self) -> None:
         """Validation metrics, the --sample_prompt continuations and curves.png; kept out of tokens/s."""
@@ -696,7 +701,7 @@ class Trainer:
             self.log.metrics(self.step, values)
         if self.d.is_main:
             self._draw_curves()
-        self.window_start += time.perf_counter() - start
+        self.window.start += time.perf_counter() - start  # keep evaluation out of tokens/s
 
     @torch.no_grad()
     def _samples(self) -> dict[str, str]:
