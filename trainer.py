@@ -54,7 +54,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from checkpoint import CKPT_NAME, config_to_dict, load_checkpoint, model_from_state, save_checkpoint
+from checkpoint import (CKPT_NAME, DEFAULT_TOKENIZER, config_to_dict, load_checkpoint, model_from_state,
+                        save_checkpoint)
 from k_model import export_hf
 from loading import DTYPES, SourcedModel, check_model_tokenizer, load_tokenizer, resolve_dtype, tokenizer_fingerprint
 from perf import CpuShare, peak_flops
@@ -76,13 +77,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "215M": dict(dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=512, batch_size=32, accumulation_steps=4),
 }
 COMMON_DEFAULTS: dict[str, Any] = dict(
-    tokenizer_path="out/tokenizer", epochs=1, max_steps=0, accumulation_steps=1, weight_decay=0.1, grad_clip=1.0,
+    epochs=1, max_steps=0, accumulation_steps=1, weight_decay=0.1, grad_clip=1.0,
     seed=1337, device="auto", dtype="auto", num_threads=0, num_workers=0, compile=False, log_interval=10,
     eval_interval=200, eval_samples=512, save_interval=200, sample_tokens=32, resume=False, overwrite=False,
     peak_tflops=0.0, use_swanlab=False, swanlab_project="k-model", swanlab_mode="offline",
 )
 # flags that shape the network or the data order: a resumed run must keep the values it was trained with
-FIXED_AT_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout", "seed")
+FIXED_AT_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout", "seed", "init_from",
+                   "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "load_in_4bit")
 # flags about this launch only, never taken from a checkpoint
 PER_LAUNCH = ("resume", "overwrite", "device", "num_threads", "num_workers", "compile", "peak_tflops",
               "use_swanlab", "swanlab_project", "swanlab_mode")
@@ -137,6 +139,13 @@ class Task:
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
         """Flags of this script only."""
 
+    def tokenizer(self, args: argparse.Namespace) -> tuple[Any, str]:
+        """The run's tokenizer and the directory it comes from, which the checkpoint records as
+        --tokenizer_path (a resumed run reads the same one). A script that starts from a trained model makes
+        that model's own tokenizer the default; a chat objective may add a chat template to it."""
+        path = args.tokenizer_path or DEFAULT_TOKENIZER
+        return load_tokenizer(path), path
+
     def initial_model(self, args: argparse.Namespace, tokenizer: Any) -> SourcedModel:
         """The model a fresh (not resumed) run starts from."""
         raise NotImplementedError
@@ -176,6 +185,12 @@ class Task:
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
+    def model_state(self, model: torch.nn.Module) -> dict[str, Any]:
+        """What a checkpoint stores of the model: every weight, under "model". A task that trains a small part
+        of a model it can rebuild (LoRA adapters on a base named in the checkpoint) stores only that part and
+        what rebuilding needs; checkpoint.model_from_state rebuilds the model from it on --resume."""
+        return {"model": model.state_dict()}
+
     def export(self, model: torch.nn.Module, out_dir: Path, tokenizer: Any) -> Path:
         """The final weights as a Llama model + tokenizer that AutoModelForCausalLM / AutoTokenizer open."""
         hf_dir = out_dir / "hf"
@@ -204,7 +219,8 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     g = p.add_argument_group("data and paths")
     add(g, "data_path", "training data")
     add(g, "val_data_path", "held-out data for evaluation; evaluation is skipped if it is absent")
-    add(g, "tokenizer_path", "tokenizer directory (sets the vocab size)")
+    add(g, "tokenizer_path", "tokenizer directory (sets the vocab size); default: the initial model's own (the "
+                             f"one saved with --init_from), else {DEFAULT_TOKENIZER}")
     add(g, "out_dir", "checkpoint ckpt.pt, train.log, metrics.jsonl and the final hf/ export")
 
     g = p.add_argument_group("optimization")
@@ -326,6 +342,16 @@ def lr_at(step: int, peak_lr: float, warmup: int, total: int) -> float:
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def peak_memory(device: torch.device) -> str:
+    """The most memory this process has held: what tensors allocated on a GPU; on a CPU the peak resident set
+    (tensors, Python and the libraries alike: compare runs, not the model's size)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB allocated on {device}"
+    import resource  # Unix only: imported where it is needed
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB resident (CPU peak RSS)"
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
 
@@ -425,7 +451,7 @@ class Trainer:
             torch.set_num_threads(args.num_threads)
         torch.manual_seed(args.seed)
         self.log = RunLogger(self.out_dir, d.is_main)
-        self.tokenizer = load_tokenizer(args.tokenizer_path)
+        self.tokenizer, args.tokenizer_path = task.tokenizer(args)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 
         start = self._initial_model(args, state)
@@ -436,7 +462,8 @@ class Trainer:
         task.prepare(self.model, self.args, self.tokenizer, d.device)
         self.dtype = resolve_dtype(self.args.dtype, d.device)
         self.autocast = autocast_factory(d.device, self.dtype)
-        self.optimizer = make_optimizer(task.trainable_parameters(self.model), self.args, d.device)
+        self.optimizer_params = task.trainable_parameters(self.model)
+        self.optimizer = make_optimizer(self.optimizer_params, self.args, d.device)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
         self.step, self.position, self.last_saved_step = 0, {"epoch": 0, "sample": 0}, None
         if state is not None:
@@ -562,7 +589,9 @@ class Trainer:
         tokens_per_step = self.step_samples * a.max_seq_len
         self.log.info(f"=== {self.task.name}: {d.world_size} process(es) on {d.device.type}, dtype "
                       f"{str(self.dtype).removeprefix('torch.')}, {torch.get_num_threads()} torch threads/process")
-        self.log.info(f"model: {self.model.num_params() / 1e6:.2f}M params from {self.model_source}; vocab "
+        params, trainable = self.model.num_params(), sum(p.numel() for p in self.optimizer_params)
+        frozen = f" ({trainable:,} trainable: {trainable / params:.2%})" if trainable != params else ""
+        self.log.info(f"model: {params / 1e6:.2f}M params{frozen} from {self.model_source}; vocab "
                       f"{cfg.vocab_size}, dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads "
                       f"({cfg.n_kv_heads} kv), dropout {cfg.dropout}")
         self.log.info(f"data: {a.data_path}: {len(self.train_set):,} samples x {a.max_seq_len} tokens; "
@@ -620,6 +649,7 @@ class Trainer:
                     self.log.info(f"stopped by {signal.Signals(stop).name} at step {self.step}; "
                                   f"resume with --resume")
                     raise SystemExit(128 + stop)
+            self.log.info(f"peak memory: {peak_memory(d.device)}")
             if d.is_main:
                 self._export_hf()
         finally:
@@ -733,7 +763,7 @@ class Trainer:
         self._check_finite(weights=True)
         if self.d.is_main:
             save_checkpoint(self.ckpt_path, {
-                "model": self.model.state_dict(),
+                **self.task.model_state(self.model),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "step": self.step,
