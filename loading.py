@@ -5,6 +5,7 @@ Shared by the trainers, model_sample.py and serve.py; it imports no training cod
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -44,9 +45,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """First 16 hex chars of sha256 over the sorted vocab: detects data or checkpoints made by another tokenizer."""
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+def tokenizer_fingerprint(tokenizer: Any, below: int | None = None) -> str:
+    """First 16 hex chars of sha256 over the sorted vocab: detects data or checkpoints made by another tokenizer.
+    below=n: of the tokens with ids < n only, i.e. of the tokenizer before tokens n, n+1, ... were added."""
+    items = sorted((t, i) for t, i in tokenizer.get_vocab().items() if below is None or i < below)
+    vocab = json.dumps(items, ensure_ascii=False)
     return hashlib.sha256(vocab.encode("utf-8")).hexdigest()[:16]
 
 
@@ -58,6 +61,25 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"tokenizer not found: {Path(path) / 'tokenizer.json'} "
                                 "(run train_tokenizer.py or pass --tokenizer_path)")
     return AutoTokenizer.from_pretrained(path)
+
+
+def with_chat_template(tokenizer: Any) -> Any:
+    """The tokenizer itself when it has a chat template. Otherwise (a base model's tokenizer) a copy with ours
+    added: train_tokenizer.py's ChatML template, its <|im_start|> / <|im_end|> as special tokens (new ids at
+    the end of the vocabulary, where the model's embeddings must grow) and <|im_end|> as EOS, since it closes
+    a reply; BOS stays the tokenizer's own, and a missing pad token becomes unk (or EOS)."""
+    if tokenizer.chat_template:
+        return tokenizer
+    # imported here: train_tokenizer imports dataset, which imports this module
+    from train_tokenizer import BOS, CHAT_TEMPLATE, EOS
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": [BOS, EOS]})
+    tok.eos_token = EOS
+    tok.chat_template = CHAT_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or EOS
+    return tok
 
 
 class SourcedModel(NamedTuple):

@@ -6,10 +6,12 @@
     python model_sample.py --chat                            # multi-turn chat; /reset clears it, /exit quits
     python model_sample.py --eval        # val perplexity (out/pretrain) and sentiment accuracy (out/sft)
     python model_sample.py --sft_path out/sft/hf --prompt "你好"   # an HF export works too (its own tokenizer)
+    python model_sample.py --sft_path out/sft/adapter        # a LoRA adapter (peft format) on its base model
 
-A model path may be a ckpt.pt, a run directory (its ckpt.pt, else its hf/ export) or an HF export directory.
-The tokenizer is --tokenizer_path, else the one saved in the HF export, else out/tokenizer; a model whose
-vocabulary differs from it is refused.
+A model path may be a ckpt.pt (a LoRA run's too: its base with the adapters), a run directory (its ckpt.pt,
+else its hf/ export), an HF model directory (any LlamaForCausalLM) or a peft adapter directory. The tokenizer
+is --tokenizer_path, else the one saved with the model (a checkpoint's: the one it was trained with), else
+out/tokenizer; a model whose vocabulary differs from it is refused.
 """
 from __future__ import annotations
 
@@ -23,31 +25,18 @@ from typing import Any, TextIO
 
 import torch
 
-from checkpoint import CKPT_NAME, load_model
+from checkpoint import load_model, tokenizer_dir_for
 from dataset import JsonlRecords, PretrainDataset, encode_chat
 from k_model import Transformer
-from loading import DTYPES, SourcedModel, check_model_tokenizer, load_tokenizer, resolve_device, resolve_dtype
+from loading import (DTYPES, SourcedModel, check_model_tokenizer, load_tokenizer, resolve_device, resolve_dtype,
+                     with_chat_template)
 
-DEFAULT_TOKENIZER = "out/tokenizer"
 DEFAULT_PRETRAIN_PROMPTS = ["中国", "北京", "今天"]
 DEFAULT_SFT_PROMPTS = [
     "你好",
     "房间很干净,服务也很周到,下次还会再来。\n这条评论的情感是正面还是负面?",
     "质量太差了,用了两天就坏了,不推荐。\n这条评论的情感是正面还是负面?",
 ]
-
-
-def tokenizer_dir_for(model_path: str | Path, tokenizer_path: str | None) -> str:
-    """--tokenizer_path if given; else the tokenizer saved next to an HF export; else out/tokenizer."""
-    if tokenizer_path:
-        return tokenizer_path
-    path = Path(model_path)
-    for hf_dir in (path, path / "hf"):
-        # an HF export is only used when load_model would load it, i.e. no ckpt.pt takes precedence
-        if (hf_dir / "config.json").is_file() and (hf_dir / "tokenizer.json").is_file() \
-                and not (path / CKPT_NAME).is_file():
-            return str(hf_dir)
-    return DEFAULT_TOKENIZER
 
 
 class TextGenerator:
@@ -60,6 +49,9 @@ class TextGenerator:
         tok_dir = tokenizer_dir_for(model_path, tokenizer_path)
         self.tokenizer = load_tokenizer(tok_dir)
         model, self.info = load_model(model_path, device="cpu")
+        if model.config.vocab_size > len(self.tokenizer) and not self.tokenizer.chat_template:
+            # an SFT checkpoint of a base model whose tokenizer had no chat template: training added ours
+            self.tokenizer = with_chat_template(self.tokenizer)
         check_model_tokenizer(SourcedModel(model, self.info["source"], self.info["tokenizer_fingerprint"]),
                               self.tokenizer, tok_dir)
         self.dtype = resolve_dtype(dtype, self.device)
