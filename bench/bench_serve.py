@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import socket
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from common import machine_line  # noqa: E402
+from loading import resolve_device  # noqa: E402
 
 PROMPTS = [
     "你好",
@@ -148,8 +148,7 @@ def main() -> None:
             procs[name] = start_server(args, max_batch)
         servers = {name: base for name, (_, base) in procs.items()}
         health = [wait_healthy(proc, base) for proc, base in procs.values()][0]
-        device = "cuda" if args.device.startswith("cuda") else "cpu"
-        print(f"machine: {machine_line(device)}")
+        print(f"machine: {machine_line(resolve_device(args.device).type)}")
         print(f"model: {args.model}; {args.max_tokens} tokens per client, {args.rounds} round(s), greedy")
         asyncio.run(run(args, servers, health["model"]))
     finally:
