@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k_model import KVCache, Transformer, sample
+from loading import DTYPES
 from model_sample import TextGenerator
 
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
@@ -587,6 +588,13 @@ def usage(job: Job, last: Event) -> dict[str, int]:
 # Command line
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="out/sft", help="ckpt.pt, run dir or HF export (as model_sample.py opens)")
@@ -596,12 +604,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api_key", default=os.environ.get("SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $SERVE_API_KEY, which ps does not show)")
-    p.add_argument("--max_batch", type=int, default=16, help="requests decoded together; 1 = one at a time, in order")
-    p.add_argument("--max_tokens", type=int, default=Defaults.max_tokens, help="reply length when a request gives none")
+    p.add_argument("--max_batch", type=positive_int, default=16, help="requests decoded together; 1 = one at a time, in order")
+    p.add_argument("--max_tokens", type=positive_int, default=Defaults.max_tokens, help="reply length when a request gives none")
     p.add_argument("--temperature", type=float, default=Defaults.temperature, help="when a request gives none")
     p.add_argument("--top_p", type=float, default=Defaults.top_p, help="when a request gives none")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (as model_sample.py)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto = bfloat16 on CUDA and on CPUs with native bf16, else float32")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -609,10 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (0 <= args.temperature <= 2 and 0 <= args.top_p <= 1):
+        parser.error("--temperature must be in [0, 2] and --top_p in [0, 1], the ranges a request may ask for")
     try:
         gen = TextGenerator(args.model, args.tokenizer_path, args.device, args.dtype)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     name = args.model_name or args.model
     app = create_app(gen, name, args.max_batch, args.api_key, Defaults(args.max_tokens, args.temperature, args.top_p))
