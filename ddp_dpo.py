@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import trainer
-from checkpoint import load_model
 from dataset import PreferenceDataset
 from ddp_sft_full import SFT
 from k_model import Transformer
-from loading import SourcedModel, check_model_tokenizer, resolve_dtype
+from loading import check_model_tokenizer, resolve_dtype
 
 METRICS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
 
@@ -160,11 +159,11 @@ class DPO(SFT):
         self.reference = None if args.precompute_ref_logps else self._load_reference(args, tokenizer)
 
     def _load_reference(self, args: argparse.Namespace, tokenizer: Any) -> Transformer:
-        """--init_from in eval mode and float32 (like the policy's master weights), with no gradients."""
-        model, info = load_model(args.init_from, self.device)
-        check_model_tokenizer(SourcedModel(model, info["source"], info["tokenizer_fingerprint"]), tokenizer,
-                              args.tokenizer_path)
-        return model.float().eval().requires_grad_(False)
+        """The model a fresh run starts from, built again (a resumed run's policy has moved away from it), in
+        eval mode and float32 like the policy's master weights, with no gradients."""
+        start = self.initial_model(args, tokenizer)
+        check_model_tokenizer(start, tokenizer, args.tokenizer_path)
+        return start.model.float().to(self.device).eval().requires_grad_(False)
 
     def dataset(self, path: str, tokenizer: Any, args: argparse.Namespace) -> Dataset:
         pairs = PreferenceDataset(path, tokenizer, max_length=args.max_seq_len, skip_bad=args.skip_bad)

@@ -3,7 +3,6 @@ torchrun 2 processes = 1 process; resume = uninterrupted; the reference model ne
 bad flags refused; `data_process.py prefs` makes pairs from the model's own replies, never from test prompts."""
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from contextlib import nullcontext
@@ -183,9 +182,11 @@ def test_loss_and_gradients_match_an_independent_computation(tmp_path, tiny_toke
                   "Once upon a time there was a very small model that wanted to learn. " * 3, "No."))  # cut off
     max_length, beta = 96, 0.5
     data = PreferenceDataset(write_pairs(tmp_path / "pairs.jsonl", pairs), tiny_tokenizer, max_length=max_length)
-    args = argparse.Namespace(beta=beta, loss=loss, label_smoothing=label_smoothing, precompute_ref_logps=False,
-                              init_from=ref_dir, tokenizer_path=tiny_tokenizer_dir)
     task = ddp_dpo.DPO()
+    given = trainer.build_parser(task).parse_args(["--init_from", ref_dir, "--tokenizer_path", tiny_tokenizer_dir,
+                                                   "--beta", str(beta), "--loss", loss,
+                                                   "--label_smoothing", str(label_smoothing)])
+    args, _ = trainer.resolve_args(given, task)
     task.prepare(policy, args, tiny_tokenizer, CPU)
     batch = task.collate([data[i] for i in range(len(data))])
     sums = task.loss_sums(policy.train(), batch, CPU)
