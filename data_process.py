@@ -426,10 +426,11 @@ def make_pairs(model, tokenizer, examples: list[Example], max_new_tokens: int, b
 def build_prefs(model_path: str, tokenizer_dir: str, splits: dict[str, str], test_path: str, out_dir: str,
                 max_examples: int = 0, max_new_tokens: int = 48, batch_size: int = 64, device: str = "auto",
                 seed: int = 1234, skip_bad: bool = False) -> dict[str, dict[str, int]]:
-    """dpo_{split}.jsonl in out_dir from each {split: SFT file} (data_process.py prefs); returns per file the
-    examples read, those whose prompt and labelled reply overflow the model's context (left out: DPO would
-    see no reply), and the pairs written by kind. A prompt of the test split is refused: the test reviews
-    measure the model, so no pair may be made from them."""
+    """dpo_{split}.jsonl in out_dir from each {split: SFT file} (data_process.py prefs). Returns per file the
+    prompts left out because prompt and labelled reply overflow the model's context (DPO would see no reply),
+    and for each kind (sentiment, dialogue) the prompts judged, the greedy replies that failed (the model's
+    error or repetition rate on them) and the pairs written. A prompt of the test split is refused: the test
+    reviews measure the model, so no pair may be made from them."""
     tokenizer = load_tokenizer(tokenizer_dir)
     model, info = load_model(model_path, resolve_device(device))
     check_model_tokenizer(SourcedModel(model, info["source"], info["tokenizer_fingerprint"]), tokenizer, tokenizer_dir)
@@ -447,8 +448,10 @@ def build_prefs(model_path: str, tokenizer_dir: str, splits: dict[str, str], tes
         pairs = make_pairs(model, tokenizer, fits, max_new_tokens, batch_size)
         out_path = os.path.join(out_dir, f"dpo_{split}.jsonl")
         write_jsonl(out_path, pairs)
-        stats[out_path] = {"examples": len(examples), "too_long": len(examples) - len(fits), "pairs": len(pairs),
-                           **{kind: sum(p["kind"] == kind for p in pairs) for kind in ("sentiment", "dialogue")}}
+        stats[out_path] = {"too_long": len(examples) - len(fits), **{kind: {
+            "prompts": sum(e.kind == kind for e in fits),
+            "greedy_failures": sum(p["kind"] == kind and p["rejected_by"] == "greedy" for p in pairs),
+            "pairs": sum(p["kind"] == kind for p in pairs)} for kind in ("sentiment", "dialogue")}}
     return stats
 
 
@@ -611,10 +614,16 @@ def run_command(args: argparse.Namespace) -> None:
         stats = build_prefs(args.model, args.tokenizer, {"train": args.train, "val": args.val}, args.test,
                             args.out_dir, args.max_examples, args.max_new_tokens, args.batch_size, args.device,
                             args.seed, args.skip_bad)
-        print(f"{'file':<26}{'prompts':>9}{'too long':>10}{'pairs':>8}{'sentiment':>11}{'dialogue':>10}")
+        print(f"{'file':<26}{'kind':<11}{'prompts':>8}{'greedy reply fails':>20}{'pairs':>8}")
         for path, st in stats.items():
-            print(f"{path:<26}{st['examples']:>9,}{st['too_long']:>10,}{st['pairs']:>8,}{st['sentiment']:>11,}"
-                  f"{st['dialogue']:>10,}")
+            for kind in ("sentiment", "dialogue"):
+                k = st[kind]
+                share = f"{k['greedy_failures'] / k['prompts']:.1%}" if k["prompts"] else "-"
+                print(f"{path:<26}{kind:<11}{k['prompts']:>8,}{k['greedy_failures']:>11,} ({share:>6}){k['pairs']:>8,}")
+            if st["too_long"]:
+                print(f"{path}: {st['too_long']:,} prompts left out: with the labelled reply they overflow the "
+                      "model's context")
+        print("a sentiment reply fails when it is not the label, a dialogue reply when it repeats a token 3-gram")
     elif args.command == "pretokenize":
         inputs = args.input or sorted(glob.glob("out/data/pretrain*.jsonl"))
         if not inputs:

@@ -356,7 +356,7 @@ def test_prefs_pairs_are_the_models_own_failures_and_never_test_prompts(tmp_path
         labelled = {json.dumps(c[:i]): m["content"] for c in (json.loads(line)["conversations"]
                     for line in source.read_text().splitlines()) for i, m in enumerate(c) if m["role"] == "assistant"}
         pairs = [json.loads(line) for line in out.read_text().splitlines()]
-        assert stats[str(out)]["pairs"] == len(pairs) > 0
+        assert stats[str(out)]["sentiment"]["pairs"] + stats[str(out)]["dialogue"]["pairs"] == len(pairs) > 0
         assert len(PreferenceDataset(str(out), tiny_tokenizer)) == len(pairs)
         for pair in pairs:
             assert labelled[json.dumps(pair["prompt"])] == pair["chosen"]  # a prompt of this split, its label
