@@ -14,6 +14,9 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import sys
+import time
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -84,6 +87,66 @@ class ModelConfig(PretrainedConfig):
 # Building blocks
 
 
+# Route float32 matmuls to oneDNN where torch's own float32 GEMM is MKL's (x86 builds); see mm_t.
+ONEDNN = torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available() and hasattr(
+    torch.ops.mkldnn, "_linear_pointwise"
+)
+
+
+def _onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() and torch._inductor.config.freezing:
+        return False  # inductor repacks frozen weights for oneDNN itself
+    # float32 only: bf16 / fp16 matmuls already go to oneDNN; under autocast F.linear must do its casting
+    return ONEDNN and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+def _onednn_mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [None], "")
+
+
+# The same call as an op torch.compile keeps opaque: inductor lowers oneDNN's op for frozen weights only.
+onednn_mm_t = torch.library.custom_op("k_model::onednn_mm_t", _onednn_mm_t, mutates_args=())
+onednn_mm_t.register_fake(lambda a, b: a.new_empty(*a.shape[:-1], b.shape[0]))
+
+
+def mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T (a: (..., k), b: (n, k)), every matmul of the model. On a CPU in float32 it runs in oneDNN
+    rather than torch's default BLAS (MKL), whose float32 GEMM takes a generic path on non-Intel CPUs:
+    2.2x slower on the AMD EPYC (Zen 5) this was measured on, for training shapes and one-token decoding
+    alike. The same product up to float rounding."""
+    if not _onednn(a, b):
+        return a @ b.t()
+    return onednn_mm_t(a, b) if torch.compiler.is_compiling() else _onednn_mm_t(a, b)
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """x @ weight.T with its gradients, every product through mm_t (oneDNN has no autograd of its own)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return mm_t(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = mm_t(grad, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = mm_t(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())
+        return grad_x, grad_w
+
+
+class Linear(nn.Linear):
+    """nn.Linear, bias-free, its matmuls through mm_t. Same parameters and state_dict as nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return OneDNNLinear.apply(x, self.weight) if _onednn(x, self.weight) else F.linear(x, self.weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -113,28 +176,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Pre-allocated keys and values of one layer: (B, n_kv_heads, max_len, head_dim), filled left to right.
-    Allocated on first use so it takes the dtype the projections produce (e.g. bf16 under autocast)."""
+    """Keys and values of one layer, allocated once for the whole window: (B, n_kv_heads, max_len, head_dim).
+    Writes go to explicit slots and the tensors never change shape, so a compiled decode step runs the same
+    graph token after token. Zero-filled, not empty: where attention reads unfilled slots (masked out, in a
+    CUDA-graph step), garbage that happened to be NaN would still leak through as 0 * NaN."""
 
-    def __init__(self, max_len: int):
-        self.max_len = max_len
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.len = 0
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends k, v (B, n_kv_heads, T, head_dim); returns everything cached so far."""
-        if self.k is None:
-            B, n_kv, _, hd = k.shape
-            self.k = k.new_empty(B, n_kv, self.max_len, hd)
-            self.v = v.new_empty(B, n_kv, self.max_len, hd)
-        start, self.len = self.len, self.len + k.shape[2]
-        self.k[:, :, start : self.len] = k
-        self.v[:, :, start : self.len] = v
-        return self.k[:, :, : self.len], self.v[:, :, : self.len]
-
-    def reset(self) -> None:
-        self.len = 0
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes k, v (B, n_kv_heads, T, head_dim) into slots (T,); returns the whole cache."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -143,8 +199,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.dropout = cfg.dropout
         self.flash = cfg.flash_attn
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wqkv = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.wo.is_residual_proj = True  # read by Transformer._init_weights
 
     def forward(
@@ -154,10 +210,12 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         causal: bool,
-        cache: KVCache | None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """mask: boolean (B, 1, T, S), True = may attend; when None, `causal` says whether to apply the
-        causal mask (training, or a prefill without padding) or none at all (one new token per row)."""
+        causal mask. With a cache, this call's keys and values go into `slots` and attention reads the
+        first S slots, S = the mask's width (no mask: a causal prefill, which reads the T it wrote)."""
         B, T, _ = x.shape
         H, KV = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(B, T, H + 2 * KV, self.head_dim)
@@ -167,7 +225,9 @@ class Attention(nn.Module):
         k = qk[:, :, H:].transpose(1, 2)
         v = qkv[:, :, H + KV :].transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(k, v)
+            k, v = cache.update(slots, k, v)
+            S = T if mask is None else mask.shape[-1]
+            k, v = k[:, :, :S], v[:, :, :S]
         dropout = self.dropout if self.training else 0.0
         if self.flash and T == 1 and H != KV:
             # Decoding one token: view the query heads sharing a kv head as a length-(H/KV) query sequence
@@ -203,8 +263,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w13 = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.w13 = Linear(cfg.dim, 2 * cfg.hidden_dim)
+        self.w2 = Linear(cfg.hidden_dim, cfg.dim)
         self.w2.is_residual_proj = True
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -222,8 +282,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask, causal, cache):
-        x = x + self.resid_dropout(self.attention(self.attention_norm(x), cos, sin, mask, causal, cache))
+    def forward(self, x, cos, sin, mask, causal, cache=None, slots=None):
+        x = x + self.resid_dropout(self.attention(self.attention_norm(x), cos, sin, mask, causal, cache, slots))
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -233,9 +293,9 @@ class Block(nn.Module):
 
 @dataclass
 class TransformerOutput(ModelOutput):
-    """logits: (B, T, vocab) for every position (None when forward was given a loss_mask). last_loss: (B*T,)
-    float32 per-token cross-entropy, 0 where the target is -100 or outside the loss_mask; None without
-    targets. Unreduced, so the caller applies its own loss mask."""
+    """Without targets: logits (B, T, vocab) for every position. With targets: last_loss (B*T,), float32
+    per-token cross-entropy, 0 where the target is -100 or outside the loss_mask, unreduced so the caller
+    applies its own mask; logits None (the loss never holds all of them, see linear_cross_entropy)."""
 
     logits: torch.Tensor | None = None
     last_loss: torch.Tensor | None = None
@@ -268,11 +328,12 @@ class Transformer(PreTrainedModel):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size)
         self.output.weight = self.tok_embeddings.weight  # tied: one matrix embeds and un-embeds
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self._compiled_step = None  # set by compile_decode()
         self.post_init()  # HF: runs _init_weights on every module
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -310,6 +371,8 @@ class Transformer(PreTrainedModel):
         T = tokens.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        if loss_mask is not None and loss_mask.shape != targets.shape:
+            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != targets shape {tuple(targets.shape)}")
         if attention_mask is None:
             cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
             mask = None
@@ -317,23 +380,20 @@ class Transformer(PreTrainedModel):
             pos = positions_from_mask(attention_mask)
             cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None]
             mask = padded_causal_mask(attention_mask)
-        h = self._hidden(tokens, cos, sin, mask, causal=True, caches=None)
+        h = self._hidden(tokens, cos, sin, mask, causal=True)
         if targets is None:
             return TransformerOutput(logits=self.output(h))
+        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         if loss_mask is None:
-            logits = self.output(h)
-            return TransformerOutput(logits=logits, last_loss=_token_losses(logits, targets))
-        if loss_mask.shape != targets.shape:
-            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != targets shape {tuple(targets.shape)}")
+            return TransformerOutput(last_loss=linear_cross_entropy(h, self.output.weight, targets))
         keep = loss_mask.reshape(-1) != 0
-        kept_losses = _token_losses(self.output(h.reshape(-1, h.shape[-1])[keep]), targets.reshape(-1)[keep])
-        last_loss = kept_losses.new_zeros(keep.shape).masked_scatter(keep, kept_losses)
-        return TransformerOutput(logits=None, last_loss=last_loss)
+        kept_losses = linear_cross_entropy(h[keep], self.output.weight, targets[keep])
+        return TransformerOutput(last_loss=kept_losses.new_zeros(keep.shape).masked_scatter(keep, kept_losses))
 
-    def _hidden(self, tokens, cos, sin, mask, causal, caches) -> torch.Tensor:
+    def _hidden(self, tokens, cos, sin, mask, causal, caches=None, slots=None) -> torch.Tensor:
         h = self.dropout(self.tok_embeddings(tokens))
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, causal, None if caches is None else caches[i])
+            h = layer(h, cos, sin, mask, causal, None if caches is None else caches[i], slots)
         return self.norm(h)
 
     # -- generation ----------------------------------------------------------------------------------------
@@ -354,14 +414,13 @@ class Transformer(PreTrainedModel):
         other rows go on; generation ends early once every row has stopped. Rows of different lengths are
         left-padded and described by attention_mask (1 = token, 0 = pad); each row then gets exactly the
         tokens it would get alone (greedy). temperature 0 = greedy (argmax). Runs the model as it is: call
-        model.eval() first if it was built with dropout."""
+        model.eval() first if it was built with dropout. After compile_decode(), steps run compiled."""
         stops = _stop_tensor(stop_id, idx.device)
         B = idx.shape[0]
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         fill = torch.zeros(B, dtype=torch.long, device=idx.device)
         new = []
-        steps = self._decode(idx, attention_mask, temperature, top_k, top_p)
-        for tok in itertools.islice(steps, max_new_tokens):
+        for tok in self._decode(idx, attention_mask, temperature, top_k, top_p, max_new_tokens):
             if stops is not None:
                 tok = torch.where(done, fill, tok)
                 hit = ~done & torch.isin(tok, stops)
@@ -388,67 +447,98 @@ class Transformer(PreTrainedModel):
         if idx.dim() != 2 or idx.shape[0] != 1:
             raise ValueError(f"stream_generate takes one row, idx of shape (1, T); got {tuple(idx.shape)}")
         stops = set(_stop_list(stop_id))
-        for tok in itertools.islice(self._decode(idx, None, temperature, top_k, top_p), max_new_tokens):
+        for tok in self._decode(idx, None, temperature, top_k, top_p, max_new_tokens):
             tok = int(tok)
             if tok in stops:
                 return
             yield tok
 
+    def compile_decode(self) -> None:
+        """From now on, generate and stream_generate feed their tokens through a torch.compile'd one-token
+        step (the gpt-fast approach, see CompiledStep). Compiling takes tens of seconds on a CPU, so it pays
+        off in a chat session or a server, not for one short generation. Where compiling fails (no C++
+        compiler, a platform torch.compile does not support) one line says why and decoding stays eager.
+        Greedy tokens are the same either way."""
+        try:
+            self._compiled_step = CompiledStep(self)
+        except Exception as err:  # torch.compile itself refuses where dynamo is unsupported (e.g. a new Python)
+            _say_compile_failed(err)
+
     @torch.inference_mode()
-    def _decode(self, idx, attention_mask, temperature, top_k, top_p) -> Iterator[torch.Tensor]:
-        """Yields the next token of every row, (B,), without end: prefill the KV cache with the prompt, then
-        feed one token per step. The context is the last max_seq_len tokens: a longer prompt keeps its last
-        tokens, and once generation fills the window it slides - the cache is rebuilt from the last
-        max_seq_len tokens (positions restarting at 0) for every further token, which is exactly the
-        model run without a cache on the cropped sequence (slower: one full window forward per token)."""
+    def _decode(self, idx, attention_mask, temperature, top_k, top_p, max_new_tokens) -> Iterator[torch.Tensor]:
+        """Yields the next token of every row, (B,), max_new_tokens times: prefill the KV cache with the
+        prompt, then feed one token per step. The context is the last max_seq_len tokens: a longer prompt
+        keeps its last tokens, and once generation fills the window it slides - the cache is rebuilt from
+        the last max_seq_len tokens (positions restarting at 0) for every further token, which is exactly
+        the model run without a cache on the cropped sequence (slower: one full window forward per token)."""
         _check_sampling(temperature, top_k, top_p)
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must be (B, T) with at least one prompt token, got shape {tuple(idx.shape)}")
-        window = self.config.max_seq_len
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
         if attention_mask.shape != idx.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != idx shape {tuple(idx.shape)}")
-        tokens, mask = idx[:, -window:], attention_mask[:, -window:].bool()
-        caches = [KVCache(window) for _ in self.layers]
-        logits, pos, key_mask = self._prefill(tokens, mask, caches)
-        while True:
+        (B, T), window = idx.shape, self.config.max_seq_len
+        step = self._compiled_step or self._step
+        # the whole sequence, new tokens written in place: only a sliding window reads it back
+        seq = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
+        real = F.pad(attention_mask.bool(), (0, max_new_tokens), value=True)
+        caches = self._new_caches(B, idx.device)
+        start = max(0, T - window)
+        logits, pos, key_mask = self._prefill(seq[:, start:T], real[:, start:T], caches)
+        filled = T - start  # cache slots in use; `slot` holds the same number as a tensor, for a compiled step
+        slot = torch.tensor([filled], device=idx.device)
+        for t in range(T, T + max_new_tokens):
+            if t > T:  # feed the token sampled last round
+                if filled < window:
+                    key_mask[:, filled] = True
+                    # attend to the filled slots only, or to all of them where a CUDA graph needs fixed shapes
+                    width = window if getattr(step, "full_window", False) else filled + 1
+                    logits = step(tok, pos, slot, key_mask[:, :width], caches)
+                    pos += 1
+                    slot += 1
+                    filled += 1
+                else:
+                    logits, pos, key_mask = self._prefill(seq[:, t - window : t], real[:, t - window : t], caches)
             tok = sample(logits, temperature, top_k, top_p)
+            seq[:, t] = tok
             yield tok
-            tokens = torch.cat([tokens, tok[:, None]], dim=1)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            if tokens.shape[1] > window:
-                tokens, mask = tokens[:, -window:], mask[:, -window:]
-                logits, pos, key_mask = self._prefill(tokens, mask, caches)
-            else:
-                logits = self._step(tok, pos, key_mask, caches)
-                pos = pos + 1
+
+    def _new_caches(self, batch: int, device: torch.device) -> list[KVCache]:
+        # keys and values come out of the projections in autocast's dtype when it is on (bf16 on CPU)
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
+        cfg = self.config
+        # one slot more than the window, never used: attention reads a view of the first S slots, and were
+        # that view ever the whole cache, a compiled step would see a new (contiguous) layout and recompile
+        slots = cfg.max_seq_len + 1
+        caches = [KVCache(batch, cfg.n_kv_heads, slots, cfg.head_dim, dtype, device) for _ in self.layers]
+        if self._compiled_step is not None and device.type == "cuda":
+            for c in caches:  # a CUDA graph writes them in place: it may keep their addresses instead of copying
+                torch._dynamo.mark_static_address(c.k)
+                torch._dynamo.mark_static_address(c.v)
+        return caches
 
     def _prefill(self, tokens, mask, caches):
-        """Runs the (left-padded) prompt into empty caches. Returns the last position's logits, each row's
-        next position, and the key padding mask for later steps (None when no row is padded)."""
-        for c in caches:
-            c.reset()
-        T = tokens.shape[1]
+        """Runs the (left-padded) prompt, n <= max_seq_len tokens, into cache slots 0..n-1. Returns the last
+        position's logits, each row's next position, and key_mask (B, cache slots): which cache slots hold a
+        real token (not padding, not yet written)."""
+        B, n = tokens.shape
+        slots = torch.arange(n, device=tokens.device)
         if bool(mask.all()):
-            cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
-            h = self._hidden(tokens, cos, sin, None, True, caches)
-            key_mask, pos = None, torch.full((tokens.shape[0],), T, device=tokens.device)
+            cos, sin = self.rope_cos[:n, None], self.rope_sin[:n, None]
+            h = self._hidden(tokens, cos, sin, None, True, caches, slots)
         else:
             p = positions_from_mask(mask)
             cos, sin = self.rope_cos[p][:, :, None], self.rope_sin[p][:, :, None]
-            h = self._hidden(tokens, cos, sin, padded_causal_mask(mask), False, caches)
-            key_mask = torch.zeros(mask.shape[0], caches[0].max_len, dtype=torch.bool, device=mask.device)
-            key_mask[:, :T] = mask
-            key_mask[:, T:] = True  # slots for future tokens; only the filled prefix is ever read
-            pos = mask.sum(1)
-        return self.output(h[:, -1]), pos, key_mask
+            h = self._hidden(tokens, cos, sin, padded_causal_mask(mask), False, caches, slots)
+        key_mask = F.pad(mask, (0, caches[0].k.shape[2] - n), value=False)
+        return self.output(h[:, -1]), mask.sum(1), key_mask
 
-    def _step(self, tok, pos, key_mask, caches) -> torch.Tensor:
-        """One new token per row at position pos (B,): attends to everything cached, no causal mask needed."""
+    def _step(self, tok, pos, slot, attend, caches) -> torch.Tensor:
+        """Feeds one token per row, tok (B,) at positions pos (B,), into cache slot `slot` (1,); returns the
+        next logits (B, V). attend (B, S): which of the first S cache slots each row attends to."""
         cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
-        mask = None if key_mask is None else key_mask[:, None, None, : caches[0].len + 1]
-        h = self._hidden(tok[:, None], cos, sin, mask, False, caches)
+        h = self._hidden(tok[:, None], cos, sin, attend[:, None, None], False, caches, slot)
         return self.output(h[:, -1])
 
     # -- accounting ----------------------------------------------------------------------------------------
@@ -465,9 +555,127 @@ class Transformer(PreTrainedModel):
         return 6 * self.num_params() + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
-def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy in float32, flat; 0 where the target is -100."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+class CompiledStep:
+    """Transformer._step through torch.compile, called like it. Shapes stay put from token to token (the
+    cache is pre-allocated and written in place, positions and the cache slot are tensors), so one graph
+    serves every step.
+    On CUDA each step is replayed as a CUDA graph (mode "reduce-overhead"), which needs fixed shapes: one
+    graph per batch size, attention reading the whole window with the unfilled slots masked.
+    On a CPU the shapes are symbolic (one graph for batch 1, one for every larger batch), attention reads
+    the filled slots only, and the weights are frozen into the graph as constants so that inductor repacks
+    them into the layout oneDNN's matmul reads fastest (a second copy of the weights); the graph is rebuilt
+    when the weights change.
+    The first step of each graph compiles, and says so on stderr with the seconds it took; if compiling
+    fails, one line says why and the model decodes eagerly from then on."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.full_window = model.device.type == "cuda"
+        self.compile()
+
+    def compile(self) -> None:
+        # _step with a code object of its own: dynamo keeps compiled graphs per code object, and a graph
+        # compiled earlier (by another model, or before the weights changed) has other weights frozen in it
+        code = Transformer._step.__code__.replace()
+        step = types.MethodType(types.FunctionType(code, Transformer._step.__globals__), self.model)
+        if self.full_window:
+            self.fn = torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+        else:
+            self.fn = torch.compile(step, fullgraph=True, dynamic=True)
+        self.compiled: set[tuple] = set()  # graphs built: (batch size or "> 1", device, dtype)
+        self.weights = self.weights_stamp()
+
+    def weights_stamp(self) -> list[tuple[int, int]]:
+        """Changes when a weight is replaced or written in place (an optimizer step, load_state_dict)."""
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        return [(id(t), 0 if t.is_inference() else t._version) for t in tensors]
+
+    def run(self, *args) -> torch.Tensor:
+        # freezing is read while tracing and guarded on, so it is set around every call (torch.compile's
+        # options cannot carry it)
+        with torch._inductor.config.patch(freezing=not self.full_window):
+            return self.fn(*args)
+
+    def __call__(self, tok, pos, slot, attend, caches) -> torch.Tensor:
+        if self.fn is None:  # compiling failed: eager from then on
+            return self.model._step(tok, pos, slot, attend, caches)
+        if not self.full_window and self.weights != self.weights_stamp():
+            self.compile()  # the frozen graph holds the old weights
+        B = tok.shape[0]
+        # symbolic shapes still specialise a size of 1, so batch 1 gets a graph of its own
+        graph = (B if self.full_window or B == 1 else "> 1", tok.device.type, caches[0].k.dtype)
+        if graph in self.compiled:
+            return self.run(tok, pos, slot, attend, caches)
+        began = time.perf_counter()
+        try:
+            logits = self.run(tok, pos, slot, attend, caches)
+        except Exception as err:  # compiling failed before anything ran, so the eager step starts clean
+            _say_compile_failed(err)
+            self.fn = self.model._compiled_step = None
+            return self.model._step(tok, pos, slot, attend, caches)
+        self.compiled.add(graph)
+        print(f"fast decode: compiled the one-token step for batch {graph[0]} ({graph[1]}, {graph[2]}) in "
+              f"{time.perf_counter() - began:.1f} s", file=sys.stderr)
+        return logits
+
+
+def _say_compile_failed(err: Exception) -> None:
+    reason = (str(err).strip().splitlines() or [""])[0][:200]
+    print(f"fast decode: torch.compile failed ({type(err).__name__}: {reason}); decoding eagerly", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss
+
+
+CE_CHUNK_LOGITS = 2**22  # logits per chunk of linear_cross_entropy: 16 MB in float32
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of the logits h @ weight.T, computed in chunks of rows so that the (N, V)
+    logits never exist at once (in training they would be kept, in float32, from forward to backward: the
+    largest activation of a small-vocabulary model's step). Forward keeps each row's log-sum-exp; backward
+    recomputes a chunk's logits and turns them into its gradient, softmax - one_hot, which costs one more
+    h @ weight.T (a third of the output layer's FLOPs) and saves the B*T*V logits' memory traffic.
+    Under autocast the matmuls run in autocast's dtype, and softmax always in float32, as F.cross_entropy
+    on autocast logits would; backward uses the same dtype (autocast is off by then)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        hc, wc = h.to(dtype), weight.to(dtype)
+        lse, picked = [], []
+        for rows, tgt in zip(hc.split(chunk), targets.clamp(min=0).split(chunk)):
+            logits = mm_t(rows, wc).float()
+            lse.append(logits.logsumexp(-1))
+            picked.append(logits.gather(1, tgt[:, None]).squeeze(1))
+        lse = torch.cat(lse)
+        ctx.save_for_backward(hc, wc, targets, lse)
+        ctx.chunk, ctx.dtypes = chunk, (h.dtype, weight.dtype)
+        return torch.where(targets == -100, 0.0, lse - torch.cat(picked))
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):
+        hc, wc, targets, lse = ctx.saved_tensors
+        g = torch.where(targets == -100, 0.0, grad_losses.float())  # ignored rows get no gradient
+        grad_h, grad_w = [], torch.zeros(wc.shape, dtype=torch.float32, device=wc.device)
+        pieces = zip(hc.split(ctx.chunk), targets.clamp(min=0).split(ctx.chunk), lse.split(ctx.chunk), g.split(ctx.chunk))
+        for rows, tgt, row_lse, row_g in pieces:
+            # d loss / d logits = g * (softmax - one_hot(target))
+            d = (mm_t(rows, wc).float() - row_lse[:, None]).exp_().mul_(row_g[:, None])
+            d = d.scatter_add_(1, tgt[:, None], -row_g[:, None]).to(wc.dtype)
+            grad_h.append(mm_t(d, wc.t()))
+            if ctx.needs_input_grad[1]:
+                grad_w += mm_t(d.t(), rows.t()).float()
+        h_dtype, w_dtype = ctx.dtypes
+        return torch.cat(grad_h).to(h_dtype), grad_w.to(w_dtype), None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, targets, reduction="none") in float32, 0 where the target is -100, with
+    the same value and gradients but without ever holding all the logits. h (N, dim), targets (N,)."""
+    return LinearCrossEntropy.apply(h, weight, targets, max(1, CE_CHUNK_LOGITS // weight.shape[0]))
 
 
 # ----------------------------------------------------------------------------------------------------------

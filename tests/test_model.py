@@ -2,13 +2,18 @@
 here, F.cross_entropy, and each prompt run alone."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM
 
-from k_model import ModelConfig, Transformer, export_hf, from_hf_llama, load_hf, sample, to_hf_llama
+import k_model
+from k_model import (ModelConfig, Transformer, export_hf, from_hf_llama, linear_cross_entropy, load_hf, mm_t, sample,
+                     to_hf_llama)
 
 VOCAB = 97
 
@@ -102,7 +107,9 @@ def test_last_loss_is_unreduced_cross_entropy_ignoring_minus_100():
     targets[0, :5] = -100
     targets[1, -3:] = -100
     out = model(tokens, targets)
-    ref = F.cross_entropy(out.logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-100, reduction="none")
+    logits = model(tokens).logits
+    ref = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-100, reduction="none")
+    assert out.logits is None  # the loss never materialises them
     assert out.last_loss.shape == (32,) and out.last_loss.dtype == torch.float32
     torch.testing.assert_close(out.last_loss, ref)
     assert (out.last_loss[targets.reshape(-1) == -100] == 0).all()
@@ -127,6 +134,155 @@ def test_loss_mask_projects_only_masked_positions_with_same_losses_and_grads():
         torch.testing.assert_close(q.grad, p.grad, msg=name)
     with pytest.raises(ValueError, match="loss_mask shape"):
         sparse(tokens, targets, loss_mask=mask[:, :8])
+
+
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """Float32 summation order differs between kernels: tolerance relative to the gradient's scale."""
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item(), msg=name)
+
+
+def hf_named_grads(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our gradients under transformers' names: a copy of the model holding them as weights, converted."""
+    holder = tiny()
+    with torch.no_grad():
+        for p, q in zip(holder.parameters(), model.parameters()):
+            p.copy_(q.grad)
+    return to_hf_llama(holder).state_dict()
+
+
+def test_loss_and_gradients_equal_hf_llama():
+    """The whole training backward (our matmuls, the chunked loss) against LlamaForCausalLM's autograd."""
+    model = tiny().train()
+    hf = to_hf_llama(model).train()
+    tokens = torch.randint(0, VOCAB, (3, 33))
+    loss = model(tokens[:, :-1], tokens[:, 1:]).last_loss.mean()
+    loss.backward()
+    ref = hf(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss  # HF shifts: the last input has no target
+    hf_loss = hf(input_ids=tokens, labels=tokens).loss
+    hf_loss.backward()
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
+    assert not torch.isclose(loss, ref)  # the comparison above is not vacuous
+    ours = hf_named_grads(model)
+    for name, p in hf.named_parameters():
+        assert_grad_close(ours[name], p.grad, name)
+
+
+@pytest.mark.skipif(not k_model.ONEDNN, reason="matmuls go to torch's default BLAS in this build")
+def test_onednn_matmul_and_its_gradients_equal_torch_matmul():
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    w = torch.randn(40, 48, requires_grad=True)
+    torch.testing.assert_close(mm_t(x, w), x @ w.t())
+    layer = k_model.Linear(48, 40)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    g = torch.randn(3, 5, 40)
+    (layer(x) * g).sum().backward()
+    grad_x, grad_w = torch.autograd.grad((F.linear(x, w) * g).sum(), (x, w))
+    torch.testing.assert_close(x.grad, grad_x)
+    torch.testing.assert_close(layer.weight.grad, grad_w)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 1000])
+def test_linear_cross_entropy_equals_full_cross_entropy(monkeypatch, chunk_rows):
+    """Values and both gradients, with ignored targets and per-row upstream gradients (the trainer weights
+    rows by its mask), in uneven chunks of 7 rows and in one chunk."""
+    monkeypatch.setattr(k_model, "CE_CHUNK_LOGITS", chunk_rows * VOCAB)
+    h = torch.randn(40, 64, requires_grad=True)
+    w = (0.3 * torch.randn(VOCAB, 64)).requires_grad_()
+    targets = torch.randint(0, VOCAB, (40,))
+    targets[[0, 13, 39]] = -100
+    upstream = torch.rand(40)
+    ours = linear_cross_entropy(h, w, targets)
+    ref = F.cross_entropy(h @ w.t(), targets, reduction="none")
+    torch.testing.assert_close(ours, ref)
+    assert (ours[targets == -100] == 0).all()
+    grads = torch.autograd.grad((ours * upstream).sum(), (h, w))
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), (h, w))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_cross_entropy():
+    h = torch.randn(24, 64, requires_grad=True)
+    w = (0.3 * torch.randn(VOCAB, 64)).requires_grad_()
+    targets = torch.randint(0, VOCAB, (24,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(h, w, targets)
+        ref = F.cross_entropy(F.linear(h, w).float(), targets, reduction="none")
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=0.02, atol=0.02)
+    grads = torch.autograd.grad(ours.sum(), (h, w))
+    ref_grads = torch.autograd.grad(ref.sum(), (h, w))
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=0.05, atol=0.02)
+
+
+def test_compiled_train_step_equals_eager():
+    """torch.compile(model), as the trainer's --compile does: same losses and gradients as eager, for the
+    pretraining call and for the SFT call with a loss mask."""
+    eager, compiled = tiny(dropout=0.0).train(), tiny(dropout=0.0).train()
+    step = torch.compile(compiled)
+    tokens = torch.randint(0, VOCAB, (2, 24))
+    targets = torch.randint(0, VOCAB, (2, 24))
+    targets[0, :3] = -100
+    mask = torch.zeros(2, 24)
+    mask[0, 5:9] = 1
+    mask[1, 20:] = 1
+    for kwargs in ({}, {"loss_mask": mask}):
+        ref = eager(tokens, targets, **kwargs).last_loss
+        out = step(tokens, targets, **kwargs).last_loss
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        ref.sum().backward()
+        out.sum().backward()
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            assert_grad_close(q.grad, p.grad, name)
+            p.grad = q.grad = None
+
+
+def test_compiled_decode_equals_eager_and_compiles_once(capfd):
+    """compile_decode: the same greedy tokens as eager decoding for a padded batch that slides past the window
+    and for stream_generate; one graph per batch kind (no recompile on a new prompt or a later token);
+    changing the weights afterwards rebuilds the graph, which holds them frozen on a CPU."""
+    eager, fast = tiny(max_seq_len=32), tiny(max_seq_len=32)
+    fast.compile_decode()
+    torch.manual_seed(1)
+    idx, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (5, 12, 2)])
+    assert torch.equal(fast.generate(idx, 30, temperature=0, attention_mask=mask),
+                       eager.generate(idx, 30, temperature=0, attention_mask=mask))
+    prompt = torch.randint(0, VOCAB, (1, 9))
+    assert list(fast.stream_generate(prompt, 20, temperature=0)) == list(eager.stream_generate(prompt, 20, temperature=0))
+    assert capfd.readouterr().err.count("fast decode: compiled the one-token step") == 2  # batch 1, batch > 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        longer = torch.randint(0, VOCAB, (4, 3))
+        assert torch.equal(fast.generate(longer, 25, temperature=0), eager.generate(longer, 25, temperature=0))
+    other = tiny(seed=5, max_seq_len=32)
+    fast.load_state_dict(other.state_dict())
+    assert torch.equal(fast.generate(prompt, 20, temperature=0), other.generate(prompt, 20, temperature=0))
+    assert "torch.compile failed" not in capfd.readouterr().err
+
+
+def test_compile_decode_falls_back_to_eager_without_a_cxx_compiler(tmp_path):
+    """A real failure: inductor pointed at a C++ compiler that does not exist (with an empty kernel cache, so
+    nothing compiled earlier can stand in). One line says why, and the tokens are eager's."""
+    script = (
+        "import torch, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_model import tiny, VOCAB\n"
+        "model = tiny()\n"
+        "prompt = torch.randint(0, VOCAB, (2, 7))\n"
+        "eager = model.generate(prompt, 12, temperature=0)\n"
+        "model.compile_decode()\n"
+        "print(torch.equal(model.generate(prompt, 12, temperature=0), eager), model._compiled_step)\n"
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "None"]
+    failures = [line for line in proc.stderr.splitlines() if line.startswith("fast decode:")]
+    assert len(failures) == 1 and "torch.compile failed" in failures[0] and "decoding eagerly" in failures[0]
 
 
 def test_bf16_autocast_forward_and_generate():
