@@ -1,12 +1,24 @@
-"""k_model.Transformer vs transformers' LlamaForCausalLM (sdpa) on the same config and weights.
+"""k_model.Transformer, eager and compiled, against transformers' LlamaForCausalLM (sdpa) on the same weights.
 
   python bench/bench_model.py                      # CPU (and CUDA when present), default config
-  python bench/bench_model.py --dim 768 --n-layers 12 --batch-size 8 --rounds 7
+  python bench/bench_model.py --threads 1 --clock cpu   # on a machine shared with other jobs
 
-(a) train step tokens/s: forward + backward + AdamW step, float32 and bf16 autocast;
-(b) decode tokens/s: batch 1, greedy, 32-token prompt, 256 new tokens; ours.generate vs HF generate.
-Both models start from the same weights (HF's is to_hf_llama(ours)) and see the same random tokens;
-rounds alternate ours / HF (A B A B ...) in one process so drifting machine load hits both; medians.
+Three variants, one model each, all with the same weights (HF's is to_hf_llama(ours)) and the same inputs:
+  ours eager      k_model as it is;
+  ours compiled   training: torch.compile(model), what the trainer's --compile does;
+                  decoding: model.compile_decode(), the compiled one-token step;
+  HF Llama        LlamaForCausalLM, forward with labels / generate.
+(a) train step: forward + backward + AdamW step, tokens/s, and the peak memory the step allocates on top of
+    the model and optimizer state (CUDA: allocator statistics; CPU: rise of the peak resident set);
+(b) decode: greedy, 32-token prompt, 256 new tokens, at batch 1 and batch 8, tokens/s and in parentheses
+    the share of the memory-bandwidth limit: a step reads every weight once, so
+    (tokens/s / batch) x weight bytes / measured read bandwidth (KV-cache reads not counted).
+float32, plus bf16 where the hardware computes it natively (CUDA, CPUs with AVX512_BF16 / AMX): autocast
+for training, bf16 weights for decoding. "compile s" = the compiled variant's first call minus a timed
+one (inductor keeps compiled kernels on disk: a second run of the bench compiles faster).
+Rounds alternate the variants (A B C A B C ...) in one process so drifting machine load hits all alike;
+the table shows medians. Greedy tokens are compared: float32 variants should agree; bf16 rounding may flip
+an argmax of this random-weight model, and a row says so when tokens differ.
 """
 
 from __future__ import annotations
@@ -21,70 +33,103 @@ import time
 import torch
 from transformers import GenerationConfig
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import interleaved, machine_line  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from common import interleaved, machine_line, peak_memory, read_bandwidth  # noqa: E402
 from k_model import ModelConfig, Transformer, to_hf_llama  # noqa: E402
+from loading import cpu_has_native_bf16  # noqa: E402
+
+VARIANTS = ("ours eager", "ours compiled", "HF Llama")
 
 
-def build(cfg: ModelConfig, device: str, seed: int):
+def build(cfg: ModelConfig, device: str, dtype: torch.dtype, seed: int) -> dict[str, torch.nn.Module]:
+    """The three variants' models, identical weights."""
     torch.manual_seed(seed)
-    ours = Transformer(cfg).to(device)
-    return ours, to_hf_llama(ours)
+    ours = Transformer(cfg).to(device=device, dtype=dtype)
+    twin = Transformer(cfg).to(device=device, dtype=dtype)
+    twin.load_state_dict(ours.state_dict())
+    return dict(zip(VARIANTS, (ours, twin, to_hf_llama(ours))))
 
 
-def train_step_fns(ours, hf, batch: int, seq: int, autocast_dtype, device: str, seed: int):
-    """One optimizer step each. HF gets labels = inputs and shifts them itself, as a user would call it."""
-    g = torch.Generator().manual_seed(seed)
-    window = torch.randint(0, ours.config.vocab_size, (batch, seq + 1), generator=g).to(device)
+def random_tokens(shape: tuple[int, int], vocab: int, device: str, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def train_fns(models, batch: int, seq: int, autocast_dtype, device: str, seed: int):
+    """One optimizer step per variant. HF gets labels = inputs and shifts them itself, as a user calls it."""
+    window = random_tokens((batch, seq + 1), models["ours eager"].config.vocab_size, device, seed)
     x, y = window[:, :-1], window[:, 1:]
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
     ctx = (lambda: torch.autocast(device, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    losses = {
+        "ours eager": lambda: models["ours eager"](x, y).last_loss.mean(),
+        "ours compiled": (lambda step: lambda: step(x, y).last_loss.mean())(torch.compile(models["ours compiled"])),
+        "HF Llama": lambda: models["HF Llama"](input_ids=x, labels=x).loss,
+    }
 
-    def step_ours():
-        opt_ours.zero_grad(set_to_none=True)
-        with ctx():
-            loss = ours(x, y).last_loss.mean()
-        loss.backward()
-        opt_ours.step()
+    def step_fn(name):
+        model, loss_fn = models[name].train(), losses[name]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def step_hf():
-        opt_hf.zero_grad(set_to_none=True)
-        with ctx():
-            loss = hf(input_ids=x, labels=x).loss
-        loss.backward()
-        opt_hf.step()
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with ctx():
+                loss = loss_fn()
+            loss.backward()
+            opt.step()
 
-    return {"ours": step_ours, "hf": step_hf}
+        return step
+
+    return {name: step_fn(name) for name in VARIANTS}
 
 
-def decode_fns(ours, hf, prompt_len: int, new_tokens: int, device: str, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, ours.config.vocab_size, (1, prompt_len), generator=g).to(device)
-    gen = GenerationConfig(
-        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
+def decode_fns(models, batch: int, prompt_len: int, new_tokens: int, device: str, seed: int):
+    """Greedy generation per variant; the tokens each produced land in the returned dict."""
+    prompt = random_tokens((batch, prompt_len), models["ours eager"].config.vocab_size, device, seed)
+    gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
     mask = torch.ones_like(prompt)
+    models["ours compiled"].compile_decode()
     out = {}
 
-    def dec_ours():
-        out["ours"] = ours.generate(prompt, new_tokens, temperature=0)
+    def ours(name):
+        def fn():
+            out[name] = models[name].eval().generate(prompt, new_tokens, temperature=0)
+        return fn
 
-    def dec_hf():
+    def hf():
         with torch.inference_mode():
-            out["hf"] = hf.generate(prompt, attention_mask=mask, generation_config=gen)[:, prompt_len:]
+            out["HF Llama"] = models["HF Llama"].eval().generate(prompt, attention_mask=mask,
+                                                                  generation_config=gen)[:, prompt_len:]
 
-    return {"ours": dec_ours, "hf": dec_hf}, out
+    return {"ours eager": ours("ours eager"), "ours compiled": ours("ours compiled"), "HF Llama": hf}, out
 
 
-def row(table, name, device, dtype, shape, tokens, times, target, flops_per_token=None):
-    """Appends medians as tokens/s, their ratio, each side's slowest-fastest round, and for training the
-    model FLOP/s ours achieves (flops_per_token * tokens/s: how close the step is to the hardware peak)."""
-    ours, theirs = (tokens / statistics.median(times[k]) for k in ("ours", "hf"))
-    spread = lambda k: f"{tokens / max(times[k]):,.0f}-{tokens / min(times[k]):,.0f}"  # noqa: E731
-    gflops = f"{ours * flops_per_token / 1e9:,.1f}" if flops_per_token else "-"
-    table.append((name, device, dtype, shape, f"{ours:,.0f}", f"{theirs:,.0f}", f"{ours / theirs:.2f}x", target,
-                  f"{spread('ours')} / {spread('hf')}", str(len(times["ours"])), gflops))
+def run(fns, rounds: int, device: str, clock) -> tuple[dict[str, float], float]:
+    """Median seconds per call of each variant, and the compiled variant's compile seconds (its first call,
+    timed on the wall clock, minus its median)."""
+    first = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t0
+    times = {name: statistics.median(t) for name, t in interleaved(fns, rounds, 0, device, clock).items()}
+    return times, first["ours compiled"] - times["ours compiled"]
+
+
+def tokens_differ(out: dict[str, torch.Tensor]) -> str:
+    """'' when every variant decoded the same tokens, else which ones differ from ours eager."""
+    ref = out["ours eager"]
+    differ = [name for name in VARIANTS[1:] if not torch.equal(out[name], ref)]
+    return f" ({', '.join(differ)}: tokens differ)" if differ else ""
+
+
+def row(benchmark, device, dtype, shape, values: dict[str, float], target, compile_s, fmt=None):
+    """One table row: the three variants' values, each of ours against HF, the target, compile seconds."""
+    fmt = fmt or (lambda name, v: f"{v:,.0f}")
+    ratios = [f"{values[name] / values['HF Llama']:.2f}x" if values["HF Llama"] else "-" for name in VARIANTS[:2]]
+    return (benchmark, device, dtype, shape, *(fmt(n, values[n]) for n in VARIANTS), *ratios, target,
+            f"{compile_s:.1f}")
 
 
 def main() -> None:
@@ -95,16 +140,16 @@ def main() -> None:
     p.add_argument("--n-kv-heads", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=6144)
     p.add_argument("--max-seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="train step batch")
     p.add_argument("--seq-len", type=int, default=256, help="train step sequence length")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (after one warm-up)")
-    p.add_argument("--bf16-shape", default="auto",
-                   help="BxT for the bf16-autocast train row; auto = the fp32 shape where bf16 matmul is fast "
-                        "(CUDA, AVX512-BF16/AMX CPUs), else 1x64 with 2 rounds: on AVX2-only CPUs bf16 matmul "
-                        "is emulated and ~20-90x slower than fp32")
+    p.add_argument("--rounds", type=int, default=5, help="timed train rounds per variant (after one warm-up)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--decode-batches", default="1,8", help="comma list of decode batch sizes")
     p.add_argument("--decode-rounds", type=int, default=3)
+    p.add_argument("--dtypes", default="auto",
+                   help="comma list of fp32,bf16; auto = fp32, plus bf16 where it is native (CUDA, AVX512_BF16/AMX "
+                        "CPUs: elsewhere bf16 matmul is emulated, 20-90x slower than fp32)")
     p.add_argument("--devices", default="auto", help="comma list of cpu,cuda; auto = cpu plus cuda when present")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -116,57 +161,66 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    if args.devices == "auto":
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    else:
-        devices = args.devices.split(",")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" else args.devices.split(",")
     if args.clock == "cpu" and "cuda" in devices:
         p.error("--clock cpu measures host CPU time; it means nothing for CUDA kernels (use --devices cpu)")
     cfg = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                       vocab_size=args.vocab_size, max_seq_len=max(args.max_seq_len, args.prompt_len + args.new_tokens))
+    n_params = Transformer(cfg).num_params()
     load_start = os.getloadavg()[0]
-    table = []
+    table, memory_jobs, notes = [], [], []
     for device in devices:
         print(f"# {machine_line(device)}", flush=True)
-        fast_bf16 = device == "cuda" or torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
-        shapes = [("fp32", None, args.batch_size, args.seq_len, args.rounds)]
-        if args.bf16_shape == "auto" and not fast_bf16:
-            shapes.append(("bf16 autocast", torch.bfloat16, 1, 64, 2))
-        else:
-            b, t = (args.batch_size, args.seq_len) if args.bf16_shape == "auto" else map(int, args.bf16_shape.split("x"))
-            shapes.append(("bf16 autocast", torch.bfloat16, b, t, args.rounds))
-        for dtype_name, autocast, batch, seq, rounds in shapes:
-            ours, hf = build(cfg, device, args.seed)
-            fns = train_step_fns(ours.train(), hf.train(), batch, seq, autocast, device, args.seed)
-            times = interleaved(fns, rounds, warmup=1, device=device, clock=clock)
-            row(table, "train step tok/s", device, dtype_name, f"{batch}x{seq}", batch * seq, times, ">= 1.25x",
-                ours.flops_per_token(seq))
+        native_bf16 = device == "cuda" or cpu_has_native_bf16()
+        dtypes = ["fp32", "bf16"] if native_bf16 else ["fp32"]
+        dtypes = dtypes if args.dtypes == "auto" else args.dtypes.split(",")
+        bandwidth = read_bandwidth(device)
+        notes.append(f"{device} read bandwidth {bandwidth / 1e9:.1f} GB/s (best of 5 sums over 512 MB)")
+        for dtype_name in dtypes:
+            autocast = torch.bfloat16 if dtype_name == "bf16" else None
+            models = build(cfg, device, torch.float32, args.seed)
+            fns = train_fns(models, args.batch_size, args.seq_len, autocast, device, args.seed)
+            times, compile_s = run(fns, args.rounds, device, clock)
+            shape = f"{args.batch_size}x{args.seq_len}"
+            name = "train tok/s" if autocast is None else "train tok/s (autocast)"
+            table.append(row(name, device, dtype_name, shape, {n: args.batch_size * args.seq_len / t for n, t in times.items()},
+                             ">= 1.5x", compile_s))
             print(f"  {table[-1]}", flush=True)
-        decode_dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if fast_bf16 else [])
-        for dtype_name, dtype in decode_dtypes:
-            ours, hf = build(cfg, device, args.seed)
-            ours, hf = ours.to(dtype).eval(), hf.to(dtype).eval()
-            fns, out = decode_fns(ours, hf, args.prompt_len, args.new_tokens, device, args.seed)
-            times = interleaved(fns, args.decode_rounds, warmup=1, device=device, clock=clock)
-            same = torch.equal(out["ours"], out["hf"])
-            row(table, "decode tok/s" + ("" if same else " (tokens differ!)"), device, dtype_name,
-                f"1x({args.prompt_len}+{args.new_tokens})", args.new_tokens, times, ">= 1.0x")
-            print(f"  {table[-1]}", flush=True)
+            memory_jobs.append((len(table), device, dtype_name, shape, fns))
+        for dtype_name in dtypes:
+            dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+            weight_bytes = n_params * dtype.itemsize
+            for batch in map(int, args.decode_batches.split(",")):
+                models = build(cfg, device, dtype, args.seed)
+                fns, out = decode_fns(models, batch, args.prompt_len, args.new_tokens, device, args.seed)
+                times, compile_s = run(fns, args.decode_rounds, device, clock)
+                tps = {n: batch * args.new_tokens / t for n, t in times.items()}
+                share = lambda n, v: f"{v:,.0f} ({v / batch * weight_bytes / bandwidth:.0%})"  # noqa: E731
+                table.append(row("decode tok/s" + tokens_differ(out), device, dtype_name,
+                                 f"{batch}x({args.prompt_len}+{args.new_tokens})", tps, ">= 2x", compile_s, share))
+                print(f"  {table[-1]}", flush=True)
+    # after all timing: measuring memory changes how glibc allocates for the rest of the process
+    for at, device, dtype_name, shape, fns in reversed(memory_jobs):
+        peaks = {name: peak_memory(fn, device) for name, fn in fns.items()}
+        if None not in peaks.values():
+            mib = {n: b / 2**20 for n, b in peaks.items()}
+            mib_row = row("train peak MiB", device, dtype_name, shape, mib, "lower", 0.0, lambda n, v: f"{v:,.1f}")
+            table.insert(at, mib_row[:-1] + ("-",))
 
-    n_params = Transformer(cfg).num_params()
     print()
     print(f"config: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads, "
-          f"ffn {cfg.hidden_dim}, vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params; medians of interleaved rounds, "
-          f"{args.clock} clock")
-    header = ("benchmark", "device", "dtype", "shape", "ours", "HF Llama", "ours/HF", "target", "range ours / HF",
-              "rounds", "ours GFLOP/s")
+          f"ffn {cfg.hidden_dim}, vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params; medians of "
+          f"{args.rounds} (train) / {args.decode_rounds} (decode) interleaved rounds, {args.clock} clock")
+    header = ("benchmark", "device", "dtype", "shape", *VARIANTS, "eager/HF", "compiled/HF", "target", "compile s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in table:
         print("| " + " | ".join(r) + " |")
     for device in devices:
         print(f"machine: {machine_line(device)}")
-    # other processes on the same cores skew every number (both sides, but not equally): show how busy it was
+    for note in notes:
+        print(note)
+    # other processes on the same cores skew every number (all variants, but not equally): show how busy it was
     print(f"load average (1 min) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f}, on {os.cpu_count()} cores")
 
 

@@ -1,6 +1,8 @@
-"""What every benchmark shares: the machine line printed with each table, and interleaved timing rounds."""
+"""What every benchmark shares: the machine line printed with each table, interleaved timing rounds, and
+two measurements of the machine itself (memory read bandwidth, peak memory of a call)."""
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import time
@@ -22,7 +24,10 @@ def cpu_name() -> str:
 
 
 def machine_line(device: str) -> str:
-    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.backends.cpu.get_cpu_capability()})"
+    from loading import cpu_has_native_bf16  # the repo root is on sys.path in every bench script
+
+    bf16 = ", native bf16" if cpu_has_native_bf16() else ""
+    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.backends.cpu.get_cpu_capability()}{bf16})"
     return (
         f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads | torch {torch.__version__} | "
         f"transformers {transformers.__version__} | device: {where}"
@@ -52,3 +57,52 @@ def interleaved(
             sync(device)
             times[name].append(clock() - t0)
     return times
+
+
+def read_bandwidth(device: str, nbytes: int = 2**29) -> float:
+    """Bytes per second this device reads from memory with torch's current threads: the best of 5 sums over
+    a float32 buffer of nbytes, far larger than CPU caches. Decoding one token reads every weight once, so
+    weight bytes / this is the least time a decode step can take."""
+    x = torch.ones(nbytes // 4, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def peak_memory(fn: Callable[[], None], device: str) -> int | None:
+    """Bytes fn allocates at its peak on top of what was allocated before it. CUDA: the caching allocator's
+    statistics. CPU (Linux): the rise of the process's peak resident set (VmHWM, reset through
+    /proc/self/clear_refs), with glibc told to map every block of 64 KiB or more directly, so memory that is
+    freed leaves the resident set at once and cannot be reused unseen. That setting stays for the rest of
+    the process and slows allocation: measure after timing. None where neither is available."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (fixed, no longer adapts upwards)
+        libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # peak resident set := current resident set
+        before = _status_kib("VmRSS")
+        fn()
+        return (_status_kib("VmHWM") - before) * 1024
+    except (OSError, AttributeError):  # not Linux / not glibc
+        return None
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")

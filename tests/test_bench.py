@@ -18,15 +18,25 @@ def run_bench(script: str, *args: str, cwd=ROOT) -> str:
     return proc.stdout
 
 
-def test_bench_model_prints_train_and_decode_ratios():
+def test_bench_model_prints_every_variant_and_row():
     out = run_bench("bench_model.py", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1",
                     "--vocab-size", "64", "--batch-size", "1", "--seq-len", "16", "--rounds", "1",
-                    "--new-tokens", "8", "--decode-rounds", "1", "--devices", "cpu", "--threads", "1")
-    rows = [line for line in out.splitlines() if line.startswith("| train step") or line.startswith("| decode")]
-    assert [r.split("|")[1].strip() for r in rows] == ["train step tok/s", "train step tok/s", "decode tok/s"]
-    assert all(re.search(r"\| \d+\.\d+x \|", r) for r in rows)
-    assert "tokens differ" not in out  # ours and HF decoded the same tokens
-    assert "machine: " in out
+                    "--new-tokens", "8", "--decode-rounds", "1", "--decode-batches", "1,2", "--dtypes", "fp32,bf16",
+                    "--devices", "cpu", "--threads", "1")
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines()
+            if line.startswith(("| train", "| decode"))]
+    assert [(r[0].split(" (")[0], r[2], r[3]) for r in rows] == [
+        ("train tok/s", "fp32", "1x16"), ("train peak MiB", "fp32", "1x16"),
+        ("train tok/s", "bf16", "1x16"), ("train peak MiB", "bf16", "1x16"),
+        ("decode tok/s", "fp32", "1x(32+8)"), ("decode tok/s", "fp32", "2x(32+8)"),
+        ("decode tok/s", "bf16", "1x(32+8)"), ("decode tok/s", "bf16", "2x(32+8)"),
+    ]
+    for r in rows:
+        assert all(re.fullmatch(r"[\d,.]+( \(\d+%\))?", v) for v in r[4:7]), r  # eager, compiled, HF values
+        if r[0] == "train tok/s" or r[0].startswith("decode"):
+            assert all(re.fullmatch(r"\d+\.\d+x", v) for v in r[7:9]) and float(r[10]) > 0, r  # ratios, compile s
+    assert not any("tokens differ" in r[0] for r in rows if r[2] == "fp32")  # all variants decoded alike
+    assert "machine: " in out and re.search(r"read bandwidth [\d.]+ GB/s", out)
 
 
 def test_bench_train_prints_every_table():
