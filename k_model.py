@@ -32,8 +32,10 @@ from transformers.utils import ModelOutput
 
 
 class ModelConfig(PretrainedConfig):
-    """Model shape. `hidden_dim=None` applies the LLaMA rule: 2/3 of 4*dim, rounded up to `multiple_of`
-    (the resolved number is stored, so a saved config never depends on the rule)."""
+    """Model shape. `hidden_dim=None` applies the LLaMA rule: 2/3 of 4*dim, rounded up to `multiple_of`, and
+    `head_dim=None` is dim / n_heads (the resolved numbers are stored, so a saved config never depends on the
+    rules). An explicit head_dim (some HF Llama checkpoints) makes attention n_heads * head_dim wide, not dim.
+    `tie_word_embeddings=False` gives the output layer its own matrix (most HF Llama checkpoints)."""
 
     model_type = "k_model"
 
@@ -48,6 +50,8 @@ class ModelConfig(PretrainedConfig):
     max_seq_len: int = 512
     dropout: float = 0.0
     rope_theta: float = 10000.0
+    head_dim: int | None = None
+    tie_word_embeddings: bool = True
     flash_attn: bool = True  # False: explicit softmax(QK^T)V attention instead of F.scaled_dot_product_attention
 
     def __post_init__(self, **kwargs) -> None:
@@ -56,15 +60,19 @@ class ModelConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) is not a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads})")
+            self.head_dim, what = self.dim // self.n_heads, f"head dim = dim / n_heads = {self.dim} / {self.n_heads}"
+        elif not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ValueError(f"ModelConfig.head_dim must be a positive integer or None, got {self.head_dim!r}")
+        else:
+            what = "head_dim"
         if self.head_dim % 2:
-            raise ValueError(
-                f"head dim = dim / n_heads = {self.dim} / {self.n_heads} = {self.head_dim} is odd; "
-                "rotary embeddings rotate pairs of channels, so it must be even"
-            )
+            raise ValueError(f"{what} = {self.head_dim} is odd; rotary embeddings rotate pairs of channels, so it "
+                             "must be even")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.hidden_dim is None:
@@ -72,15 +80,6 @@ class ModelConfig(PretrainedConfig):
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
         elif not isinstance(self.hidden_dim, int) or self.hidden_dim <= 0:
             raise ValueError(f"ModelConfig.hidden_dim must be a positive integer or None, got {self.hidden_dim!r}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def tie_word_embeddings(self) -> bool:
-        # always tied; transformers reads this (with Transformer._tied_weights_keys) in save/from_pretrained
-        return True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,7 +328,8 @@ class Transformer(PreTrainedModel):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = Linear(config.dim, config.vocab_size)
-        self.output.weight = self.tok_embeddings.weight  # tied: one matrix embeds and un-embeds
+        if config.tie_word_embeddings:  # one matrix embeds and un-embeds (transformers reads _tied_weights_keys)
+            self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -353,6 +353,13 @@ class Transformer(PreTrainedModel):
             with torch.no_grad():
                 self.rope_cos.copy_(cos)
                 self.rope_sin.copy_(sin)
+
+    # transformers' and peft's way to find the embedding and output matrices (resizing, tying, LoRA)
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.tok_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.output
 
     # -- forward -------------------------------------------------------------------------------------------
 
@@ -740,7 +747,7 @@ def _hf_config(cfg: ModelConfig) -> LlamaConfig:
         rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         attention_dropout=cfg.dropout,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_word_embeddings,
         attn_implementation="sdpa",
         # token ids are the tokenizer's business; copied when the caller put them on our config
         **{k: getattr(cfg, k, None) for k in TOKEN_ID_KEYS},
@@ -776,21 +783,29 @@ def to_hf_llama(model: Transformer) -> LlamaForCausalLM:
     return hf.to(model.tok_embeddings.weight.device).train(model.training)
 
 
+def unsupported_config(c: PretrainedConfig) -> str | None:
+    """What in an HF config our model cannot express, named by config key; None when it is a Llama we can.
+    Any dtype, tied or untied embeddings, head_dim, rope_theta, rms_norm_eps, max_position_embeddings and
+    GQA are fine; another architecture, biases, another activation or a rope scaling variant are not."""
+    if c.model_type != "llama":
+        return f"model_type {c.model_type!r} (architectures {c.architectures}): not a Llama model"
+    rope_type = (c.rope_parameters or {}).get("rope_type", "default")
+    found = {
+        "rope_scaling / rope_parameters rope_type": rope_type if rope_type != "default" else None,
+        "attention_bias": c.attention_bias or None,
+        "mlp_bias": c.mlp_bias or None,
+        "hidden_act": c.hidden_act if c.hidden_act != "silu" else None,
+    }
+    bad = ", ".join(f"{key} {value!r}" for key, value in found.items() if value is not None)
+    return f"{bad} (k_model is a bias-free, silu, default-rope Llama)" if bad else None
+
+
 def from_hf_llama(hf: LlamaForCausalLM) -> Transformer:
     """Our model from a LlamaForCausalLM; refuses Llama variants this architecture cannot express."""
     c = hf.config
-    rope = c.rope_parameters or {}
-    unsupported = {
-        "attention_bias": c.attention_bias,
-        "mlp_bias": c.mlp_bias,
-        "hidden_act": c.hidden_act if c.hidden_act != "silu" else False,
-        "rope_type": rope.get("rope_type") if rope.get("rope_type", "default") != "default" else False,
-        "tie_word_embeddings": not c.tie_word_embeddings,
-        "head_dim": c.head_dim if c.head_dim * c.num_attention_heads != c.hidden_size else False,
-    }
-    bad = {k: v for k, v in unsupported.items() if v}
-    if bad:
-        raise ValueError(f"k_model cannot express this Llama config (it is tied, bias-free, silu, default rope): {bad}")
+    problem = unsupported_config(c)
+    if problem:
+        raise ValueError(f"k_model cannot express this model: {problem}")
     cfg = ModelConfig(
         dim=c.hidden_size,
         n_layers=c.num_hidden_layers,
@@ -801,7 +816,9 @@ def from_hf_llama(hf: LlamaForCausalLM) -> Transformer:
         norm_eps=c.rms_norm_eps,
         max_seq_len=c.max_position_embeddings,
         dropout=float(c.attention_dropout),
-        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        rope_theta=float(c.rope_parameters.get("rope_theta", 10000.0)),
+        head_dim=c.head_dim,
+        tie_word_embeddings=c.tie_word_embeddings,
         **{k: getattr(c, k) for k in TOKEN_ID_KEYS if getattr(c, k, None) is not None},
     )
     theirs = hf.state_dict()
@@ -812,31 +829,39 @@ def from_hf_llama(hf: LlamaForCausalLM) -> Transformer:
     weight = theirs["model.embed_tokens.weight"]
     model = Transformer(cfg).to(dtype=weight.dtype, device=weight.device)
     model.load_state_dict(sd, strict=True)
-    return model
+    # the weights keep the checkpoint's dtype, the rotary tables stay float32 (as HF keeps inv_freq): rounded
+    # to bf16 they would stay rounded when training upcasts the model to float32 master weights
+    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    return model.to(weight.device)
 
 
-def export_hf(model: Transformer, out_dir: str | os.PathLike) -> None:
-    """Writes out_dir/config.json + model.safetensors, which AutoModelForCausalLM opens as LlamaForCausalLM."""
+def save_quietly(model: PreTrainedModel, out_dir: str | os.PathLike) -> None:
+    """save_pretrained without the progress bar it draws for a single shard: noise in a training log."""
     from transformers.utils import logging as hf_logging
 
-    # save_pretrained draws a progress bar for its single shard: noise in a training log
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        to_hf_llama(model).save_pretrained(out_dir)
+        model.save_pretrained(out_dir)
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
 
 
+def export_hf(model: Transformer, out_dir: str | os.PathLike) -> None:
+    """Writes out_dir/config.json + model.safetensors, which AutoModelForCausalLM opens as LlamaForCausalLM."""
+    save_quietly(to_hf_llama(model), out_dir)
+
+
 def load_hf(out_dir: str | os.PathLike) -> Transformer:
-    """Our model from a directory written by export_hf (or any compatible Llama checkpoint)."""
-    from transformers import AutoModelForCausalLM
+    """Our model from a directory written by export_hf or any LlamaForCausalLM checkpoint, in its stored dtype.
+    ValueError naming config.json and the config key for what the model cannot express."""
+    from transformers import AutoConfig
 
     config_path = os.path.join(out_dir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: {out_dir} is not a Hugging Face model directory")
-    hf = AutoModelForCausalLM.from_pretrained(out_dir)
-    if not isinstance(hf, LlamaForCausalLM):
-        raise ValueError(f"{config_path}: expected a Llama model, got {type(hf).__name__}")
-    return from_hf_llama(hf)
+    problem = unsupported_config(AutoConfig.from_pretrained(out_dir))  # before reading any weights
+    if problem:
+        raise ValueError(f"{config_path}: k_model cannot express this model: {problem}")
+    return from_hf_llama(LlamaForCausalLM.from_pretrained(out_dir, dtype="auto"))
