@@ -1,21 +1,26 @@
-"""Supervised fine-tuning (all weights) of a pretrained model on chat conversations; the loss covers
-assistant replies only (SFTDataset's loss mask).
+"""Supervised fine-tuning of a pretrained model on chat conversations, of every weight or (--lora_r) of LoRA
+adapters; the loss covers assistant replies only (SFTDataset's loss mask).
 
     python ddp_sft_full.py                                  # from out/pretrain, data out/data/sft_train.jsonl
-    python ddp_sft_full.py --init_from out/pretrain/hf      # or any HF export of this architecture
+    python ddp_sft_full.py --init_from out/pretrain/hf      # or any LlamaForCausalLM directory, with its tokenizer
+    python ddp_sft_full.py --lora_r 8 --learning_rate 2e-3  # LoRA: adapters only (lora.py)
     torchrun --nproc_per_node=8 ddp_sft_full.py --batch_size 32
 
-The loop, flags and checkpoint format live in trainer.py; this script picks the data and the initial model.
+The tokenizer is the --init_from model's own unless --tokenizer_path says otherwise; when it has no chat
+template (a base model's), ours is added with its two special tokens and the embeddings grow to hold them
+(loading.with_chat_template, checkpoint.initial_model). The loop, flags and checkpoint format live in
+trainer.py; this script picks the data, the tokenizer and the initial model.
 """
 
 import argparse
+from pathlib import Path
 from typing import Any
 
+import lora
 import trainer
-from checkpoint import config_to_dict, load_model
+from checkpoint import initial_model, tokenizer_dir_for
 from dataset import SFTDataset, encode_chat
-from k_model import ModelConfig, Transformer
-from loading import SourcedModel
+from loading import SourcedModel, load_tokenizer, with_chat_template
 
 
 class SFT(trainer.Task):
@@ -33,22 +38,34 @@ class SFT(trainer.Task):
         save_interval=200,
         eval_interval=200,
         sample_prompt=["你好,请介绍一下你自己。"],
+        **lora.DEFAULTS,
     )
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--init_from", help="pretraining ckpt.pt, its run dir, or an HF export dir (config.json "
-                            f"+ model.safetensors) (default: {self.defaults['init_from']})")
+        parser.add_argument("--init_from", help="pretraining ckpt.pt, its run dir, an HF model directory (ours or any "
+                            f"LlamaForCausalLM) (default: {self.defaults['init_from']})")
+        lora.add_flags(parser)
+
+    def tokenizer(self, args: argparse.Namespace) -> tuple[Any, str]:
+        """The --init_from model's tokenizer (or --tokenizer_path), with a chat template: ours if it has none."""
+        path = tokenizer_dir_for(args.init_from, args.tokenizer_path)
+        return with_chat_template(load_tokenizer(path)), path
 
     def initial_model(self, args: argparse.Namespace, tokenizer: Any) -> SourcedModel:
-        """The --init_from model (checkpoint, run dir or HF export), with --dropout applied if given."""
-        model, info = load_model(args.init_from)
-        if args.dropout is not None and args.dropout != model.config.dropout:
-            # dropout probabilities are fixed when modules are built: rebuild, then copy the weights
-            config = ModelConfig(**{**config_to_dict(model.config), "dropout": args.dropout})
-            rebuilt = Transformer(config)
-            rebuilt.load_state_dict(model.state_dict())
-            model = rebuilt
-        return SourcedModel(model.train(), info["source"], info["tokenizer_fingerprint"])
+        """The --init_from model with --dropout applied if given, and with LoRA adapters if --lora_r is."""
+        start = initial_model(args.init_from, tokenizer, args.dropout)
+        if not args.lora_r:
+            if args.load_in_4bit:
+                raise ValueError("--load_in_4bit quantizes the frozen weights of LoRA training: add --lora_r")
+            return start
+        return start._replace(model=lora.attach(start.model, lora.spec_from_args(args, args.init_from)))
+
+    def model_state(self, model: Any) -> dict[str, Any]:
+        return lora.model_state(model) if lora.has_adapters(model) else super().model_state(model)
+
+    def export(self, model: Any, out_dir: Path, tokenizer: Any) -> Path:
+        return lora.export(model, out_dir, tokenizer) if lora.has_adapters(model) else super().export(
+            model, out_dir, tokenizer)
 
     def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
         return encode_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0]

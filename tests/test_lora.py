@@ -1,0 +1,194 @@
+"""LoRA SFT (lora.py through ddp_sft_full.py): only the adapters train and the checkpoint holds only them; the
+exports reproduce the logits training computes, through transformers and peft themselves (the merged
+LlamaForCausalLM, and PeftModel on the base); DDP with 2 processes = 1 process; Ctrl-C + --resume =
+uninterrupted; a changed base and bad flags are refused."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import ddp_pretrain
+import ddp_sft_full
+from checkpoint import load_model, model_from_state
+from model_sample import TextGenerator
+from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, run_script
+
+LORA = ["--lora_r", "4", "--lora_alpha", "8"]
+STEPS = ["--max_steps", "6", "--learning_rate", "1e-2", "--warmup_iters", "2", "--log_interval", "1",
+         "--eval_interval", "3", "--save_interval", "3"]
+DIM, LAYERS, HIDDEN = 32, 2, 128  # TINY_MODEL; HIDDEN: the LLaMA rule for dim 32 (multiple of 64)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_tokenizer_dir):
+    """A briefly pretrained tiny model (the base) and chat data."""
+    root = tmp_path_factory.mktemp("lora")
+    train_bin, _ = make_pretrain_data(root, tiny_tokenizer_dir, n_train=100, n_val=10)
+    ddp_pretrain.main(["--data_path", train_bin, "--val_data_path", "", "--tokenizer_path", tiny_tokenizer_dir,
+                       "--out_dir", str(root / "base"), *TINY_MODEL, *QUIET, "--batch_size", "8", "--max_steps", "3",
+                       "--learning_rate", "1e-2", "--log_interval", "1"])
+    sft_train, sft_val = make_sft_data(root)
+    args = ["--data_path", sft_train, "--val_data_path", sft_val, "--init_from", str(root / "base"), *QUIET,
+            "--max_seq_len", "32", "--batch_size", "8"]
+    return SimpleNamespace(root=root, base=root / "base", args=args)
+
+
+@pytest.fixture(scope="module")
+def lora_run(data):
+    out = data.root / "lora"
+    ddp_sft_full.main(data.args + LORA + STEPS + ["--lora_dropout", "0.1", "--out_dir", str(out)])
+    return out
+
+
+def test_only_adapters_train_and_the_checkpoint_holds_only_them(data, lora_run):
+    state = torch.load(lora_run / "ckpt.pt", weights_only=True)
+    # one A and one B per projection (wqkv, wo, w13, w2) per layer; their sizes r x in and out x r
+    assert sorted(state["model"]) == sorted(f"layers.{i}.{m}.lora_{ab}.weight" for i in range(LAYERS)
+                                            for m in ("attention.wqkv", "attention.wo", "feed_forward.w13",
+                                                      "feed_forward.w2") for ab in "AB")
+    shapes = {"wqkv": (DIM, (4 + 2 * 2) * 8), "wo": (DIM, DIM), "w13": (DIM, 2 * HIDDEN), "w2": (HIDDEN, DIM)}
+    trainable = LAYERS * sum(4 * (n_in + n_out) for n_in, n_out in shapes.values())
+    assert sum(t.numel() for t in state["model"].values()) == trainable
+    assert len(state["optimizer"]["state"]) == len(state["model"])  # AdamW moments for the adapters only
+    log = (lora_run / "train.log").read_text(encoding="utf-8")
+    assert f"({trainable:,} trainable: " in log and "peak memory: " in log
+
+    base, _ = load_model(data.base)
+    adapted = model_from_state(state, lora_run / "ckpt.pt")
+    frozen = {k.replace(".base_layer", ""): v for k, v in adapted.state_dict().items() if "lora_" not in k}
+    assert frozen.keys() == base.state_dict().keys()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in frozen.items())  # the base did not move
+    assert all(state["model"][f"layers.{i}.feed_forward.w2.lora_B.weight"].abs().sum() > 0 for i in range(LAYERS))
+
+
+def test_exports_give_the_logits_training_computes(lora_run):
+    state = torch.load(lora_run / "ckpt.pt", weights_only=True)
+    adapted = model_from_state(state, lora_run / "ckpt.pt").eval()
+    x = torch.randint(0, adapted.config.vocab_size, (2, 24))
+    adapter_dir = lora_run / "adapter"
+    base_dir = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base_dir) == (lora_run / "base").resolve()  # the base was a ckpt.pt: its HF form is written
+    with torch.no_grad():
+        ours = adapted(x).logits
+        merged = AutoModelForCausalLM.from_pretrained(lora_run / "hf")(x).logits
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+        on_base = peft_model(x).logits
+        base_only = AutoModelForCausalLM.from_pretrained(base_dir)(x).logits
+        sampled = TextGenerator(adapter_dir, device="cpu", dtype="float32").model(x).logits
+    for theirs in (merged, on_base, sampled):
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert (base_only - ours).abs().max() > 1e-3  # the adapters change the function
+
+    # the peft adapter on q_proj is the fused wqkv adapter's first rows, with the shared A: W + alpha / r * B A
+    lora_a, lora_b = (state["model"][f"layers.0.attention.wqkv.lora_{ab}.weight"] for ab in "AB")
+    q_proj = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(q_proj.get_delta_weight("default"), (8 / 4) * lora_b[:DIM] @ lora_a)
+
+
+def test_ddp_two_processes_match_one(data, tmp_path):
+    common = data.args + LORA + STEPS + ["--lora_dropout", "0"]
+    ddp = run_script("ddp_sft_full.py", common + ["--out_dir", str(tmp_path / "ddp"), "--batch_size", "2",
+                                                  "--accumulation_steps", "2"], nproc=2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ddp_sft_full.main(common + ["--out_dir", str(tmp_path / "one"), "--batch_size", "4", "--accumulation_steps", "2"])
+    one, two = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "ddp"))
+    assert two["world_size"] == 2 and one["step"] == two["step"] == 6
+    for key, weight in one["model"].items():
+        torch.testing.assert_close(two["model"][key], weight, atol=1e-5, rtol=0, msg=key)
+    assert [v for _, v in read_metrics(tmp_path / "ddp")] == pytest.approx([v for _, v in read_metrics(
+        tmp_path / "one")], abs=1e-5)
+
+
+def test_interrupted_run_resumes_exactly(data, tmp_path):
+    """Ctrl-C mid-run saves adapters + optimizer; --resume rebuilds the base from --init_from and ends exactly
+    where the run left alone ends (LoRA dropout on: its masks are reproduced too)."""
+    args = data.args + LORA + ["--lora_dropout", "0.1", "--max_steps", "40", "--learning_rate", "1e-2",
+                               "--log_interval", "1", "--eval_interval", "20", "--save_interval", "100"]
+    ddp_sft_full.main(args + ["--out_dir", str(tmp_path / "ref")])
+    run = tmp_path / "run"
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "ddp_sft_full.py"), *args, "--out_dir", str(run)],
+                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        while not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < 3:
+            assert proc.poll() is None, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 128 + signal.SIGINT, log.read_text()[-3000:]
+    finally:
+        proc.kill()
+    stopped = torch.load(run / "ckpt.pt", weights_only=True)["step"]
+    assert 3 <= stopped < 40
+    ddp_sft_full.main(args + ["--out_dir", str(run), "--resume"])
+    assert read_metrics(run) == read_metrics(tmp_path / "ref")
+    assert read_metrics(run, "val_loss") == read_metrics(tmp_path / "ref", "val_loss")
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (tmp_path / "ref", run))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    adam_a, adam_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(x, y) for i in adam_a for x, y in zip(adam_a[i].values(), adam_b[i].values()))
+
+
+def test_a_changed_base_is_refused(data, lora_run, tmp_path):
+    state = torch.load(lora_run / "ckpt.pt", weights_only=True)
+    base = torch.load(data.base / "ckpt.pt", weights_only=True)
+    base["model"]["norm.weight"] += 1  # the base retrained after the adapters were
+    torch.save(base, tmp_path / "ckpt.pt")
+    state["lora"]["base"] = str(tmp_path)
+    with pytest.raises(ValueError, match=r"trained on another .*: the base model's weights have changed"):
+        model_from_state(state, "lora.pt")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_r", "4", "--lora_targets", "wqkv,q_proj"], "--lora_targets 'wqkv,q_proj': expected a comma-separated "
+                                                         "subset of wqkv, wo, w13, w2"),
+    (["--lora_r", "4", "--lora_dropout", "1"], r"--lora_dropout must be in \[0, 1\)"),
+    (["--load_in_4bit"], "--load_in_4bit quantizes the frozen weights of LoRA training: add --lora_r"),
+])
+def test_bad_lora_flags_are_refused(data, tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        ddp_sft_full.main(data.args + flags + ["--max_steps", "1", "--out_dir", str(tmp_path)])
+
+
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.mark.skipif(HAS_BNB, reason="bitsandbytes is installed: test_qlora_on_cpu runs instead")
+def test_load_in_4bit_without_bitsandbytes_says_so(data, tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --load_in_4bit needs bitsandbytes \(pip install bitsandbytes\)"):
+        ddp_sft_full.main(data.args + LORA + ["--load_in_4bit", "--max_steps", "1", "--out_dir", str(tmp_path)])
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (pip install bitsandbytes)")
+def test_qlora_on_cpu(data, tmp_path, tiny_tokenizer_dir):
+    """bitsandbytes >= 0.48 quantizes and computes 4-bit NF4 on a CPU too: the base projections are stored in
+    4 bits, the merged export reproduces the adapted (quantized) model's logits."""
+    # bitsandbytes' CPU kernels need input widths that are multiples of its 64-value quantization blocks
+    base, out = tmp_path / "base64", tmp_path / "qlora"
+    train_bin = str(data.root / "train.bin")
+    ddp_pretrain.main(["--data_path", train_bin, "--val_data_path", "", "--tokenizer_path", tiny_tokenizer_dir,
+                       "--out_dir", str(base), *TINY_MODEL, "--dim", "64", *QUIET, "--max_steps", "1"])
+    ddp_sft_full.main(data.args + LORA + STEPS + ["--init_from", str(base), "--load_in_4bit", "--lora_dropout", "0",
+                                                  "--out_dir", str(out)])
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["lora"]["load_in_4bit"]
+    adapted = model_from_state(state, out / "ckpt.pt").eval()
+    assert adapted.layers[0].attention.wqkv.get_base_layer().weight.dtype == torch.uint8  # packed 4-bit
+    x = torch.randint(0, adapted.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        trained = adapted(x).logits  # through bitsandbytes' 4-bit kernels
+        merged = AutoModelForCausalLM.from_pretrained(out / "hf")(x).logits
+        base = AutoModelForCausalLM.from_pretrained(base / "hf")(x).logits
+    # the merged export (dequantized weights + adapters) is training's function up to the rounding of
+    # bitsandbytes' 4-bit kernels (on a CPU they keep the block scales in bf16), far below the adapters' effect
+    rounding = (merged - trained).abs().max()
+    assert rounding < 1e-2 and (trained - base).abs().max() > 10 * rounding
