@@ -1,7 +1,14 @@
 """A LLaMA2-style decoder-only Transformer, weight-compatible with transformers' LlamaForCausalLM.
 
-Read top to bottom: config -> building blocks (RMSNorm, rotary embeddings, attention, SwiGLU MLP) ->
-Transformer (forward, KV-cache generation) -> conversion to / from Hugging Face Llama.
+Read top to bottom: config -> building blocks (the matmul, RMSNorm, rotary embeddings, attention, SwiGLU
+MLP) -> Transformer (forward, KV-cache generation) -> its compiled decode step -> the loss (chunked linear +
+cross-entropy) -> sampling -> conversion to / from Hugging Face Llama.
+
+Where the speed comes from, measured against LlamaForCausalLM in bench/bench_model.py:
+  * training: the loss never materialises the (B, T, vocab) logits; torch.compile(model) works unchanged;
+  * decoding: a KV cache allocated once and written in place, so one compiled graph serves every token
+    (Transformer.compile_decode); prefill and sliding the window stay eager;
+  * on x86 CPUs, float32 matmuls run in oneDNN instead of MKL (see mm_t).
 
 Two layout choices differ from LlamaForCausalLM, both for speed, and both undone by `to_hf_llama`:
   * q, k and v come from one fused projection `wqkv` (rows: q heads, then k heads, then v heads);
@@ -96,7 +103,8 @@ def _onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() and torch._inductor.config.freezing:
         return False  # inductor repacks frozen weights for oneDNN itself
     # float32 only: bf16 / fp16 matmuls already go to oneDNN; under autocast F.linear must do its casting
-    return ONEDNN and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    float32 = a.dtype == b.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    return ONEDNN and a.device.type == "cpu" and float32
 
 
 def _onednn_mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -465,7 +473,7 @@ class Transformer(PreTrainedModel):
         step (the gpt-fast approach, see CompiledStep). Compiling takes tens of seconds on a CPU, so it pays
         off in a chat session or a server, not for one short generation. Where compiling fails (no C++
         compiler, a platform torch.compile does not support) one line says why and decoding stays eager.
-        Greedy tokens are the same either way."""
+        Greedy tokens are the same either way. Call it once the model is on its device."""
         try:
             self._compiled_step = CompiledStep(self)
         except Exception as err:  # torch.compile itself refuses where dynamo is unsupported (e.g. a new Python)
@@ -529,7 +537,7 @@ class Transformer(PreTrainedModel):
         """Runs the (left-padded) prompt, n <= max_seq_len tokens, into cache slots 0..n-1. Returns the last
         position's logits, each row's next position, and key_mask (B, cache slots): which cache slots hold a
         real token (not padding, not yet written)."""
-        B, n = tokens.shape
+        n = tokens.shape[1]
         slots = torch.arange(n, device=tokens.device)
         if bool(mask.all()):
             cos, sin = self.rope_cos[:n, None], self.rope_sin[:n, None]
@@ -667,8 +675,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         hc, wc, targets, lse = ctx.saved_tensors
         g = torch.where(targets == -100, 0.0, grad_losses.float())  # ignored rows get no gradient
         grad_h, grad_w = [], torch.zeros(wc.shape, dtype=torch.float32, device=wc.device)
-        pieces = zip(hc.split(ctx.chunk), targets.clamp(min=0).split(ctx.chunk), lse.split(ctx.chunk), g.split(ctx.chunk))
-        for rows, tgt, row_lse, row_g in pieces:
+        chunks = (t.split(ctx.chunk) for t in (hc, targets.clamp(min=0), lse, g))
+        for rows, tgt, row_lse, row_g in zip(*chunks):
             # d loss / d logits = g * (softmax - one_hot(target))
             d = (mm_t(rows, wc).float() - row_lse[:, None]).exp_().mul_(row_g[:, None])
             d = d.scatter_add_(1, tgt[:, None], -row_g[:, None]).to(wc.dtype)

@@ -161,7 +161,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" else args.devices.split(",")
+    if args.devices == "auto":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        devices = args.devices.split(",")
     if args.clock == "cpu" and "cuda" in devices:
         p.error("--clock cpu measures host CPU time; it means nothing for CUDA kernels (use --devices cpu)")
     cfg = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
@@ -183,8 +186,8 @@ def main() -> None:
             times, compile_s = run(fns, args.rounds, device, clock)
             shape = f"{args.batch_size}x{args.seq_len}"
             name = "train tok/s" if autocast is None else "train tok/s (autocast)"
-            table.append(row(name, device, dtype_name, shape, {n: args.batch_size * args.seq_len / t for n, t in times.items()},
-                             ">= 1.5x", compile_s))
+            tps = {n: args.batch_size * args.seq_len / t for n, t in times.items()}
+            table.append(row(name, device, dtype_name, shape, tps, ">= 1.5x", compile_s))
             print(f"  {table[-1]}", flush=True)
             memory_jobs.append((len(table), device, dtype_name, shape, fns))
         for dtype_name in dtypes:

@@ -27,7 +27,8 @@ def machine_line(device: str) -> str:
     from loading import cpu_has_native_bf16  # the repo root is on sys.path in every bench script
 
     bf16 = ", native bf16" if cpu_has_native_bf16() else ""
-    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.backends.cpu.get_cpu_capability()}{bf16})"
+    cpu = f"cpu ({torch.backends.cpu.get_cpu_capability()}{bf16})"
+    where = torch.cuda.get_device_name() if device == "cuda" else cpu
     return (
         f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads | torch {torch.__version__} | "
         f"transformers {transformers.__version__} | device: {where}"
@@ -77,9 +78,10 @@ def read_bandwidth(device: str, nbytes: int = 2**29) -> float:
 def peak_memory(fn: Callable[[], None], device: str) -> int | None:
     """Bytes fn allocates at its peak on top of what was allocated before it. CUDA: the caching allocator's
     statistics. CPU (Linux): the rise of the process's peak resident set (VmHWM, reset through
-    /proc/self/clear_refs), with glibc told to map every block of 64 KiB or more directly, so memory that is
-    freed leaves the resident set at once and cannot be reused unseen. That setting stays for the rest of
-    the process and slows allocation: measure after timing. None where neither is available."""
+    /proc/self/clear_refs), with glibc told to map every block of 64 KiB or more directly and to hand its
+    free memory back first, so that no allocation is served unseen from memory freed earlier. That setting
+    stays for the rest of the process and slows allocation: measure after timing. None where neither is
+    available."""
     if device == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -91,6 +93,7 @@ def peak_memory(fn: Callable[[], None], device: str) -> int | None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (fixed, no longer adapts upwards)
         libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)  # free heap pages leave the resident set: reusing them counts again
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # peak resident set := current resident set
         before = _status_kib("VmRSS")

@@ -251,7 +251,8 @@ def test_compiled_decode_equals_eager_and_compiles_once(capfd):
     assert torch.equal(fast.generate(idx, 30, temperature=0, attention_mask=mask),
                        eager.generate(idx, 30, temperature=0, attention_mask=mask))
     prompt = torch.randint(0, VOCAB, (1, 9))
-    assert list(fast.stream_generate(prompt, 20, temperature=0)) == list(eager.stream_generate(prompt, 20, temperature=0))
+    streamed = list(fast.stream_generate(prompt, 20, temperature=0))
+    assert streamed == list(eager.stream_generate(prompt, 20, temperature=0))
     assert capfd.readouterr().err.count("fast decode: compiled the one-token step") == 2  # batch 1, batch > 1
     with torch._dynamo.config.patch(error_on_recompile=True):
         longer = torch.randint(0, VOCAB, (4, 3))
