@@ -219,8 +219,8 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     g = p.add_argument_group("data and paths")
     add(g, "data_path", "training data")
     add(g, "val_data_path", "held-out data for evaluation; evaluation is skipped if it is absent")
-    add(g, "tokenizer_path", "tokenizer directory (sets the vocab size); default: the initial model's own (the "
-                             f"one saved with --init_from), else {DEFAULT_TOKENIZER}")
+    add(g, "tokenizer_path", "tokenizer directory (sets the vocab size); a run from --init_from reads that model's "
+                             f"own unless this is given (default: {DEFAULT_TOKENIZER})")
     add(g, "out_dir", "checkpoint ckpt.pt, train.log, metrics.jsonl and the final hf/ export")
 
     g = p.add_argument_group("optimization")
