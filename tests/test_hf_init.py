@@ -122,7 +122,8 @@ def test_a_foreign_base_continues_pretraining_then_learns_to_chat(tmp_path, tiny
     pre = tmp_path / "pretrain"
     ddp_pretrain.main(["--init_from", str(base), "--data_path", train_bin, "--val_data_path", val_bin,
                        "--out_dir", str(pre), *QUIET, "--max_seq_len", "32", "--batch_size", "8", "--max_steps", "40",
-                       "--learning_rate", "3e-3", "--warmup_iters", "5", "--eval_interval", "40", "--log_interval", "10"])
+                       "--learning_rate", "3e-3", "--warmup_iters", "5", "--eval_interval", "40",
+                       "--log_interval", "10"])
     log = (pre / "train.log").read_text(encoding="utf-8")
     assert f"from {base}" in log and "stores bfloat16 weights: training float32 master weights" in log
     (_, after), = read_metrics(pre, "val_loss")
