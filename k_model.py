@@ -104,7 +104,8 @@ def _onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False  # inductor repacks frozen weights for oneDNN itself
     # float32 only: bf16 / fp16 matmuls already go to oneDNN; under autocast F.linear must do its casting
     float32 = a.dtype == b.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    return ONEDNN and a.device.type == "cpu" and float32
+    # oneDNN refuses empty operands (an SFT micro-batch without one supervised token)
+    return ONEDNN and a.device.type == "cpu" and float32 and a.numel() > 0 and b.numel() > 0
 
 
 def _onednn_mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -286,6 +286,17 @@ def test_compile_decode_falls_back_to_eager_without_a_cxx_compiler(tmp_path):
     assert len(failures) == 1 and "torch.compile failed" in failures[0] and "decoding eagerly" in failures[0]
 
 
+def test_loss_mask_without_a_supervised_token_gives_zero_loss_and_gradients():
+    """An SFT micro-batch whose answers were all cut off: nothing is projected, backward still runs."""
+    model = tiny().train()
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    out = model(tokens, tokens, loss_mask=torch.zeros(2, 16))
+    assert out.last_loss.shape == (32,) and not out.last_loss.any()
+    out.last_loss.sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+
+
 def test_bf16_autocast_forward_and_generate():
     model = tiny()
     tokens = torch.randint(0, VOCAB, (2, 16))
