@@ -289,7 +289,7 @@ def resolve_args(given: argparse.Namespace, task: Task, saved: dict[str, Any] | 
               ("script default", task.defaults), ("default", COMMON_DEFAULTS)]
     values, sources = {}, {}
     for name in vars(given):
-        values[name], sources[name] = None, "the model"
+        values[name], sources[name] = None, "the initial model"
         for source, layer in layers:
             if layer.get(name) is not None:
                 values[name], sources[name] = layer[name], source
@@ -451,12 +451,12 @@ class Trainer:
             torch.set_num_threads(args.num_threads)
         torch.manual_seed(args.seed)
         self.log = RunLogger(self.out_dir, d.is_main)
-        self.tokenizer, args.tokenizer_path = task.tokenizer(args)
+        self.tokenizer, tokenizer_path = task.tokenizer(args)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 
         start = self._initial_model(args, state)
-        check_model_tokenizer(start, self.tokenizer, args.tokenizer_path)
-        self.args, self.sources = self._with_model_defaults(args, sources, start)
+        check_model_tokenizer(start, self.tokenizer, tokenizer_path)
+        self.args, self.sources = self._with_loaded_values(args, sources, start, tokenizer_path)
         self.model_source = start.source
         self.model = start.model.to(d.device).train()
         task.prepare(self.model, self.args, self.tokenizer, d.device)
@@ -527,11 +527,13 @@ class Trainer:
         return start
 
     @staticmethod
-    def _with_model_defaults(args: argparse.Namespace, sources: dict[str, str],
-                             start: SourcedModel) -> tuple[argparse.Namespace, dict[str, str]]:
-        """Flags no layer set (SFT's max_seq_len, dropout) take the initial model's values."""
+    def _with_loaded_values(args: argparse.Namespace, sources: dict[str, str], start: SourcedModel,
+                            tokenizer_path: str) -> tuple[argparse.Namespace, dict[str, str]]:
+        """The final flags: the tokenizer directory Task.tokenizer chose (the checkpoint records it, so a resumed
+        run reads the same one), and for flags no layer set (SFT's max_seq_len, dropout) the model's values."""
         config = start.model.config
-        values, sources = dict(vars(args)), dict(sources)
+        values = {**vars(args), "tokenizer_path": tokenizer_path}
+        sources = {**sources, "tokenizer_path": sources["tokenizer_path"] if args.tokenizer_path else "the task"}
         for name in ("max_seq_len", "dropout"):
             if values[name] is None:
                 values[name] = getattr(config, name)
