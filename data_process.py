@@ -614,12 +614,14 @@ def run_command(args: argparse.Namespace) -> None:
         stats = build_prefs(args.model, args.tokenizer, {"train": args.train, "val": args.val}, args.test,
                             args.out_dir, args.max_examples, args.max_new_tokens, args.batch_size, args.device,
                             args.seed, args.skip_bad)
-        print(f"{'file':<26}{'kind':<11}{'prompts':>8}{'greedy reply fails':>20}{'pairs':>8}")
+        width = max(map(len, stats)) + 2
+        print(f"{'file':<{width}}{'kind':<11}{'prompts':>8}{'greedy reply fails':>20}{'pairs':>8}")
         for path, st in stats.items():
             for kind in ("sentiment", "dialogue"):
                 k = st[kind]
                 share = f"{k['greedy_failures'] / k['prompts']:.1%}" if k["prompts"] else "-"
-                print(f"{path:<26}{kind:<11}{k['prompts']:>8,}{k['greedy_failures']:>11,} ({share:>6}){k['pairs']:>8,}")
+                print(f"{path:<{width}}{kind:<11}{k['prompts']:>8,}{k['greedy_failures']:>11,} ({share:>6})"
+                      f"{k['pairs']:>8,}")
             if st["too_long"]:
                 print(f"{path}: {st['too_long']:,} prompts left out: with the labelled reply they overflow the "
                       "model's context")

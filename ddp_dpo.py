@@ -112,6 +112,7 @@ class DPO(SFT):
     description = __doc__
     metrics = METRICS
     defaults = dict(
+        SFT.defaults,  # so the flags SFT adds have their defaults here too
         init_from="out/sft",
         data_path="out/data/dpo_train.jsonl",
         val_data_path="out/data/dpo_val.jsonl",
@@ -126,7 +127,6 @@ class DPO(SFT):
         label_smoothing=0.0,
         precompute_ref_logps=False,
         skip_bad=False,
-        sample_prompt=["你好,请介绍一下你自己。"],
     )
 
     def __init__(self) -> None:
