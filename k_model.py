@@ -505,20 +505,22 @@ class Transformer(PreTrainedModel):
         filled = T - start  # cache slots in use; `slot` holds the same number as a tensor, for a compiled step
         slot = torch.tensor([filled], device=idx.device)
         for t in range(T, T + max_new_tokens):
-            if t > T:  # feed the token sampled last round
-                if filled < window:
-                    key_mask[:, filled] = True
-                    # attend to the filled slots only, or to all of them where a CUDA graph needs fixed shapes
-                    width = window if getattr(step, "full_window", False) else filled + 1
-                    logits = step(tok, pos, slot, key_mask[:, :width], caches)
-                    pos += 1
-                    slot += 1
-                    filled += 1
-                else:
-                    logits, pos, key_mask = self._prefill(seq[:, t - window : t], real[:, t - window : t], caches)
             tok = sample(logits, temperature, top_k, top_p)
             seq[:, t] = tok
             yield tok
+            if t + 1 == T + max_new_tokens:
+                return  # no logits needed after the last token
+            if filled < window:
+                key_mask[:, filled] = True
+                # attend to the filled slots only, or to all of them where a CUDA graph needs fixed shapes
+                width = window if getattr(step, "full_window", False) else filled + 1
+                logits = step(tok, pos, slot, key_mask[:, :width], caches)
+                pos += 1
+                slot += 1
+                filled += 1
+            else:  # the window is full: slide it by one token
+                last = slice(t + 1 - window, t + 1)
+                logits, pos, key_mask = self._prefill(seq[:, last], real[:, last], caches)
 
     def _new_caches(self, batch: int, device: torch.device) -> list[KVCache]:
         # keys and values come out of the projections in autocast's dtype when it is on (bf16 on CPU)
