@@ -578,11 +578,12 @@ class CompiledStep:
     cache is pre-allocated and written in place, positions and the cache slot are tensors), so one graph
     serves every step.
     On CUDA each step is replayed as a CUDA graph (mode "reduce-overhead"), which needs fixed shapes: one
-    graph per batch size, attention reading the whole window with the unfilled slots masked.
+    graph per batch size, attention reading the whole window with the unfilled slots masked (untested: no
+    GPU was at hand).
     On a CPU the shapes are symbolic (one graph for batch 1, one for every larger batch), attention reads
     the filled slots only, and the weights are frozen into the graph as constants so that inductor repacks
-    them into the layout oneDNN's matmul reads fastest (a second copy of the weights); the graph is rebuilt
-    when the weights change.
+    them for the matmul kernels (MKL's packed layout at batch 1, oneDNN's for a symbolic batch; a second
+    copy of the weights); the graph is rebuilt when the weights change.
     The first step of each graph compiles, and says so on stderr with the seconds it took; if compiling
     fails, one line says why and the model decodes eagerly from then on."""
 
