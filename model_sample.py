@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat with the SFT model")
+    p.add_argument("--no_compile", action="store_true",
+                   help="--chat compiles its one-token decode step once (tens of seconds on a CPU, then faster "
+                        "replies; eager if compiling fails); this keeps it eager")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -322,6 +325,9 @@ def main(argv: list[str] | None = None) -> None:
         path = args.pretrain_path if args.mode == "pretrain" else args.sft_path
         gen = TextGenerator(path, args.tokenizer_path, args.device, args.dtype)
         if args.chat:
+            if not args.no_compile:  # a session generates many replies: compiling pays off
+                gen.model.compile_decode()
+                gen.model.generate(gen._tensor([gen.eos_id]), 2, temperature=0.0)  # compile now, not mid-reply
             chat_repl(gen, args)
         else:
             run_samples(gen, args)

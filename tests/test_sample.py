@@ -138,7 +138,8 @@ def test_chat_repl_driven_through_stdin(run, gen, tiny_tokenizer_dir):
     common = ["--sft_path", str(run[0]), "--tokenizer_path", tiny_tokenizer_dir, "--device", "cpu",
               "--dtype", "float32", "--temperature", "0", "--max_new_tokens", "12"]
     # a real process reading a pipe, as a user's terminal or a script would drive it
-    proc = subprocess.run([sys.executable, str(ROOT / "model_sample.py"), *common, "--chat", "--stream"],
+    proc = subprocess.run([sys.executable, str(ROOT / "model_sample.py"), *common, "--chat", "--stream",
+                           "--no_compile"],  # compiled decoding = eager: tests/test_model.py
                           input=f"{PROMPT}\n\n第二个问题\n/reset\n{PROMPT}\n/exit\nnever read\n",
                           capture_output=True, text=True, timeout=90, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
