@@ -376,32 +376,44 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
     return ids, _overlap_mask(offsets, replies, len(text))
 
 
-class SFTDataset(Dataset):
-    """Chat conversations -> (X, Y, loss_mask), loss only on assistant replies and their closing EOS.
+class IndexedJsonlDataset(Dataset):
+    """A JSONL file validated and indexed by byte offset at start-up (a bad line fails here with file:line,
+    or is skipped and counted with skip_bad); records are read back on access, so RAM holds 16 bytes per
+    record, not the file. Subclasses tokenize a record into ids and a loss mask."""
 
-    The file (any shape sft_record accepts) is validated and indexed by byte offset at start-up (a bad
-    line fails here with file:line); items are read and tokenized by encode_chat on access, so RAM holds 16
-    bytes per conversation, not the file. Sequences are truncated to max_length + 1 tokens (ids and mask
-    together, so they stay aligned) and right-padded with pad_token_id, where the mask is 0."""
+    key = ""  # what parse_record reads each line as
 
     def __init__(self, data_path: str, tokenizer, max_length: int = 512, skip_bad: bool = False):
         if tokenizer.pad_token_id is None or tokenizer.eos_token is None:
             raise ValueError("the tokenizer needs pad and eos tokens")
         self.data_path, self.tokenizer, self.max_length = data_path, tokenizer, max_length
-        index = [(off, n) for off, n, _ in JsonlRecords(data_path, "conversations", skip_bad)]
+        index = [(off, n) for off, n, _ in JsonlRecords(data_path, self.key, skip_bad)]
         self._index = np.asarray(index, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._index)
 
-    def __getitem__(self, i: int):
+    def record(self, i: int) -> dict:
         offset, length = self._index[i]
-        raw = read_bytes_at(self.data_path, int(offset), int(length))
-        ids, mask = encode_chat(self.tokenizer, parse_record(raw, "conversations")["conversations"])
+        return parse_record(read_bytes_at(self.data_path, int(offset), int(length)), self.key)
+
+    def padded(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+        """ids and mask truncated to max_length + 1 tokens together (so they stay aligned) and right-padded
+        with pad_token_id, where the mask is 0."""
         n = self.max_length + 1
         pad = n - min(len(ids), n)
-        ids = torch.tensor(ids[:n] + [self.tokenizer.pad_token_id] * pad, dtype=torch.int64)
-        mask = torch.tensor(mask[:n] + [0] * pad, dtype=torch.float32)
+        return ids[:n] + [self.tokenizer.pad_token_id] * pad, mask[:n] + [0] * pad
+
+
+class SFTDataset(IndexedJsonlDataset):
+    """Chat conversations (any shape sft_record accepts) -> (X, Y, loss_mask), loss only on assistant replies
+    and their closing EOS; tokenized by encode_chat on access."""
+
+    key = "conversations"
+
+    def __getitem__(self, i: int):
+        ids, mask = self.padded(*encode_chat(self.tokenizer, self.record(i)["conversations"]))
+        ids, mask = torch.tensor(ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.float32)
         return ids[:-1], ids[1:], mask[1:]
 
 
@@ -475,34 +487,16 @@ def encode_reply(tokenizer, prompt: list[dict], reply: dict) -> tuple[list[int],
     return ids, mask
 
 
-class PreferenceDataset(Dataset):
-    """Preference pairs -> (X, Y, loss_mask), each of shape (2, max_length): row 0 is the prompt + chosen
-    reply, row 1 the prompt + rejected reply, laid out like an SFTDataset item, the mask 1 on the reply's
-    tokens only (encode_reply), so a sum over it is the reply's log-probability.
+class PreferenceDataset(IndexedJsonlDataset):
+    """Preference pairs (either shape of ACCEPTED_PAIRS) -> (X, Y, loss_mask), each of shape (2, max_length):
+    row 0 is the prompt + chosen reply, row 1 the prompt + rejected reply, laid out like an SFTDataset item,
+    the mask 1 on the reply's tokens only (encode_reply), so a sum over it is the reply's log-probability."""
 
-    The file (either shape of ACCEPTED_PAIRS) is validated and indexed by byte offset at start-up (a bad
-    line fails here with file:line, or is skipped and counted with skip_bad); items are tokenized on access.
-    Sequences are truncated to max_length + 1 tokens, and right-padded with pad_token_id where the mask is 0."""
-
-    def __init__(self, data_path: str, tokenizer, max_length: int = 512, skip_bad: bool = False):
-        if tokenizer.pad_token_id is None or tokenizer.eos_token is None:
-            raise ValueError("the tokenizer needs pad and eos tokens")
-        self.data_path, self.tokenizer, self.max_length = data_path, tokenizer, max_length
-        index = [(off, n) for off, n, _ in JsonlRecords(data_path, "pair", skip_bad)]
-        self._index = np.asarray(index, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self._index)
+    key = "pair"
 
     def __getitem__(self, i: int):
-        offset, length = self._index[i]
-        pair = parse_record(read_bytes_at(self.data_path, int(offset), int(length)), "pair")
-        n = self.max_length + 1
-        ids, mask = [], []
-        for side in ("chosen", "rejected"):
-            side_ids, side_mask = encode_reply(self.tokenizer, pair["prompt"], pair[side])
-            pad = n - min(len(side_ids), n)
-            ids.append(side_ids[:n] + [self.tokenizer.pad_token_id] * pad)
-            mask.append(side_mask[:n] + [0] * pad)
+        pair = self.record(i)
+        ids, mask = zip(*(self.padded(*encode_reply(self.tokenizer, pair["prompt"], pair[side]))
+                          for side in ("chosen", "rejected")))
         ids, mask = torch.tensor(ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.float32)
         return ids[:, :-1], ids[:, 1:], mask[:, 1:]
