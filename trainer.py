@@ -24,10 +24,10 @@ Randomness. After initialization the only randomness is dropout. The RNG is rese
 (seed, rank, step) before every step, so a resumed run draws the same dropout masks as an uninterrupted
 one without carrying RNG states in the checkpoint.
 
-Flags. Every flag's value comes from the first of: the command line; on --resume, the flags saved in the
-checkpoint (except PER_LAUNCH ones); the --preset; the script's Task.defaults; COMMON_DEFAULTS. Flags left
-unset by all of them (SFT's --max_seq_len, --dropout) are the initial model's. train.log lists each value
-with where it came from.
+Flags. train_flags.py defines them and resolves each value: the command line; on --resume, the flags saved in
+the checkpoint (except per-launch ones); the --preset; the script's Task.defaults; the shared defaults. Flags
+left unset by all of them (SFT's --max_seq_len, --dropout) are the initial model's. train.log lists each
+value with where it came from.
 """
 
 from __future__ import annotations
@@ -57,41 +57,11 @@ from tqdm import tqdm
 from checkpoint import (CKPT_NAME, DEFAULT_TOKENIZER, config_to_dict, load_checkpoint, model_from_state,
                         save_checkpoint)
 from k_model import export_hf
-from loading import DTYPES, SourcedModel, check_model_tokenizer, load_tokenizer, resolve_dtype, tokenizer_fingerprint
+from loading import SourcedModel, check_model_tokenizer, load_tokenizer, resolve_dtype, tokenizer_fingerprint
 from perf import CpuShare, peak_flops
 from plot_runs import draw_curves
+from train_flags import build_parser, check_args, check_resume_flags, resolve_args
 from trainer_utils import DistInfo, RunLogger, StopRequest, iterate_steps, setup_distributed, steps_left
-
-# Model shape and per-process batch (and a schedule, where the preset has one) for scripts that build a new model.
-# Explicit flags override them.
-PRESETS: dict[str, dict[str, Any]] = {
-    # a few seconds on a laptop CPU: smoke tests, debugging
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, batch_size=16, accumulation_steps=1),
-    # demo.sh's model: 1.3M parameters with its 4096-token vocabulary, about 6k tokens/s on a 2-core CPU
-    "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128, batch_size=16, accumulation_steps=1),
-    # the TinyStories paper's ~28M size class (hidden 512, 8 layers), whose models write fluent stories: 25.7M
-    # parameters with a 4096-token vocabulary; 20k steps of 64 x 512 tokens read 655M tokens
-    "tinystories": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512, batch_size=64,
-                        accumulation_steps=1, learning_rate=5e-4, warmup_iters=1000, max_steps=20000),
-    # the original project's 215M model; per GPU: 32 x 512 tokens, x4 accumulation
-    "215M": dict(dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=512, batch_size=32, accumulation_steps=4),
-}
-COMMON_DEFAULTS: dict[str, Any] = dict(
-    epochs=1, max_steps=0, accumulation_steps=1, weight_decay=0.1, grad_clip=1.0,
-    seed=1337, device="auto", dtype="auto", num_threads=0, num_workers=0, compile=False, log_interval=10,
-    eval_interval=200, eval_samples=512, save_interval=200, sample_tokens=32, resume=False, overwrite=False,
-    peak_tflops=0.0, use_swanlab=False, swanlab_project="k-model", swanlab_mode="offline",
-)
-# flags that shape the network or the data order: a resumed run must keep the values it was trained with
-FIXED_AT_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout", "seed", "init_from",
-                   "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "load_in_4bit")
-# flags about this launch only, never taken from a checkpoint
-PER_LAUNCH = ("resume", "overwrite", "device", "num_threads", "num_workers", "compile", "peak_tflops",
-              "use_swanlab", "swanlab_project", "swanlab_mode")
-AT_LEAST_ONE = ("epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "eval_samples",
-                "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
-AT_LEAST_ZERO = ("max_steps", "warmup_iters", "eval_interval", "num_threads", "num_workers", "weight_decay",
-                 "grad_clip", "peak_tflops", "sample_tokens")
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # X, Y (B, T) int64; loss mask (B, T) float32
 
@@ -200,122 +170,6 @@ class Task:
         export_hf(model, hf_dir)
         tokenizer.save_pretrained(hf_dir)
         return hf_dir
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def build_parser(task: Task) -> argparse.ArgumentParser:
-    """Every flag defaults to None here; resolve_args fills in the value and --help shows it."""
-    shown = {**COMMON_DEFAULTS, **task.defaults, **(PRESETS[task.defaults["preset"]] if task.builds_model else {})}
-    p = argparse.ArgumentParser(description=task.description, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def add(group: argparse._ArgumentGroup, name: str, help: str, **kw: Any) -> None:
-        if shown.get(name) is not None and kw.get("action") != "store_true":
-            help += f" (default: {shown[name]})"
-        group.add_argument(f"--{name}", help=help, **kw)
-
-    g = p.add_argument_group("data and paths")
-    add(g, "data_path", "training data")
-    add(g, "val_data_path", "held-out data for evaluation; evaluation is skipped if it is absent")
-    add(g, "tokenizer_path", "tokenizer directory (sets the vocab size); a run from --init_from reads that model's "
-                             f"own unless this is given (default: {DEFAULT_TOKENIZER})")
-    add(g, "out_dir", "checkpoint ckpt.pt, train.log, metrics.jsonl and the final hf/ export")
-
-    g = p.add_argument_group("optimization")
-    add(g, "epochs", "passes over the data (when --max_steps is 0)", type=int)
-    add(g, "max_steps", "optimizer steps to train; 0 = --epochs passes", type=int)
-    add(g, "batch_size", "samples per micro-batch per process", type=int)
-    add(g, "accumulation_steps", "micro-batches per optimizer step", type=int)
-    add(g, "learning_rate", "peak learning rate (cosine decay to a tenth of it)", type=float)
-    add(g, "warmup_iters", "linear warmup steps", type=int)
-    add(g, "weight_decay", "AdamW decay (only weights with >= 2 dims)", type=float)
-    add(g, "grad_clip", "max gradient norm; 0 disables clipping", type=float)
-    add(g, "seed", "initialization, data order and dropout", type=int)
-
-    g = p.add_argument_group("runtime")
-    add(g, "device", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    add(g, "dtype", "autocast dtype; auto = bfloat16 on CUDA (float16 without bf16 support) and on CPUs with "
-                    "native bf16 (AVX512_BF16/AMX), else float32", choices=["auto", *DTYPES])
-    add(g, "num_threads", "torch CPU threads per process; 0 = torch default", type=int)
-    add(g, "num_workers", "DataLoader worker processes", type=int)
-    add(g, "compile", "torch.compile the model", action="store_true", default=None)
-
-    g = p.add_argument_group("logging and checkpoints")
-    add(g, "log_interval", "steps between progress lines", type=int)
-    add(g, "eval_interval", "steps between evaluations; 0 = only at the end", type=int)
-    add(g, "eval_samples", "validation samples per evaluation (the first ones; all if fewer)", type=int)
-    add(g, "save_interval", "steps between checkpoints (also saved at the end and on SIGINT/SIGTERM)", type=int)
-    add(g, "sample_prompt", "prompt the model continues greedily at each evaluation, printed and logged "
-                            "(repeatable)", action="append")
-    add(g, "sample_tokens", "tokens of each evaluation sample; 0 = no samples", type=int)
-    add(g, "resume", "continue exactly from out_dir/ckpt.pt, with its flags unless given again",
-        action="store_true", default=None)
-    add(g, "overwrite", "start a fresh run even though out_dir/ckpt.pt exists (it is replaced at the first save)",
-        action="store_true", default=None)
-    add(g, "peak_tflops", "per-device peak for MFU; 0 = GPU datasheet table, or a measured matmul peak on CPU",
-        type=float)
-    add(g, "use_swanlab", "also log to swanlab (pip install swanlab)", action="store_true", default=None)
-    add(g, "swanlab_project", "swanlab project name")
-    add(g, "swanlab_mode", "offline: no account or network, logs under out_dir/swanlog (`swanlab sync` uploads them "
-                           "later); local: the same plus `swanlab watch` (needs pip install 'swanlab[dashboard]')",
-        choices=["offline", "local", "online", "disabled"])
-
-    g = p.add_argument_group("model")
-    if task.builds_model:
-        shapes = "; ".join(f"{name}: dim {v['dim']}, {v['n_layers']} layers, seq {v['max_seq_len']}"
-                           for name, v in PRESETS.items())
-        add(g, "preset", f"model shape and batch size ({shapes})", choices=list(PRESETS))
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads"):
-            add(g, name, "from --preset", type=int)
-        add(g, "max_seq_len", "tokens per sample; from --preset", type=int)
-        add(g, "dropout", "dropout probability", type=float)
-    else:
-        add(g, "max_seq_len", "tokens per sample; default: the initial model's max_seq_len", type=int)
-        add(g, "dropout", "default: the initial model's dropout", type=float)
-    task.add_flags(p)
-    return p
-
-
-def resolve_args(given: argparse.Namespace, task: Task, saved: dict[str, Any] | None = None,
-                 ) -> tuple[argparse.Namespace, dict[str, str]]:
-    """Each flag's value and where it came from (precedence in the module docstring). `given` is the parsed
-    command line (None = not given); `saved` the flags a checkpoint was trained with."""
-    explicit = {k: v for k, v in vars(given).items() if v is not None}
-    inherited = {k: v for k, v in (saved or {}).items() if k in vars(given) and k not in PER_LAUNCH}
-    preset = explicit.get("preset") or inherited.get("preset") or task.defaults.get("preset")
-    layers = [("command line", explicit), ("checkpoint", inherited), (f"preset {preset}", PRESETS.get(preset, {})),
-              ("script default", task.defaults), ("default", COMMON_DEFAULTS)]
-    values, sources = {}, {}
-    for name in vars(given):
-        values[name], sources[name] = None, "the initial model"
-        for source, layer in layers:
-            if layer.get(name) is not None:
-                values[name], sources[name] = layer[name], source
-                break
-    return argparse.Namespace(**values), sources
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse values that would train nothing or nonsense (ValueError naming the flag)."""
-    for names, low in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
-        for name in names:
-            value = getattr(args, name, None)
-            if value is not None and value < low:
-                raise ValueError(f"--{name} must be >= {low}, got {value}")
-    if not args.learning_rate > 0:
-        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
-    if args.dropout is not None and not 0 <= args.dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
-
-
-def check_resume_flags(given: argparse.Namespace, saved: dict[str, Any], ckpt_path: Path) -> None:
-    for name in FIXED_AT_RESUME:
-        asked = getattr(given, name, None)
-        if asked is not None and name in saved and saved[name] != asked:
-            raise ValueError(f"{ckpt_path}: checkpoint was trained with --{name} {saved[name]}, "
-                             f"this run asks for --{name} {asked}; resume with the same value")
 
 
 # ----------------------------------------------------------------------------------------------------------

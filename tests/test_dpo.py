@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import data_process
 import ddp_dpo
+import train_flags
 import trainer
 from checkpoint import load_model
 from dataset import PreferenceDataset
@@ -183,10 +184,10 @@ def test_loss_and_gradients_match_an_independent_computation(tmp_path, tiny_toke
     max_length, beta = 96, 0.5
     data = PreferenceDataset(write_pairs(tmp_path / "pairs.jsonl", pairs), tiny_tokenizer, max_length=max_length)
     task = ddp_dpo.DPO()
-    given = trainer.build_parser(task).parse_args(["--init_from", ref_dir, "--tokenizer_path", tiny_tokenizer_dir,
+    given = train_flags.build_parser(task).parse_args(["--init_from", ref_dir, "--tokenizer_path", tiny_tokenizer_dir,
                                                    "--beta", str(beta), "--loss", loss,
                                                    "--label_smoothing", str(label_smoothing)])
-    args, _ = trainer.resolve_args(given, task)
+    args, _ = train_flags.resolve_args(given, task)
     task.prepare(policy, args, tiny_tokenizer, CPU)
     batch = task.collate([data[i] for i in range(len(data))])
     sums = task.loss_sums(policy.train(), batch, CPU)

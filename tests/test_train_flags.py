@@ -12,7 +12,7 @@ import pytest
 
 import ddp_pretrain
 import ddp_sft_full
-import trainer
+import train_flags
 from checkpoint import load_checkpoint
 from dataset import PretrainDataset
 from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, make_sft_data
@@ -47,11 +47,11 @@ def test_help_keeps_the_usage_examples_and_shows_defaults(script):
 
 def test_flag_sources_in_order_of_precedence():
     task = ddp_pretrain.Pretrain()
-    given = trainer.build_parser(task).parse_args(["--batch_size", "3", "--preset", "tiny"])
-    args, sources = trainer.resolve_args(given, task, saved={"learning_rate": 0.5, "batch_size": 99, "device": "x"})
+    given = train_flags.build_parser(task).parse_args(["--batch_size", "3", "--preset", "tiny"])
+    args, sources = train_flags.resolve_args(given, task, saved={"learning_rate": 0.5, "batch_size": 99, "device": "x"})
     assert (args.batch_size, sources["batch_size"]) == (3, "command line")
     assert (args.learning_rate, sources["learning_rate"]) == (0.5, "checkpoint")
-    assert (args.dim, sources["dim"]) == (trainer.PRESETS["tiny"]["dim"], "preset tiny")
+    assert (args.dim, sources["dim"]) == (train_flags.PRESETS["tiny"]["dim"], "preset tiny")
     assert (args.out_dir, sources["out_dir"]) == ("out/pretrain", "script default")
     assert (args.grad_clip, sources["grad_clip"]) == (1.0, "default")
     assert args.device == "auto"  # per-launch flags never come from a checkpoint
