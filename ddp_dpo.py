@@ -9,7 +9,7 @@ The policy starts from --init_from; the reference is a frozen copy of the same m
 --init_from (also on --resume). A reply's log-probability is the sum over its own tokens (content and
 closing EOS: PreferenceDataset's mask), and each pair's reward is beta * (log pi(reply) - log ref(reply)).
 The chosen and rejected rows of a micro-batch go through the policy in one forward, as DDP needs one forward
-per backward. The loop, flags and checkpoint format live in trainer.py.
+per backward. The loop and checkpoint format live in trainer.py, the flags in train_flags.py.
 """
 
 import argparse

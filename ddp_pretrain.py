@@ -8,8 +8,8 @@ corpus (data_process.py pretokenize).
 
 With --init_from the model (its shape, weights and tokenizer) is that checkpoint's; --preset and the shape
 flags then only set the batch size, and the corpus must be pretokenized with its tokenizer
-(data_process.py pretokenize --tokenizer_path llama_dir). The loop, flags and checkpoint format live in
-trainer.py; this script picks the data and the initial model.
+(data_process.py pretokenize --tokenizer llama_dir). The loop and checkpoint format live in
+trainer.py, the flags in train_flags.py; this script picks the data and the initial model.
 """
 
 import argparse

@@ -8,8 +8,8 @@ adapters; the loss covers assistant replies only (SFTDataset's loss mask).
 
 The tokenizer is the --init_from model's own unless --tokenizer_path says otherwise; when it has no chat
 template (a base model's), ours is added with its two special tokens and the embeddings grow to hold them
-(loading.with_chat_template, checkpoint.initial_model). The loop, flags and checkpoint format live in
-trainer.py; this script picks the data, the tokenizer and the initial model.
+(loading.with_chat_template, checkpoint.initial_model). The loop and checkpoint format live in
+trainer.py, the flags in train_flags.py; this script picks the data, the tokenizer and the initial model.
 """
 
 import argparse
