@@ -495,13 +495,13 @@ class Transformer(PreTrainedModel):
         if attention_mask.shape != idx.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != idx shape {tuple(idx.shape)}")
         (B, T), window = idx.shape, self.config.max_seq_len
-        step = self._compiled_step or self._step
+        step = self._compiled_step or self.decode_step
         # the whole sequence, new tokens written in place: only a sliding window reads it back
         seq = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
         real = F.pad(attention_mask.bool(), (0, max_new_tokens), value=True)
-        caches = self._new_caches(B, idx.device)
+        caches = self.new_caches(B, idx.device)
         start = max(0, T - window)
-        logits, pos, key_mask = self._prefill(seq[:, start:T], real[:, start:T], caches)
+        logits, pos, key_mask = self.prefill(seq[:, start:T], real[:, start:T], caches)
         filled = T - start  # cache slots in use; `slot` holds the same number as a tensor, for a compiled step
         slot = torch.tensor([filled], device=idx.device)
         for t in range(T, T + max_new_tokens):
@@ -520,9 +520,11 @@ class Transformer(PreTrainedModel):
                 filled += 1
             else:  # the window is full: slide it by one token
                 last = slice(t + 1 - window, t + 1)
-                logits, pos, key_mask = self._prefill(seq[:, last], real[:, last], caches)
+                logits, pos, key_mask = self.prefill(seq[:, last], real[:, last], caches)
 
-    def _new_caches(self, batch: int, device: torch.device) -> list[KVCache]:
+    def new_caches(self, batch: int, device: torch.device) -> list[KVCache]:
+        """Empty KV caches for `batch` rows, one per layer (the step-wise decoding API: new_caches, prefill,
+        decode_step; generate is built on it, and serve.py batches requests with it)."""
         # keys and values come out of the projections in autocast's dtype when it is on (bf16 on CPU)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
         cfg = self.config
@@ -536,7 +538,7 @@ class Transformer(PreTrainedModel):
                 torch._dynamo.mark_static_address(c.v)
         return caches
 
-    def _prefill(self, tokens, mask, caches):
+    def prefill(self, tokens, mask, caches):
         """Runs the (left-padded) prompt, n <= max_seq_len tokens, into cache slots 0..n-1. Returns the last
         position's logits, each row's next position, and key_mask (B, cache slots): which cache slots hold a
         real token (not padding, not yet written)."""
@@ -552,7 +554,7 @@ class Transformer(PreTrainedModel):
         key_mask = F.pad(mask, (0, caches[0].k.shape[2] - n), value=False)
         return self.output(h[:, -1]), mask.sum(1), key_mask
 
-    def _step(self, tok, pos, slot, attend, caches) -> torch.Tensor:
+    def decode_step(self, tok, pos, slot, attend, caches) -> torch.Tensor:
         """Feeds one token per row, tok (B,) at positions pos (B,), into cache slot `slot` (1,); returns the
         next logits (B, V). attend (B, S): which of the first S cache slots each row attends to."""
         cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
@@ -574,7 +576,7 @@ class Transformer(PreTrainedModel):
 
 
 class CompiledStep:
-    """Transformer._step through torch.compile, called like it. Shapes stay put from token to token (the
+    """Transformer.decode_step through torch.compile, called like it. Shapes stay put from token to token (the
     cache is pre-allocated and written in place, positions and the cache slot are tensors), so one graph
     serves every step.
     On CUDA each step is replayed as a CUDA graph (mode "reduce-overhead"), which needs fixed shapes: one
@@ -593,10 +595,10 @@ class CompiledStep:
         self.compile()
 
     def compile(self) -> None:
-        # _step with a code object of its own: dynamo keeps compiled graphs per code object, and a graph
+        # decode_step with a code object of its own: dynamo keeps compiled graphs per code object, and a graph
         # compiled earlier (by another model, or before the weights changed) has other weights frozen in it
-        code = Transformer._step.__code__.replace()
-        step = types.MethodType(types.FunctionType(code, Transformer._step.__globals__), self.model)
+        code = Transformer.decode_step.__code__.replace()
+        step = types.MethodType(types.FunctionType(code, Transformer.decode_step.__globals__), self.model)
         if self.full_window:
             self.fn = torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
         else:
@@ -617,7 +619,7 @@ class CompiledStep:
 
     def __call__(self, tok, pos, slot, attend, caches) -> torch.Tensor:
         if self.fn is None:  # compiling failed: eager from then on
-            return self.model._step(tok, pos, slot, attend, caches)
+            return self.model.decode_step(tok, pos, slot, attend, caches)
         if not self.full_window and self.weights != self.weights_stamp():
             self.compile()  # the frozen graph holds the old weights
         B = tok.shape[0]
@@ -631,7 +633,7 @@ class CompiledStep:
         except Exception as err:  # compiling failed before anything ran, so the eager step starts clean
             _say_compile_failed(err)
             self.fn = self.model._compiled_step = None
-            return self.model._step(tok, pos, slot, attend, caches)
+            return self.model.decode_step(tok, pos, slot, attend, caches)
         self.compiled.add(graph)
         print(f"fast decode: compiled the one-token step for batch {graph[0]} ({graph[1]}, {graph[2]}) in "
               f"{time.perf_counter() - began:.1f} s", file=sys.stderr)

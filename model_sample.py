@@ -74,21 +74,22 @@ class TextGenerator:
 
     # -- pretrained model: continue text ----------------------------------------------------------------------
 
-    def _document_start(self, start: str) -> list[int]:
-        # Pretraining documents follow the previous document's EOS, so EOS is where a new text begins.
+    def document_ids(self, start: str) -> list[int]:
+        """The ids a pretrained model continues `start` from: pretraining documents follow the previous
+        document's EOS, so EOS is where a new text begins (serve.py's /v1/completions uses it too)."""
         return [self.eos_id] + self.encode(start)
 
     def pretrain_sample(self, start: str = "", num_samples: int = 1, max_new_tokens: int = 128,
                         temperature: float = 0.7, top_k: int | None = None, top_p: float | None = None) -> list[str]:
         """num_samples continuations of `start` (each returned with `start` in front); a sample ends at EOS."""
-        new = self.model.generate(self._tensor(self._document_start(start), num_samples), max_new_tokens,
+        new = self.model.generate(self._tensor(self.document_ids(start), num_samples), max_new_tokens,
                                   temperature, top_k, top_p, stop_id=self.eos_id)
         return [start + self.decode(row) for row in new.tolist()]
 
     def pretrain_stream(self, start: str = "", max_new_tokens: int = 128, temperature: float = 0.7,
                         top_k: int | None = None, top_p: float | None = None) -> Iterator[str]:
         """One continuation of `start`, yielded as text pieces while it is generated (start not included)."""
-        ids = self.model.stream_generate(self._tensor(self._document_start(start)), max_new_tokens, temperature,
+        ids = self.model.stream_generate(self._tensor(self.document_ids(start)), max_new_tokens, temperature,
                                          top_k, top_p, stop_id=self.eos_id)
         yield from self._text_pieces(ids)
 

@@ -154,8 +154,8 @@ class DecodeBatch:
     def prefill(self, prompt: list[int]) -> tuple[torch.Tensor, list[KVCache]]:
         """One prompt alone (as model.generate runs it): its next-token logits (V,) and its caches."""
         tokens = torch.tensor([prompt], device=self.model.device)
-        caches = self.model._new_caches(1, tokens.device)
-        logits, _, _ = self.model._prefill(tokens, torch.ones_like(tokens, dtype=torch.bool), caches)
+        caches = self.model.new_caches(1, tokens.device)
+        logits, _, _ = self.model.prefill(tokens, torch.ones_like(tokens, dtype=torch.bool), caches)
         return logits[0], caches
 
     def regroup(self, keep: list[int], joining: list[tuple[list[KVCache], int]]) -> None:
@@ -166,7 +166,7 @@ class DecodeBatch:
         sources += [(caches, 0, n, n) for caches, n in joining]
         self.lengths = [n for _, _, n, _ in sources]
         width, device = self.width, self.model.device
-        self.caches = self.model._new_caches(len(sources), device) if sources else []
+        self.caches = self.model.new_caches(len(sources), device) if sources else []
         for layer, cache in enumerate(self.caches):
             for b, (src, i, n, end) in enumerate(sources):
                 cache.k[b, :, width - n : width] = src[layer].k[i, :, end - n : end]
@@ -179,7 +179,7 @@ class DecodeBatch:
         """Feeds each row its newest token into slot `width`; returns every row's next-token logits (B, V)."""
         device, width = self.model.device, self.width
         self.key_mask[:, width] = True
-        logits = self.model._step(torch.tensor(tokens, device=device),
+        logits = self.model.decode_step(torch.tensor(tokens, device=device),
                                   torch.tensor(self.lengths, device=device),  # a row's next position = its length
                                   torch.tensor([width], device=device), self.key_mask[:, : width + 1], self.caches)
         self.lengths = [n + 1 for n in self.lengths]
@@ -521,7 +521,7 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
         req = await parse_body(request, CompletionRequest)
         check_model(request, req.model)
         # the text starts a new document, after an EOS, exactly as model_sample.py --mode pretrain begins one
-        job = new_job(req, gen._document_start(req.prompt[0]), req.max_tokens or defaults.max_tokens, "prompt")
+        job = new_job(req, gen.document_ids(req.prompt[0]), req.max_tokens or defaults.max_tokens, "prompt")
         return await respond(job, req, chat=False, extra={})
 
     async def respond(job: Job, req: GenerationRequest, chat: bool, extra: dict[str, Any]) -> Any:
@@ -598,14 +598,18 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="out/sft", help="ckpt.pt, run dir or HF export (as model_sample.py opens)")
-    p.add_argument("--tokenizer_path", default=None, help="tokenizer dir (default: the HF export's own, else out/tokenizer)")
+    p.add_argument("--tokenizer_path", default=None,
+                   help="tokenizer dir (default: the HF export's own, else out/tokenizer)")
     p.add_argument("--model_name", default=None, help="the name clients ask for (default: --model as given)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface: use --api_key then")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api_key", default=os.environ.get("SERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $SERVE_API_KEY, which ps does not show)")
-    p.add_argument("--max_batch", type=positive_int, default=16, help="requests decoded together; 1 = one at a time, in order")
-    p.add_argument("--max_tokens", type=positive_int, default=Defaults.max_tokens, help="reply length when a request gives none")
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $SERVE_API_KEY, which ps does not "
+                        "show)")
+    p.add_argument("--max_batch", type=positive_int, default=16,
+                   help="requests decoded together; 1 = one at a time, in order")
+    p.add_argument("--max_tokens", type=positive_int, default=Defaults.max_tokens,
+                   help="reply length when a request gives none")
     p.add_argument("--temperature", type=float, default=Defaults.temperature, help="when a request gives none")
     p.add_argument("--top_p", type=float, default=Defaults.top_p, help="when a request gives none")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -629,7 +633,8 @@ def main(argv: list[str] | None = None) -> None:
     name = args.model_name or args.model
     app = create_app(gen, name, args.max_batch, args.api_key, Defaults(args.max_tokens, args.temperature, args.top_p))
     print(f"serving {gen.info['source']} as '{name}' ({gen.model.num_params() / 1e6:.2f}M params, context "
-          f"{gen.context_len}, {gen.device} {str(gen.dtype).removeprefix('torch.')}) on http://{args.host}:{args.port}/ "
+          f"{gen.context_len}, {gen.device} {str(gen.dtype).removeprefix('torch.')}) "
+          f"on http://{args.host}:{args.port}/ "
           f"(API under /v1){' with an API key' if args.api_key else ''}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 

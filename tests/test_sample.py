@@ -107,7 +107,7 @@ def test_pretrain_samples_stream_and_seed(gen):
     # streamed pieces join to the same text; a piece waits until its character's last byte has come
     pieces = list(gen.pretrain_stream(start, max_new_tokens=30, temperature=0))
     assert start + "".join(pieces) == greedy[0]
-    tokens = list(gen.model.stream_generate(gen._tensor(gen._document_start(start)), 30, temperature=0,
+    tokens = list(gen.model.stream_generate(gen._tensor(gen.document_ids(start)), 30, temperature=0,
                                             stop_id=gen.eos_id))
     assert len(tokens) == 30
     assert len(pieces) < len(tokens)  # some characters took several tokens
