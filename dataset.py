@@ -202,6 +202,12 @@ def encode_documents(tokenizer, texts: list[str]) -> np.ndarray:
     return np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int64)
 
 
+def document_start_ids(tokenizer, text: str) -> list[int]:
+    """The ids a pretrained model continues `text` from: packed documents follow the previous one's EOS, so
+    EOS is where a new text begins; the text itself is data, encoded as encode_documents does."""
+    return [tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def sidecar_path(bin_path: str) -> str:
     return os.path.splitext(bin_path)[0] + ".json"
 

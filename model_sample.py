@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from tqdm import tqdm
 
 from checkpoint import load_model, tokenizer_dir_for
-from dataset import JsonlRecords, PretrainDataset, encode_chat
+from dataset import JsonlRecords, PretrainDataset, document_start_ids, encode_chat
 from k_model import Transformer
 from loading import (DTYPES, SourcedModel, check_model_tokenizer, load_tokenizer, resolve_device, resolve_dtype,
                      with_chat_template)
@@ -75,9 +76,9 @@ class TextGenerator:
     # -- pretrained model: continue text ----------------------------------------------------------------------
 
     def document_ids(self, start: str) -> list[int]:
-        """The ids a pretrained model continues `start` from: pretraining documents follow the previous
-        document's EOS, so EOS is where a new text begins (serve.py's /v1/completions uses it too)."""
-        return [self.eos_id] + self.encode(start)
+        """The ids a pretrained model continues `start` from (dataset.document_start_ids; serve.py's
+        /v1/completions uses it too)."""
+        return document_start_ids(self.tokenizer, start)
 
     def pretrain_sample(self, start: str = "", num_samples: int = 1, max_new_tokens: int = 128,
                         temperature: float = 0.7, top_k: int | None = None, top_p: float | None = None) -> list[str]:
@@ -155,24 +156,30 @@ class TextGenerator:
         return math.exp(loss_sum / count), count
 
     @torch.inference_mode()
-    def classify(self, conversations: list[list[dict[str, str]]], labels: list[str],
-                 batch_size: int = 64) -> list[str]:
-        """Greedy replies (at most as long as the longest label) to many prompts at once: prompts of similar
-        length are batched together, left-padded, with an attention mask."""
-        max_new = max(len(self.encode(label)) for label in labels) + 1  # + the closing EOS
-        prompts = [self.chat_ids(c)[-self.context_len:] for c in conversations]
+    def replies(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                batch_size: int = 64) -> list[list[int]]:
+        """Each prompt's reply ids (the closing EOS left out), generated for many prompts at once: prompts of
+        similar length are batched together, left-padded, with an attention mask (each row gets exactly what
+        it would get alone)."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        replies = [""] * len(prompts)
-        pad = self.tokenizer.pad_token_id
-        for b in range(0, len(order), batch_size):
+        replies: list[list[int]] = [[] for _ in prompts]
+        pad, eos = self.tokenizer.pad_token_id, self.eos_id
+        for b in tqdm(range(0, len(order), batch_size), desc="replies", unit="batch", disable=None, leave=False):
             rows = [prompts[i] for i in order[b : b + batch_size]]
             width = max(map(len, rows))
             idx = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-            new = self.model.generate(idx, max_new, temperature=0.0, stop_id=self.eos_id, attention_mask=mask)
+            new = self.model.generate(idx, max_new_tokens, temperature, stop_id=eos, attention_mask=mask)
             for i, row in zip(order[b : b + batch_size], new.tolist()):
-                replies[i] = self.decode(row).strip()
+                replies[i] = row[: row.index(eos)] if eos in row else row
         return replies
+
+    def classify(self, conversations: list[list[dict[str, str]]], labels: list[str],
+                 batch_size: int = 64) -> list[str]:
+        """Greedy replies (at most as long as the longest label) to many prompts at once (replies)."""
+        max_new = max(len(self.encode(label)) for label in labels) + 1  # + the closing EOS
+        prompts = [self.chat_ids(c)[-self.context_len:] for c in conversations]
+        return [self.decode(ids).strip() for ids in self.replies(prompts, max_new, batch_size=batch_size)]
 
 
 def build_messages(prompt: str, system_prompt: str | None = None,

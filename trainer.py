@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 from checkpoint import (CKPT_NAME, DEFAULT_TOKENIZER, config_to_dict, load_checkpoint, model_from_state,
                         save_checkpoint)
+from dataset import document_start_ids
 from k_model import export_hf
 from loading import SourcedModel, check_model_tokenizer, load_tokenizer, resolve_dtype, tokenizer_fingerprint
 from perf import CpuShare, peak_flops
@@ -145,8 +146,7 @@ class Task:
     def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
         """The ids a --sample_prompt continues at each evaluation: a document start (pretraining documents
         follow the previous one's EOS); chat objectives put the prompt in the chat template instead."""
-        return [tokenizer.eos_token_id] + tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)[
-            "input_ids"]
+        return document_start_ids(tokenizer, prompt)
 
     def val_metrics(self, means: dict[str, float]) -> dict[str, float]:
         """What an evaluation reports, from the mean of each loss_sums entry over the validation samples."""
