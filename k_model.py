@@ -18,7 +18,7 @@ Rotary embeddings use the rotate-half layout that HF Llama uses, so weights map 
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import math
 import os
 import sys
@@ -100,8 +100,6 @@ ONEDNN = torch.backends.mkl.is_available() and torch.backends.mkldnn.is_availabl
 
 
 def _onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling() and torch._inductor.config.freezing:
-        return False  # inductor repacks frozen weights for oneDNN itself
     # float32 only: bf16 / fp16 matmuls already go to oneDNN; under autocast F.linear must do its casting
     float32 = a.dtype == b.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
     # oneDNN refuses empty operands (an SFT micro-batch without one supervised token)
@@ -112,9 +110,13 @@ def _onednn_mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [None], "")
 
 
-# The same call as an op torch.compile keeps opaque: inductor lowers oneDNN's op for frozen weights only.
+def _fake_mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(*a.shape[:-1], b.shape[0])
+
+
+# The same call as an op torch.compile keeps opaque: inductor has no lowering of its own for it.
 onednn_mm_t = torch.library.custom_op("k_model::onednn_mm_t", _onednn_mm_t, mutates_args=())
-onednn_mm_t.register_fake(lambda a, b: a.new_empty(*a.shape[:-1], b.shape[0]))
+onednn_mm_t.register_fake(_fake_mm_t)
 
 
 def mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -125,6 +127,36 @@ def mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if not _onednn(a, b):
         return a @ b.t()
     return onednn_mm_t(a, b) if torch.compiler.is_compiling() else _onednn_mm_t(a, b)
+
+
+# Decoding multiplies a few rows by every weight matrix, so a step is bound by reading the weights. In
+# oneDNN's blocked ("packed") layout the product reads them faster: per decode step of the bench model on
+# the AMD EPYC above, 1.1x in float32 at batch 1, 1.6x at batch 8, 1.7x in bf16 (bench/bench_model.py).
+# Transformer.packed_weights() makes the packed copies; decode-sized products read them while they exist.
+DECODE_ROWS = 16  # products with at most this many rows (tokens in one step) are decode-sized
+
+
+def _packable(weight: torch.Tensor) -> bool:
+    """On a CPU, float32 or bf16, no autocast (which would cast the weight for every product)."""
+    return (ONEDNN and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def _decode_sized(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A few rows and no gradient: a product where a packed weight pays."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return _packable(weight) and x.dtype == weight.dtype and 0 < rows <= DECODE_ROWS and not torch.is_grad_enabled()
+
+
+def _decode_mm_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T through the weight's packed copy where packed_weights() made one, else the weight."""
+    return torch.ops.mkldnn._linear_pointwise(x, getattr(weight, "_onednn_packed", weight), None, "none", [], "")
+
+
+# Opaque to torch.compile too (it cannot take a packed tensor as an input): the compiled decode step passes
+# the weight itself, and the packed copy is looked up at run time.
+decode_mm_t = torch.library.custom_op("k_model::decode_mm_t", _decode_mm_t, mutates_args=())
+decode_mm_t.register_fake(_fake_mm_t)
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -146,12 +178,15 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """nn.Linear, bias-free, its matmuls through mm_t. Same parameters and state_dict as nn.Linear."""
+    """nn.Linear, bias-free, its matmuls through mm_t, decode steps through the packed weight where there is
+    one. Same parameters and state_dict as nn.Linear."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _decode_sized(x, self.weight):
+            return decode_mm_t(x, self.weight) if torch.compiler.is_compiling() else _decode_mm_t(x, self.weight)
         return OneDNNLinear.apply(x, self.weight) if _onednn(x, self.weight) else F.linear(x, self.weight)
 
 
@@ -480,6 +515,24 @@ class Transformer(PreTrainedModel):
         except Exception as err:  # torch.compile itself refuses where dynamo is unsupported (e.g. a new Python)
             _say_compile_failed(err)
 
+    @contextlib.contextmanager
+    def packed_weights(self) -> Iterator[None]:
+        """Within it, decode steps on a CPU (float32 or bf16 weights, no autocast) read copies of the
+        projection weights in oneDNN's packed layout: made on entry (35 ms for the bench model's 27M float32
+        weights), dropped on exit, reused by a nested call. generate packs for each call; a caller that decodes
+        through decode_step (serve.py) packs once. The weights must not change within: nothing would tell the
+        copies (a fused optimizer step does not even count as a change of the tensor)."""
+        weights = {id(m.weight): m.weight for m in self.modules() if isinstance(m, Linear)}.values()
+        fresh = [w for w in weights if _packable(w) and not hasattr(w, "_onednn_packed")]
+        with torch.no_grad():
+            for w in fresh:
+                w._onednn_packed = torch.ops.mkldnn._reorder_linear_weight(w, DECODE_ROWS)
+        try:
+            yield
+        finally:
+            for w in fresh:
+                del w._onednn_packed
+
     @torch.inference_mode()
     def _decode(self, idx, attention_mask, temperature, top_k, top_p, max_new_tokens) -> Iterator[torch.Tensor]:
         """Yields the next token of every row, (B,), max_new_tokens times: prefill the KV cache with the
@@ -494,33 +547,31 @@ class Transformer(PreTrainedModel):
             attention_mask = torch.ones_like(idx)
         if attention_mask.shape != idx.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != idx shape {tuple(idx.shape)}")
-        (B, T), window = idx.shape, self.config.max_seq_len
-        step = self._compiled_step or self.decode_step
-        # the whole sequence, new tokens written in place: only a sliding window reads it back
-        seq = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
-        real = F.pad(attention_mask.bool(), (0, max_new_tokens), value=True)
-        caches = self.new_caches(B, idx.device)
-        start = max(0, T - window)
-        logits, pos, key_mask = self.prefill(seq[:, start:T], real[:, start:T], caches)
-        filled = T - start  # cache slots in use; `slot` holds the same number as a tensor, for a compiled step
-        slot = torch.tensor([filled], device=idx.device)
-        for t in range(T, T + max_new_tokens):
-            tok = sample(logits, temperature, top_k, top_p)
-            seq[:, t] = tok
-            yield tok
-            if t + 1 == T + max_new_tokens:
-                return  # no logits needed after the last token
-            if filled < window:
-                key_mask[:, filled] = True
-                # attend to the filled slots only, or to all of them where a CUDA graph needs fixed shapes
-                width = window if getattr(step, "full_window", False) else filled + 1
-                logits = step(tok, pos, slot, key_mask[:, :width], caches)
-                pos += 1
-                slot += 1
-                filled += 1
-            else:  # the window is full: slide it by one token
-                last = slice(t + 1 - window, t + 1)
-                logits, pos, key_mask = self.prefill(seq[:, last], real[:, last], caches)
+        with self.packed_weights():  # the weights cannot change while this generator runs
+            (B, T), window = idx.shape, self.config.max_seq_len
+            # the whole sequence, new tokens written in place: only a sliding window reads it back
+            seq = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
+            real = F.pad(attention_mask.bool(), (0, max_new_tokens), value=True)
+            caches = self.new_caches(B, idx.device)
+            start = max(0, T - window)
+            logits, pos, key_mask = self.prefill(seq[:, start:T], real[:, start:T], caches)
+            filled = T - start  # cache slots in use; `slot` holds the same number as a tensor (compiled step)
+            slot = torch.tensor([filled], device=idx.device)
+            for t in range(T, T + max_new_tokens):
+                tok = sample(logits, temperature, top_k, top_p)
+                seq[:, t] = tok
+                yield tok
+                if t + 1 == T + max_new_tokens:
+                    return  # no logits needed after the last token
+                if filled < window:
+                    key_mask[:, filled] = True
+                    logits = self.decode_step(tok, pos, slot, key_mask[:, : filled + 1], caches)
+                    pos += 1
+                    slot += 1
+                    filled += 1
+                else:  # the window is full: slide it by one token
+                    last = slice(t + 1 - window, t + 1)
+                    logits, pos, key_mask = self.prefill(seq[:, last], real[:, last], caches)
 
     def new_caches(self, batch: int, device: torch.device) -> list[KVCache]:
         """Empty KV caches for `batch` rows, one per layer (the step-wise decoding API: new_caches, prefill,
@@ -556,7 +607,13 @@ class Transformer(PreTrainedModel):
 
     def decode_step(self, tok, pos, slot, attend, caches) -> torch.Tensor:
         """Feeds one token per row, tok (B,) at positions pos (B,), into cache slot `slot` (1,); returns the
-        next logits (B, V). attend (B, S): which of the first S cache slots each row attends to."""
+        next logits (B, V). attend (B, S): which of the first S cache slots each row attends to. After
+        compile_decode(), through the compiled graph."""
+        if self._compiled_step is not None:
+            return self._compiled_step(tok, pos, slot, attend, caches)
+        return self._eager_step(tok, pos, slot, attend, caches)
+
+    def _eager_step(self, tok, pos, slot, attend, caches) -> torch.Tensor:
         cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
         h = self._hidden(tok[:, None], cos, sin, attend[:, None, None], False, caches, slot)
         return self.output(h[:, -1])
@@ -582,58 +639,43 @@ class CompiledStep:
     On CUDA each step is replayed as a CUDA graph (mode "reduce-overhead"), which needs fixed shapes: one
     graph per batch size, attention reading the whole window with the unfilled slots masked (untested: no
     GPU was at hand).
-    On a CPU the shapes are symbolic (one graph for batch 1, one for every larger batch), attention reads
-    the filled slots only, and the weights are frozen into the graph as constants so that inductor repacks
-    them for the matmul kernels (MKL's packed layout at batch 1, oneDNN's for a symbolic batch; a second
-    copy of the weights); the graph is rebuilt when the weights change.
+    On a CPU the shapes are symbolic (one graph for batch 1, one for every larger batch) and attention reads
+    the filled slots only. Inductor fuses the norms, rotary embeddings and activations around the matmuls,
+    which stay the model's own packed oneDNN products (Linear), so the graph reads the weights at run time:
+    new weights need no new graph.
     The first step of each graph compiles, and says so on stderr with the seconds it took; if compiling
     fails, one line says why and the model decodes eagerly from then on."""
 
     def __init__(self, model: Transformer):
         self.model = model
         self.full_window = model.device.type == "cuda"
-        self.compile()
-
-    def compile(self) -> None:
-        # decode_step with a code object of its own: dynamo keeps compiled graphs per code object, and a graph
-        # compiled earlier (by another model, or before the weights changed) has other weights frozen in it
-        code = Transformer.decode_step.__code__.replace()
-        step = types.MethodType(types.FunctionType(code, Transformer.decode_step.__globals__), self.model)
+        # the eager step with a code object of its own: dynamo keeps its graphs per code object and, after a
+        # few, stops compiling it; a model's graphs must not use up another model's share
+        code = Transformer._eager_step.__code__.replace()
+        step = types.MethodType(types.FunctionType(code, Transformer._eager_step.__globals__), model)
         if self.full_window:
             self.fn = torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
         else:
             self.fn = torch.compile(step, fullgraph=True, dynamic=True)
         self.compiled: set[tuple] = set()  # graphs built: (batch size or "> 1", device, dtype)
-        self.weights = self.weights_stamp()
-
-    def weights_stamp(self) -> list[tuple[int, int]]:
-        """Changes when a weight is replaced or written in place (an optimizer step, load_state_dict)."""
-        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
-        return [(id(t), 0 if t.is_inference() else t._version) for t in tensors]
-
-    def run(self, *args) -> torch.Tensor:
-        # freezing is read while tracing and guarded on, so it is set around every call (torch.compile's
-        # options cannot carry it)
-        with torch._inductor.config.patch(freezing=not self.full_window):
-            return self.fn(*args)
 
     def __call__(self, tok, pos, slot, attend, caches) -> torch.Tensor:
         if self.fn is None:  # compiling failed: eager from then on
-            return self.model.decode_step(tok, pos, slot, attend, caches)
-        if not self.full_window and self.weights != self.weights_stamp():
-            self.compile()  # the frozen graph holds the old weights
+            return self.model._eager_step(tok, pos, slot, attend, caches)
+        if self.full_window:  # a CUDA graph's shapes are fixed: attend to the whole window, unfilled slots masked
+            attend = F.pad(attend, (0, self.model.config.max_seq_len - attend.shape[1]), value=False)
         B = tok.shape[0]
         # symbolic shapes still specialise a size of 1, so batch 1 gets a graph of its own
         graph = (B if self.full_window or B == 1 else "> 1", tok.device.type, caches[0].k.dtype)
         if graph in self.compiled:
-            return self.run(tok, pos, slot, attend, caches)
+            return self.fn(tok, pos, slot, attend, caches)
         began = time.perf_counter()
         try:
-            logits = self.run(tok, pos, slot, attend, caches)
+            logits = self.fn(tok, pos, slot, attend, caches)
         except Exception as err:  # compiling failed before anything ran, so the eager step starts clean
             _say_compile_failed(err)
             self.fn = self.model._compiled_step = None
-            return self.model.decode_step(tok, pos, slot, attend, caches)
+            return self.model._eager_step(tok, pos, slot, attend, caches)
         self.compiled.add(graph)
         print(f"fast decode: compiled the one-token step for batch {graph[0]} ({graph[1]}, {graph[2]}) in "
               f"{time.perf_counter() - began:.1f} s", file=sys.stderr)

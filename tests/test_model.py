@@ -182,6 +182,38 @@ def test_onednn_matmul_and_its_gradients_equal_torch_matmul():
     torch.testing.assert_close(layer.weight.grad, grad_w)
 
 
+@pytest.mark.skipif(not k_model.ONEDNN, reason="matmuls go to torch's default BLAS in this build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_equal_the_weights_and_live_only_within_their_scope(dtype):
+    """Within packed_weights(), a decode-sized product (few rows, no gradient) reads a packed copy of each
+    weight and equals F.linear; a nested scope keeps the copies, leaving the outer one drops them, and the
+    next scope packs the weights as they are then (after a fused AdamW step, which no version count sees)."""
+    model = tiny().to(dtype)
+    layer = model.layers[0].feed_forward.w13
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}
+
+    def check_product():
+        x = torch.randn(3, 1, layer.in_features, dtype=dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), **tol)
+
+    with model.packed_weights():
+        packed = layer.weight._onednn_packed
+        check_product()
+        with model.packed_weights():
+            assert layer.weight._onednn_packed is packed
+        assert layer.weight._onednn_packed is packed
+    assert not hasattr(layer.weight, "_onednn_packed")
+    model.train()
+    model(torch.randint(0, VOCAB, (2, 8)), torch.randint(0, VOCAB, (2, 8))).last_loss.sum().backward()
+    torch.optim.AdamW(model.parameters(), lr=0.1, fused=True).step()
+    with model.packed_weights():
+        check_product()
+        with torch.no_grad():  # many rows (a prompt, an eval batch) read the weight itself
+            many = torch.randn(2, k_model.DECODE_ROWS, layer.in_features, dtype=dtype)
+            torch.testing.assert_close(layer(many), F.linear(many, layer.weight), **tol)
+
+
 @pytest.mark.parametrize("chunk_rows", [7, 1000])
 def test_linear_cross_entropy_equals_full_cross_entropy(monkeypatch, chunk_rows):
     """Values and both gradients, with ignored targets and per-row upstream gradients (the trainer weights
@@ -242,8 +274,8 @@ def test_compiled_train_step_equals_eager():
 
 def test_compiled_decode_equals_eager_and_compiles_once(capfd):
     """compile_decode: the same greedy tokens as eager decoding for a padded batch that slides past the window
-    and for stream_generate; one graph per batch kind (no recompile on a new prompt or a later token);
-    changing the weights afterwards rebuilds the graph, which holds them frozen on a CPU."""
+    and for stream_generate; one graph per batch kind (no recompile on a new prompt, a later token or new
+    weights: the graph reads the weights, and their packed copies, at run time)."""
     eager, fast = tiny(max_seq_len=32), tiny(max_seq_len=32)
     fast.compile_decode()
     torch.manual_seed(1)
@@ -257,9 +289,9 @@ def test_compiled_decode_equals_eager_and_compiles_once(capfd):
     with torch._dynamo.config.patch(error_on_recompile=True):
         longer = torch.randint(0, VOCAB, (4, 3))
         assert torch.equal(fast.generate(longer, 25, temperature=0), eager.generate(longer, 25, temperature=0))
-    other = tiny(seed=5, max_seq_len=32)
-    fast.load_state_dict(other.state_dict())
-    assert torch.equal(fast.generate(prompt, 20, temperature=0), other.generate(prompt, 20, temperature=0))
+        other = tiny(seed=5, max_seq_len=32)
+        fast.load_state_dict(other.state_dict())
+        assert torch.equal(fast.generate(prompt, 20, temperature=0), other.generate(prompt, 20, temperature=0))
     assert "torch.compile failed" not in capfd.readouterr().err
 
 
