@@ -70,6 +70,13 @@ class TextGenerator:
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def compile_decode(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Compiles the model's one-token step (k_model.compile_decode) now, for each batch size (batch 1 and
+        any larger batch are two graphs), instead of in the middle of the first reply."""
+        self.model.compile_decode()
+        for rows in batch_sizes:
+            self.model.generate(self._tensor([self.eos_id], rows), 2, temperature=0.0)
+
     def _tensor(self, ids: list[int], rows: int = 1) -> torch.Tensor:
         return torch.tensor([ids] * rows, dtype=torch.long, device=self.device)
 
@@ -334,8 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         gen = TextGenerator(path, args.tokenizer_path, args.device, args.dtype)
         if args.chat:
             if not args.no_compile:  # a session generates many replies: compiling pays off
-                gen.model.compile_decode()
-                gen.model.generate(gen._tensor([gen.eos_id]), 2, temperature=0.0)  # compile now, not mid-reply
+                gen.compile_decode()
             chat_repl(gen, args)
         else:
             run_samples(gen, args)

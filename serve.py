@@ -4,6 +4,7 @@
     python serve.py --model out/pretrain --port 8001 # a pretrained model: use /v1/completions
     python serve.py --api_key secret                 # /v1/* then need "Authorization: Bearer secret"
     python serve.py --max_batch 1                    # one request at a time, the others wait in a queue
+    python serve.py --no_compile                     # start at once and decode eagerly
 
 Endpoints: GET / (chat page), GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions.
 The official `openai` client works unchanged: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
@@ -12,7 +13,9 @@ The model is loaded by model_sample.TextGenerator (any ckpt.pt, run dir or HF ex
 decoded by one engine thread. Requests that arrive while others are generating join the running batch at
 the next token (continuous batching, up to --max_batch rows): each is prefilled alone, then its KV cache is
 laid next to the others', and every step decodes one token for every row. A row leaves as soon as it
-finishes or its client goes away, so a slow client never holds a fast one back.
+finishes or its client goes away, so a slow client never holds a fast one back. The step is compiled before
+the server starts (k_model.compile_decode; one graph for batch 1, one for larger batches) and reads packed
+copies of the weights (Transformer.packed_weights).
 """
 from __future__ import annotations
 
@@ -232,7 +235,8 @@ class Engine:
                 **self.counts}
 
     def _run(self) -> None:
-        with torch.inference_mode():
+        # the weights never change while serving: their packed copies for decode steps are made once
+        with torch.inference_mode(), self.gen.model.packed_weights():
             while self._admit():
                 if not self.rows:
                     continue
@@ -608,6 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "show)")
     p.add_argument("--max_batch", type=positive_int, default=16,
                    help="requests decoded together; 1 = one at a time, in order")
+    p.add_argument("--no_compile", action="store_true",
+                   help="decode eagerly; by default the one-token step is compiled before serving (tens of seconds "
+                        "on a CPU, then faster steps; eager if compiling fails)")
     p.add_argument("--max_tokens", type=positive_int, default=Defaults.max_tokens,
                    help="reply length when a request gives none")
     p.add_argument("--temperature", type=float, default=Defaults.temperature, help="when a request gives none")
@@ -630,6 +637,8 @@ def main(argv: list[str] | None = None) -> None:
         gen = TextGenerator(args.model, args.tokenizer_path, args.device, args.dtype)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if not args.no_compile:
+        gen.compile_decode((1, 2) if args.max_batch > 1 else (1,))
     name = args.model_name or args.model
     app = create_app(gen, name, args.max_batch, args.api_key, Defaults(args.max_tokens, args.temperature, args.top_p))
     print(f"serving {gen.info['source']} as '{name}' ({gen.model.num_params() / 1e6:.2f}M params, context "

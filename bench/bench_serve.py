@@ -57,6 +57,8 @@ def start_server(args: argparse.Namespace, max_batch: int) -> tuple[subprocess.P
            str(max_batch), "--device", args.device, "--dtype", args.dtype, "--log_level", "warning"]
     if args.tokenizer_path:
         cmd += ["--tokenizer_path", args.tokenizer_path]
+    if args.no_compile:
+        cmd.append("--no_compile")
     return subprocess.Popen(cmd, cwd=ROOT), f"http://127.0.0.1:{port}"
 
 
@@ -140,6 +142,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--no_compile", action="store_true", help="the servers decode eagerly (serve.py --no_compile)")
     args = p.parse_args()
 
     procs = {}

@@ -220,6 +220,22 @@ def test_concurrent_clients_each_get_their_own_answer(gen, client, url):
     assert (health["running"], health["waiting"]) == (0, 0)
 
 
+def test_compiled_step_serves_the_eager_answers(model_dir, gen, capfd):
+    """serve.py compiles the one-token step before serving (unless --no_compile): both graphs (batch 1, a
+    larger batch) give concurrent clients the greedy answers of eager decoding alone."""
+    fast = TextGenerator(model_dir, device="cpu", dtype="float32")
+    fast.compile_decode((1, 2))
+    assert capfd.readouterr().err.count("fast decode: compiled the one-token step") == 2
+    jobs = [(PROMPTS[i], 6 + 4 * i) for i in range(6)]
+    with live(create_app(fast, MODEL, max_batch=4)) as base:
+        client = client_for(base)
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda job: ask(client, chat(job[0]), job[1], False, temperature=0), jobs))
+    for (prompt, max_tokens), (text, finish, usage) in zip(jobs, answers):
+        assert (text, usage.completion_tokens, finish) == reference(gen, chat(prompt), max_tokens), prompt
+    assert "torch.compile failed" not in capfd.readouterr().err
+
+
 def test_too_long_conversation_is_trimmed_as_the_repl_does(gen, client):
     turn = "今天天气很好,我们去公园散步吧。" * 8
     history = [m for i in range(30) for m in ({"role": "user", "content": f"{i} {turn}"},
@@ -385,7 +401,8 @@ def test_chat_page_streams_the_api_answer_in_chromium(gen, url, client):
 
 def test_bench_serve_prints_the_concurrency_table(model_dir):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_serve.py"), "--model", model_dir,
-                           "--clients", "1", "3", "--rounds", "1", "--max_tokens", "6", "--dtype", "float32"],
+                           "--clients", "1", "3", "--rounds", "1", "--max_tokens", "6", "--dtype", "float32",
+                           "--no_compile"],
                           cwd=ROOT, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
