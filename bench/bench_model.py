@@ -6,10 +6,12 @@
 Three variants, one model each, all with the same weights (HF's is to_hf_llama(ours)) and the same inputs:
   ours eager      k_model as it is;
   ours compiled   training: torch.compile(model), what the trainer's --compile does;
-                  decoding: model.compile_decode(), the compiled one-token step;
+                  decoding: model.compile_decode(), the compiled one-token step (what model_sample.py --chat
+                  and serve.py use);
   HF Llama        LlamaForCausalLM, forward with labels / generate.
-(a) train step: forward + backward + AdamW step, tokens/s, and the peak memory the step allocates on top of
-    the model and optimizer state (CUDA: allocator statistics; CPU: rise of the peak resident set);
+(a) train step: forward + backward + AdamW step (fused, as the trainer's, for every variant), tokens/s, and the
+    peak memory the step allocates on top of the model and optimizer state (CUDA: allocator statistics; CPU:
+    rise of the peak resident set);
 (b) decode: greedy, 32-token prompt, 256 new tokens, at batch 1 and batch 8, tokens/s and in parentheses
     the share of the memory-bandwidth limit: a step reads every weight once, so
     (tokens/s / batch) x weight bytes / measured read bandwidth (KV-cache reads not counted).
@@ -69,7 +71,7 @@ def train_fns(models, batch: int, seq: int, autocast_dtype, device: str, seed: i
 
     def step_fn(name):
         model, loss_fn = models[name].train(), losses[name]
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the trainer's optimizer, for all
 
         def step():
             opt.zero_grad(set_to_none=True)
