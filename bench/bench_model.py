@@ -134,6 +134,47 @@ def row(benchmark, device, dtype, shape, values: dict[str, float], target, compi
             f"{compile_s:.1f}")
 
 
+def train_row(cfg: ModelConfig, args, device: str, dtype_name: str, clock) -> tuple:
+    """Train tokens/s of the three variants. Everything built here is freed on return: models and
+    optimizers kept alive from an earlier row slowed the next row's eager variants (HF's bf16 step by 20%)."""
+    autocast = torch.bfloat16 if dtype_name == "bf16" else None
+    fns = train_fns(build(cfg, device, torch.float32, args.seed), args.batch_size, args.seq_len, autocast, device,
+                    args.seed)
+    times, compile_s = run(fns, args.rounds, device, clock)
+    tps = {n: args.batch_size * args.seq_len / t for n, t in times.items()}
+    name = "train tok/s" if autocast is None else "train tok/s (autocast)"
+    return row(name, device, dtype_name, f"{args.batch_size}x{args.seq_len}", tps, ">= 1.5x", compile_s)
+
+
+def memory_row(cfg: ModelConfig, args, device: str, dtype_name: str) -> tuple | None:
+    """Peak memory of one train step per variant, after a first step (compiling, the optimizer state); the
+    smaller of two steps, as the first one measured can include one-time allocations."""
+    autocast = torch.bfloat16 if dtype_name == "bf16" else None
+    fns = train_fns(build(cfg, device, torch.float32, args.seed), args.batch_size, args.seq_len, autocast, device,
+                    args.seed)
+    for fn in fns.values():
+        fn()
+    peaks = {name: [peak_memory(fn, device) for _ in range(2)] for name, fn in fns.items()}
+    if any(None in p for p in peaks.values()):
+        return None
+    mib = {n: min(p) / 2**20 for n, p in peaks.items()}
+    shape = f"{args.batch_size}x{args.seq_len}"
+    return row("train peak MiB", device, dtype_name, shape, mib, "lower", 0.0, lambda n, v: f"{v:,.1f}")[:-1] + ("-",)
+
+
+def decode_row(cfg: ModelConfig, args, device: str, dtype_name: str, batch: int, bandwidth: float, clock) -> tuple:
+    """Decode tokens/s of the three variants, with each one's share of the bandwidth limit."""
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    weight_bytes = Transformer(cfg).num_params() * dtype.itemsize
+    fns, out = decode_fns(build(cfg, device, dtype, args.seed), batch, args.prompt_len, args.new_tokens, device,
+                          args.seed)
+    times, compile_s = run(fns, args.decode_rounds, device, clock)
+    tps = {n: batch * args.new_tokens / t for n, t in times.items()}
+    share = lambda n, v: f"{v:,.0f} ({v / batch * weight_bytes / bandwidth:.0%})"  # noqa: E731
+    return row("decode tok/s" + tokens_differ(out), device, dtype_name, f"{batch}x({args.prompt_len}+{args.new_tokens})",
+               tps, ">= 2x", compile_s, share)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=512)
@@ -173,7 +214,7 @@ def main() -> None:
                       vocab_size=args.vocab_size, max_seq_len=max(args.max_seq_len, args.prompt_len + args.new_tokens))
     n_params = Transformer(cfg).num_params()
     load_start = os.getloadavg()[0]
-    table, memory_jobs, notes = [], [], []
+    table, memory_rows, notes = [], [], []
     for device in devices:
         print(f"# {machine_line(device)}", flush=True)
         native_bf16 = device == "cuda" or cpu_has_native_bf16()
@@ -182,35 +223,18 @@ def main() -> None:
         bandwidth = read_bandwidth(device)
         notes.append(f"{device} read bandwidth {bandwidth / 1e9:.1f} GB/s (best of 5 sums over 512 MB)")
         for dtype_name in dtypes:
-            autocast = torch.bfloat16 if dtype_name == "bf16" else None
-            models = build(cfg, device, torch.float32, args.seed)
-            fns = train_fns(models, args.batch_size, args.seq_len, autocast, device, args.seed)
-            times, compile_s = run(fns, args.rounds, device, clock)
-            shape = f"{args.batch_size}x{args.seq_len}"
-            name = "train tok/s" if autocast is None else "train tok/s (autocast)"
-            tps = {n: args.batch_size * args.seq_len / t for n, t in times.items()}
-            table.append(row(name, device, dtype_name, shape, tps, ">= 1.5x", compile_s))
+            table.append(train_row(cfg, args, device, dtype_name, clock))
             print(f"  {table[-1]}", flush=True)
-            memory_jobs.append((len(table), device, dtype_name, shape, fns))
+            memory_rows.append((len(table), device, dtype_name))
         for dtype_name in dtypes:
-            dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-            weight_bytes = n_params * dtype.itemsize
             for batch in map(int, args.decode_batches.split(",")):
-                models = build(cfg, device, dtype, args.seed)
-                fns, out = decode_fns(models, batch, args.prompt_len, args.new_tokens, device, args.seed)
-                times, compile_s = run(fns, args.decode_rounds, device, clock)
-                tps = {n: batch * args.new_tokens / t for n, t in times.items()}
-                share = lambda n, v: f"{v:,.0f} ({v / batch * weight_bytes / bandwidth:.0%})"  # noqa: E731
-                table.append(row("decode tok/s" + tokens_differ(out), device, dtype_name,
-                                 f"{batch}x({args.prompt_len}+{args.new_tokens})", tps, ">= 2x", compile_s, share))
+                table.append(decode_row(cfg, args, device, dtype_name, batch, bandwidth, clock))
                 print(f"  {table[-1]}", flush=True)
     # after all timing: measuring memory changes how glibc allocates for the rest of the process
-    for at, device, dtype_name, shape, fns in reversed(memory_jobs):
-        peaks = {name: peak_memory(fn, device) for name, fn in fns.items()}
-        if None not in peaks.values():
-            mib = {n: b / 2**20 for n, b in peaks.items()}
-            mib_row = row("train peak MiB", device, dtype_name, shape, mib, "lower", 0.0, lambda n, v: f"{v:,.1f}")
-            table.insert(at, mib_row[:-1] + ("-",))
+    for at, device, dtype_name in reversed(memory_rows):
+        mib_row = memory_row(cfg, args, device, dtype_name)
+        if mib_row:
+            table.insert(at, mib_row)
 
     print()
     print(f"config: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads, "
