@@ -659,6 +659,13 @@ class CompiledStep:
             self.fn = torch.compile(step, fullgraph=True, dynamic=True)
         self.compiled: set[tuple] = set()  # graphs built: (batch size or "> 1", device, dtype)
 
+    def run(self, *args) -> torch.Tensor:
+        # No duck shaping: by default sizes that happen to be equal while tracing share one symbol (a first
+        # step's 2 attended slots and 2 kv heads, or batch 4 and 4 slots), and the graph is compiled again
+        # as soon as they differ. Read while tracing, so it is set around every call.
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return self.fn(*args)
+
     def __call__(self, tok, pos, slot, attend, caches) -> torch.Tensor:
         if self.fn is None:  # compiling failed: eager from then on
             return self.model._eager_step(tok, pos, slot, attend, caches)
@@ -668,10 +675,10 @@ class CompiledStep:
         # symbolic shapes still specialise a size of 1, so batch 1 gets a graph of its own
         graph = (B if self.full_window or B == 1 else "> 1", tok.device.type, caches[0].k.dtype)
         if graph in self.compiled:
-            return self.fn(tok, pos, slot, attend, caches)
+            return self.run(tok, pos, slot, attend, caches)
         began = time.perf_counter()
         try:
-            logits = self.fn(tok, pos, slot, attend, caches)
+            logits = self.run(tok, pos, slot, attend, caches)
         except Exception as err:  # compiling failed before anything ran, so the eager step starts clean
             _say_compile_failed(err)
             self.fn = self.model._compiled_step = None

@@ -273,20 +273,24 @@ def test_compiled_train_step_equals_eager():
 
 
 def test_compiled_decode_equals_eager_and_compiles_once(capfd):
-    """compile_decode: the same greedy tokens as eager decoding for a padded batch that slides past the window
-    and for stream_generate; one graph per batch kind (no recompile on a new prompt, a later token or new
-    weights: the graph reads the weights, and their packed copies, at run time)."""
+    """compile_decode: one graph per batch kind, compiled by a first short generation (as model_sample and
+    serve.py warm up: one prompt token, so the step attends to 2 slots, as many as the model's kv heads),
+    then no recompile on another batch size, prompt, window width, a later token or new weights (the graph
+    reads the weights, and their packed copies, at run time); the same greedy tokens as eager decoding for a
+    padded batch that slides past the window and for stream_generate."""
     eager, fast = tiny(max_seq_len=32), tiny(max_seq_len=32)
     fast.compile_decode()
-    torch.manual_seed(1)
-    idx, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (5, 12, 2)])
-    assert torch.equal(fast.generate(idx, 30, temperature=0, attention_mask=mask),
-                       eager.generate(idx, 30, temperature=0, attention_mask=mask))
-    prompt = torch.randint(0, VOCAB, (1, 9))
-    streamed = list(fast.stream_generate(prompt, 20, temperature=0))
-    assert streamed == list(eager.stream_generate(prompt, 20, temperature=0))
+    for rows in (1, 2):
+        fast.generate(torch.ones(rows, 1, dtype=torch.long), 2, temperature=0)
     assert capfd.readouterr().err.count("fast decode: compiled the one-token step") == 2  # batch 1, batch > 1
+    torch.manual_seed(1)
     with torch._dynamo.config.patch(error_on_recompile=True):
+        idx, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (5, 12, 2)])
+        assert torch.equal(fast.generate(idx, 30, temperature=0, attention_mask=mask),
+                           eager.generate(idx, 30, temperature=0, attention_mask=mask))
+        prompt = torch.randint(0, VOCAB, (1, 9))
+        streamed = list(fast.stream_generate(prompt, 20, temperature=0))
+        assert streamed == list(eager.stream_generate(prompt, 20, temperature=0))
         longer = torch.randint(0, VOCAB, (4, 3))
         assert torch.equal(fast.generate(longer, 25, temperature=0), eager.generate(longer, 25, temperature=0))
         other = tiny(seed=5, max_seq_len=32)

@@ -222,12 +222,14 @@ def test_concurrent_clients_each_get_their_own_answer(gen, client, url):
 
 def test_compiled_step_serves_the_eager_answers(model_dir, gen, capfd):
     """serve.py compiles the one-token step before serving (unless --no_compile): both graphs (batch 1, a
-    larger batch) give concurrent clients the greedy answers of eager decoding alone."""
+    larger batch), compiled once by the warm-up, give concurrent clients the greedy answers of eager decoding
+    alone."""
     fast = TextGenerator(model_dir, device="cpu", dtype="float32")
     fast.compile_decode((1, 2))
     assert capfd.readouterr().err.count("fast decode: compiled the one-token step") == 2
     jobs = [(PROMPTS[i], 6 + 4 * i) for i in range(6)]
-    with live(create_app(fast, MODEL, max_batch=4)) as base:
+    # the warm-up's graphs serve every batch and cache width: a recompile would fail the engine's step
+    with torch._dynamo.config.patch(error_on_recompile=True), live(create_app(fast, MODEL, max_batch=4)) as base:
         client = client_for(base)
         with ThreadPoolExecutor(len(jobs)) as pool:
             answers = list(pool.map(lambda job: ask(client, chat(job[0]), job[1], False, temperature=0), jobs))
