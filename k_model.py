@@ -803,6 +803,12 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
+def copy_token_ids(config: PretrainedConfig, tokenizer) -> None:
+    """Puts the tokenizer's bos / eos / pad ids on a model config, so that its HF export carries them."""
+    for key in TOKEN_ID_KEYS:
+        setattr(config, key, getattr(tokenizer, key))
+
+
 def _hf_config(cfg: ModelConfig) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=cfg.vocab_size,

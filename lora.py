@@ -44,7 +44,7 @@ from peft import set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
 from checkpoint import CKPT_NAME, load_model, rebuilt
-from k_model import LAYER_WEIGHTS, TOKEN_ID_KEYS, Transformer, from_hf_llama, save_quietly, to_hf_llama
+from k_model import LAYER_WEIGHTS, Transformer, copy_token_ids, from_hf_llama, save_quietly, to_hf_llama
 
 ADAPTER = "default"  # peft's name for a model's one adapter
 TARGETS = ("wqkv", "wo", "w13", "w2")  # every projection of a block; HF names in k_model.LAYER_WEIGHTS
@@ -177,8 +177,7 @@ def from_checkpoint(state: dict[str, Any], source: str | os.PathLike) -> Transfo
 
 def export(model: Transformer, out_dir: Path, tokenizer: Any) -> Path:
     """out_dir/adapter (peft format, on the HF base it names) and out_dir/hf (merged); returns the latter."""
-    for key in TOKEN_ID_KEYS:  # the exported configs carry the tokenizer's ids, as trainer.Task.export does
-        setattr(model.config, key, getattr(tokenizer, key))
+    copy_token_ids(model.config, tokenizer)
     spec = model.lora_spec
     hf = to_hf_llama(plain_model(model, with_adapters=False).eval())
     base_dir = unchanged_hf_base(spec["base"], model.config.vocab_size)

@@ -57,7 +57,7 @@ from tqdm import tqdm
 from checkpoint import (CKPT_NAME, DEFAULT_TOKENIZER, config_to_dict, load_checkpoint, model_from_state,
                         save_checkpoint)
 from dataset import document_start_ids
-from k_model import export_hf
+from k_model import copy_token_ids, export_hf
 from loading import SourcedModel, check_model_tokenizer, load_tokenizer, resolve_dtype, tokenizer_fingerprint
 from perf import CpuShare, peak_flops
 from plot_runs import draw_curves
@@ -164,9 +164,7 @@ class Task:
     def export(self, model: torch.nn.Module, out_dir: Path, tokenizer: Any) -> Path:
         """The final weights as a Llama model + tokenizer that AutoModelForCausalLM / AutoTokenizer open."""
         hf_dir = out_dir / "hf"
-        cfg = model.config
-        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = (tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                                                 tokenizer.pad_token_id)
+        copy_token_ids(model.config, tokenizer)
         export_hf(model, hf_dir)
         tokenizer.save_pretrained(hf_dir)
         return hf_dir
