@@ -115,8 +115,8 @@ _OPS = torch.library.Library("k_model", "DEF")
 
 def _opaque_mm_t(name: str, fn):
     """fn(a, b) -> a @ b.T as an op torch.compile keeps opaque: a compiled graph calls it as it is. Registered
-    with torch.library.Library rather than custom_op, whose Python wrapper costs ~5 us more per call: a
-    one-token step makes a call per weight matrix."""
+    with torch.library.Library rather than custom_op, whose Python wrapper costs a few microseconds more per
+    call: a one-token step makes a call per weight matrix."""
     _OPS.define(f"{name}(Tensor a, Tensor b) -> Tensor")
     _OPS.impl(name, fn, "CPU")
     torch.library.register_fake(f"k_model::{name}", lambda a, b: a.new_empty(*a.shape[:-1], b.shape[0]))
@@ -138,8 +138,8 @@ def mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # Decoding multiplies a few rows by every weight matrix, so a step is bound by reading the weights. In
-# oneDNN's blocked ("packed") layout the product reads them faster: per decode step of the bench model on
-# the AMD EPYC above, 1.1x in float32 at batch 1, 1.6x at batch 8, 1.7x in bf16 (bench/bench_model.py).
+# oneDNN's blocked ("packed") layout the product reads them faster: the bench model's projections, one
+# decode step's worth, on the AMD EPYC above: 1.1x in float32 at batch 1, 1.6x at batch 8, 1.7x in bf16.
 # Transformer.packed_weights() makes the packed copies; decode-sized products read them while they exist.
 DECODE_ROWS = 16  # products with at most this many rows (tokens in one step) are decode-sized
 
