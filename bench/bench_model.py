@@ -134,24 +134,26 @@ def row(benchmark, device, dtype, shape, values: dict[str, float], target, compi
             f"{compile_s:.1f}")
 
 
+def train_variants(cfg: ModelConfig, args, device: str, dtype_name: str) -> dict:
+    """The three variants' train steps on fresh models: float32 weights, bf16 autocast for the bf16 rows."""
+    autocast = torch.bfloat16 if dtype_name == "bf16" else None
+    return train_fns(build(cfg, device, torch.float32, args.seed), args.batch_size, args.seq_len, autocast, device,
+                     args.seed)
+
+
 def train_row(cfg: ModelConfig, args, device: str, dtype_name: str, clock) -> tuple:
     """Train tokens/s of the three variants. Everything built here is freed on return: models and
     optimizers kept alive from an earlier row slowed the next row's eager variants (HF's bf16 step by 20%)."""
-    autocast = torch.bfloat16 if dtype_name == "bf16" else None
-    fns = train_fns(build(cfg, device, torch.float32, args.seed), args.batch_size, args.seq_len, autocast, device,
-                    args.seed)
-    times, compile_s = run(fns, args.rounds, device, clock)
+    times, compile_s = run(train_variants(cfg, args, device, dtype_name), args.rounds, device, clock)
     tps = {n: args.batch_size * args.seq_len / t for n, t in times.items()}
-    name = "train tok/s" if autocast is None else "train tok/s (autocast)"
+    name = "train tok/s (autocast)" if dtype_name == "bf16" else "train tok/s"
     return row(name, device, dtype_name, f"{args.batch_size}x{args.seq_len}", tps, ">= 1.5x", compile_s)
 
 
 def memory_row(cfg: ModelConfig, args, device: str, dtype_name: str) -> tuple | None:
     """Peak memory of one train step per variant, after a first step (compiling, the optimizer state); the
     smaller of two steps, as the first one measured can include one-time allocations."""
-    autocast = torch.bfloat16 if dtype_name == "bf16" else None
-    fns = train_fns(build(cfg, device, torch.float32, args.seed), args.batch_size, args.seq_len, autocast, device,
-                    args.seed)
+    fns = train_variants(cfg, args, device, dtype_name)
     for fn in fns.values():
         fn()
     peaks = {name: [peak_memory(fn, device) for _ in range(2)] for name, fn in fns.items()}
@@ -165,9 +167,9 @@ def memory_row(cfg: ModelConfig, args, device: str, dtype_name: str) -> tuple | 
 def decode_row(cfg: ModelConfig, args, device: str, dtype_name: str, batch: int, bandwidth: float, clock) -> tuple:
     """Decode tokens/s of the three variants, with each one's share of the bandwidth limit."""
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    weight_bytes = Transformer(cfg).num_params() * dtype.itemsize
-    fns, out = decode_fns(build(cfg, device, dtype, args.seed), batch, args.prompt_len, args.new_tokens, device,
-                          args.seed)
+    models = build(cfg, device, dtype, args.seed)
+    weight_bytes = models["ours eager"].num_params() * dtype.itemsize
+    fns, out = decode_fns(models, batch, args.prompt_len, args.new_tokens, device, args.seed)
     times, compile_s = run(fns, args.decode_rounds, device, clock)
     tps = {n: batch * args.new_tokens / t for n, t in times.items()}
     share = lambda n, v: f"{v:,.0f} ({v / batch * weight_bytes / bandwidth:.0%})"  # noqa: E731
