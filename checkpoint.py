@@ -1,14 +1,9 @@
-"""Checkpoint I/O shared by the trainers and model_sample.py.
-
-A checkpoint is one `ckpt.pt` dict (see `save_checkpoint`) written atomically, so a kill in the middle of
-a save leaves the previous file intact. It is read back with `torch.load(weights_only=True)`: tensors,
+"""The checkpoint file: one `ckpt.pt` dict (see `save_checkpoint`) written atomically, so a kill in the middle
+of a save leaves the previous file intact. It is read back with `torch.load(weights_only=True)`: tensors,
 dicts, lists and primitives only, never arbitrary pickled objects.
 
-`load_model` opens any trained artifact: a `ckpt.pt` (a LoRA run's holds only adapters, and names its base),
-a run directory holding one, an HF export directory (config.json + model.safetensors: `k_model.export_hf`'s
-or any LlamaForCausalLM's) or a peft adapter directory (adapter_config.json, on top of its base model);
-`tokenizer_dir_for` finds the tokenizer that belongs to it, and `initial_model` is where a training run
-starts from (--init_from).
+`build_model` makes the model a plain checkpoint describes and `rebuilt` copies a model with some config
+fields changed. Opening a checkpoint as a model source (a LoRA run's too) is loading.open_model's job.
 """
 
 import os
@@ -17,12 +12,9 @@ from typing import Any
 
 import torch
 
-from k_model import ModelConfig, Transformer, load_hf
-from loading import SourcedModel, load_tokenizer, tokenizer_fingerprint
+from k_model import ModelConfig, Transformer
 
 CKPT_NAME = "ckpt.pt"
-ADAPTER_CONFIG = "adapter_config.json"  # what marks a peft adapter directory
-DEFAULT_TOKENIZER = "out/tokenizer"
 # keys every checkpoint must carry to rebuild its model without guessing
 REQUIRED_KEYS = ("model", "model_config", "vocab_size", "tokenizer_fingerprint", "step")
 
@@ -90,13 +82,9 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in ModelConfig.__annotations__}
 
 
-def model_from_state(state: dict[str, Any], source: str | os.PathLike) -> Transformer:
-    """Build a Transformer from a checkpoint dict; ValueError naming `source` and the offending keys. A LoRA
-    checkpoint (a "lora" entry: adapters only) gives its base model with the adapters attached (lora.py)."""
-    if "lora" in state:
-        import lora  # peft is imported for LoRA checkpoints only; lora.py imports this module
-
-        return lora.from_checkpoint(state, source)
+def build_model(state: dict[str, Any], source: str | os.PathLike) -> Transformer:
+    """The Transformer a plain checkpoint dict describes (LoRA checkpoints: loading.model_from_state); ValueError
+    naming `source` and the offending keys."""
     try:
         config = ModelConfig(**state["model_config"])
     except (TypeError, ValueError) as e:
@@ -135,109 +123,3 @@ def rebuilt(model: Transformer, **changes: Any) -> Transformer:
     copy = Transformer(config).to(dtype=model.dtype)
     copy.load_state_dict(weights)
     return copy.train(model.training)
-
-
-def initial_model(path: str | os.PathLike, tokenizer: Any, dropout: float | None = None) -> SourcedModel:
-    """A training run's starting model (--init_from): any artifact load_model opens, in train mode, with
-    --dropout applied. When the tokenizer extends the model's own (loading.with_chat_template added tokens
-    at the end), the embeddings grow to it; the model's tokenizer must then be exactly the extended one's
-    first vocab_size tokens. Other vocabulary mismatches are left to loading.check_model_tokenizer."""
-    model, info = load_model(path)
-    source, fingerprint = info["source"], info["tokenizer_fingerprint"]
-    vocab = model.config.vocab_size
-    if len(tokenizer) > vocab and fingerprint in (None, tokenizer_fingerprint(tokenizer, below=vocab)):
-        model = rebuilt(model, vocab_size=len(tokenizer))
-        source += f" (embeddings grown {vocab:,} -> {len(tokenizer):,} for the tokens the tokenizer adds)"
-        fingerprint = tokenizer_fingerprint(tokenizer)
-    if dropout is not None and dropout != model.config.dropout:
-        model = rebuilt(model, dropout=dropout)
-    return SourcedModel(model.train(), source, fingerprint)
-
-
-def _saved_tokenizer_path(ckpt: Path) -> str | None:
-    """The --tokenizer_path a checkpoint was trained with; memory-mapped, so its tensors are not read."""
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # a damaged file: load_model names it when it opens the weights
-        return None
-    return (state.get("args") or {}).get("tokenizer_path") if isinstance(state, dict) else None
-
-
-def tokenizer_dir_for(model_path: str | os.PathLike, tokenizer_path: str | None = None) -> str:
-    """The tokenizer of a model artifact: `tokenizer_path` if given; else for a checkpoint the one it was
-    trained with, for an HF export or adapter directory the one saved in it; else out/tokenizer."""
-    if tokenizer_path:
-        return tokenizer_path
-    path = Path(model_path)
-    ckpt = path if path.is_file() else path / CKPT_NAME
-    if ckpt.is_file():
-        return _saved_tokenizer_path(ckpt) or DEFAULT_TOKENIZER
-    for folder in (path, path / "hf"):
-        if (folder / "tokenizer.json").is_file():
-            return str(folder)
-    return DEFAULT_TOKENIZER
-
-
-def _hf_fingerprint(hf_dir: Path) -> str | None:
-    """Fingerprint of the tokenizer exported next to the HF weights, if one was saved there."""
-    if not (hf_dir / "tokenizer.json").is_file():
-        return None
-    return tokenizer_fingerprint(load_tokenizer(hf_dir))
-
-
-def _load_hf_dir(hf_dir: Path) -> tuple[Transformer, dict[str, Any]]:
-    weights = hf_dir / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"HF export {hf_dir} has config.json but no {weights.name}")
-    try:
-        model = load_hf(hf_dir)
-    except Exception as e:  # safetensors / transformers raise many types for a damaged export
-        raise ValueError(f"{hf_dir}: cannot load HF export ({type(e).__name__}: {e})") from e
-    info = {
-        "source": str(hf_dir),
-        "format": "hf",
-        "step": None,
-        "args": None,
-        "vocab_size": model.config.vocab_size,
-        "tokenizer_fingerprint": _hf_fingerprint(hf_dir),
-    }
-    return model, info
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, dict[str, Any]]:
-    """Load a trained model in eval mode from a ckpt.pt, a run dir, an HF export dir or a peft adapter dir
-    (LoRA adapters come merged into their base: one plain model).
-
-    Returns (model, info); info has source, format ("ckpt"|"hf"|"adapter"), step, args, vocab_size,
-    tokenizer_fingerprint (None when unknown). A run dir without ckpt.pt falls back to its hf/ export.
-    """
-    path = Path(path)
-    if path.is_dir() and not (path / CKPT_NAME).is_file():
-        if (path / ADAPTER_CONFIG).is_file():
-            import lora  # peft is imported for LoRA artifacts only
-
-            model = lora.load_adapter_dir(path)
-            info = {"source": str(path), "format": "adapter", "step": None, "args": None,
-                    "vocab_size": model.config.vocab_size, "tokenizer_fingerprint": _hf_fingerprint(path)}
-            return model.to(device).eval(), info
-        for hf_dir in (path, path / "hf"):
-            if (hf_dir / "config.json").is_file():
-                model, info = _load_hf_dir(hf_dir)
-                return model.to(device).eval(), info
-        raise FileNotFoundError(f"no {CKPT_NAME}, config.json, hf/config.json or {ADAPTER_CONFIG} in {path}")
-    state = load_checkpoint(path)
-    source = resolve_checkpoint(path)
-    model = model_from_state(state, source)
-    if "lora" in state:  # for inference, adapters folded into the weights: a plain model, as fast as any
-        import lora
-
-        model = lora.merged(model)
-    info = {
-        "source": str(source),
-        "format": "ckpt",
-        "step": state["step"],
-        "args": state.get("args"),
-        "vocab_size": state["vocab_size"],
-        "tokenizer_fingerprint": state["tokenizer_fingerprint"],
-    }
-    return model.to(device).eval(), info

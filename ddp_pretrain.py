@@ -16,10 +16,9 @@ import argparse
 from typing import Any
 
 import trainer
-from checkpoint import initial_model, tokenizer_dir_for
 from dataset import PretrainDataset
 from k_model import ModelConfig, Transformer
-from loading import SourcedModel, load_tokenizer
+from loading import SourcedModel, initial_model, load_tokenizer, tokenizer_dir_for
 
 SHAPE_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads")
 

@@ -8,7 +8,7 @@ adapters; the loss covers assistant replies only (SFTDataset's loss mask).
 
 The tokenizer is the --init_from model's own unless --tokenizer_path says otherwise; when it has no chat
 template (a base model's), ours is added with its two special tokens and the embeddings grow to hold them
-(loading.with_chat_template, checkpoint.initial_model). The loop and checkpoint format live in
+(loading.with_chat_template, loading.initial_model). The loop and checkpoint format live in
 trainer.py, the flags in train_flags.py; this script picks the data, the tokenizer and the initial model.
 """
 
@@ -18,9 +18,8 @@ from typing import Any
 
 import lora
 import trainer
-from checkpoint import initial_model, tokenizer_dir_for
 from dataset import SFTDataset, encode_chat
-from loading import SourcedModel, load_tokenizer, with_chat_template
+from loading import SourcedModel, initial_model, load_tokenizer, tokenizer_dir_for, with_chat_template
 
 
 class SFT(trainer.Task):

@@ -1,16 +1,19 @@
 """A LLaMA2-style decoder-only Transformer, weight-compatible with transformers' LlamaForCausalLM.
 
-Read top to bottom: config -> building blocks (the matmul, RMSNorm, rotary embeddings, attention, SwiGLU
-MLP) -> Transformer (forward, KV-cache generation) -> its compiled decode step -> the loss (chunked linear +
-cross-entropy) -> sampling -> conversion to / from Hugging Face Llama.
+Read top to bottom: config -> building blocks (RMSNorm, rotary embeddings, the KV cache, attention, SwiGLU
+MLP) -> Transformer (forward, KV-cache generation). The fast paths sit in files of their own, which this one
+imports: cpu_matmul.py (every projection's matmul: oneDNN on x86 CPUs, packed weights for decoding),
+compiled_step.py (the torch.compile'd one-token decode step), chunked_loss.py (cross-entropy without the
+(B, T, vocab) logits) and sampling.py (temperature / top-k / top-p). hf_llama.py converts to and from
+Hugging Face Llama.
 
 Where the speed comes from, measured against LlamaForCausalLM in bench/bench_model.py:
   * training: the loss never materialises the (B, T, vocab) logits; torch.compile(model) works unchanged;
   * decoding: a KV cache allocated once and written in place, so one compiled graph serves every token
     (Transformer.compile_decode); prefill and sliding the window stay eager;
-  * on x86 CPUs, float32 matmuls run in oneDNN instead of MKL (see mm_t).
+  * on x86 CPUs, float32 matmuls run in oneDNN instead of MKL (cpu_matmul.mm_t).
 
-Two layout choices differ from LlamaForCausalLM, both for speed, and both undone by `to_hf_llama`:
+Two layout choices differ from LlamaForCausalLM, both for speed, and both undone by hf_llama.to_hf_llama:
   * q, k and v come from one fused projection `wqkv` (rows: q heads, then k heads, then v heads);
   * the SwiGLU gate and up projections are one fused `w13` (rows: gate, then up).
 Rotary embeddings use the rotate-half layout that HF Llama uses, so weights map 1:1 with no permutation.
@@ -20,18 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import sys
-import time
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
+
+from chunked_loss import linear_cross_entropy
+from compiled_step import compile_step
+from cpu_matmul import Linear, packed_weights
+from sampling import check_sampling, sample, stop_list, stop_tensor
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,109 +96,6 @@ class ModelConfig(PretrainedConfig):
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks
 
-
-# Route float32 matmuls to oneDNN where torch's own float32 GEMM is MKL's (x86 builds); see mm_t.
-ONEDNN = torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available() and hasattr(
-    torch.ops.mkldnn, "_linear_pointwise"
-)
-
-
-def _onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # float32 only: bf16 / fp16 matmuls already go to oneDNN; under autocast F.linear must do its casting
-    float32 = a.dtype == b.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    # oneDNN refuses empty operands (an SFT micro-batch without one supervised token)
-    return ONEDNN and a.device.type == "cpu" and float32 and a.numel() > 0 and b.numel() > 0
-
-
-def _onednn_mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [None], "")
-
-
-_OPS = torch.library.Library("k_model", "DEF")
-
-
-def _opaque_mm_t(name: str, fn):
-    """fn(a, b) -> a @ b.T as an op torch.compile keeps opaque: a compiled graph calls it as it is. Registered
-    with torch.library.Library rather than custom_op, whose Python wrapper costs a few microseconds more per
-    call: a one-token step makes a call per weight matrix."""
-    _OPS.define(f"{name}(Tensor a, Tensor b) -> Tensor")
-    _OPS.impl(name, fn, "CPU")
-    torch.library.register_fake(f"k_model::{name}", lambda a, b: a.new_empty(*a.shape[:-1], b.shape[0]))
-    return getattr(torch.ops.k_model, name).default
-
-
-# The same call for torch.compile: inductor has no lowering of its own for it.
-onednn_mm_t = _opaque_mm_t("onednn_mm_t", _onednn_mm_t)
-
-
-def mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T (a: (..., k), b: (n, k)), every matmul of the model. On a CPU in float32 it runs in oneDNN
-    rather than torch's default BLAS (MKL), whose float32 GEMM takes a generic path on non-Intel CPUs:
-    2.2x slower on the AMD EPYC (Zen 5) this was measured on, for training shapes and one-token decoding
-    alike. The same product up to float rounding."""
-    if not _onednn(a, b):
-        return a @ b.t()
-    return onednn_mm_t(a, b) if torch.compiler.is_compiling() else _onednn_mm_t(a, b)
-
-
-# Decoding multiplies a few rows by every weight matrix, so a step is bound by reading the weights. In
-# oneDNN's blocked ("packed") layout the product reads them faster: the bench model's projections, one
-# decode step's worth, on the AMD EPYC above: 1.1x in float32 at batch 1, 1.6x at batch 8, 1.7x in bf16.
-# Transformer.packed_weights() makes the packed copies; decode-sized products read them while they exist.
-DECODE_ROWS = 16  # products with at most this many rows (tokens in one step) are decode-sized
-
-
-def _packable(weight: torch.Tensor) -> bool:
-    """On a CPU, float32 or bf16, no autocast (which would cast the weight for every product)."""
-    return (ONEDNN and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_autocast_enabled("cpu"))
-
-
-def _decode_sized(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A few rows and no gradient: a product where a packed weight pays."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    return _packable(weight) and x.dtype == weight.dtype and 0 < rows <= DECODE_ROWS and not torch.is_grad_enabled()
-
-
-def _decode_mm_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T through the weight's packed copy where packed_weights() made one, else the weight."""
-    return torch.ops.mkldnn._linear_pointwise(x, getattr(weight, "_onednn_packed", weight), None, "none", [], "")
-
-
-# Opaque to torch.compile too (it cannot take a packed tensor as an input): the compiled decode step passes
-# the weight itself, and the packed copy is looked up at run time.
-decode_mm_t = _opaque_mm_t("decode_mm_t", _decode_mm_t)
-
-
-class OneDNNLinear(torch.autograd.Function):
-    """x @ weight.T with its gradients, every product through mm_t (oneDNN has no autograd of its own)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return mm_t(x, weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad_x = mm_t(grad, weight.t()) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = mm_t(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())
-        return grad_x, grad_w
-
-
-class Linear(nn.Linear):
-    """nn.Linear, bias-free, its matmuls through mm_t, decode steps through the packed weight where there is
-    one. Same parameters and state_dict as nn.Linear."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _decode_sized(x, self.weight):
-            return decode_mm_t(x, self.weight) if torch.compiler.is_compiling() else _decode_mm_t(x, self.weight)
-        return OneDNNLinear.apply(x, self.weight) if _onednn(x, self.weight) else F.linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -473,7 +374,7 @@ class Transformer(PreTrainedModel):
         left-padded and described by attention_mask (1 = token, 0 = pad); each row then gets exactly the
         tokens it would get alone (greedy). temperature 0 = greedy (argmax). Runs the model as it is: call
         model.eval() first if it was built with dropout. After compile_decode(), steps run compiled."""
-        stops = _stop_tensor(stop_id, idx.device)
+        stops = stop_tensor(stop_id, idx.device)
         B = idx.shape[0]
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         fill = torch.zeros(B, dtype=torch.long, device=idx.device)
@@ -504,7 +405,7 @@ class Transformer(PreTrainedModel):
         token ends the stream and is not yielded."""
         if idx.dim() != 2 or idx.shape[0] != 1:
             raise ValueError(f"stream_generate takes one row, idx of shape (1, T); got {tuple(idx.shape)}")
-        stops = set(_stop_list(stop_id))
+        stops = set(stop_list(stop_id))
         for tok in self._decode(idx, None, temperature, top_k, top_p, max_new_tokens):
             tok = int(tok)
             if tok in stops:
@@ -513,32 +414,16 @@ class Transformer(PreTrainedModel):
 
     def compile_decode(self) -> None:
         """From now on, generate and stream_generate feed their tokens through a torch.compile'd one-token
-        step (the gpt-fast approach, see CompiledStep). Compiling takes tens of seconds on a CPU, so it pays
-        off in a chat session or a server, not for one short generation. Where compiling fails (no C++
-        compiler, a platform torch.compile does not support) one line says why and decoding stays eager.
-        Greedy tokens are the same either way. Call it once the model is on its device."""
-        try:
-            self._compiled_step = CompiledStep(self)
-        except Exception as err:  # torch.compile itself refuses where dynamo is unsupported (e.g. a new Python)
-            _say_compile_failed(err)
+        step (compiled_step.py). Compiling takes tens of seconds on a CPU: it pays off in a chat session or a
+        server, not for one short generation. Where it fails (no C++ compiler, a platform torch.compile does
+        not support) one line says why and decoding stays eager; greedy tokens are the same either way. Call
+        it once the model is on its device."""
+        self._compiled_step = compile_step(self) or self._compiled_step
 
-    @contextlib.contextmanager
-    def packed_weights(self) -> Iterator[None]:
-        """Within it, decode steps on a CPU (float32 or bf16 weights, no autocast) read copies of the
-        projection weights in oneDNN's packed layout: made on entry (35 ms for the bench model's 27M float32
-        weights), dropped on exit, reused by a nested call. generate packs for each call; a caller that decodes
-        through decode_step (serve.py) packs once. The weights must not change within: nothing would tell the
-        copies (a fused optimizer step does not even count as a change of the tensor)."""
-        weights = {id(m.weight): m.weight for m in self.modules() if isinstance(m, Linear)}.values()
-        fresh = [w for w in weights if _packable(w) and not hasattr(w, "_onednn_packed")]
-        with torch.no_grad():
-            for w in fresh:
-                w._onednn_packed = torch.ops.mkldnn._reorder_linear_weight(w, DECODE_ROWS)
-        try:
-            yield
-        finally:
-            for w in fresh:
-                del w._onednn_packed
+    def packed_weights(self) -> contextlib.AbstractContextManager:
+        """Within it, CPU decode steps read packed copies of the weights (cpu_matmul.packed_weights; 35 ms to
+        make for the bench model). generate packs for each call; serve.py, which calls decode_step, packs once."""
+        return packed_weights(self)
 
     @torch.inference_mode()
     def _decode(self, idx, attention_mask, temperature, top_k, top_p, max_new_tokens) -> Iterator[torch.Tensor]:
@@ -547,7 +432,7 @@ class Transformer(PreTrainedModel):
         keeps its last tokens, and once generation fills the window it slides - the cache is rebuilt from
         the last max_seq_len tokens (positions restarting at 0) for every further token, which is exactly
         the model run without a cache on the cropped sequence (slower: one full window forward per token)."""
-        _check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p)
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must be (B, T) with at least one prompt token, got shape {tuple(idx.shape)}")
         if attention_mask is None:
@@ -588,12 +473,9 @@ class Transformer(PreTrainedModel):
         cfg = self.config
         # one slot more than the window, never used: attention reads a view of the first S slots, and were
         # that view ever the whole cache, a compiled step would see a new (contiguous) layout and recompile
-        slots = cfg.max_seq_len + 1
-        caches = [KVCache(batch, cfg.n_kv_heads, slots, cfg.head_dim, dtype, device) for _ in self.layers]
-        if self._compiled_step is not None and device.type == "cuda":
-            for c in caches:  # a CUDA graph writes them in place: it may keep their addresses instead of copying
-                torch._dynamo.mark_static_address(c.k)
-                torch._dynamo.mark_static_address(c.v)
+        caches = [KVCache(batch, cfg.n_kv_heads, cfg.max_seq_len + 1, cfg.head_dim, dtype, device) for _ in self.layers]
+        if self._compiled_step is not None:
+            self._compiled_step.pin(caches)
         return caches
 
     def prefill(self, tokens, mask, caches):
@@ -625,8 +507,6 @@ class Transformer(PreTrainedModel):
         h = self._hidden(tok[:, None], cos, sin, attend[:, None, None], False, caches, slot)
         return self.output(h[:, -1])
 
-    # -- accounting ----------------------------------------------------------------------------------------
-
     def num_params(self) -> int:
         """Number of parameters, the tied embedding / output matrix counted once."""
         return sum(p.numel() for p in self.parameters())
@@ -637,307 +517,3 @@ class Transformer(PreTrainedModel):
         dim * seq_len (causal masking not discounted). MFU = tokens/s * this / peak FLOP/s."""
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layers * cfg.dim * seq_len
-
-
-class CompiledStep:
-    """Transformer.decode_step through torch.compile, called like it. Shapes stay put from token to token (the
-    cache is pre-allocated and written in place, positions and the cache slot are tensors), so one graph
-    serves every step.
-    On CUDA each step is replayed as a CUDA graph (mode "reduce-overhead"), which needs fixed shapes: one
-    graph per batch size, attention reading the whole window with the unfilled slots masked (untested: no
-    GPU was at hand).
-    On a CPU the shapes are symbolic (one graph for batch 1, one for every larger batch) and attention reads
-    the filled slots only. Inductor fuses the norms, rotary embeddings and activations around the matmuls,
-    which stay the model's own packed oneDNN products (Linear), so the graph reads the weights at run time:
-    new weights need no new graph.
-    The first step of each graph compiles, and says so on stderr with the seconds it took; if compiling
-    fails, one line says why and the model decodes eagerly from then on."""
-
-    def __init__(self, model: Transformer):
-        self.model = model
-        self.full_window = model.device.type == "cuda"
-        # the eager step with a code object of its own: dynamo keeps its graphs per code object and, after a
-        # few, stops compiling it; a model's graphs must not use up another model's share
-        code = Transformer._eager_step.__code__.replace()
-        step = types.MethodType(types.FunctionType(code, Transformer._eager_step.__globals__), model)
-        if self.full_window:
-            self.fn = torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
-        else:
-            self.fn = torch.compile(step, fullgraph=True, dynamic=True)
-        self.compiled: set[tuple] = set()  # graphs built: (batch size or "> 1", device, dtype)
-
-    def run(self, *args) -> torch.Tensor:
-        # No duck shaping: by default sizes that happen to be equal while tracing share one symbol (a first
-        # step's 2 attended slots and 2 kv heads, or batch 4 and 4 slots), and the graph is compiled again
-        # as soon as they differ. Read while tracing, so it is set around every call.
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return self.fn(*args)
-
-    def __call__(self, tok, pos, slot, attend, caches) -> torch.Tensor:
-        if self.fn is None:  # compiling failed: eager from then on
-            return self.model._eager_step(tok, pos, slot, attend, caches)
-        if self.full_window:  # a CUDA graph's shapes are fixed: attend to the whole window, unfilled slots masked
-            attend = F.pad(attend, (0, self.model.config.max_seq_len - attend.shape[1]), value=False)
-        B = tok.shape[0]
-        # symbolic shapes still specialise a size of 1, so batch 1 gets a graph of its own
-        graph = (B if self.full_window or B == 1 else "> 1", tok.device.type, caches[0].k.dtype)
-        if graph in self.compiled:
-            return self.run(tok, pos, slot, attend, caches)
-        began = time.perf_counter()
-        try:
-            logits = self.run(tok, pos, slot, attend, caches)
-        except Exception as err:  # compiling failed before anything ran, so the eager step starts clean
-            _say_compile_failed(err)
-            self.fn = self.model._compiled_step = None
-            return self.model._eager_step(tok, pos, slot, attend, caches)
-        self.compiled.add(graph)
-        print(f"fast decode: compiled the one-token step for batch {graph[0]} ({graph[1]}, {graph[2]}) in "
-              f"{time.perf_counter() - began:.1f} s", file=sys.stderr)
-        return logits
-
-
-def _say_compile_failed(err: Exception) -> None:
-    reason = (str(err).strip().splitlines() or [""])[0][:200]
-    print(f"fast decode: torch.compile failed ({type(err).__name__}: {reason}); decoding eagerly", file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The loss
-
-
-CE_CHUNK_LOGITS = 2**22  # logits per chunk of linear_cross_entropy: 16 MB in float32
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy of the logits h @ weight.T, computed in chunks of rows so that the (N, V)
-    logits never exist at once (in training they would be kept, in float32, from forward to backward: the
-    largest activation of a small-vocabulary model's step). Forward keeps each row's log-sum-exp; backward
-    recomputes a chunk's logits and turns them into its gradient, softmax - one_hot, which costs one more
-    h @ weight.T (a third of the output layer's FLOPs) and saves the B*T*V logits' memory traffic.
-    Under autocast the matmuls run in autocast's dtype, and softmax always in float32, as F.cross_entropy
-    on autocast logits would; backward uses the same dtype (autocast is off by then)."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        device = h.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        hc, wc = h.to(dtype), weight.to(dtype)
-        lse, picked = [], []
-        for rows, tgt in zip(hc.split(chunk), targets.clamp(min=0).split(chunk)):
-            logits = mm_t(rows, wc).float()
-            lse.append(logits.logsumexp(-1))
-            picked.append(logits.gather(1, tgt[:, None]).squeeze(1))
-        lse = torch.cat(lse)
-        ctx.save_for_backward(hc, wc, targets, lse)
-        ctx.chunk, ctx.dtypes = chunk, (h.dtype, weight.dtype)
-        return torch.where(targets == -100, 0.0, lse - torch.cat(picked))
-
-    @staticmethod
-    def backward(ctx, grad_losses: torch.Tensor):
-        hc, wc, targets, lse = ctx.saved_tensors
-        g = torch.where(targets == -100, 0.0, grad_losses.float())  # ignored rows get no gradient
-        grad_h, grad_w = [], torch.zeros(wc.shape, dtype=torch.float32, device=wc.device)
-        chunks = (t.split(ctx.chunk) for t in (hc, targets.clamp(min=0), lse, g))
-        for rows, tgt, row_lse, row_g in zip(*chunks):
-            # d loss / d logits = g * (softmax - one_hot(target))
-            d = (mm_t(rows, wc).float() - row_lse[:, None]).exp_().mul_(row_g[:, None])
-            d = d.scatter_add_(1, tgt[:, None], -row_g[:, None]).to(wc.dtype)
-            grad_h.append(mm_t(d, wc.t()))
-            if ctx.needs_input_grad[1]:
-                grad_w += mm_t(d.t(), rows.t()).float()
-        h_dtype, w_dtype = ctx.dtypes
-        return torch.cat(grad_h).to(h_dtype), grad_w.to(w_dtype), None, None
-
-
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """F.cross_entropy(h @ weight.T, targets, reduction="none") in float32, 0 where the target is -100, with
-    the same value and gradients but without ever holding all the logits. h (N, dim), targets (N,)."""
-    return LinearCrossEntropy.apply(h, weight, targets, max(1, CE_CHUNK_LOGITS // weight.shape[0]))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sampling
-
-
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-
-
-def _stop_list(stop_id: int | list[int] | None) -> list[int]:
-    """An id, a list of ids, or a tensor of them -> list of ints."""
-    return [] if stop_id is None else [int(s) for s in torch.as_tensor(stop_id).flatten().tolist()]
-
-
-def _stop_tensor(stop_id, device) -> torch.Tensor | None:
-    stops = _stop_list(stop_id)
-    return torch.tensor(stops, dtype=torch.long, device=device) if stops else None
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """logits (B, V) -> next token (B,). temperature 0 = argmax; top_k keeps the k most likely tokens; top_p
-    keeps the smallest set of most likely tokens whose probability reaches top_p (nucleus sampling)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token once the more likely ones already reach top_p; the most likely is always kept
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Hugging Face Llama conversion
-
-
-TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def copy_token_ids(config: PretrainedConfig, tokenizer) -> None:
-    """Puts the tokenizer's bos / eos / pad ids on a model config, so that its HF export carries them."""
-    for key in TOKEN_ID_KEYS:
-        setattr(config, key, getattr(tokenizer, key))
-
-
-def _hf_config(cfg: ModelConfig) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.hidden_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
-        hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        attention_dropout=cfg.dropout,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        attn_implementation="sdpa",
-        # token ids are the tokenizer's business; copied when the caller put them on our config
-        **{k: getattr(cfg, k, None) for k in TOKEN_ID_KEYS},
-    )
-
-
-# Each of our per-layer weights and the HF Llama weights it holds, stacked by rows in this order.
-LAYER_WEIGHTS = {
-    "attention.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "attention.wo": ("self_attn.o_proj",),
-    "feed_forward.w13": ("mlp.gate_proj", "mlp.up_proj"),
-    "feed_forward.w2": ("mlp.down_proj",),
-    "attention_norm": ("input_layernorm",),
-    "ffn_norm": ("post_attention_layernorm",),
-}
-TOP_WEIGHTS = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-
-
-def to_hf_llama(model: Transformer) -> LlamaForCausalLM:
-    """The same network as a transformers LlamaForCausalLM (sdpa attention), fused weights split apart."""
-    cfg = model.config
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    rows = {"attention.wqkv": [q, kv, kv], "feed_forward.w13": [cfg.hidden_dim, cfg.hidden_dim]}
-    ours = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    sd = {f"{hf}.weight": ours[f"{name}.weight"] for name, hf in TOP_WEIGHTS.items()}
-    for i in range(cfg.n_layers):
-        for name, hf_names in LAYER_WEIGHTS.items():
-            w = ours[f"layers.{i}.{name}.weight"]
-            for hf_name, part in zip(hf_names, w.split(rows.get(name, [w.shape[0]]))):
-                sd[f"model.layers.{i}.{hf_name}.weight"] = part
-    hf = LlamaForCausalLM(_hf_config(cfg)).to(dtype=model.tok_embeddings.weight.dtype)
-    hf.load_state_dict(sd, strict=True)
-    return hf.to(model.tok_embeddings.weight.device).train(model.training)
-
-
-def unsupported_config(c: PretrainedConfig) -> str | None:
-    """What in an HF config our model cannot express, named by config key; None when it is a Llama we can.
-    Any dtype, tied or untied embeddings, head_dim, rope_theta, rms_norm_eps, max_position_embeddings and
-    GQA are fine; another architecture, biases, another activation or a rope scaling variant are not."""
-    if c.model_type != "llama":
-        return f"model_type {c.model_type!r} (architectures {c.architectures}): not a Llama model"
-    rope_type = (c.rope_parameters or {}).get("rope_type", "default")
-    found = {
-        "rope_scaling / rope_parameters rope_type": rope_type if rope_type != "default" else None,
-        "attention_bias": c.attention_bias or None,
-        "mlp_bias": c.mlp_bias or None,
-        "hidden_act": c.hidden_act if c.hidden_act != "silu" else None,
-    }
-    bad = ", ".join(f"{key} {value!r}" for key, value in found.items() if value is not None)
-    return f"{bad} (k_model is a bias-free, silu, default-rope Llama)" if bad else None
-
-
-def from_hf_llama(hf: LlamaForCausalLM) -> Transformer:
-    """Our model from a LlamaForCausalLM; refuses Llama variants this architecture cannot express."""
-    c = hf.config
-    problem = unsupported_config(c)
-    if problem:
-        raise ValueError(f"k_model cannot express this model: {problem}")
-    cfg = ModelConfig(
-        dim=c.hidden_size,
-        n_layers=c.num_hidden_layers,
-        n_heads=c.num_attention_heads,
-        n_kv_heads=c.num_key_value_heads,
-        vocab_size=c.vocab_size,
-        hidden_dim=c.intermediate_size,
-        norm_eps=c.rms_norm_eps,
-        max_seq_len=c.max_position_embeddings,
-        dropout=float(c.attention_dropout),
-        rope_theta=float(c.rope_parameters.get("rope_theta", 10000.0)),
-        head_dim=c.head_dim,
-        tie_word_embeddings=c.tie_word_embeddings,
-        **{k: getattr(c, k) for k in TOKEN_ID_KEYS if getattr(c, k, None) is not None},
-    )
-    theirs = hf.state_dict()
-    sd = {f"{name}.weight": theirs[f"{hf_name}.weight"] for name, hf_name in TOP_WEIGHTS.items()}
-    for i in range(cfg.n_layers):
-        for name, hf_names in LAYER_WEIGHTS.items():
-            sd[f"layers.{i}.{name}.weight"] = torch.cat([theirs[f"model.layers.{i}.{n}.weight"] for n in hf_names])
-    weight = theirs["model.embed_tokens.weight"]
-    model = Transformer(cfg).to(dtype=weight.dtype, device=weight.device)
-    model.load_state_dict(sd, strict=True)
-    # the weights keep the checkpoint's dtype, the rotary tables stay float32 (as HF keeps inv_freq): rounded
-    # to bf16 they would stay rounded when training upcasts the model to float32 master weights
-    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-    return model.to(weight.device)
-
-
-def save_quietly(model: PreTrainedModel, out_dir: str | os.PathLike) -> None:
-    """save_pretrained without the progress bar it draws for a single shard: noise in a training log."""
-    from transformers.utils import logging as hf_logging
-
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out_dir)
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
-
-
-def export_hf(model: Transformer, out_dir: str | os.PathLike) -> None:
-    """Writes out_dir/config.json + model.safetensors, which AutoModelForCausalLM opens as LlamaForCausalLM."""
-    save_quietly(to_hf_llama(model), out_dir)
-
-
-def load_hf(out_dir: str | os.PathLike) -> Transformer:
-    """Our model from a directory written by export_hf or any LlamaForCausalLM checkpoint, in its stored dtype.
-    ValueError naming config.json and the config key for what the model cannot express."""
-    from transformers import AutoConfig
-
-    config_path = os.path.join(out_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} not found: {out_dir} is not a Hugging Face model directory")
-    problem = unsupported_config(AutoConfig.from_pretrained(out_dir))  # before reading any weights
-    if problem:
-        raise ValueError(f"{config_path}: k_model cannot express this model: {problem}")
-    return from_hf_llama(LlamaForCausalLM.from_pretrained(out_dir, dtype="auto"))

@@ -1,20 +1,28 @@
-"""What training and inference both start from: the device and dtype to run in, the tokenizer with its
-fingerprint, and the check that a model and a tokenizer belong together.
+"""What training and inference both start from: the device and dtype to run in, the tokenizer, and the model.
 
-Shared by the trainers, model_sample.py and serve.py; it imports no training code.
+`open_model` opens any model source - a ckpt.pt (a LoRA run's holds only adapters and names its base), a run
+directory holding one (else its hf/ export), an HF model directory (`hf_llama.export_hf`'s or any
+LlamaForCausalLM's) or a peft adapter directory (adapter_config.json, on top of its base) - and returns the
+model, its tokenizer and where it came from. It decides the kind once (`model_kind`); each kind has one
+loader. `initial_model` is where a training run starts from (--init_from), `model_from_state` what a resumed
+run continues. Shared by the trainers, model_sample.py and serve.py; it imports no training code.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 
+from checkpoint import CKPT_NAME, build_model, load_checkpoint, rebuilt, resolve_checkpoint
+from hf_llama import load_hf
 from k_model import Transformer
+from tokenizer_spec import BOS, CHAT_TEMPLATE, EOS, tokenizer_fingerprint
+
+DEFAULT_TOKENIZER = "out/tokenizer"
+ADAPTER_CONFIG = "adapter_config.json"  # what marks a peft adapter directory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,14 +53,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def tokenizer_fingerprint(tokenizer: Any, below: int | None = None) -> str:
-    """First 16 hex chars of sha256 over the sorted vocab: detects data or checkpoints made by another tokenizer.
-    below=n: of the tokens with ids < n only, i.e. of the tokenizer before tokens n, n+1, ... were added."""
-    items = sorted((t, i) for t, i in tokenizer.get_vocab().items() if below is None or i < below)
-    vocab = json.dumps(items, ensure_ascii=False)
-    return hashlib.sha256(vocab.encode("utf-8")).hexdigest()[:16]
-
-
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """The tokenizer saved in `path` (train_tokenizer.py's output or an HF export); FileNotFoundError if absent."""
     from transformers import AutoTokenizer
@@ -65,14 +65,11 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
 def with_chat_template(tokenizer: Any) -> Any:
     """The tokenizer itself when it has a chat template. Otherwise (a base model's tokenizer) a copy with ours
-    added: train_tokenizer.py's ChatML template, its <|im_start|> / <|im_end|> as special tokens (new ids at
+    added: tokenizer_spec's ChatML template, its <|im_start|> / <|im_end|> as special tokens (new ids at
     the end of the vocabulary, where the model's embeddings must grow) and <|im_end|> as EOS, since it closes
     a reply; BOS stays the tokenizer's own, and a missing pad token becomes unk (or EOS)."""
     if tokenizer.chat_template:
         return tokenizer
-    # imported here: train_tokenizer imports dataset, which imports this module
-    from train_tokenizer import BOS, CHAT_TEMPLATE, EOS
-
     tok = copy.deepcopy(tokenizer)
     tok.add_special_tokens({"additional_special_tokens": [BOS, EOS]})
     tok.eos_token = EOS
@@ -99,3 +96,157 @@ def check_model_tokenizer(model: SourcedModel, tokenizer: Any, tokenizer_path: s
     if model.tokenizer_fingerprint not in (None, fingerprint):
         raise ValueError(f"{model.source}: tokenizer_fingerprint {model.tokenizer_fingerprint} differs from "
                          f"{fingerprint} of the tokenizer at {tokenizer_path}: same size, different tokens")
+
+
+def _saved_tokenizer_path(ckpt: Path) -> str | None:
+    """The --tokenizer_path a checkpoint was trained with; memory-mapped, so its tensors are not read."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a damaged file: open_model names it when it opens the weights
+        return None
+    return (state.get("args") or {}).get("tokenizer_path") if isinstance(state, dict) else None
+
+
+def tokenizer_dir_for(model_path: str | os.PathLike, tokenizer_path: str | None = None) -> str:
+    """The tokenizer of a model artifact: `tokenizer_path` if given; else for a checkpoint the one it was
+    trained with, for an HF export or adapter directory the one saved in it; else out/tokenizer."""
+    if tokenizer_path:
+        return tokenizer_path
+    path = Path(model_path)
+    ckpt = path if path.is_file() else path / CKPT_NAME
+    if ckpt.is_file():
+        return _saved_tokenizer_path(ckpt) or DEFAULT_TOKENIZER
+    for folder in (path, path / "hf"):
+        if (folder / "tokenizer.json").is_file():
+            return str(folder)
+    return DEFAULT_TOKENIZER
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Opening a model
+
+
+class ModelOrigin(TypedDict):
+    """Where an opened model came from (a dict, so it prints and serialises as one)."""
+    source: str  # the checkpoint file or directory read
+    format: str  # "ckpt" (a LoRA run's: its base with the adapters merged in), "hf" or "adapter"
+    step: int | None  # a checkpoint's optimizer steps
+    args: dict[str, Any] | None  # a checkpoint's training flags
+    vocab_size: int
+    tokenizer_fingerprint: str | None  # of the tokenizer the weights were trained with; None = unknown
+
+
+class OpenedModel(NamedTuple):
+    model: Transformer  # in eval mode, in its stored dtype
+    tokenizer: Any  # the model's own, checked against it; None when opened with own_tokenizer=False
+    origin: ModelOrigin
+
+
+def open_model(path: str | os.PathLike, tokenizer_path: str | None = None, device: str | torch.device = "cpu",
+               own_tokenizer: bool = True) -> OpenedModel:
+    """Any model source (see the module docstring) as a plain model in eval mode: LoRA adapters come merged
+    into their base. The tokenizer is `tokenizer_path`, else the one saved with the model (tokenizer_dir_for),
+    with our chat template added when the model has the rows for it; a vocabulary that differs from the
+    model's raises ValueError naming both. own_tokenizer=False skips it: a caller that brings its own (a
+    training run, whose tokenizer may extend the model's: initial_model)."""
+    tokenizer = None
+    if own_tokenizer:  # read first: a missing tokenizer is named before any weights are read
+        tokenizer_dir = tokenizer_dir_for(path, tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_dir)
+    kind, found = model_kind(Path(path))
+    model, origin = OPENERS[kind](found)
+    if own_tokenizer:
+        tokenizer = _paired_tokenizer(model, origin, tokenizer, tokenizer_dir)
+    return OpenedModel(model.to(device).eval(), tokenizer, origin)
+
+
+def model_kind(path: Path) -> tuple[str, Path]:
+    """("ckpt" | "hf" | "adapter", the file or directory to read): a checkpoint file or a run directory
+    holding ckpt.pt; else a directory with adapter_config.json, config.json or hf/config.json."""
+    if not path.is_dir() or (path / CKPT_NAME).is_file():
+        return "ckpt", resolve_checkpoint(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        return "adapter", path
+    for hf_dir in (path, path / "hf"):
+        if (hf_dir / "config.json").is_file():
+            return "hf", hf_dir
+    raise FileNotFoundError(f"no {CKPT_NAME}, config.json, hf/config.json or {ADAPTER_CONFIG} in {path}")
+
+
+def _open_checkpoint(ckpt: Path) -> tuple[Transformer, ModelOrigin]:
+    state = load_checkpoint(ckpt)
+    model = model_from_state(state, ckpt)
+    if "lora" in state:  # for inference, adapters folded into the weights: a plain model, as fast as any
+        import lora  # peft is imported for LoRA artifacts only
+
+        model = lora.merged(model)
+    return model, ModelOrigin(source=str(ckpt), format="ckpt", step=state["step"], args=state.get("args"),
+                              vocab_size=state["vocab_size"], tokenizer_fingerprint=state["tokenizer_fingerprint"])
+
+
+def _open_hf_dir(hf_dir: Path) -> tuple[Transformer, ModelOrigin]:
+    weights = hf_dir / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"HF export {hf_dir} has config.json but no {weights.name}")
+    try:
+        model = load_hf(hf_dir)
+    except Exception as e:  # safetensors / transformers raise many types for a damaged export
+        raise ValueError(f"{hf_dir}: cannot load HF export ({type(e).__name__}: {e})") from e
+    return model, _directory_origin(hf_dir, "hf", model)
+
+
+def _open_adapter_dir(path: Path) -> tuple[Transformer, ModelOrigin]:
+    import lora  # peft is imported for LoRA artifacts only
+
+    model = lora.load_adapter_dir(path)
+    return model, _directory_origin(path, "adapter", model)
+
+
+OPENERS = {"ckpt": _open_checkpoint, "hf": _open_hf_dir, "adapter": _open_adapter_dir}
+
+
+def _directory_origin(path: Path, format: str, model: Transformer) -> ModelOrigin:
+    """An HF or adapter directory: no step or flags; the fingerprint of the tokenizer saved there, if one is."""
+    fingerprint = tokenizer_fingerprint(load_tokenizer(path)) if (path / "tokenizer.json").is_file() else None
+    return ModelOrigin(source=str(path), format=format, step=None, args=None, vocab_size=model.config.vocab_size,
+                       tokenizer_fingerprint=fingerprint)
+
+
+def _paired_tokenizer(model: Transformer, origin: ModelOrigin, tokenizer: Any, tokenizer_dir: str) -> Any:
+    """The model's tokenizer, checked against it: with our chat template added when the model has rows for
+    tokens the tokenizer lacks and the tokenizer has no template (SFT of a base model adds them)."""
+    if model.config.vocab_size > len(tokenizer) and not tokenizer.chat_template:
+        tokenizer = with_chat_template(tokenizer)
+    check_model_tokenizer(SourcedModel(model, origin["source"], origin["tokenizer_fingerprint"]), tokenizer,
+                          tokenizer_dir)
+    return tokenizer
+
+
+def model_from_state(state: dict[str, Any], source: str | os.PathLike) -> Transformer:
+    """The model a checkpoint dict holds, as it trained: a LoRA checkpoint's (a "lora" entry: adapters only)
+    is its base, opened from where the checkpoint says, with the adapters attached (lora.restore)."""
+    if "lora" not in state:
+        return build_model(state, source)
+    import lora  # peft is imported for LoRA checkpoints only
+
+    base = state["lora"]["base"]
+    if not Path(base).exists():
+        raise FileNotFoundError(f"{source}: the base model of these LoRA adapters, {base}, is not there")
+    return lora.restore(open_model(base, own_tokenizer=False).model, state, source)
+
+
+def initial_model(path: str | os.PathLike, tokenizer: Any, dropout: float | None = None) -> SourcedModel:
+    """A training run's starting model (--init_from): any source open_model opens, in train mode, with
+    --dropout applied. When the tokenizer extends the model's own (with_chat_template added tokens at the
+    end), the embeddings grow to it; the model's tokenizer must then be exactly the extended one's first
+    vocab_size tokens. Other vocabulary mismatches are left to check_model_tokenizer."""
+    model, _, origin = open_model(path, own_tokenizer=False)
+    source, fingerprint = origin["source"], origin["tokenizer_fingerprint"]
+    vocab = model.config.vocab_size
+    if len(tokenizer) > vocab and fingerprint in (None, tokenizer_fingerprint(tokenizer, below=vocab)):
+        model = rebuilt(model, vocab_size=len(tokenizer))
+        source += f" (embeddings grown {vocab:,} -> {len(tokenizer):,} for the tokens the tokenizer adds)"
+        fingerprint = tokenizer_fingerprint(tokenizer)
+    if dropout is not None and dropout != model.config.dropout:
+        model = rebuilt(model, dropout=dropout)
+    return SourcedModel(model.train(), source, fingerprint)

@@ -15,7 +15,7 @@ training computed. Training itself differs from three separate rank-r adapters i
 A (fewer weights: r directions of the input for the three together), and lora_dropout draws one mask for them.
 
 Checkpoints hold the adapter weights and the optimizer state only, plus where the base model comes from and a
-digest of its weights: `from_checkpoint` rebuilds the base from there and refuses one that has changed.
+digest of its weights: `restore` puts the adapters back on that base and refuses one that has changed.
 
 Export (`export`): out_dir/adapter/ in peft's format (adapter_config.json, adapter_model.safetensors and the
 tokenizer), whose base_model_name_or_path is the HF directory it applies to: --init_from itself when that is
@@ -43,11 +43,12 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft import set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
-from checkpoint import CKPT_NAME, load_model, rebuilt
-from k_model import LAYER_WEIGHTS, Transformer, copy_token_ids, from_hf_llama, save_quietly, to_hf_llama
+from checkpoint import CKPT_NAME, rebuilt
+from hf_llama import LAYER_WEIGHTS, copy_token_ids, from_hf_llama, save_quietly, to_hf_llama
+from k_model import Transformer
 
 ADAPTER = "default"  # peft's name for a model's one adapter
-TARGETS = ("wqkv", "wo", "w13", "w2")  # every projection of a block; HF names in k_model.LAYER_WEIGHTS
+TARGETS = ("wqkv", "wo", "w13", "w2")  # every projection of a block; HF names in hf_llama.LAYER_WEIGHTS
 DEFAULTS = dict(lora_r=0, lora_alpha=16.0, lora_dropout=0.05, lora_targets=",".join(TARGETS), load_in_4bit=False)
 
 
@@ -153,14 +154,11 @@ def model_state(model: Transformer) -> dict[str, Any]:
     return {"model": adapters, "lora": model.lora_spec}
 
 
-def from_checkpoint(state: dict[str, Any], source: str | os.PathLike) -> Transformer:
-    """The adapted model of a LoRA checkpoint: its base loaded from where the checkpoint says, with the saved
-    config (a grown vocabulary gets the same mean rows again, dropout the same value), adapters attached and
-    loaded. ValueError when the base is not the one the adapters were trained on."""
+def restore(base: Transformer, state: dict[str, Any], source: str | os.PathLike) -> Transformer:
+    """The adapted model of a LoRA checkpoint on `base`, the model its spec names (loading.model_from_state
+    opens it): the saved config (a grown vocabulary gets the same mean rows again, dropout the same value),
+    adapters attached and loaded. ValueError when the base is not the one the adapters were trained on."""
     spec = state["lora"]
-    if not Path(spec["base"]).exists():
-        raise FileNotFoundError(f"{source}: the base model of these LoRA adapters, {spec['base']}, is not there")
-    base, _ = load_model(spec["base"])
     model = attach(rebuilt(base, **state["model_config"]), spec)
     if model.lora_spec["base_digest"] != spec["base_digest"]:
         raise ValueError(f"{source}: its adapters were trained on another {spec['base']}: the base model's "
@@ -195,7 +193,7 @@ def export(model: Transformer, out_dir: Path, tokenizer: Any) -> Path:
 
 
 def our_name(target: str) -> str:
-    """"wqkv" -> "attention.wqkv": the key of k_model.LAYER_WEIGHTS."""
+    """"wqkv" -> "attention.wqkv": the key of hf_llama.LAYER_WEIGHTS."""
     return next(name for name in LAYER_WEIGHTS if name.endswith(f".{target}"))
 
 
@@ -216,7 +214,7 @@ def unchanged_hf_base(base: str, vocab_size: int) -> Path | None:
     """The HF model directory training started from, if it did start from one and left its vocabulary as it
     was (so an adapter can name it as its base); None otherwise (a checkpoint, or grown embeddings)."""
     path = Path(base)
-    if not (path / "config.json").is_file() or (path / CKPT_NAME).is_file():  # load_model prefers ckpt.pt
+    if not (path / "config.json").is_file() or (path / CKPT_NAME).is_file():  # open_model prefers ckpt.pt
         return None
     saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
     return path if saved.get("vocab_size") == vocab_size else None

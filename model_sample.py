@@ -26,11 +26,9 @@ from typing import Any, TextIO
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_model, tokenizer_dir_for
 from dataset import JsonlRecords, PretrainDataset, document_start_ids, encode_chat
 from k_model import Transformer
-from loading import (DTYPES, SourcedModel, check_model_tokenizer, load_tokenizer, resolve_device, resolve_dtype,
-                     with_chat_template)
+from loading import DTYPES, open_model, resolve_device, resolve_dtype
 
 DEFAULT_PRETRAIN_PROMPTS = ["中国", "北京", "今天"]
 DEFAULT_SFT_PROMPTS = [
@@ -41,20 +39,13 @@ DEFAULT_SFT_PROMPTS = [
 
 
 class TextGenerator:
-    """A trained model and its tokenizer, ready to generate. Weights load with torch.load(weights_only=True)
-    or from safetensors (checkpoint.load_model); a vocabulary mismatch raises ValueError naming both files."""
+    """A trained model and its tokenizer, ready to generate (loading.open_model: any model source; a
+    vocabulary mismatch raises ValueError naming both files)."""
 
     def __init__(self, model_path: str | Path, tokenizer_path: str | None = None, device: str = "auto",
                  dtype: str = "auto"):
         self.device = resolve_device(device)
-        tok_dir = tokenizer_dir_for(model_path, tokenizer_path)
-        self.tokenizer = load_tokenizer(tok_dir)
-        model, self.info = load_model(model_path, device="cpu")
-        if model.config.vocab_size > len(self.tokenizer) and not self.tokenizer.chat_template:
-            # an SFT checkpoint of a base model whose tokenizer had no chat template: training added ours
-            self.tokenizer = with_chat_template(self.tokenizer)
-        check_model_tokenizer(SourcedModel(model, self.info["source"], self.info["tokenizer_fingerprint"]),
-                              self.tokenizer, tok_dir)
+        model, self.tokenizer, self.info = open_model(model_path, tokenizer_path)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model: Transformer = model.to(device=self.device, dtype=self.dtype).eval()
         self.eos_id = self.tokenizer.eos_token_id

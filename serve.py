@@ -42,9 +42,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from k_model import KVCache, Transformer, sample
+from k_model import KVCache, Transformer
 from loading import DTYPES
 from model_sample import TextGenerator
+from sampling import sample
 
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 log = logging.getLogger("serve")

@@ -12,8 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from checkpoint import DEFAULT_TOKENIZER
-from loading import DTYPES
+from loading import DEFAULT_TOKENIZER, DTYPES
 
 # Model shape and per-process batch (and a schedule, where the preset has one) for scripts that build a new model.
 # Explicit flags override them.

@@ -21,18 +21,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tqdm import tqdm
 
 from dataset import JsonlRecords
-
-# Fixed ids 0..4 (contract): the trainer assigns ids to special tokens in this order.
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-BOS, EOS, PAD, UNK = "<|im_start|>", "<|im_end|>", "<unk>", "<unk>"
-
-# ChatML: "<|im_start|>{role}\n{content}<|im_end|>\n" per message, then the assistant header on request.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from tokenizer_spec import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, UNK
 
 DEFAULT_DATA = ["out/data/pretrain.jsonl", "out/data/sft_train.jsonl"]
 

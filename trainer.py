@@ -54,13 +54,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from checkpoint import (CKPT_NAME, DEFAULT_TOKENIZER, config_to_dict, load_checkpoint, model_from_state,
-                        save_checkpoint)
+from checkpoint import CKPT_NAME, config_to_dict, load_checkpoint, save_checkpoint
 from dataset import document_start_ids
-from k_model import copy_token_ids, export_hf
-from loading import SourcedModel, check_model_tokenizer, load_tokenizer, resolve_dtype, tokenizer_fingerprint
+from hf_llama import copy_token_ids, export_hf
+from loading import (DEFAULT_TOKENIZER, SourcedModel, check_model_tokenizer, load_tokenizer, model_from_state,
+                     resolve_dtype)
 from perf import CpuShare, peak_flops
 from plot_runs import draw_curves
+from tokenizer_spec import tokenizer_fingerprint
 from train_flags import build_parser, check_args, check_resume_flags, resolve_args
 from trainer_utils import DistInfo, RunLogger, StopRequest, iterate_steps, setup_distributed, steps_left
 
@@ -158,7 +159,7 @@ class Task:
     def model_state(self, model: torch.nn.Module) -> dict[str, Any]:
         """What a checkpoint stores of the model: every weight, under "model". A task that trains a small part
         of a model it can rebuild (LoRA adapters on a base named in the checkpoint) stores only that part and
-        what rebuilding needs; checkpoint.model_from_state rebuilds the model from it on --resume."""
+        what rebuilding needs; loading.model_from_state rebuilds the model from it on --resume."""
         return {"model": model.state_dict()}
 
     def export(self, model: torch.nn.Module, out_dir: Path, tokenizer: Any) -> Path:

@@ -16,9 +16,10 @@ import data_process
 import ddp_dpo
 import train_flags
 import trainer
-from checkpoint import load_model
 from dataset import PreferenceDataset
-from k_model import LAYER_WEIGHTS, TOP_WEIGHTS, ModelConfig, Transformer, export_hf
+from hf_llama import LAYER_WEIGHTS, TOP_WEIGHTS, export_hf
+from k_model import ModelConfig, Transformer
+from loading import open_model
 from train_helpers import QUIET, read_metrics, run_script, write_jsonl
 
 CPU = torch.device("cpu")
@@ -272,7 +273,7 @@ def test_the_reference_is_the_initial_model_and_never_changes(tmp_path, run_file
     task = ddp_dpo.DPO()
     trainer.main(task, train_args(run_files, tiny_tokenizer_dir, tmp_path / "run", "--max_steps", "5",
                                   "--batch_size", "8", "--warmup_iters", "1", "--eval_interval", "0"))
-    initial, _ = load_model(run_files["init"])
+    initial, _, _ = open_model(run_files["init"], own_tokenizer=False)
     trained = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
     for name, weight in initial.state_dict().items():
         assert torch.equal(task.reference.state_dict()[name], weight), name

@@ -17,10 +17,9 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 
 import ddp_pretrain
 import ddp_sft_full
-from checkpoint import initial_model, load_model
 from dataset import PretrainDataset, encode_chat
-from k_model import export_hf
-from loading import with_chat_template
+from hf_llama import export_hf
+from loading import initial_model, open_model, with_chat_template
 from test_data import CONVERSATIONS, oracle
 from train_helpers import QUIET, make_pretrain_data, make_sft_data, read_metrics
 from train_tokenizer import CHAT_TEMPLATE
@@ -63,7 +62,7 @@ KEPT = ("tie_word_embeddings", "head_dim", "num_key_value_heads", "rms_norm_eps"
 @pytest.mark.parametrize("name", FOREIGN)
 def test_logits_equal_transformers_and_the_export_keeps_them(tmp_path, name):
     config = save_llama(tmp_path / "llama", **FOREIGN[name])
-    ours, info = load_model(tmp_path / "llama")
+    ours, _, info = open_model(tmp_path / "llama", own_tokenizer=False)
     ours = ours.float()  # training's master weights; bf16 -> float32 is exact
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
     tokens = torch.randint(0, VOCAB, (2, 40))
@@ -92,7 +91,7 @@ REFUSED = {
 def test_what_the_model_cannot_express_is_refused_by_name(tmp_path, key):
     save_llama(tmp_path / "llama", **REFUSED[key])
     with pytest.raises(ValueError, match=f"config.json: .*{key}"):
-        load_model(tmp_path / "llama")
+        open_model(tmp_path / "llama", own_tokenizer=False)
 
 
 def test_the_command_line_names_the_key(tmp_path, tiny_tokenizer_dir):

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import ddp_pretrain
 import ddp_sft_full
-from checkpoint import load_model, model_from_state
+from loading import model_from_state, open_model
 from model_sample import TextGenerator
 from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, run_script
 
@@ -63,7 +63,7 @@ def test_only_adapters_train_and_the_checkpoint_holds_only_them(data, lora_run):
     log = (lora_run / "train.log").read_text(encoding="utf-8")
     assert f"({trainable:,} trainable: " in log and "peak memory: " in log
 
-    base, _ = load_model(data.base)
+    base, _, _ = open_model(data.base, own_tokenizer=False)
     adapted = model_from_state(state, lora_run / "ckpt.pt")
     frozen = {k.replace(".base_layer", ""): v for k, v in adapted.state_dict().items() if "lora_" not in k}
     assert frozen.keys() == base.state_dict().keys()

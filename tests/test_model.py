@@ -11,9 +11,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM
 
-import k_model
-from k_model import (ModelConfig, Transformer, export_hf, from_hf_llama, linear_cross_entropy, load_hf, mm_t, sample,
-                     to_hf_llama)
+import chunked_loss
+import cpu_matmul
+from chunked_loss import linear_cross_entropy
+from cpu_matmul import mm_t
+from hf_llama import export_hf, from_hf_llama, load_hf, to_hf_llama
+from k_model import ModelConfig, Transformer
+from sampling import sample
 
 VOCAB = 97
 
@@ -167,12 +171,12 @@ def test_loss_and_gradients_equal_hf_llama():
         assert_grad_close(ours[name], p.grad, name)
 
 
-@pytest.mark.skipif(not k_model.ONEDNN, reason="matmuls go to torch's default BLAS in this build")
+@pytest.mark.skipif(not cpu_matmul.ONEDNN, reason="matmuls go to torch's default BLAS in this build")
 def test_onednn_matmul_and_its_gradients_equal_torch_matmul():
     x = torch.randn(3, 5, 48, requires_grad=True)
     w = torch.randn(40, 48, requires_grad=True)
     torch.testing.assert_close(mm_t(x, w), x @ w.t())
-    layer = k_model.Linear(48, 40)
+    layer = cpu_matmul.Linear(48, 40)
     with torch.no_grad():
         layer.weight.copy_(w)
     g = torch.randn(3, 5, 40)
@@ -182,7 +186,7 @@ def test_onednn_matmul_and_its_gradients_equal_torch_matmul():
     torch.testing.assert_close(layer.weight.grad, grad_w)
 
 
-@pytest.mark.skipif(not k_model.ONEDNN, reason="matmuls go to torch's default BLAS in this build")
+@pytest.mark.skipif(not cpu_matmul.ONEDNN, reason="matmuls go to torch's default BLAS in this build")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_weights_equal_the_weights_and_live_only_within_their_scope(dtype):
     """Within packed_weights(), a decode-sized product (few rows, no gradient) reads a packed copy of each
@@ -210,7 +214,7 @@ def test_packed_weights_equal_the_weights_and_live_only_within_their_scope(dtype
     with model.packed_weights():
         check_product()
         with torch.no_grad():  # many rows (a prompt, an eval batch) read the weight itself
-            many = torch.randn(2, k_model.DECODE_ROWS, layer.in_features, dtype=dtype)
+            many = torch.randn(2, cpu_matmul.DECODE_ROWS, layer.in_features, dtype=dtype)
             torch.testing.assert_close(layer(many), F.linear(many, layer.weight), **tol)
 
 
@@ -218,7 +222,7 @@ def test_packed_weights_equal_the_weights_and_live_only_within_their_scope(dtype
 def test_linear_cross_entropy_equals_full_cross_entropy(monkeypatch, chunk_rows):
     """Values and both gradients, with ignored targets and per-row upstream gradients (the trainer weights
     rows by its mask), in uneven chunks of 7 rows and in one chunk."""
-    monkeypatch.setattr(k_model, "CE_CHUNK_LOGITS", chunk_rows * VOCAB)
+    monkeypatch.setattr(chunked_loss, "CE_CHUNK_LOGITS", chunk_rows * VOCAB)
     h = torch.randn(40, 64, requires_grad=True)
     w = (0.3 * torch.randn(VOCAB, 64)).requires_grad_()
     targets = torch.randint(0, VOCAB, (40,))

@@ -19,9 +19,10 @@ import ddp_pretrain
 import model_sample
 import train_tokenizer
 import trainer
-from checkpoint import model_from_state, save_checkpoint
+from checkpoint import save_checkpoint
 from dataset import PretrainDataset
-from k_model import export_hf
+from hf_llama import export_hf
+from loading import model_from_state
 from model_sample import TextGenerator, build_messages, build_parser, chat_repl, sentiment_accuracy
 from test_data import FORGED, chatml_reference
 from train_helpers import QUIET, ROOT, make_pretrain_data, write_jsonl

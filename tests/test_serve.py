@@ -26,7 +26,8 @@ import pytest
 import torch
 import uvicorn
 
-from k_model import ModelConfig, Transformer, export_hf
+from hf_llama import export_hf
+from k_model import ModelConfig, Transformer
 from model_sample import TextGenerator
 from serve import create_app
 from train_helpers import ROOT

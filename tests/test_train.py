@@ -22,10 +22,10 @@ import ddp_sft_full
 import train_tokenizer
 import trainer
 import trainer_utils
-from checkpoint import load_checkpoint, load_model
+from checkpoint import load_checkpoint
 from dataset import SFTDataset
 from k_model import ModelConfig, Transformer
-from loading import tokenizer_fingerprint
+from loading import open_model, tokenizer_fingerprint
 from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, write_jsonl
 
 
@@ -78,7 +78,7 @@ def test_pretraining_beats_the_unigram_model(data, pretrained):
 def test_each_evaluation_logs_a_greedy_sample_and_redraws_the_curves(pretrained):
     samples = read_metrics(pretrained, "samples")
     assert [step for step, _ in samples] == [75, 150]
-    ours, _ = load_model(pretrained)
+    ours, _, _ = open_model(pretrained, own_tokenizer=False)
     tok = AutoTokenizer.from_pretrained(pretrained / "hf")
     prompt = "本报北京1月1日讯"  # the pretraining script's default --sample_prompt
     ids = torch.tensor([[tok.eos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]])
@@ -93,7 +93,7 @@ def test_hf_export_opens_with_transformers(pretrained):
     hf_dir = pretrained / "hf"
     hf = AutoModelForCausalLM.from_pretrained(hf_dir)
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    ours, info = load_model(pretrained)
+    ours, _, info = open_model(pretrained, own_tokenizer=False)
     assert info["step"] == 150 and info["format"] == "ckpt"
     assert tokenizer_fingerprint(tok) == info["tokenizer_fingerprint"]
     assert hf.config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
@@ -170,21 +170,21 @@ class NotATensor:
 
 def test_bad_checkpoints_name_the_file_and_key(data, pretrained, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        load_model(tmp_path / "nowhere")
+        open_model(tmp_path / "nowhere", own_tokenizer=False)
     good = (pretrained / "ckpt.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match="truncated.pt: not a readable checkpoint"):
-        load_model(tmp_path / "truncated.pt")
+        open_model(tmp_path / "truncated.pt", own_tokenizer=False)
     state = torch.load(pretrained / "ckpt.pt", weights_only=True)
     torch.save({**state, "extra": NotATensor("runs code on load")}, tmp_path / "pickle.pt")
     with pytest.raises(ValueError, match="pickle.pt: not a readable checkpoint"):  # weights_only refuses it
-        load_model(tmp_path / "pickle.pt")
+        open_model(tmp_path / "pickle.pt", own_tokenizer=False)
     torch.save({k: v for k, v in state.items() if k != "model_config"}, tmp_path / "nocfg.pt")
     with pytest.raises(ValueError, match=r"nocfg.pt: checkpoint is missing key\(s\) \['model_config'\]"):
-        load_model(tmp_path / "nocfg.pt")
+        open_model(tmp_path / "nocfg.pt", own_tokenizer=False)
     torch.save({**state, "model_config": {**state["model_config"], "n_layers": 3}}, tmp_path / "layers.pt")
     with pytest.raises(ValueError, match=r"layers.pt: weights do not match model_config: missing keys \['layers.2"):
-        load_model(tmp_path / "layers.pt")
+        open_model(tmp_path / "layers.pt", own_tokenizer=False)
 
     # resuming with another architecture
     (tmp_path / "run").mkdir()

@@ -1,0 +1,161 @@
+"""Conversion between k_model.Transformer and transformers' LlamaForCausalLM, both ways, and HF model directories.
+
+    to_hf_llama(model) / from_hf_llama(hf)   the same network in the other class (fused weights split / stacked)
+    export_hf(model, dir) / load_hf(dir)     config.json + model.safetensors that AutoModelForCausalLM opens
+
+Our model fuses q, k and v into one `wqkv` (rows: q heads, then k heads, then v heads) and the SwiGLU gate and
+up projections into one `w13` (rows: gate, then up); LAYER_WEIGHTS names the HF weights each one stacks.
+Rotary embeddings use the rotate-half layout in both, so every weight maps 1:1 with no permutation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
+
+from k_model import ModelConfig, Transformer, rope_tables
+
+
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def copy_token_ids(config: PretrainedConfig, tokenizer) -> None:
+    """Puts the tokenizer's bos / eos / pad ids on a model config, so that its HF export carries them."""
+    for key in TOKEN_ID_KEYS:
+        setattr(config, key, getattr(tokenizer, key))
+
+
+def _hf_config(cfg: ModelConfig) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_dropout=cfg.dropout,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        attn_implementation="sdpa",
+        # token ids are the tokenizer's business; copied when the caller put them on our config
+        **{k: getattr(cfg, k, None) for k in TOKEN_ID_KEYS},
+    )
+
+
+# Each of our per-layer weights and the HF Llama weights it holds, stacked by rows in this order.
+LAYER_WEIGHTS = {
+    "attention.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attention.wo": ("self_attn.o_proj",),
+    "feed_forward.w13": ("mlp.gate_proj", "mlp.up_proj"),
+    "feed_forward.w2": ("mlp.down_proj",),
+    "attention_norm": ("input_layernorm",),
+    "ffn_norm": ("post_attention_layernorm",),
+}
+TOP_WEIGHTS = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
+def to_hf_llama(model: Transformer) -> LlamaForCausalLM:
+    """The same network as a transformers LlamaForCausalLM (sdpa attention), fused weights split apart."""
+    cfg = model.config
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    rows = {"attention.wqkv": [q, kv, kv], "feed_forward.w13": [cfg.hidden_dim, cfg.hidden_dim]}
+    ours = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd = {f"{hf}.weight": ours[f"{name}.weight"] for name, hf in TOP_WEIGHTS.items()}
+    for i in range(cfg.n_layers):
+        for name, hf_names in LAYER_WEIGHTS.items():
+            w = ours[f"layers.{i}.{name}.weight"]
+            for hf_name, part in zip(hf_names, w.split(rows.get(name, [w.shape[0]]))):
+                sd[f"model.layers.{i}.{hf_name}.weight"] = part
+    hf = LlamaForCausalLM(_hf_config(cfg)).to(dtype=model.tok_embeddings.weight.dtype)
+    hf.load_state_dict(sd, strict=True)
+    return hf.to(model.tok_embeddings.weight.device).train(model.training)
+
+
+def unsupported_config(c: PretrainedConfig) -> str | None:
+    """What in an HF config our model cannot express, named by config key; None when it is a Llama we can.
+    Any dtype, tied or untied embeddings, head_dim, rope_theta, rms_norm_eps, max_position_embeddings and
+    GQA are fine; another architecture, biases, another activation or a rope scaling variant are not."""
+    if c.model_type != "llama":
+        return f"model_type {c.model_type!r} (architectures {c.architectures}): not a Llama model"
+    rope_type = (c.rope_parameters or {}).get("rope_type", "default")
+    found = {
+        "rope_scaling / rope_parameters rope_type": rope_type if rope_type != "default" else None,
+        "attention_bias": c.attention_bias or None,
+        "mlp_bias": c.mlp_bias or None,
+        "hidden_act": c.hidden_act if c.hidden_act != "silu" else None,
+    }
+    bad = ", ".join(f"{key} {value!r}" for key, value in found.items() if value is not None)
+    return f"{bad} (k_model is a bias-free, silu, default-rope Llama)" if bad else None
+
+
+def from_hf_llama(hf: LlamaForCausalLM) -> Transformer:
+    """Our model from a LlamaForCausalLM; refuses Llama variants this architecture cannot express."""
+    c = hf.config
+    problem = unsupported_config(c)
+    if problem:
+        raise ValueError(f"k_model cannot express this model: {problem}")
+    cfg = ModelConfig(
+        dim=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=c.num_key_value_heads,
+        vocab_size=c.vocab_size,
+        hidden_dim=c.intermediate_size,
+        norm_eps=c.rms_norm_eps,
+        max_seq_len=c.max_position_embeddings,
+        dropout=float(c.attention_dropout),
+        rope_theta=float(c.rope_parameters.get("rope_theta", 10000.0)),
+        head_dim=c.head_dim,
+        tie_word_embeddings=c.tie_word_embeddings,
+        **{k: getattr(c, k) for k in TOKEN_ID_KEYS if getattr(c, k, None) is not None},
+    )
+    theirs = hf.state_dict()
+    sd = {f"{name}.weight": theirs[f"{hf_name}.weight"] for name, hf_name in TOP_WEIGHTS.items()}
+    for i in range(cfg.n_layers):
+        for name, hf_names in LAYER_WEIGHTS.items():
+            sd[f"layers.{i}.{name}.weight"] = torch.cat([theirs[f"model.layers.{i}.{n}.weight"] for n in hf_names])
+    weight = theirs["model.embed_tokens.weight"]
+    model = Transformer(cfg).to(dtype=weight.dtype, device=weight.device)
+    model.load_state_dict(sd, strict=True)
+    # the weights keep the checkpoint's dtype, the rotary tables stay float32 (as HF keeps inv_freq): rounded
+    # to bf16 they would stay rounded when training upcasts the model to float32 master weights
+    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    return model.to(weight.device)
+
+
+def save_quietly(model: PreTrainedModel, out_dir: str | os.PathLike) -> None:
+    """save_pretrained without the progress bar it draws for a single shard: noise in a training log."""
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def export_hf(model: Transformer, out_dir: str | os.PathLike) -> None:
+    """Writes out_dir/config.json + model.safetensors, which AutoModelForCausalLM opens as LlamaForCausalLM."""
+    save_quietly(to_hf_llama(model), out_dir)
+
+
+def load_hf(out_dir: str | os.PathLike) -> Transformer:
+    """Our model from a directory written by export_hf or any LlamaForCausalLM checkpoint, in its stored dtype.
+    ValueError naming config.json and the config key for what the model cannot express."""
+    from transformers import AutoConfig
+
+    config_path = os.path.join(out_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: {out_dir} is not a Hugging Face model directory")
+    problem = unsupported_config(AutoConfig.from_pretrained(out_dir))  # before reading any weights
+    if problem:
+        raise ValueError(f"{config_path}: k_model cannot express this model: {problem}")
+    return from_hf_llama(LlamaForCausalLM.from_pretrained(out_dir, dtype="auto"))
