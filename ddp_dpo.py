@@ -25,6 +25,8 @@ from dataset import PreferenceDataset
 from ddp_sft_full import SFT
 from k_model import Transformer
 from loading import check_model_tokenizer, resolve_dtype
+from train_steps import autocast_factory
+from train_task import collate_trimmed
 
 METRICS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
 
@@ -41,7 +43,7 @@ class PairBatch(NamedTuple):
 def collate_pairs(items: list[tuple]) -> PairBatch:
     """PreferenceDataset items, each optionally followed by its two precomputed reference log-probs."""
     rows = [(x[k], y[k], mask[k]) for k in (0, 1) for x, y, mask, *_ in items]
-    x, y, mask = trainer.collate_trimmed(rows)
+    x, y, mask = collate_trimmed(rows)
     valid = mask.any(dim=1).view(2, -1).all(dim=0).float()
     reference = torch.stack([item[3] for item in items]).T.reshape(-1) if len(items[0]) > 3 else None
     return PairBatch(x, y, mask, valid, reference)
@@ -169,7 +171,7 @@ class DPO(SFT):
         pairs = PreferenceDataset(path, tokenizer, max_length=args.max_seq_len, skip_bad=args.skip_bad)
         if not args.precompute_ref_logps:
             return pairs
-        autocast = trainer.autocast_factory(self.device, resolve_dtype(args.dtype, self.device))
+        autocast = autocast_factory(self.device, resolve_dtype(args.dtype, self.device))
         scores = score_pairs(self._load_reference(args, tokenizer), pairs, args.batch_size, self.device, autocast)
         return ScoredPairs(pairs, scores)
 

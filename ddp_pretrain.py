@@ -19,11 +19,12 @@ import trainer
 from dataset import PretrainDataset
 from k_model import ModelConfig, Transformer
 from loading import SourcedModel, initial_model, load_tokenizer, tokenizer_dir_for
+from train_task import Task
 
 SHAPE_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads")
 
 
-class Pretrain(trainer.Task):
+class Pretrain(Task):
     name = "pretrain"
     description = __doc__
     builds_model = True

@@ -20,9 +20,10 @@ import lora
 import trainer
 from dataset import SFTDataset, encode_chat
 from loading import SourcedModel, initial_model, load_tokenizer, tokenizer_dir_for, with_chat_template
+from train_task import Task
 
 
-class SFT(trainer.Task):
+class SFT(Task):
     name = "sft"
     description = __doc__
     may_lack_targets = True  # a prompt longer than --max_seq_len leaves no answer token

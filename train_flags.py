@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from loading import DEFAULT_TOKENIZER, DTYPES
+from loading import DEFAULT_TOKENIZER, DTYPES, SourcedModel
 
 # Model shape and per-process batch (and a schedule, where the preset has one) for scripts that build a new model.
 # Explicit flags override them.
@@ -156,3 +156,19 @@ def check_resume_flags(given: argparse.Namespace, saved: dict[str, Any], ckpt_pa
         if asked is not None and name in saved and saved[name] != asked:
             raise ValueError(f"{ckpt_path}: checkpoint was trained with --{name} {saved[name]}, "
                              f"this run asks for --{name} {asked}; resume with the same value")
+
+
+def with_model_values(args: argparse.Namespace, sources: dict[str, str], start: SourcedModel,
+                      tokenizer_path: str) -> tuple[argparse.Namespace, dict[str, str]]:
+    """The final flags: the tokenizer directory Task.tokenizer chose (the checkpoint records it, so a resumed
+    run reads the same one), and for flags no layer set (SFT's max_seq_len, dropout) the model's values."""
+    config = start.model.config
+    values = {**vars(args), "tokenizer_path": tokenizer_path}
+    sources = {**sources, "tokenizer_path": sources["tokenizer_path"] if args.tokenizer_path else "the task"}
+    for name in ("max_seq_len", "dropout"):
+        if values[name] is None:
+            values[name] = getattr(config, name)
+    if values["max_seq_len"] > config.max_seq_len:
+        raise ValueError(f"--max_seq_len {values['max_seq_len']} exceeds the model's max_seq_len "
+                         f"{config.max_seq_len} ({start.source})")
+    return argparse.Namespace(**values), sources

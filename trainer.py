@@ -1,24 +1,17 @@
-"""The training loop shared by every training script, and its command-line flags.
+"""The training loop shared by every training script.
 
-A script (ddp_pretrain.py, ddp_sft_full.py) subclasses `Task`: it names its defaults and says which model a
-fresh run starts from, what its dataset is, the loss on a batch and which parameters train. Everything else
-is here: flags, data order, optimization, evaluation, checkpoints, logs. Around it, trainer_utils.py holds the
-process group, logging and Ctrl-C handling; checkpoint.py the checkpoint file; loading.py tokenizer and dtype.
+A script (ddp_pretrain.py, ddp_sft_full.py, ddp_dpo.py) subclasses train_task.Task: it names its defaults and
+says which model a fresh run starts from, what its dataset is, the loss on a batch and which parameters train.
+The run is here: resume rules, optimization, evaluation, checkpoints. Around it, train_flags.py holds the
+flags, train_steps.py one optimizer step and one evaluation pass (with the loss normalization),
+train_progress.py the progress lines, trainer_utils.py the process group, data order, logs and Ctrl-C,
+checkpoint.py the checkpoint file, loading.py the tokenizer, dtype and the initial model.
 
 Data order. Epoch e visits the samples in a permutation seeded by (seed, e). Each optimizer step consumes
 the next S = batch_size * world_size * accumulation_steps samples of it: micro-step m is the slice
 [m*W*B, (m+1)*W*B) of those, of which rank r takes the r-th B-sized part. The checkpoint stores the data
 position as (epoch, next sample), so a resumed run reads exactly what the interrupted run would have read,
 even with another batch size or process count (then only the step boundaries move).
-
-Loss normalization. One optimizer step minimizes the mean loss over every loss unit (a target token; a
-preference pair) that the step reads on all ranks: sum(loss * mask) / mask.sum() over the whole global batch.
-Each rank learns that count up front (one all_reduce of a scalar) and backpropagates
-sum(loss * mask) * world_size / count for each micro-batch; DDP averages gradients over ranks (divides by
-world_size) and accumulation adds micro-steps up, so the gradient is exactly that of the global mean.
-Hence one process with batch B and N processes with batch B/N, or any other split of S between batch
-size, processes and accumulation, take the same step; and SFT micro-batches holding few answer tokens are
-not over-weighted, as averaging per-micro-batch means would do.
 
 Randomness. After initialization the only randomness is dropout. The RNG is reseeded from
 (seed, rank, step) before every step, so a resumed run draws the same dropout masks as an uninterrupted
@@ -35,15 +28,10 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
 import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
-from functools import partial
 from inspect import signature
 from pathlib import Path
 from typing import Any
@@ -55,120 +43,18 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from checkpoint import CKPT_NAME, config_to_dict, load_checkpoint, save_checkpoint
-from dataset import document_start_ids
-from hf_llama import copy_token_ids, export_hf
-from loading import (DEFAULT_TOKENIZER, SourcedModel, check_model_tokenizer, load_tokenizer, model_from_state,
-                     resolve_dtype)
-from perf import CpuShare, peak_flops
-from plot_runs import draw_curves
+from loading import SourcedModel, check_model_tokenizer, model_from_state, resolve_dtype
+from perf import peak_flops
 from tokenizer_spec import tokenizer_fingerprint
-from train_flags import build_parser, check_args, check_resume_flags, resolve_args
+from train_flags import build_parser, check_args, check_resume_flags, resolve_args, with_model_values
+from train_progress import Progress
+from train_steps import autocast_factory, evaluate, greedy_samples, peak_memory, step_seed, train_step
+from train_task import Task, check_targets
 from trainer_utils import DistInfo, RunLogger, StopRequest, iterate_steps, setup_distributed, steps_left
-
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # X, Y (B, T) int64; loss mask (B, T) float32
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (the loss diverged); the last good checkpoint is left in place."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# What a training objective supplies
-
-
-def collate_trimmed(items: list[Batch]) -> Batch:
-    """Stack samples, then drop the trailing columns where no sample has loss mask. The model is causal, so
-    those positions cannot change the loss; right-padded SFT batches shrink to their longest answer."""
-    x, y, mask = (torch.stack(t) for t in zip(*items))
-    used = mask.any(dim=0).nonzero()
-    keep = int(used[-1]) + 1 if len(used) else 1
-    return x[:, :keep].contiguous(), y[:, :keep].contiguous(), mask[:, :keep].contiguous()
-
-
-def masked_loss_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    """sum(per-token loss * mask) of one host-side batch. A partial mask (SFT: answers only) goes to the
-    model, which then projects only those positions onto the vocabulary; checking it on the host, before
-    the copy, keeps the all-ones pretraining mask free of a device sync."""
-    x, y, mask = batch
-    partial_mask = not bool(mask.all())
-    x, y, mask = (t.to(device, non_blocking=True) for t in batch)
-    out = model(x, y, loss_mask=mask) if partial_mask else model(x, y)
-    return (out.last_loss * mask.reshape(-1)).sum()
-
-
-class Task:
-    """A training objective. The base class is next-token prediction on (X, Y, loss_mask) items; a script
-    overrides what differs. Methods get the resolved flags `args`."""
-
-    name = "train"
-    description = ""  # the script's --help text
-    defaults: dict[str, Any] = {}  # the script's flag defaults (paths, learning rate, ...)
-    builds_model = False  # True: the run makes a new model, so --preset and the shape flags exist
-    # True when a sample can lack targets (an SFT answer cut off by --max_seq_len): checked at start-up
-    may_lack_targets = False
-    metrics = ("loss",)  # the keys of loss_sums
-
-    def add_flags(self, parser: argparse.ArgumentParser) -> None:
-        """Flags of this script only."""
-
-    def tokenizer(self, args: argparse.Namespace) -> tuple[Any, str]:
-        """The run's tokenizer and the directory it comes from, which the checkpoint records as
-        --tokenizer_path (a resumed run reads the same one). A script that starts from a trained model makes
-        that model's own tokenizer the default; a chat objective may add a chat template to it."""
-        path = args.tokenizer_path or DEFAULT_TOKENIZER
-        return load_tokenizer(path), path
-
-    def initial_model(self, args: argparse.Namespace, tokenizer: Any) -> SourcedModel:
-        """The model a fresh (not resumed) run starts from."""
-        raise NotImplementedError
-
-    def prepare(self, model: torch.nn.Module, args: argparse.Namespace, tokenizer: Any, device: torch.device) -> None:
-        """Called once the model to train is on its device, fresh or resumed: set up what the loss needs
-        besides it (DPO: the frozen reference model)."""
-
-    def dataset(self, path: str, tokenizer: Any, args: argparse.Namespace) -> Dataset:
-        raise NotImplementedError
-
-    def collate(self, items: list[Any]) -> Any:
-        return collate_trimmed(items)
-
-    def loss_units(self, batch: Any) -> torch.Tensor:
-        """How many loss units a host-side batch holds (the normalization count), without a device sync."""
-        return batch[2].sum()
-
-    def batch_tokens(self, batch: Any) -> int:
-        """Tokens the model reads for a batch (for tokens/s and MFU)."""
-        return batch[0].numel()
-
-    def loss_sums(self, model: torch.nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
-        """Sums over the batch's loss units: "loss" (backpropagated) and any other metric to report as a mean."""
-        return {"loss": masked_loss_sum(model, batch, device)}
-
-    def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
-        """The ids a --sample_prompt continues at each evaluation: a document start (pretraining documents
-        follow the previous one's EOS); chat objectives put the prompt in the chat template instead."""
-        return document_start_ids(tokenizer, prompt)
-
-    def val_metrics(self, means: dict[str, float]) -> dict[str, float]:
-        """What an evaluation reports, from the mean of each loss_sums entry over the validation samples."""
-        return {"val_loss": means["loss"], "val_ppl": math.exp(min(means["loss"], 50.0))}
-
-    def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
-        return [p for p in model.parameters() if p.requires_grad]
-
-    def model_state(self, model: torch.nn.Module) -> dict[str, Any]:
-        """What a checkpoint stores of the model: every weight, under "model". A task that trains a small part
-        of a model it can rebuild (LoRA adapters on a base named in the checkpoint) stores only that part and
-        what rebuilding needs; loading.model_from_state rebuilds the model from it on --resume."""
-        return {"model": model.state_dict()}
-
-    def export(self, model: torch.nn.Module, out_dir: Path, tokenizer: Any) -> Path:
-        """The final weights as a Llama model + tokenizer that AutoModelForCausalLM / AutoTokenizer open."""
-        hf_dir = out_dir / "hf"
-        copy_token_ids(model.config, tokenizer)
-        export_hf(model, hf_dir)
-        tokenizer.save_pretrained(hf_dir)
-        return hf_dir
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,96 +82,8 @@ def lr_at(step: int, peak_lr: float, warmup: int, total: int) -> float:
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def peak_memory(device: torch.device) -> str:
-    """The most memory this process has held: what tensors allocated on a GPU; on a CPU the peak resident set
-    (tensors, Python and the libraries alike: compare runs, not the model's size)."""
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB allocated on {device}"
-    import resource  # Unix only: imported where it is needed
-
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB resident (CPU peak RSS)"
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
-
-
-def autocast_factory(device: torch.device, dtype: torch.dtype) -> Callable[[], AbstractContextManager]:
-    """Mixed precision: weights and optimizer stay float32, matmuls run in `dtype`."""
-    if dtype == torch.float32:
-        return nullcontext
-    return partial(torch.autocast, device_type=device.type, dtype=dtype)
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               batches: list[Any], *, device: torch.device, autocast: Callable[[], AbstractContextManager],
-               grad_clip: float, world_size: int = 1, no_sync: Callable[[], AbstractContextManager] | None = None,
-               task: Task | None = None) -> dict[str, torch.Tensor]:
-    """One optimizer step over this rank's micro-batches (normalization in the module docstring). Returns
-    this rank's share of the step's mean of each loss_sums entry, detached, without a host sync."""
-    task = task or Task()
-    count = torch.stack([task.loss_units(b) for b in batches]).sum().to(device, non_blocking=True)
-    if world_size > 1:
-        dist.all_reduce(count)
-    scale = world_size / count.clamp(min=1)
-    totals: dict[str, torch.Tensor] = {}
-    for i, batch in enumerate(batches):
-        # gradients are all-reduced on the last micro-step only
-        sync = no_sync() if no_sync is not None and i < len(batches) - 1 else nullcontext()
-        with sync:
-            with autocast():
-                sums = {k: v * scale for k, v in task.loss_sums(model, batch, device).items()}
-            scaler.scale(sums["loss"]).backward()
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0) + v.detach().float()
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return totals
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int, num_samples: int, d: DistInfo,
-             autocast: Callable[[], AbstractContextManager], task: Task | None = None) -> dict[str, float]:
-    """Mean of each loss_sums entry per loss unit over the first num_samples samples, shared out between the
-    ranks; the values do not depend on the batch size or the number of processes."""
-    task = task or Task()
-    model.eval()
-    n = min(len(dataset), num_samples)
-    mine = list(range(d.rank, n, d.world_size))
-    stats = torch.zeros(1 + len(task.metrics), device=d.device)  # loss units, then each metric's sum
-    for i in range(0, len(mine), batch_size):
-        batch = task.collate([dataset[j] for j in mine[i : i + batch_size]])
-        with autocast():
-            sums = task.loss_sums(model, batch, d.device)
-        stats += torch.stack([task.loss_units(batch).to(d.device), *(sums[k].float() for k in task.metrics)])
-    if d.world_size > 1:
-        dist.all_reduce(stats)
-    model.train()
-    units, *values = stats.tolist()
-    return {k: v / units if units else math.nan for k, v in zip(task.metrics, values)}
-
-
-def count_without_targets(dataset: Dataset, task: Task, limit: int) -> tuple[int, int]:
-    """(samples without a single loss unit, samples checked) among the first `limit` of `dataset`."""
-    checked = min(len(dataset), limit)
-    empty = sum(1 for i in range(checked) if not task.loss_units(task.collate([dataset[i]])))
-    return empty, checked
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The run
-
-
-@dataclass
-class Window:
-    """The steps since the last progress line: their loss means stay on the device until it is printed."""
-    means: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    tokens: int = 0
-    start: float = field(default_factory=time.perf_counter)
 
 
 class Trainer:
@@ -297,7 +95,7 @@ class Trainer:
         args, sources = resolve_args(given, task)
         self.out_dir = Path(args.out_dir)
         self.ckpt_path = self.out_dir / CKPT_NAME
-        state = self._resume_state(given, args)
+        state = resume_state(given, args, self.ckpt_path)
         if state is not None:
             args, sources = resolve_args(given, task, state["args"])
         check_args(args)
@@ -310,7 +108,7 @@ class Trainer:
 
         start = self._initial_model(args, state)
         check_model_tokenizer(start, self.tokenizer, tokenizer_path)
-        self.args, self.sources = self._with_loaded_values(args, sources, start, tokenizer_path)
+        self.args, self.sources = with_model_values(args, sources, start, tokenizer_path)
         self.model_source = start.source
         self.model = start.model.to(d.device).train()
         task.prepare(self.model, self.args, self.tokenizer, d.device)
@@ -334,37 +132,18 @@ class Trainer:
         # count still reads exactly the rest of the data
         self.total_steps = self.args.max_steps or self.step + steps_left(
             len(self.train_set), self.step_samples, self.position, self.args.epochs)
-        self.ddp, self.forward_model = self._wrap_model()
+        self.ddp, self.forward_model = wrap_model(self.model, d, self.args.compile)
         self.flops_per_token = self.model.flops_per_token(self.args.max_seq_len)
         self.peak, self.peak_source = (peak_flops(d.device, self.dtype, self.args.peak_tflops) if d.is_main
                                        else (None, ""))
         self.log.start_metrics(self.step if self.args.resume else None)
         if self.args.use_swanlab:
             self.log.start_swanlab(self.args.swanlab_project, self.args.swanlab_mode, self.out_dir, vars(self.args))
-        self.curves_note_given = False
         watch_cpu = d.is_main and d.device.type == "cpu" and not self.args.num_workers
-        self.cpu_share = CpuShare() if watch_cpu else None
-        self.window = Window()
+        self.progress = Progress(self.log, d, task.metrics, self.flops_per_token, self.peak, watch_cpu)
         self._log_header()
 
     # -- set-up --------------------------------------------------------------------------------------------
-
-    def _resume_state(self, given: argparse.Namespace, args: argparse.Namespace) -> dict[str, Any] | None:
-        """The checkpoint to resume from (None for a fresh run), after the rules that keep work from being lost."""
-        if args.resume and args.overwrite:
-            raise ValueError("--resume continues out_dir/ckpt.pt, --overwrite replaces it: pass one of them")
-        if not args.resume:
-            if not args.overwrite and self.ckpt_path.exists():
-                # a fresh run would replace hours of training at its first save: make the user say so
-                raise FileExistsError(f"{self.ckpt_path} already exists: --resume continues that run, --overwrite "
-                                      f"starts over and replaces it, or choose another --out_dir")
-            return None
-        state = load_checkpoint(self.ckpt_path)
-        missing = [k for k in ("optimizer", "data_position", "args") if k not in state]
-        if missing:
-            raise ValueError(f"{self.ckpt_path}: cannot resume, checkpoint is missing key(s) {missing}")
-        check_resume_flags(given, state["args"], self.ckpt_path)
-        return state
 
     def _initial_model(self, args: argparse.Namespace, state: dict[str, Any] | None) -> SourcedModel:
         if state is None:
@@ -380,22 +159,6 @@ class Trainer:
             start = start._replace(model=start.model.float())
         return start
 
-    @staticmethod
-    def _with_loaded_values(args: argparse.Namespace, sources: dict[str, str], start: SourcedModel,
-                            tokenizer_path: str) -> tuple[argparse.Namespace, dict[str, str]]:
-        """The final flags: the tokenizer directory Task.tokenizer chose (the checkpoint records it, so a resumed
-        run reads the same one), and for flags no layer set (SFT's max_seq_len, dropout) the model's values."""
-        config = start.model.config
-        values = {**vars(args), "tokenizer_path": tokenizer_path}
-        sources = {**sources, "tokenizer_path": sources["tokenizer_path"] if args.tokenizer_path else "the task"}
-        for name in ("max_seq_len", "dropout"):
-            if values[name] is None:
-                values[name] = getattr(config, name)
-        if values["max_seq_len"] > config.max_seq_len:
-            raise ValueError(f"--max_seq_len {values['max_seq_len']} exceeds the model's max_seq_len "
-                             f"{config.max_seq_len} ({start.source})")
-        return argparse.Namespace(**values), sources
-
     def _restore(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
@@ -410,35 +173,10 @@ class Trainer:
         if a.val_data_path and Path(a.val_data_path).exists():
             val_set = self.task.dataset(a.val_data_path, self.tokenizer, a)
         if self.task.may_lack_targets:
-            self._check_targets(train_set, a.data_path, limit=10_000)
+            check_targets(train_set, self.task, a.data_path, 10_000, a.max_seq_len, self.log)
             if val_set is not None:
-                self._check_targets(val_set, a.val_data_path, limit=a.eval_samples)
+                check_targets(val_set, self.task, a.val_data_path, a.eval_samples, a.max_seq_len, self.log)
         return train_set, val_set
-
-    def _check_targets(self, dataset: Dataset, path: str, limit: int) -> None:
-        """Warn about samples that teach nothing (their answer is cut off); refuse data where none is left."""
-        empty, checked = count_without_targets(dataset, self.task, limit)
-        what = f"of the first {checked:,} samples" if checked < len(dataset) else f"of its {checked:,} samples"
-        if empty == checked:
-            raise ValueError(f"{path}: none {what} has a target token within --max_seq_len {self.args.max_seq_len} "
-                             f"(every answer is cut off): raise --max_seq_len or shorten the prompts")
-        if empty:
-            self.log.info(f"warning: {path}: {empty:,} {what} ({empty / checked:.1%}) have no target token within "
-                          f"--max_seq_len {self.args.max_seq_len} (their answers are cut off) and teach nothing")
-
-    def _wrap_model(self) -> tuple[DistributedDataParallel | None, torch.nn.Module]:
-        ddp = None
-        if self.d.world_size > 1:
-            # the rotary tables are the only buffers and identical on every rank: no need to sync them
-            # before each forward (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
-            ddp_flags = signature(DistributedDataParallel).parameters
-            sync_flag = "forward_sync_buffers" if "forward_sync_buffers" in ddp_flags else "broadcast_buffers"
-            device_ids = [self.d.device.index] if self.d.device.type == "cuda" else None
-            ddp = DistributedDataParallel(self.model, device_ids=device_ids, **{sync_flag: False})
-        forward_model = ddp or self.model
-        if self.args.compile:
-            forward_model = torch.compile(forward_model)
-        return ddp, forward_model
 
     def _log_header(self) -> None:
         a, d, cfg = self.args, self.d, self.model.config
@@ -489,14 +227,14 @@ class Trainer:
                                    no_sync=no_sync, task=self.task)
                 self.step += 1
                 self.position = batch.position
-                self.window.means.append(means)
-                self.window.tokens += sum(self.task.batch_tokens(b) for b in batch.batches)
+                self.progress.add_step(means, sum(self.task.batch_tokens(b) for b in batch.batches))
                 bar.update()
 
                 stop = self.stop.agreed(d)
                 end = self.step == self.total_steps
                 if self.step % a.log_interval == 0 or end or stop:
-                    self._log_progress(lr, bar)
+                    self._check_finite()
+                    self.progress.report(self.step, self.total_steps, lr, self.position["epoch"], bar)
                 if (a.eval_interval and self.step % a.eval_interval == 0 or end) and not stop:  # after progress
                     self._evaluate()
                 if self.step % a.save_interval == 0 or end or stop:
@@ -517,7 +255,7 @@ class Trainer:
         a window that is checked before it is logged). weights=True also checks the parameters, which the
         latest update changed after the last loss was computed: a checkpoint is only written when its weights
         are finite."""
-        steps = self.window.means
+        steps = self.progress.window.means
         losses = torch.stack([m["loss"] for m in steps]) if steps else torch.zeros(0)
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
         first_bad = self.step - len(steps) + 1 + bad[0] if bad else self.total_steps + 1
@@ -536,41 +274,6 @@ class Trainer:
             self.log.info(msg, console=False)  # main() prints it as the exit message
             raise TrainingError(msg)
 
-    def _note_cpu_contention(self) -> None:
-        """Once, at the first progress line: multi-threaded CPU steps slow down several times when other
-        processes (other ranks included; DataLoader workers would count too, so not with them) want the cores."""
-        threads = torch.get_num_threads()
-        busy = self.cpu_share.busy_elsewhere()
-        self.cpu_share = None
-        if busy is not None and threads > 1 and busy + threads > (os.cpu_count() or 1) + 0.5:
-            self.log.info(f"note: other processes keep {busy:.1f} of {os.cpu_count()} CPUs busy: "
-                          f"{threads} threads per process can be several times slower than --num_threads 1")
-
-    def _log_progress(self, lr: float, bar: tqdm) -> None:
-        self._check_finite()
-        if self.cpu_share is not None:
-            self._note_cpu_contention()
-        d, names = self.d, self.task.metrics
-        steps = self.window.means
-        sums = [torch.stack([m[k] for m in steps]).sum() for k in names]
-        stats = torch.stack([*sums, torch.tensor(float(self.window.tokens), device=d.device)])
-        if d.world_size > 1:
-            dist.all_reduce(stats)
-        *values, tokens = stats.tolist()
-        # each rank holds its share of the step means (see train_step)
-        means = {k: v / d.world_size / len(steps) for k, v in zip(names, values)}
-        seconds = time.perf_counter() - self.window.start
-        tok_s = tokens / seconds
-        mfu = tok_s * self.flops_per_token / (self.peak * d.world_size) if self.peak else None
-        mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
-        shown = " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in means.items())
-        bar.set_postfix_str(f"{shown} lr {lr:.2e} {tok_s:,.0f} tok/s mfu {mfu_text}", refresh=False)
-        self.log.info(f"step {self.step}/{self.total_steps} | {shown} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-                      f"mfu {mfu_text} | {1000 * seconds / len(steps):.0f} ms/step")
-        self.log.metrics(self.step, {**means, "lr": lr, "tok_per_s": tok_s, "mfu": mfu,
-                                     "epoch": self.position["epoch"]})
-        self.window = Window()
-
     def _evaluate(self) -> None:
         """Validation metrics, the --sample_prompt continuations and curves.png; kept out of tokens/s."""
         start = time.perf_counter()
@@ -586,34 +289,16 @@ class Trainer:
         if values:
             self.log.metrics(self.step, values)
         if self.d.is_main:
-            self._draw_curves()
-        self.window.start += time.perf_counter() - start  # keep evaluation out of tokens/s
+            self.progress.draw_curves(self.out_dir)
+        self.progress.leave_out(time.perf_counter() - start)  # keep evaluation out of tokens/s
 
-    @torch.no_grad()
     def _samples(self) -> dict[str, str]:
-        """Greedy continuations of the --sample_prompt texts (greedy and dropout off: a resumed run prints
-        the same text)."""
-        samples = {}
-        self.model.eval()
-        for prompt in self.args.sample_prompt:
-            ids = self.task.prompt_ids(self.tokenizer, prompt)
-            with self.autocast():
-                new = self.model.generate(torch.tensor([ids], device=self.d.device), self.args.sample_tokens,
-                                          temperature=0.0, stop_id=self.tokenizer.eos_token_id)
-            samples[prompt] = self.tokenizer.decode(new[0].tolist(), skip_special_tokens=True)
-            self.log.info(f"sample step {self.step} | {prompt!r} -> {samples[prompt]!r}")
-        self.model.train()
+        """Greedy continuations of the --sample_prompt texts, each logged."""
+        samples = greedy_samples(self.model, self.task, self.tokenizer, self.args.sample_prompt,
+                                 self.args.sample_tokens, self.autocast, self.d.device)
+        for prompt, text in samples.items():
+            self.log.info(f"sample step {self.step} | {prompt!r} -> {text!r}")
         return samples
-
-    def _draw_curves(self) -> None:
-        """out_dir/curves.png from metrics.jsonl (plot_runs.py); without matplotlib, one note and no more tries."""
-        if self.curves_note_given:
-            return
-        try:
-            draw_curves(self.out_dir)
-        except ImportError as e:
-            self.log.info(f"note: no curves.png ({e})")
-            self.curves_note_given = True
 
     def _save(self) -> None:
         self._check_finite(weights=True)
@@ -636,6 +321,41 @@ class Trainer:
     def _export_hf(self) -> None:
         hf_dir = self.task.export(self.model, self.out_dir, self.tokenizer)
         self.log.info(f"exported {hf_dir} (AutoModelForCausalLM / AutoTokenizer)")
+
+
+def resume_state(given: argparse.Namespace, args: argparse.Namespace, ckpt_path: Path) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None for a fresh run), after the rules that keep work from being lost."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues out_dir/ckpt.pt, --overwrite replaces it: pass one of them")
+    if not args.resume:
+        if not args.overwrite and ckpt_path.exists():
+            # a fresh run would replace hours of training at its first save: make the user say so
+            raise FileExistsError(f"{ckpt_path} already exists: --resume continues that run, --overwrite "
+                                  f"starts over and replaces it, or choose another --out_dir")
+        return None
+    state = load_checkpoint(ckpt_path)
+    missing = [k for k in ("optimizer", "data_position", "args") if k not in state]
+    if missing:
+        raise ValueError(f"{ckpt_path}: cannot resume, checkpoint is missing key(s) {missing}")
+    check_resume_flags(given, state["args"], ckpt_path)
+    return state
+
+
+def wrap_model(model: torch.nn.Module, d: DistInfo,
+               compiled: bool) -> tuple[DistributedDataParallel | None, torch.nn.Module]:
+    """(the DDP wrapper or None, the module a step calls: DDP's or the model, torch.compile'd if `compiled`)"""
+    ddp = None
+    if d.world_size > 1:
+        # the rotary tables are the only buffers and identical on every rank: no need to sync them
+        # before each forward (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
+        ddp_flags = signature(DistributedDataParallel).parameters
+        sync_flag = "forward_sync_buffers" if "forward_sync_buffers" in ddp_flags else "broadcast_buffers"
+        device_ids = [d.device.index] if d.device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=device_ids, **{sync_flag: False})
+    forward_model = ddp or model
+    if compiled:
+        forward_model = torch.compile(forward_model)
+    return ddp, forward_model
 
 
 def train(given: argparse.Namespace, task: Task) -> None:

@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import perf  # noqa: E402
+import train_task  # noqa: E402
 import trainer  # noqa: E402
 from common import interleaved, machine_line  # noqa: E402
 from k_model import ModelConfig, Transformer  # noqa: E402
@@ -58,13 +59,13 @@ def with_threads(fn, n: int):
     return run
 
 
-def packed_batch(cfg: ModelConfig, batch_size: int, seed: int) -> list[trainer.Batch]:
+def packed_batch(cfg: ModelConfig, batch_size: int, seed: int) -> list[train_task.Batch]:
     g = torch.Generator().manual_seed(seed)
     w = torch.randint(0, cfg.vocab_size, (batch_size, cfg.max_seq_len + 1), generator=g)
     return [(w[:, :-1], w[:, 1:], torch.ones(batch_size, cfg.max_seq_len))]
 
 
-def sft_items(cfg: ModelConfig, batch_size: int, seed: int) -> list[trainer.Batch]:
+def sft_items(cfg: ModelConfig, batch_size: int, seed: int) -> list[train_task.Batch]:
     """Right-padded samples: prompt, then an answer (mask 1) ending at a random length, then padding."""
     g = torch.Generator().manual_seed(seed)
     L, items = cfg.max_seq_len, []
@@ -112,7 +113,7 @@ def bench_sft_trim(cfg: ModelConfig, batch_size: int, rounds: int, seed: int) ->
     """(b) a right-padded SFT batch trained as is vs trimmed by collate_trimmed."""
     items = sft_items(cfg, batch_size, seed)
     full = [tuple(torch.stack(t) for t in zip(*items))]
-    trimmed = [trainer.collate_trimmed(items)]
+    trimmed = [train_task.collate_trimmed(items)]
     fns, flops = {}, {}
     for name, batches in (("full padding", full), ("collate_trimmed", trimmed)):
         fns[name], flops[name] = step_fn(cfg, torch.device("cpu"), torch.float32, batches, seed)

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import ddp_pretrain
 import ddp_sft_full
 import train_tokenizer
+import train_task
 import trainer
 import trainer_utils
 from checkpoint import load_checkpoint
@@ -105,7 +106,7 @@ def test_hf_export_opens_with_transformers(pretrained):
 def test_sft_gradients_come_only_from_masked_positions(data):
     tok = AutoTokenizer.from_pretrained(data.tok)
     ds = SFTDataset(data.sft_train, tok, max_length=48)
-    micro = [trainer.collate_trimmed([ds[i] for i in idx]) for idx in ([0, 1, 2], [3, 4, 5])]
+    micro = [train_task.collate_trimmed([ds[i] for i in idx]) for idx in ([0, 1, 2], [3, 4, 5])]
     assert all(0 < m.sum() < m.numel() for _, _, m in micro)  # prompts and padding are unmasked
     torch.manual_seed(0)
     model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=len(tok), max_seq_len=64))

@@ -1,0 +1,134 @@
+"""What a training objective supplies to the loop (trainer.py): a script (ddp_pretrain.py, ddp_sft_full.py,
+ddp_dpo.py) subclasses `Task` to name its defaults and say which model a fresh run starts from, what its
+dataset is, the loss on a batch and which parameters train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from dataset import document_start_ids
+from hf_llama import copy_token_ids, export_hf
+from loading import DEFAULT_TOKENIZER, SourcedModel, load_tokenizer
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # X, Y (B, T) int64; loss mask (B, T) float32
+
+
+def collate_trimmed(items: list[Batch]) -> Batch:
+    """Stack samples, then drop the trailing columns where no sample has loss mask. The model is causal, so
+    those positions cannot change the loss; right-padded SFT batches shrink to their longest answer."""
+    x, y, mask = (torch.stack(t) for t in zip(*items))
+    used = mask.any(dim=0).nonzero()
+    keep = int(used[-1]) + 1 if len(used) else 1
+    return x[:, :keep].contiguous(), y[:, :keep].contiguous(), mask[:, :keep].contiguous()
+
+
+def masked_loss_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """sum(per-token loss * mask) of one host-side batch. A partial mask (SFT: answers only) goes to the
+    model, which then projects only those positions onto the vocabulary; checking it on the host, before
+    the copy, keeps the all-ones pretraining mask free of a device sync."""
+    x, y, mask = batch
+    partial_mask = not bool(mask.all())
+    x, y, mask = (t.to(device, non_blocking=True) for t in batch)
+    out = model(x, y, loss_mask=mask) if partial_mask else model(x, y)
+    return (out.last_loss * mask.reshape(-1)).sum()
+
+
+class Task:
+    """A training objective. The base class is next-token prediction on (X, Y, loss_mask) items; a script
+    overrides what differs. Methods get the resolved flags `args`."""
+
+    name = "train"
+    description = ""  # the script's --help text
+    defaults: dict[str, Any] = {}  # the script's flag defaults (paths, learning rate, ...)
+    builds_model = False  # True: the run makes a new model, so --preset and the shape flags exist
+    # True when a sample can lack targets (an SFT answer cut off by --max_seq_len): checked at start-up
+    may_lack_targets = False
+    metrics = ("loss",)  # the keys of loss_sums
+
+    def add_flags(self, parser: argparse.ArgumentParser) -> None:
+        """Flags of this script only."""
+
+    def tokenizer(self, args: argparse.Namespace) -> tuple[Any, str]:
+        """The run's tokenizer and the directory it comes from, which the checkpoint records as
+        --tokenizer_path (a resumed run reads the same one). A script that starts from a trained model makes
+        that model's own tokenizer the default; a chat objective may add a chat template to it."""
+        path = args.tokenizer_path or DEFAULT_TOKENIZER
+        return load_tokenizer(path), path
+
+    def initial_model(self, args: argparse.Namespace, tokenizer: Any) -> SourcedModel:
+        """The model a fresh (not resumed) run starts from."""
+        raise NotImplementedError
+
+    def prepare(self, model: torch.nn.Module, args: argparse.Namespace, tokenizer: Any, device: torch.device) -> None:
+        """Called once the model to train is on its device, fresh or resumed: set up what the loss needs
+        besides it (DPO: the frozen reference model)."""
+
+    def dataset(self, path: str, tokenizer: Any, args: argparse.Namespace) -> Dataset:
+        raise NotImplementedError
+
+    def collate(self, items: list[Any]) -> Any:
+        return collate_trimmed(items)
+
+    def loss_units(self, batch: Any) -> torch.Tensor:
+        """How many loss units a host-side batch holds (the normalization count), without a device sync."""
+        return batch[2].sum()
+
+    def batch_tokens(self, batch: Any) -> int:
+        """Tokens the model reads for a batch (for tokens/s and MFU)."""
+        return batch[0].numel()
+
+    def loss_sums(self, model: torch.nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        """Sums over the batch's loss units: "loss" (backpropagated) and any other metric to report as a mean."""
+        return {"loss": masked_loss_sum(model, batch, device)}
+
+    def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
+        """The ids a --sample_prompt continues at each evaluation: a document start (pretraining documents
+        follow the previous one's EOS); chat objectives put the prompt in the chat template instead."""
+        return document_start_ids(tokenizer, prompt)
+
+    def val_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        """What an evaluation reports, from the mean of each loss_sums entry over the validation samples."""
+        return {"val_loss": means["loss"], "val_ppl": math.exp(min(means["loss"], 50.0))}
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def model_state(self, model: torch.nn.Module) -> dict[str, Any]:
+        """What a checkpoint stores of the model: every weight, under "model". A task that trains a small part
+        of a model it can rebuild (LoRA adapters on a base named in the checkpoint) stores only that part and
+        what rebuilding needs; loading.model_from_state rebuilds the model from it on --resume."""
+        return {"model": model.state_dict()}
+
+    def export(self, model: torch.nn.Module, out_dir: Path, tokenizer: Any) -> Path:
+        """The final weights as a Llama model + tokenizer that AutoModelForCausalLM / AutoTokenizer open."""
+        hf_dir = out_dir / "hf"
+        copy_token_ids(model.config, tokenizer)
+        export_hf(model, hf_dir)
+        tokenizer.save_pretrained(hf_dir)
+        return hf_dir
+
+
+def count_without_targets(dataset: Dataset, task: Task, limit: int) -> tuple[int, int]:
+    """(samples without a single loss unit, samples checked) among the first `limit` of `dataset`."""
+    checked = min(len(dataset), limit)
+    empty = sum(1 for i in range(checked) if not task.loss_units(task.collate([dataset[i]])))
+    return empty, checked
+
+
+def check_targets(dataset: Dataset, task: Task, path: str, limit: int, max_seq_len: int, log: Any) -> None:
+    """Warn about samples that teach nothing (their answer is cut off); refuse data where none is left."""
+    empty, checked = count_without_targets(dataset, task, limit)
+    what = f"of the first {checked:,} samples" if checked < len(dataset) else f"of its {checked:,} samples"
+    if empty == checked:
+        raise ValueError(f"{path}: none {what} has a target token within --max_seq_len {max_seq_len} "
+                         f"(every answer is cut off): raise --max_seq_len or shorten the prompts")
+    if empty:
+        log.info(f"warning: {path}: {empty:,} {what} ({empty / checked:.1%}) have no target token within "
+                 f"--max_seq_len {max_seq_len} (their answers are cut off) and teach nothing")
