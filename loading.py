@@ -161,10 +161,11 @@ def open_model(path: str | os.PathLike, tokenizer_path: str | None = None, devic
 
 
 def model_kind(path: Path) -> tuple[str, Path]:
-    """("ckpt" | "hf" | "adapter", the file or directory to read): a checkpoint file or a run directory
-    holding ckpt.pt; else a directory with adapter_config.json, config.json or hf/config.json."""
+    """("ckpt" | "hf" | "adapter", the file or directory to read): a checkpoint file (or a path that is no
+    directory: load_checkpoint names it) or a run directory holding ckpt.pt; else a directory with
+    adapter_config.json, config.json or hf/config.json."""
     if not path.is_dir() or (path / CKPT_NAME).is_file():
-        return "ckpt", resolve_checkpoint(path)
+        return "ckpt", path
     if (path / ADAPTER_CONFIG).is_file():
         return "adapter", path
     for hf_dir in (path, path / "hf"):
@@ -173,8 +174,9 @@ def model_kind(path: Path) -> tuple[str, Path]:
     raise FileNotFoundError(f"no {CKPT_NAME}, config.json, hf/config.json or {ADAPTER_CONFIG} in {path}")
 
 
-def _open_checkpoint(ckpt: Path) -> tuple[Transformer, ModelOrigin]:
-    state = load_checkpoint(ckpt)
+def _open_checkpoint(path: Path) -> tuple[Transformer, ModelOrigin]:
+    state = load_checkpoint(path)
+    ckpt = resolve_checkpoint(path)
     model = model_from_state(state, ckpt)
     if "lora" in state:  # for inference, adapters folded into the weights: a plain model, as fast as any
         import lora  # peft is imported for LoRA artifacts only
