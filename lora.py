@@ -148,7 +148,7 @@ def digest(weights: dict[str, torch.Tensor]) -> str:
 
 
 def model_state(model: Transformer) -> dict[str, Any]:
-    """What a LoRA checkpoint stores of the model (trainer.Task.model_state): the adapter weights, and under
+    """What a LoRA checkpoint stores of the model (train_task.Task.model_state): the adapter weights, and under
     "lora" their spec with the base's digest."""
     adapters = get_peft_model_state_dict(model, adapter_name=ADAPTER, save_embedding_layers=False)
     return {"model": adapters, "lora": model.lora_spec}

@@ -40,7 +40,7 @@ def gpu_model(device_name: str) -> str:
 def measure_matmul_flops(dtype: torch.dtype, n: int = 512, bursts: int = 10, seconds: float = 0.03) -> float:
     """Dense matmul FLOP/s of one CPU thread: the best of a few short bursts, so that other load on the
     machine during the measurement does not lower the peak (and inflate the MFU), and the best of torch's
-    own matmul and the model's (k_model.mm_t: oneDNN for float32 on x86, up to 2x faster than MKL there)."""
+    own matmul and the model's (cpu_matmul.mm_t: oneDNN for float32 on x86, up to 2x faster than MKL there)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
