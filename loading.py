@@ -162,7 +162,7 @@ def open_model(path: str | os.PathLike, tokenizer_path: str | None = None, devic
 
 def model_kind(path: Path) -> tuple[str, Path]:
     """("ckpt" | "hf" | "adapter", the file or directory to read): a checkpoint file (or a path that is no
-    directory: load_checkpoint names it) or a run directory holding ckpt.pt; else a directory with
+    directory: resolve_checkpoint names it) or a run directory holding ckpt.pt; else a directory with
     adapter_config.json, config.json or hf/config.json."""
     if not path.is_dir() or (path / CKPT_NAME).is_file():
         return "ckpt", path
@@ -175,8 +175,8 @@ def model_kind(path: Path) -> tuple[str, Path]:
 
 
 def _open_checkpoint(path: Path) -> tuple[Transformer, ModelOrigin]:
-    state = load_checkpoint(path)
     ckpt = resolve_checkpoint(path)
+    state = load_checkpoint(ckpt)
     model = model_from_state(state, ckpt)
     if "lora" in state:  # for inference, adapters folded into the weights: a plain model, as fast as any
         import lora  # peft is imported for LoRA artifacts only
@@ -207,10 +207,10 @@ def _open_adapter_dir(path: Path) -> tuple[Transformer, ModelOrigin]:
 OPENERS = {"ckpt": _open_checkpoint, "hf": _open_hf_dir, "adapter": _open_adapter_dir}
 
 
-def _directory_origin(path: Path, format: str, model: Transformer) -> ModelOrigin:
+def _directory_origin(path: Path, kind: str, model: Transformer) -> ModelOrigin:
     """An HF or adapter directory: no step or flags; the fingerprint of the tokenizer saved there, if one is."""
     fingerprint = tokenizer_fingerprint(load_tokenizer(path)) if (path / "tokenizer.json").is_file() else None
-    return ModelOrigin(source=str(path), format=format, step=None, args=None, vocab_size=model.config.vocab_size,
+    return ModelOrigin(source=str(path), format=kind, step=None, args=None, vocab_size=model.config.vocab_size,
                        tokenizer_fingerprint=fingerprint)
 
 
