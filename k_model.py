@@ -405,6 +405,16 @@ class Transformer(PreTrainedModel):
                 self.rope_cos.copy_(cos)
                 self.rope_sin.copy_(sin)
 
+    def _apply(self, fn, recurse=True):
+        """Every move and cast (.to, .float, .bfloat16, ...) goes through here. The rotary tables stay float32,
+        as HF keeps its inv_freq: rounded to bf16 (error ~2e-3) they would stay rounded when training upcasts
+        to float32 master weights. Where attention uses them it casts them to the activations' dtype."""
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
+
     # transformers' and peft's way to find the embedding and output matrices (resizing, tying, LoRA)
     def get_input_embeddings(self) -> nn.Embedding:
         return self.tok_embeddings
@@ -905,10 +915,7 @@ def from_hf_llama(hf: LlamaForCausalLM) -> Transformer:
     weight = theirs["model.embed_tokens.weight"]
     model = Transformer(cfg).to(dtype=weight.dtype, device=weight.device)
     model.load_state_dict(sd, strict=True)
-    # the weights keep the checkpoint's dtype, the rotary tables stay float32 (as HF keeps inv_freq): rounded
-    # to bf16 they would stay rounded when training upcasts the model to float32 master weights
-    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-    return model.to(weight.device)
+    return model  # in the checkpoint's dtype; the rotary tables stay float32 (Transformer._apply)
 
 
 def save_quietly(model: PreTrainedModel, out_dir: str | os.PathLike) -> None:

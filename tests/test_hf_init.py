@@ -5,6 +5,7 @@ model cannot express is refused, naming the config key; and a base model with it
 tokens, no chat template) continues pretraining on our corpus, then SFT adds our chat template to it."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, PreTrainedTokenizerFast)
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import ddp_pretrain
 import ddp_sft_full
-from checkpoint import initial_model, load_model
+from checkpoint import initial_model, load_model, rebuilt
 from dataset import PretrainDataset, encode_chat
 from k_model import export_hf
 from loading import with_chat_template
@@ -77,6 +79,23 @@ def test_logits_equal_transformers_and_the_export_keeps_them(tmp_path, name):
         assert getattr(again.config, key) == getattr(config, key), key
     assert again.config.rope_parameters["rope_theta"] == config.rope_parameters["rope_theta"]
     assert (ours.output.weight is ours.tok_embeddings.weight) == config.tie_word_embeddings
+
+
+def test_rotary_tables_stay_float32_in_a_bf16_model(tmp_path):
+    """Positions are angles: rounded to bf16 (error ~2e-3) they would stay rounded when training upcasts to
+    float32 master weights, so a run whose model was rebuilt (grown vocabulary, --dropout, --resume of LoRA)
+    or cast would train with other positions than its export uses. transformers' own float32 tables are
+    the reference, whatever the weights are stored in."""
+    config = save_llama(tmp_path / "llama", dtype=torch.bfloat16)
+    stored, _ = load_model(tmp_path / "llama")
+    position_ids = torch.arange(config.max_position_embeddings)[None]
+    cos, sin = (t[0] for t in LlamaRotaryEmbedding(config)(torch.zeros(1), position_ids))
+    models = {"loaded": stored, "rebuilt": rebuilt(stored, vocab_size=VOCAB + 2, dropout=0.1),
+              "cast": copy.deepcopy(stored).float().to(torch.bfloat16), "rebuilt, upcast": rebuilt(stored, dropout=0.1).float()}
+    for name, model in models.items():
+        assert model.tok_embeddings.weight.dtype == (torch.float32 if "upcast" in name else torch.bfloat16)
+        assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32, name
+        assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin), name
 
 
 REFUSED = {
