@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ddp_pretrain
 import ddp_sft_full
@@ -136,6 +136,38 @@ def test_interrupted_run_resumes_exactly(data, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     adam_a, adam_b = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(x, y) for i in adam_a for x, y in zip(adam_a[i].values(), adam_b[i].values()))
+
+
+@pytest.fixture(scope="module")
+def bf16_base(data):
+    """The base as an HF directory stored in bfloat16, as foreign bases usually are, with its tokenizer."""
+    path = data.root / "base_bf16"
+    AutoModelForCausalLM.from_pretrained(data.base / "hf").to(torch.bfloat16).save_pretrained(path)
+    AutoTokenizer.from_pretrained(data.base / "hf").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_on_a_bf16_base_is_exact(data, bf16_base, tmp_path, dtype):
+    """On a bf16 base the adapters and their AdamW moments stay float32 across --resume (peft creates adapters
+    in the base's dtype: the saved float32 adapters were rounded to bf16 when a run resumed), so 2 steps and a
+    resume to 4 end exactly where 4 steps straight end, with float32 compute or bf16 autocast."""
+    args = data.args + LORA + ["--init_from", str(bf16_base), "--dtype", dtype, "--lora_dropout", "0.1",
+                               "--learning_rate", "1e-2", "--warmup_iters", "100",  # lr independent of max_steps
+                               "--log_interval", "1", "--eval_interval", "100", "--save_interval", "100"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ddp_sft_full.main(args + ["--max_steps", "4", "--out_dir", str(straight)])
+    ddp_sft_full.main(args + ["--max_steps", "2", "--out_dir", str(resumed)])
+    ddp_sft_full.main(args + ["--max_steps", "4", "--out_dir", str(resumed), "--resume"])
+    assert read_metrics(resumed) == read_metrics(straight)
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (straight, resumed))
+    assert a["step"] == b["step"] == 4
+    for k, weight in a["model"].items():
+        assert weight.dtype == torch.float32 and torch.equal(weight, b["model"][k]), k
+    adam_a, adam_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in adam_a:
+        for name, x in adam_a[i].items():
+            assert torch.equal(x, adam_b[i][name]) and (name == "step" or x.dtype == torch.float32), (i, name)
 
 
 def test_a_changed_base_is_refused(data, lora_run, tmp_path):
