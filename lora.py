@@ -22,8 +22,12 @@ tokenizer), whose base_model_name_or_path is the HF directory it applies to: --i
 an HF model directory training did not change, else out_dir/base/, written then; and out_dir/hf/, the merged
 LlamaForCausalLM.
 
+Dtypes. The adapters and their AdamW moments are float32 whatever the base stores. A base stored in bf16 or
+fp16 stays so, frozen, when training computes in 16 bits (--dtype bfloat16 / float16, or auto where that is
+what it picks): float32 copies would double its memory. Float32 compute upcasts it (trainer.Trainer).
+
 --load_in_4bit (QLoRA): the targeted projections' frozen weights are kept in 4-bit NF4 by bitsandbytes and
-dequantized on the fly; adapters, norms and embeddings stay float32. The merged export adds the adapters to the
+dequantized on the fly; the other frozen weights as above. The merged export adds the adapters to the
 dequantized weights (what training saw, up to the rounding of bitsandbytes' kernels). The adapter applies to
 the base it names: a written base/ holds the dequantized weights too, while an --init_from HF directory holds
 the original ones, on which (as with any QLoRA adapter) logits differ from training's by the quantization error.

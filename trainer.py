@@ -209,8 +209,12 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
 
 
+def dtype_names(dtypes: set[torch.dtype]) -> str:
+    return ", ".join(sorted(str(t).removeprefix("torch.") for t in dtypes))
+
+
 def autocast_factory(device: torch.device, dtype: torch.dtype) -> Callable[[], AbstractContextManager]:
-    """Mixed precision: weights and optimizer stay float32, matmuls run in `dtype`."""
+    """Mixed precision: trained weights and optimizer state stay float32, matmuls run in `dtype`."""
     if dtype == torch.float32:
         return nullcontext
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
@@ -307,13 +311,13 @@ class Trainer:
         self.tokenizer, tokenizer_path = task.tokenizer(args)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 
+        self.dtype = resolve_dtype(args.dtype, d.device)
         start = self._initial_model(args, state)
         check_model_tokenizer(start, self.tokenizer, tokenizer_path)
         self.args, self.sources = self._with_loaded_values(args, sources, start, tokenizer_path)
         self.model_source = start.source
         self.model = start.model.to(d.device).train()
         task.prepare(self.model, self.args, self.tokenizer, d.device)
-        self.dtype = resolve_dtype(self.args.dtype, d.device)
         self.autocast = autocast_factory(d.device, self.dtype)
         self.optimizer_params = task.trainable_parameters(self.model)
         self.optimizer = make_optimizer(self.optimizer_params, self.args, d.device)
@@ -371,12 +375,18 @@ class Trainer:
         else:
             start = SourcedModel(model_from_state(state, self.ckpt_path), str(self.ckpt_path),
                                  state["tokenizer_fingerprint"])
-        stored = {p.dtype for p in start.model.parameters()}
+        stored = {p.dtype for p in start.model.parameters() if p.is_floating_point()}
         if stored != {torch.float32}:
-            # master weights and AdamW state in float32 whatever the source stored; autocast does the rest
-            self.log.info(f"note: {start.source} stores {', '.join(str(t).removeprefix('torch.') for t in stored)} "
-                          "weights: training float32 master weights")
-            start = start._replace(model=start.model.float())
+            # master weights and AdamW state in float32 whatever the source stored; autocast does the rest.
+            # Frozen weights (a LoRA base) keep their dtype when autocast computes in 16 bits anyway: float32
+            # copies would double a large base's memory. Float32 compute needs float32 weights.
+            keep_frozen = self.dtype != torch.float32
+            for p in start.model.parameters():
+                if p.is_floating_point() and (p.requires_grad or not keep_frozen):
+                    p.data = p.data.float()
+            kept = {p.dtype for p in start.model.parameters() if p.is_floating_point()} - {torch.float32}
+            self.log.info(f"note: {start.source} stores {dtype_names(stored)} weights: training float32 master "
+                          "weights" + (f", frozen weights kept in {dtype_names(kept)}" if kept else ""))
         return start
 
     @staticmethod

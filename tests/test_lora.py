@@ -19,8 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ddp_pretrain
 import ddp_sft_full
+import trainer
 from checkpoint import load_model, model_from_state
 from model_sample import TextGenerator
+from trainer_utils import DistInfo, StopRequest
 from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, run_script
 
 LORA = ["--lora_r", "4", "--lora_alpha", "8"]
@@ -168,6 +170,22 @@ def test_resume_on_a_bf16_base_is_exact(data, bf16_base, tmp_path, dtype):
     for i in adam_a:
         for name, x in adam_a[i].items():
             assert torch.equal(x, adam_b[i][name]) and (name == "step" or x.dtype == torch.float32), (i, name)
+
+
+@pytest.mark.parametrize("dtype, frozen_dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
+def test_a_frozen_bf16_base_keeps_its_dtype(data, bf16_base, tmp_path, dtype, frozen_dtype):
+    """Under bf16 autocast the frozen base stays in the bf16 it is stored in (float32 copies would double a
+    large base's memory); float32 compute needs float32 weights. The adapters, the only weights that train,
+    and their AdamW moments are float32 either way."""
+    task = ddp_sft_full.SFT()
+    given = trainer.build_parser(task).parse_args(data.args + LORA + [
+        "--init_from", str(bf16_base), "--dtype", dtype, "--out_dir", str(tmp_path)])
+    run = trainer.Trainer(given, task, DistInfo(0, 0, 1, torch.device("cpu"), None), StopRequest(announce=False))
+    run.log.close()
+    frozen = [p for p in run.model.parameters() if not p.requires_grad]
+    assert sum(p.numel() for p in frozen) == run.model.num_params() - sum(p.numel() for p in run.optimizer_params)
+    assert {p.dtype for p in frozen} == {frozen_dtype}
+    assert {p.dtype for p in run.optimizer_params} == {torch.float32}
 
 
 def test_a_changed_base_is_refused(data, lora_run, tmp_path):
