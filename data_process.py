@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import JsonlRecords, encode_chat, encode_documents, token_dtype
+from dataset import JsonlRecords, bos_prefix, encode_chat, encode_documents, token_dtype
 from loading import tokenizer_fingerprint
 from model_sample import TextGenerator
 
@@ -483,6 +483,13 @@ def _text_batches(records: JsonlRecords, batch_size: int, bar: tqdm) -> Iterator
         yield batch
 
 
+def document_layout(tok) -> str:
+    """How pretokenize lays out each document with this tokenizer, for its summary line."""
+    if bos_prefix(tok):
+        return f"each BOS {tok.bos_token} + text + EOS {tok.eos_token}: the tokenizer adds BOS, as its model expects"
+    return f"each text + EOS {tok.eos_token}: the tokenizer adds no BOS"
+
+
 def pretokenize(input_path: str, tokenizer_dir: str, dtype: str = "auto", num_workers: int = 0,
                 batch_size: int = 256, skip_bad: bool = False) -> dict:
     """Tokenize one {"text"} JSONL into <stem>.bin + <stem>.json; return the sidecar dict."""
@@ -505,9 +512,11 @@ def pretokenize(input_path: str, tokenizer_dir: str, dtype: str = "auto", num_wo
             num_docs += n_docs
         bar.update(bar.total - bar.n)  # skipped and blank lines at the end
     os.replace(stem + ".bin.tmp", stem + ".bin")
+    bos = bos_prefix(tok)
     meta = {"num_tokens": num_tokens, "dtype": np_dtype.name, "vocab_size": len(tok),
-            "eos_token_id": tok.eos_token_id, "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-            "num_documents": num_docs, "source": os.path.basename(input_path)}
+            "bos_token_id": bos[0] if bos else None, "eos_token_id": tok.eos_token_id,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tok), "num_documents": num_docs,
+            "source": os.path.basename(input_path)}
     with open(stem + ".json.tmp", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
     os.replace(stem + ".json.tmp", stem + ".json")
@@ -610,10 +619,13 @@ def run_command(args: argparse.Namespace) -> None:
         inputs = args.input or sorted(glob.glob("out/data/pretrain*.jsonl"))
         if not inputs:
             sys.exit("no out/data/pretrain*.jsonl: run `python data_process.py` first, or pass --input")
+        from transformers import AutoTokenizer
+
+        layout = document_layout(AutoTokenizer.from_pretrained(args.tokenizer))
         for path in inputs:
             meta = pretokenize(path, args.tokenizer, args.dtype, args.num_workers, args.batch_size, args.skip_bad)
             print(f"{path} -> {os.path.splitext(path)[0]}.bin: {meta['num_tokens']:,} tokens "
-                  f"({meta['dtype']}), {meta['num_documents']:,} documents")
+                  f"({meta['dtype']}), {meta['num_documents']:,} documents, {layout}")
 
 
 if __name__ == "__main__":

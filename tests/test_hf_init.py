@@ -9,6 +9,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,14 +18,15 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           MistralForCausalLM, PreTrainedTokenizerFast)
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+import data_process
 import ddp_pretrain
 import ddp_sft_full
 from checkpoint import initial_model, load_model, rebuilt
-from dataset import PretrainDataset, encode_chat
+from dataset import PretrainDataset, document_start_ids, encode_chat
 from k_model import export_hf
 from loading import with_chat_template
 from test_data import CONVERSATIONS, oracle
-from train_helpers import QUIET, make_pretrain_data, make_sft_data, read_metrics
+from train_helpers import QUIET, make_pretrain_data, make_sft_data, read_metrics, write_jsonl
 from train_tokenizer import CHAT_TEMPLATE
 
 VOCAB = 600
@@ -41,14 +43,16 @@ def save_llama(path: Path, dtype: torch.dtype = torch.float32, config_class=Llam
     return config
 
 
-def save_foreign_tokenizer(path: Path, texts: list[str]) -> PreTrainedTokenizerFast:
-    """A Llama-style tokenizer unlike ours: <unk> <s> </s>, BOS <s>, EOS </s>, no pad, no chat template."""
+def save_foreign_tokenizer(path: Path, texts: list[str], add_bos_token: bool = False) -> PreTrainedTokenizerFast:
+    """A Llama-style tokenizer unlike ours: <unk> <s> </s>, BOS <s>, EOS </s>, no pad, no chat template;
+    add_bos_token: it starts every encoded text with <s>, as Llama's own tokenizers do."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   add_bos_token=add_bos_token)
     fast.save_pretrained(path)
     return fast
 
@@ -119,6 +123,30 @@ def test_the_command_line_names_the_key(tmp_path, tiny_tokenizer_dir):
     with pytest.raises(SystemExit, match=r"^error: .*config.json: .*attention_bias"):
         ddp_pretrain.main(["--init_from", str(tmp_path / "llama"), "--tokenizer_path", tiny_tokenizer_dir,
                            "--out_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("tokenizer", ["adds <s>", "ours"])
+def test_pretokenized_documents_begin_as_the_tokenizer_begins_a_text(tmp_path, tiny_texts, tiny_tokenizer_dir,
+                                                                     capsys, tokenizer):
+    """A Llama tokenizer that adds <s> (add_bos_token) began every document of its model's pretraining with it:
+    pretokenized, each document is what the tokenizer itself makes of the text, <s> included, then EOS. Ours
+    adds no BOS, and its documents stay text + EOS. The summary says which; a prompt to continue (sampling,
+    the trainer's samples) begins the same way, after the EOS that ends the document before."""
+    tok_dir = tiny_tokenizer_dir if tokenizer == "ours" else tmp_path / "llama"
+    if tokenizer == "adds <s>":
+        save_foreign_tokenizer(tok_dir, tiny_texts, add_bos_token=True)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    docs = ["人民日报一九九八年元旦献辞。", "Hello world, 12345", "短"]
+    src = write_jsonl(tmp_path / "corpus.jsonl", [{"text": d} for d in docs])
+    data_process.main(["pretokenize", "--input", str(src), "--tokenizer", str(tok_dir), "--num_workers", "1"])
+    tokens = np.fromfile(tmp_path / "corpus.bin", dtype=np.uint16).tolist()
+    assert tokens == [t for d in docs for t in tok(d)["input_ids"] + [tok.eos_token_id]]
+    with_bos = tokenizer == "adds <s>"
+    assert tokens.count(tok.bos_token_id) == (len(docs) if with_bos else 0)
+    assert document_start_ids(tok, "Hello") == [tok.eos_token_id] + tok("Hello")["input_ids"]
+    summary = capsys.readouterr().out
+    assert ("each BOS <s> + text + EOS </s>: the tokenizer adds BOS" if with_bos
+            else "each text + EOS <|im_end|>: the tokenizer adds no BOS") in summary, summary
 
 
 def val_loss(model: torch.nn.Module, val: PretrainDataset) -> float:
