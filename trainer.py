@@ -375,8 +375,8 @@ class Trainer:
         else:
             start = SourcedModel(model_from_state(state, self.ckpt_path), str(self.ckpt_path),
                                  state["tokenizer_fingerprint"])
-        stored = {p.dtype for p in start.model.parameters() if p.is_floating_point()}
-        if stored != {torch.float32}:
+        stored = {p.dtype for p in start.model.parameters() if p.is_floating_point()} - {torch.float32}
+        if stored:
             # master weights and AdamW state in float32 whatever the source stored; autocast does the rest.
             # Frozen weights (a LoRA base) keep their dtype when autocast computes in 16 bits anyway: float32
             # copies would double a large base's memory. Float32 compute needs float32 weights.
