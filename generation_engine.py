@@ -69,7 +69,7 @@ class Event:
     """What the engine tells a job: more text, and on the last event why it ended and how many tokens were
     generated (the end-of-sequence token included)."""
     text: str
-    finish_reason: str | None = None  # "stop" | "length" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled" (nobody reads it)
     completion_tokens: int = 0
     failure: Failure | None = None
 
@@ -88,6 +88,12 @@ class Job:
     def emit(self, event: Event) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop is closed: the server is gone
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def cancel(self) -> None:
+        """Its client went away: the engine drops its row at the next step, and its handler, still awaiting
+        events, gets a last one now (call on the event loop)."""
+        self.cancelled = True
+        self._events.put_nowait(Event("", "cancelled"))
 
     def fail(self, failure: Failure, generated: int = 0) -> None:
         self.emit(Event("", "error", generated, failure))

@@ -43,7 +43,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -309,6 +309,8 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
         finally:
             watcher.cancel()
             job.cancelled = True  # a no-op once it finished; frees the row if this handler is cancelled
+        if last.finish_reason == "cancelled":
+            return Response(status_code=499)  # nobody reads it: the client has gone (nginx's code for that)
         if last.failure:
             failure = last.failure
             raise APIError(failure.status, f"generation failed: {failure.message}", kind="server_error")
@@ -345,11 +347,11 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
 
 
 async def cancel_on_disconnect(request: Request, job: Job) -> None:
-    """Marks the job cancelled once its client hangs up (its body has been read, so the next message the
-    server receives for it is the disconnect)."""
+    """Cancels the job once its client hangs up (its body has been read, so the next message the server
+    receives for it is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    job.cancelled = True
+    job.cancel()
 
 
 def choice(chat: bool, text: str, finish_reason: str | None, stream: bool) -> dict[str, Any]:

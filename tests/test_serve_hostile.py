@@ -94,14 +94,17 @@ def test_vanishing_temperature_is_greedy_and_spares_its_batch(gen):
 
 
 def test_a_row_whose_sampling_fails_ends_alone(gen, monkeypatch):
-    """Whatever goes wrong while sampling one row's token (here top_k draws from a poisoned distribution),
-    that row ends with a server error and the greedy row beside it is answered in full."""
+    """Whatever goes wrong while sampling one row's token in a running batch (here the marked request's third
+    draw raises as torch does for NaN probabilities), that row ends with a server error and the greedy row
+    beside it is answered in full."""
     import generation_engine
 
     real = generation_engine.sample
+    draws = []
 
     def poisoned(logits, temperature, top_k, top_p):
-        if top_k == 7:  # the marked request
+        draws.append(top_k)
+        if draws.count(7) == 3:  # the marked request, after its prefill and one decode step
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
         return real(logits, temperature, top_k, top_p)
 
@@ -169,14 +172,20 @@ def test_an_engine_that_cannot_start_says_so(gen, monkeypatch):
 # item 3: a non-streaming client that hangs up frees its row
 
 
+def hang_up_while_running(base: str) -> None:
+    """A non-streaming request of a long reply whose client hangs up once it is being decoded."""
+    host, port = base.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "messages": chat("你好"), "max_tokens": CONTEXT - 20, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(post_head("/v1/chat/completions", len(body)).encode() + b"\r\n\r\n" + body)
+        wait_for(base, running=1)
+    wait_for(base, running=0)
+
+
 def test_non_streaming_client_that_disconnects_frees_its_row(gen):
     with live(create_app(gen, MODEL, max_batch=1)) as base:
-        host, port = base.removeprefix("http://").split(":")
-        body = json.dumps({"model": MODEL, "messages": chat("你好"), "max_tokens": CONTEXT - 20, "temperature": 0,
-                           "ignore_eos": True}).encode()
-        with socket.create_connection((host, int(port)), timeout=10) as s:
-            s.sendall(post_head("/v1/chat/completions", len(body)).encode() + b"\r\n\r\n" + body)
-            wait_for(base, running=1)
+        hang_up_while_running(base)
         text, _, _ = ask(client_for(base), chat("中国"), 10, False, temperature=0)
         assert text == reference(gen, chat("中国"), 10)[0]
         health = wait_for(base, cancelled=1)
@@ -306,6 +315,7 @@ def test_sigterm_ends_running_and_queued_requests_then_exits(model_dir, tmp_path
                     break
             except OSError:
                 time.sleep(0.1)
+        hang_up_while_running(base)  # its handler must be done too, or the server would wait for it forever
         client = client_for(base)
         stream, chunks = long_stream(client, CONTEXT - 20)
         with ThreadPoolExecutor(1) as pool:
