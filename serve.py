@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +127,7 @@ class CompletionRequest(GenerationRequest):
 
 
 Body = TypeVar("Body", bound=BaseModel)
+Result = TypeVar("Result")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -217,7 +218,8 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
 
-    async def off_loop(fn, *args):  # noqa: ANN001, ANN202 - tokenizing a long prompt must not stall other clients
+    async def off_loop(fn: Callable[..., Result], *args: Any) -> Result:
+        """fn(*args) in the tokenizing thread: a long prompt must not stall the other clients' requests."""
         return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
 
     def new_job(req: GenerationRequest, prompt: list[int], wanted: int, what: str) -> Job:

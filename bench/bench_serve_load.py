@@ -203,7 +203,7 @@ def main() -> None:
 
     proc, base = start_server(args, args.max_batch, "--api_key", KEY, "--max_body_bytes", str(args.max_body_bytes))
     try:
-        health = wait_healthy(proc, base)
+        health = wait_healthy(proc, base, timeout=900)  # compiling takes minutes on a busy machine
         print(f"machine: {machine_line(resolve_device(args.device).type)}")
         print(f"model: {args.model}; {args.clients} correct clients, {args.max_tokens} tokens per request, greedy; "
               f"--max_batch {args.max_batch}")

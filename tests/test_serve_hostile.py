@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -334,3 +335,25 @@ def test_sigterm_ends_running_and_queued_requests_then_exits(model_dir, tmp_path
             server.kill()
         output = server.communicate()[0]
     assert "Traceback" not in output, output
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_bench_serve_load_reports_served_requests_and_deserved_errors_only(model_dir):  # noqa: F811
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_serve_load.py"), "--model", model_dir,
+                           "--clients", "2", "--seconds", "4", "--clean_seconds", "2", "--max_tokens", "6",
+                           "--dtype", "float32", "--no_compile"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    phases = re.findall(r"^\| (clean|mixed), [\d.]+ s \| (\d+) \| (\d+) \| (\d+) ", proc.stdout, re.M)
+    assert [p[0] for p in phases] == ["clean", "mixed"], proc.stdout
+    assert all(int(served) > 0 and (wrong, errors) == ("0", "0") for _, served, wrong, errors in phases), proc.stdout
+    deserved = {"bad: malformed JSON": "400", "bad: unknown role": "400", "bad: temperature 1e-45": "200",
+                "bad: body past the limit": "413", "keyless: 13 MB announced, 1 byte sent": "401"}
+    for kind, status in deserved.items():
+        answers = re.search(rf"^\| {re.escape(kind)} \| (.*) \|$", proc.stdout, re.M).group(1)
+        # a refused body may also be cut off while the client still sends it (the server closed the socket)
+        assert re.fullmatch(rf"(ConnectionResetError: \d+, )?{status}: \d+", answers), (kind, answers)
+    assert "'failed': 0" in proc.stdout and "'state': 'serving'" in proc.stdout
