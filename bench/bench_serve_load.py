@@ -178,6 +178,7 @@ async def run(args, base: str, model: str, pid: int) -> None:
     print("|---|---:|---:|---|---:|---:|---|")
     clean_p95 = report(f"clean, {args.clean_seconds:.0f} s", clean, clean_memory, None)
     report(f"mixed, {args.seconds:.0f} s", mixed, mixed_memory, clean_p95)
+    print("server RSS every 10 s (MB): " + " ".join(f"{mb:.0f}" for mb in (clean_memory + mixed_memory)[::10]))
     print("| hostile client | answers |\n|---|---|")
     for kind, statuses in sorted(mixed.hostile.items()):
         print(f"| {kind} | {', '.join(f'{status}: {n}' for status, n in sorted(statuses.items()))} |")
