@@ -76,10 +76,11 @@ class TextGenerator:
         batch is then refused rather than compiled (CompiledStep.max_batch)."""
         self.model.compile_decode()
         step = self.model._compiled_step
-        for rows in step.batches_to_trace(max_batch) if step else ():
+        if step is None:  # torch.compile refused: eager decoding takes any batch
+            return
+        for rows in step.batches_to_trace(max_batch):
             self.model.generate(self._tensor([self.eos_id], rows), 2, temperature=0.0)
-        if self.model._compiled_step:  # None where compiling failed: eager decoding takes any batch
-            self.model._compiled_step.max_batch = max_batch
+        step.max_batch = max_batch  # where the first step failed to compile, the model decodes eagerly anyway
 
     def _tensor(self, ids: list[int], rows: int = 1) -> torch.Tensor:
         return torch.tensor([ids] * rows, dtype=torch.long, device=self.device)
