@@ -169,6 +169,20 @@ def test_an_engine_that_cannot_start_says_so(gen, monkeypatch):
         assert code == 503 and "out of memory" in answer["error"]["message"]
 
 
+def test_serve_exits_non_zero_when_its_engine_fails(model_dir):  # noqa: F811
+    """The same failure in serve.py itself: one error line and exit status 1, not a server that hangs on."""
+    script = ("import sys, torch, serve, k_model\n"
+              "def no_memory(self):\n"
+              "    raise torch.OutOfMemoryError('out of memory while packing weights')\n"
+              "k_model.Transformer.packed_weights = no_memory\n"
+              "serve.main(sys.argv[1:])\n")
+    proc = subprocess.run([sys.executable, "-c", script, "--model", model_dir, "--no_compile", "--port", "0",
+                           "--log_level", "critical"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: the engine failed: OutOfMemoryError: out of memory "
+                                                    "while packing weights")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # item 3: a non-streaming client that hangs up frees its row
 
