@@ -675,6 +675,11 @@ class CompiledStep:
         else:
             self.fn = torch.compile(step, fullgraph=True, dynamic=True)
         self.compiled: set[tuple] = set()  # graphs built: (batch size or "> 1", device, dtype)
+        self.max_batch: int | None = None  # set once warmed up for a server: a larger batch is refused
+
+    def batches_to_trace(self, max_batch: int) -> list[int]:
+        """Batch sizes whose steps build every graph that batches of 1..max_batch rows use."""
+        return list(range(1, max_batch + 1)) if self.full_window else [1, 2][:max_batch]
 
     def run(self, *args) -> torch.Tensor:
         # No duck shaping: by default sizes that happen to be equal while tracing share one symbol (a first
@@ -689,6 +694,8 @@ class CompiledStep:
         if self.full_window:  # a CUDA graph's shapes are fixed: attend to the whole window, unfilled slots masked
             attend = F.pad(attend, (0, self.model.config.max_seq_len - attend.shape[1]), value=False)
         B = tok.shape[0]
+        if self.max_batch is not None and B > self.max_batch:  # a new graph would compile while clients wait
+            raise RuntimeError(f"the compiled step was traced for batches up to {self.max_batch}, got {B} rows")
         # symbolic shapes still specialise a size of 1, so batch 1 gets a graph of its own
         graph = (B if self.full_window or B == 1 else "> 1", tok.device.type, caches[0].k.dtype)
         if graph in self.compiled:
