@@ -296,7 +296,7 @@ class Trainer:
         self.dtype = resolve_dtype(self.args.dtype, d.device)
         self.autocast = autocast_factory(d.device, self.dtype)
         self.optimizer_params = task.trainable_parameters(self.model)
-        self.optimizer = make_optimizer(self.optimizer_params, self.args, d.device)
+        self.optimizer = make_optimizer(self.model, self.optimizer_params, self.args, d.device)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
         self.step, self.position, self.last_saved_step = 0, {"epoch": 0, "sample": 0}, None
         if state is not None:
@@ -376,7 +376,10 @@ class Trainer:
         return argparse.Namespace(**values), sources
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # another optimizer's state, or another set of trainable parameters
+            raise ValueError(f"{self.ckpt_path}: cannot resume: {e}") from None
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.position = state["step"], dict(state["data_position"])
@@ -459,9 +462,8 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 batch = next(steps)
-                lr = lr_at(self.step, a.learning_rate, a.warmup_iters, self.total_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                lrs = self.optimizer.set_lr(partial(lr_at, self.step, warmup=a.warmup_iters, total=self.total_steps,
+                                                    schedule=a.lr_schedule, decay_fraction=a.decay_fraction))
                 torch.manual_seed(step_seed(a.seed, d.rank, self.step))
                 means = train_step(self.forward_model, self.optimizer, self.scaler, batch.batches, device=d.device,
                                    autocast=self.autocast, grad_clip=a.grad_clip, world_size=d.world_size,
@@ -475,7 +477,7 @@ class Trainer:
                 stop = self.stop.agreed(d)
                 end = self.step == self.total_steps
                 if self.step % a.log_interval == 0 or end or stop:
-                    self._log_progress(lr, bar)
+                    self._log_progress(lrs, bar)
                 if (a.eval_interval and self.step % a.eval_interval == 0 or end) and not stop:  # after progress
                     self._evaluate()
                 if self.step % a.save_interval == 0 or end or stop:
@@ -525,7 +527,8 @@ class Trainer:
             self.log.info(f"note: other processes keep {busy:.1f} of {os.cpu_count()} CPUs busy: "
                           f"{threads} threads per process can be several times slower than --num_threads 1")
 
-    def _log_progress(self, lr: float, bar: tqdm) -> None:
+    def _log_progress(self, lrs: dict[str, float], bar: tqdm) -> None:
+        """lrs: each optimizer's learning rate (optim.Optimizers.set_lr); AdamW's is shown as lr, Muon's as muon lr."""
         self._check_finite()
         if self.cpu_share is not None:
             self._note_cpu_contention()
@@ -543,10 +546,12 @@ class Trainer:
         mfu = tok_s * self.flops_per_token / (self.peak * d.world_size) if self.peak else None
         mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
         shown = " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in means.items())
-        bar.set_postfix_str(f"{shown} lr {lr:.2e} {tok_s:,.0f} tok/s mfu {mfu_text}", refresh=False)
-        self.log.info(f"step {self.step}/{self.total_steps} | {shown} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+        lr_values = {"lr": lrs["adamw"], **({"muon_lr": lrs["muon"]} if "muon" in lrs else {})}
+        lr_text = " | ".join(f"{k.replace('_', ' ')} {v:.2e}" for k, v in lr_values.items())
+        bar.set_postfix_str(f"{shown} {lr_text.replace(' |', '')} {tok_s:,.0f} tok/s mfu {mfu_text}", refresh=False)
+        self.log.info(f"step {self.step}/{self.total_steps} | {shown} | {lr_text} | {tok_s:,.0f} tok/s | "
                       f"mfu {mfu_text} | {1000 * seconds / len(steps):.0f} ms/step")
-        self.log.metrics(self.step, {**means, "lr": lr, "tok_per_s": tok_s, "mfu": mfu,
+        self.log.metrics(self.step, {**means, **lr_values, "tok_per_s": tok_s, "mfu": mfu,
                                      "epoch": self.position["epoch"]})
         self.window = Window()
 
