@@ -61,6 +61,15 @@ class Optimizers:
                 group["lr"] = lrs[name]
         return lrs
 
+    def describe(self) -> str:
+        """What trains with which optimizer, for the log: "muon: 16 matrices (786,432 weights), adamw: ..."."""
+        parts = []
+        for name, (optimizer, peak) in self.parts.items():
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            weights = sum(p.numel() for p in params)
+            parts.append(f"{name}: {len(params)} tensors ({weights:,} weights), peak lr {peak:g}")
+        return ", ".join(parts)
+
     def step(self) -> None:
         for optimizer, _ in self.parts.values():
             optimizer.step()

@@ -432,6 +432,9 @@ class Trainer:
         self.log.info(f"model: {params / 1e6:.2f}M params{frozen} from {self.model_source}; vocab "
                       f"{cfg.vocab_size}, dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads "
                       f"({cfg.n_kv_heads} kv), dropout {cfg.dropout}")
+        decay = f", decay over the last {a.decay_fraction:.0%} of the steps" if a.lr_schedule == "wsd" else ""
+        self.log.info(f"optimizer: {self.optimizer.describe()}; {a.lr_schedule} schedule, "
+                      f"warmup {a.warmup_iters}{decay}")
         self.log.info(f"data: {a.data_path}: {len(self.train_set):,} samples x {a.max_seq_len} tokens; "
                       f"{self.step_samples} samples (<= {tokens_per_step:,} tokens) per step; "
                       f"{self.steps_per_epoch:,} steps/epoch; training to step {self.total_steps:,}")

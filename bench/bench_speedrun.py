@@ -232,7 +232,8 @@ def main() -> None:
                 r.step(i, data[r.seed][i])
             r.seconds += time.perf_counter() - t0
             r.curve.append((i + 1, r.seconds, evaluate(r, val, autocast)))
-        print(f"step {i + 1}: " + ", ".join(f"{r.variant}/{r.seed} {r.curve[-1][2]:.3f}" for r in runs), flush=True)
+        print(f"step {i + 1} (variant/seed val loss @ training s): "
+              + ", ".join(f"{r.variant}/{r.seed} {r.curve[-1][2]:.3f} @ {r.seconds:.0f}" for r in runs), flush=True)
     print(f"all runs: {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.1f} at the end")
     finals = [r.curve[-1][2] for r in runs if r.variant == a.variants[0]]
     target = a.target if a.target is not None else max(finals)
