@@ -59,6 +59,7 @@ from checkpoint import (CKPT_NAME, DEFAULT_TOKENIZER, config_to_dict, load_check
 from dataset import document_start_ids
 from k_model import copy_token_ids, export_hf
 from loading import SourcedModel, check_model_tokenizer, load_tokenizer, resolve_dtype, tokenizer_fingerprint
+from optim import lr_at, make_optimizer
 from perf import CpuShare, peak_flops
 from plot_runs import draw_curves
 from train_flags import build_parser, check_args, check_resume_flags, resolve_args
@@ -171,28 +172,7 @@ class Task:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Optimization
-
-
-def make_optimizer(params: list[torch.nn.Parameter], args: argparse.Namespace,
-                   device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (embeddings, projections), not on norm gains. The fused kernel
-    updates each tensor in one pass (on the bench model's CPU step: 12 ms instead of 43 ms)."""
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95),
-                             fused=device.type in ("cpu", "cuda"))
-
-
-def lr_at(step: int, peak_lr: float, warmup: int, total: int) -> float:
-    """Linear warmup to peak_lr, then cosine decay to peak_lr / 10 at `total` steps."""
-    if step < warmup:
-        return peak_lr * (step + 1) / warmup
-    min_lr = peak_lr / 10
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))
+# Optimization (optim.py: the optimizer and the learning-rate schedule)
 
 
 def peak_memory(device: torch.device) -> str:
@@ -320,7 +300,7 @@ class Trainer:
         task.prepare(self.model, self.args, self.tokenizer, d.device)
         self.autocast = autocast_factory(d.device, self.dtype)
         self.optimizer_params = task.trainable_parameters(self.model)
-        self.optimizer = make_optimizer(self.optimizer_params, self.args, d.device)
+        self.optimizer = make_optimizer(self.model, self.optimizer_params, self.args, d.device)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
         self.step, self.position, self.last_saved_step = 0, {"epoch": 0, "sample": 0}, None
         if state is not None:
@@ -406,7 +386,10 @@ class Trainer:
         return argparse.Namespace(**values), sources
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # another optimizer's state, or another set of trainable parameters
+            raise ValueError(f"{self.ckpt_path}: cannot resume: {e}") from None
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.position = state["step"], dict(state["data_position"])
@@ -459,6 +442,9 @@ class Trainer:
         self.log.info(f"model: {params / 1e6:.2f}M params{frozen} from {self.model_source}; vocab "
                       f"{cfg.vocab_size}, dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads "
                       f"({cfg.n_kv_heads} kv), dropout {cfg.dropout}")
+        decay = f", decay over the last {a.decay_fraction:.0%} of the steps" if a.lr_schedule == "wsd" else ""
+        self.log.info(f"optimizer: {self.optimizer.describe()}; {a.lr_schedule} schedule, "
+                      f"warmup {a.warmup_iters}{decay}")
         self.log.info(f"data: {a.data_path}: {len(self.train_set):,} samples x {a.max_seq_len} tokens; "
                       f"{self.step_samples} samples (<= {tokens_per_step:,} tokens) per step; "
                       f"{self.steps_per_epoch:,} steps/epoch; training to step {self.total_steps:,}")
@@ -489,9 +475,8 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 batch = next(steps)
-                lr = lr_at(self.step, a.learning_rate, a.warmup_iters, self.total_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                lrs = self.optimizer.set_lr(partial(lr_at, self.step, warmup=a.warmup_iters, total=self.total_steps,
+                                                    schedule=a.lr_schedule, decay_fraction=a.decay_fraction))
                 torch.manual_seed(step_seed(a.seed, d.rank, self.step))
                 means = train_step(self.forward_model, self.optimizer, self.scaler, batch.batches, device=d.device,
                                    autocast=self.autocast, grad_clip=a.grad_clip, world_size=d.world_size,
@@ -505,7 +490,7 @@ class Trainer:
                 stop = self.stop.agreed(d)
                 end = self.step == self.total_steps
                 if self.step % a.log_interval == 0 or end or stop:
-                    self._log_progress(lr, bar)
+                    self._log_progress(lrs, bar)
                 if (a.eval_interval and self.step % a.eval_interval == 0 or end) and not stop:  # after progress
                     self._evaluate()
                 if self.step % a.save_interval == 0 or end or stop:
@@ -555,7 +540,8 @@ class Trainer:
             self.log.info(f"note: other processes keep {busy:.1f} of {os.cpu_count()} CPUs busy: "
                           f"{threads} threads per process can be several times slower than --num_threads 1")
 
-    def _log_progress(self, lr: float, bar: tqdm) -> None:
+    def _log_progress(self, lrs: dict[str, float], bar: tqdm) -> None:
+        """lrs: each optimizer's learning rate (optim.Optimizers.set_lr); AdamW's is shown as lr, Muon's as muon lr."""
         self._check_finite()
         if self.cpu_share is not None:
             self._note_cpu_contention()
@@ -573,10 +559,12 @@ class Trainer:
         mfu = tok_s * self.flops_per_token / (self.peak * d.world_size) if self.peak else None
         mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
         shown = " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in means.items())
-        bar.set_postfix_str(f"{shown} lr {lr:.2e} {tok_s:,.0f} tok/s mfu {mfu_text}", refresh=False)
-        self.log.info(f"step {self.step}/{self.total_steps} | {shown} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+        lr_values = {"lr": lrs["adamw"], **({"muon_lr": lrs["muon"]} if "muon" in lrs else {})}
+        lr_text = " | ".join(f"{k.replace('_', ' ')} {v:.2e}" for k, v in lr_values.items())
+        bar.set_postfix_str(f"{shown} {lr_text.replace(' |', '')} {tok_s:,.0f} tok/s mfu {mfu_text}", refresh=False)
+        self.log.info(f"step {self.step}/{self.total_steps} | {shown} | {lr_text} | {tok_s:,.0f} tok/s | "
                       f"mfu {mfu_text} | {1000 * seconds / len(steps):.0f} ms/step")
-        self.log.metrics(self.step, {**means, "lr": lr, "tok_per_s": tok_s, "mfu": mfu,
+        self.log.metrics(self.step, {**means, **lr_values, "tok_per_s": tok_s, "mfu": mfu,
                                      "epoch": self.position["epoch"]})
         self.window = Window()
 
