@@ -135,7 +135,7 @@ def score(rewards: list[Reward], completions: list[str], prompts: list[Any], col
     values, or a value that is not a finite number, fails with one line naming it and the row."""
     out = torch.empty(len(completions), len(rewards))
     for j, r in enumerate(rewards):
-        where = f"the batch of rows {rows[0]} .. {rows[-1]}" if len(set(rows)) > 1 else f"row {rows[0]}"
+        where = _rows_text(rows)
         try:
             values = r.fn(completions=completions, prompts=prompts, **columns)
         except Exception as e:  # the user's code: one line naming it, not a traceback through ours
@@ -151,6 +151,15 @@ def score(rewards: list[Reward], completions: list[str], prompts: list[Any], col
         for i, v in enumerate(values):
             out[i, j] = _checked(v, r.name, rows[i])
     return out
+
+
+def _rows_text(rows: list[str]) -> str:
+    """'d.jsonl:3' rows as 'rows d.jsonl:3, 7, 12' (each once, in order)."""
+    unique = list(dict.fromkeys(rows))
+    path = unique[0].rpartition(":")[0]
+    if len(unique) == 1 or any(r.rpartition(":")[0] != path for r in unique):
+        return ("row " if len(unique) == 1 else "rows ") + ", ".join(unique)
+    return f"rows {path}:" + ", ".join(r.rpartition(":")[2] for r in unique)
 
 
 def _checked(value: Any, name: str, row: str) -> float:

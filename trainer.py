@@ -491,7 +491,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=None if d.is_main else True, unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         try:
-            if self.step == 0 and self.task.eval_at_start:
+            if self.step == 0 and self.task.eval_at_start and self.val_set is not None:
                 self._evaluate()
             while self.step < self.total_steps:
                 batch = next(steps)

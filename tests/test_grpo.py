@@ -112,9 +112,8 @@ def skip_all(completions, **kw):
 
 
 @pytest.mark.parametrize("function,message", [
-    ("short", "reward {f}:short returned 1 value(s) for 2 completions (scoring the batch of rows d.jsonl:1 .. "
-              "d.jsonl:2)"),
-    ("raises", "reward {f}:raises raised ZeroDivisionError: float division by zero (scoring the batch of rows"),
+    ("short", "reward {f}:short returned 1 value(s) for 2 completions (scoring rows d.jsonl:1, 2)"),
+    ("raises", "reward {f}:raises raised ZeroDivisionError: float division by zero (scoring rows d.jsonl:1, 2)"),
     ("nan_on_second", "reward {f}:nan_on_second returned nan for row d.jsonl:2: rewards must be finite"),
 ])
 def test_bad_reward_values_name_the_function_and_row(tmp_path, function, message):
@@ -247,12 +246,12 @@ def test_resumed_run_samples_and_trains_like_an_uninterrupted_one(grpo_setup, tm
 
 def test_a_bad_reward_stops_the_first_rollout_with_one_line_and_keeps_the_checkpoint(grpo_setup, tmp_path):
     out = tmp_path / "run"
-    args = grpo_args(grpo_setup, "--out_dir", str(out), "--batch_size", "4", "--eval_interval", "0")
+    args = grpo_args(grpo_setup, "--out_dir", str(out), "--batch_size", "4", "--val_data_path", "")
     ddp_grpo.main(args + ["--max_steps", "1"])
     saved = (out / "ckpt.pt").read_bytes()
     bad = tmp_path / "bad.py"
     bad.write_text(BAD_REWARDS)
-    for function, said in (("short", "returned 3 value(s) for 4 completions"), ("raises", "raised ZeroDivisionError"),
+    for function, said in (("short", "returned 15 value(s) for 16 completions"), ("raises", "raised ZeroDivisionError"),
                            ("nan_on_second", "returned nan for row")):
         run = run_script("ddp_grpo.py", args + ["--overwrite", "--max_steps", "2", "--reward", f"{bad}:{function}",
                                                 "--reward_weights", "1", "1", "1"])
