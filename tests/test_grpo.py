@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -98,6 +99,7 @@ def test_answer_format_wants_an_answer_a_verifier_can_read():
 
 BAD_REWARDS = '''
 import math
+import re
 def short(completions, **kw):
     return [1.0] * (len(completions) - 1)
 def raises(completions, answer, **kw):
@@ -272,3 +274,27 @@ def test_prompts_longer_than_the_context_are_counted_and_skipped(grpo_setup, tmp
     ddp_grpo.main(grpo_args(grpo_setup, "--data_path", str(data), "--out_dir", str(tmp_path / "run"),
                             "--batch_size", "4", "--max_steps", "1", "--val_data_path", ""))
     assert f"{data}: skipped 2 prompt(s) longer than 56 tokens" in capsys.readouterr().err
+
+
+def test_arithmetic_task_holds_out_its_test_problems_and_its_answers_verify(tmp_path):
+    import data_process
+
+    files = data_process.build_arith(str(tmp_path), sft_size=300, rl_size=200, test_size=100)
+    sft, rl, test = ([json.loads(line) for line in Path(f).read_text(encoding="utf-8").splitlines()] for f in files)
+    assert (len(sft), len(rl), len(test)) == (300, 200, 100)
+
+    def problem(prompt: str) -> tuple:
+        a, b = (int(n) for n in re.findall(r"\d+", prompt))
+        op = "+" if any(w in prompt for w in ("加", "又")) else "-"
+        return (op, *sorted((a, b))) if op == "+" else (op, a, b)
+
+    held_out = {problem(r["prompt"]) for r in test}
+    seen = {problem(c["conversations"][0]["content"]) for c in sft} | {problem(r["prompt"]) for r in rl}
+    assert not held_out & seen and len(held_out) == 100
+    for r in test + rl:
+        op, a, b = problem(r["prompt"])
+        assert int(r["answer"]) == (a + b if op == "+" else a - b) >= 0
+        assert 10 <= min(a, b) and max(a, b) <= 999
+    replies = [c["conversations"][1]["content"] for c in sft]
+    answers = [str(eval(reply.split("=")[0])) for reply in replies]  # the reply's own working, evaluated
+    assert rewards.exact_answer(replies, answer=answers) == [1.0] * 300
