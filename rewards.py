@@ -11,7 +11,8 @@ mean, and counts as 0 in the weighted sum), as when a reward applies to some tas
 
 `--reward FILE.py:FUNCTION` names one; this file's own are `rewards.py:exact_answer` (the final answer equals
 the record's `answer`, checked by math-verify, which reads numbers and LaTeX in their many forms) and
-`rewards.py:answer_format` (the answer is stated in a form a verifier reads without guessing).
+`rewards.py:answer_format` (the answer is stated in a form a verifier reads without guessing) and
+`rewards.py:numeric_closeness` (partial credit: how near the final number is to `answer`).
 """
 from __future__ import annotations
 
@@ -52,6 +53,30 @@ def exact_answer(completions: list[str], answer: list[Any], **_: Any) -> list[fl
             continue
         scores.append(float(verify(gold, parse(completion))))
     return scores
+
+
+def numeric_closeness(completions: list[str], answer: list[Any], **_: Any) -> list[float | None]:
+    """Partial credit for numeric answers: max(0, 1 - |x - gold| / max(|gold|, 1)) for the completion's final
+    number x (0.0 without one), so a near miss scores more than a far one; None where `answer` is not a number."""
+    scores: list[float | None] = []
+    for completion, gold_text in zip(completions, answer):
+        gold, found = _number(_gold(gold_text)), _NUMBERS.findall(completion)
+        if gold is None:
+            scores.append(None)
+            continue
+        x = _number(found[-1]) if found else None
+        scores.append(0.0 if x is None else max(0.0, 1.0 - abs(x - gold) / max(abs(gold), 1.0)))
+    return scores
+
+
+_NUMBERS = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
 
 
 # the answer as the verifier reads it without guessing: in \boxed{...}, or after a final "=" ending the reply
