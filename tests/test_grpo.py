@@ -93,6 +93,12 @@ def test_exact_answer_reads_numbers_in_their_forms():
     assert rewards.exact_answer(["59"], answer=["not a number"]) == [None]
 
 
+def test_numeric_closeness_gives_near_misses_partial_credit():
+    got = rewards.numeric_closeness(["42+17=59", "=60", "=118", "none", "1,059"], answer=["59", "59", "59", "59", "1059"])
+    assert got == pytest.approx([1.0, 1 - 1 / 59, 0.0, 0.0, 1.0])
+    assert rewards.numeric_closeness(["1"], answer=["n/a"]) == [None]
+
+
 def test_answer_format_wants_an_answer_a_verifier_can_read():
     assert rewards.answer_format(["42+17=59", "\\boxed{3}", "59", "=59 apples", "42+17="]) == [1.0, 1.0, 0.0, 0.0, 0.0]
 
