@@ -152,7 +152,8 @@ class PromptDataset(Dataset):
             tqdm.write(f"warning: {path}: skipped {too_long:,} prompt(s) longer than {max_prompt_len} tokens "
                        f"(--max_seq_len minus --max_completion_length)", file=sys.stderr)
         if not self.items:
-            raise ValueError(f"{path}: no prompt fits in {max_prompt_len} tokens" if too_long else f"{path}: empty file")
+            raise ValueError(f"{path}: no prompt fits in {max_prompt_len} tokens" if too_long
+                             else f"{path}: empty file")
 
     def __len__(self) -> int:
         return len(self.items)

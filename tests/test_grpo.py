@@ -94,7 +94,8 @@ def test_exact_answer_reads_numbers_in_their_forms():
 
 
 def test_numeric_closeness_gives_near_misses_partial_credit():
-    got = rewards.numeric_closeness(["42+17=59", "=60", "=118", "none", "1,059"], answer=["59", "59", "59", "59", "1059"])
+    got = rewards.numeric_closeness(["42+17=59", "=60", "=118", "none", "1,059"],
+                                    answer=["59", "59", "59", "59", "1059"])
     assert got == pytest.approx([1.0, 1 - 1 / 59, 0.0, 0.0, 1.0])
     assert rewards.numeric_closeness(["1"], answer=["n/a"]) == [None]
 
@@ -160,7 +161,8 @@ def test_none_skips_a_function_and_weights_combine():
 
 
 def arith_prompts(path: Path, n: int, start: int = 0) -> str:
-    records = [{"prompt": f"{a}加{a % 7}等于多少?", "answer": str(a + a % 7)} for a in range(start + 10, start + 10 + n)]
+    records = [{"prompt": f"{a}加{a % 7}等于多少?", "answer": str(a + a % 7)}
+               for a in range(start + 10, start + 10 + n)]
     return str(write_jsonl(path, records))
 
 
@@ -239,7 +241,8 @@ def test_resumed_run_samples_and_trains_like_an_uninterrupted_one(grpo_setup, tm
     log = tmp_path / "cut.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, str(ROOT / "ddp_grpo.py"), *common, "--out_dir", str(cut)],
-                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 120
     while not (cut / "metrics.jsonl").exists() or len(read_metrics(cut)) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
