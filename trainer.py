@@ -106,7 +106,8 @@ class Task:
     builds_model = False  # True: the run makes a new model, so --preset and the shape flags exist
     # True when a sample can lack targets (an SFT answer cut off by --max_seq_len): checked at start-up
     may_lack_targets = False
-    metrics = ("loss",)  # the keys of loss_sums
+    metrics = ("loss",)  # the keys of loss_sums and prepare_step's extra metrics
+    eval_at_start = False  # True: a fresh run also evaluates the model it starts from, as step 0
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
         """Flags of this script only."""
@@ -132,6 +133,13 @@ class Task:
     def collate(self, items: list[Any]) -> Any:
         return collate_trimmed(items)
 
+    def prepare_step(self, model: torch.nn.Module, batches: list[Any], step: int
+                     ) -> tuple[list[Any], dict[str, torch.Tensor]]:
+        """This rank's micro-batches as the step trains on them, made with the model as it is before the step
+        (GRPO samples and scores completions here), and metrics of the step that loss_sums does not give
+        (the progress line shows their mean over ranks). Default: the batches as read, no metrics."""
+        return batches, {}
+
     def loss_units(self, batch: Any) -> torch.Tensor:
         """How many loss units a host-side batch holds (the normalization count), without a device sync."""
         return batch[2].sum()
@@ -152,6 +160,12 @@ class Task:
     def val_metrics(self, means: dict[str, float]) -> dict[str, float]:
         """What an evaluation reports, from the mean of each loss_sums entry over the validation samples."""
         return {"val_loss": means["loss"], "val_ppl": math.exp(min(means["loss"], 50.0))}
+
+    def validate(self, model: torch.nn.Module, dataset: Dataset, args: argparse.Namespace, d: DistInfo,
+                 autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
+        """An evaluation's metrics on the validation set (every rank calls it): by default val_metrics of the
+        loss_sums means over its first --eval_samples samples."""
+        return self.val_metrics(evaluate(model, dataset, args.batch_size, args.eval_samples, d, autocast, self))
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
@@ -473,18 +487,21 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=None if d.is_main else True, unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         try:
+            if self.step == 0 and self.task.eval_at_start and self.val_set is not None:
+                self._evaluate()
             while self.step < self.total_steps:
                 batch = next(steps)
                 lrs = self.optimizer.set_lr(partial(lr_at, self.step, warmup=a.warmup_iters, total=self.total_steps,
                                                     schedule=a.lr_schedule, decay_fraction=a.decay_fraction))
                 torch.manual_seed(step_seed(a.seed, d.rank, self.step))
-                means = train_step(self.forward_model, self.optimizer, self.scaler, batch.batches, device=d.device,
+                batches, extra = self.task.prepare_step(self.model, batch.batches, self.step)
+                means = train_step(self.forward_model, self.optimizer, self.scaler, batches, device=d.device,
                                    autocast=self.autocast, grad_clip=a.grad_clip, world_size=d.world_size,
                                    no_sync=no_sync, task=self.task)
                 self.step += 1
                 self.position = batch.position
-                self.window.means.append(means)
-                self.window.tokens += sum(self.task.batch_tokens(b) for b in batch.batches)
+                self.window.means.append({**means, **extra})
+                self.window.tokens += sum(self.task.batch_tokens(b) for b in batches)
                 bar.update()
 
                 stop = self.stop.agreed(d)
@@ -573,9 +590,7 @@ class Trainer:
         start = time.perf_counter()
         values: dict[str, Any] = {}
         if self.val_set is not None:
-            means = evaluate(self.model, self.val_set, self.args.batch_size, self.args.eval_samples, self.d,
-                             self.autocast, self.task)
-            values = self.task.val_metrics(means)
+            values = self.task.validate(self.model, self.val_set, self.args, self.d, self.autocast)
             self.log.info(f"eval step {self.step} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}"
                                                                    for k, v in values.items()))
         if self.d.is_main and self.args.sample_tokens and self.args.sample_prompt:
