@@ -79,8 +79,7 @@ def kmodel_lm(model: Transformer, tokenizer: Any, batch_size: int = 32) -> Any:
             return torch.cat([context, new], dim=1)
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about a passed-in model are expected
-    return KModelLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                    max_length=model.config.max_seq_len, logits_cache=False)
+    return KModelLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=model.config.max_seq_len)
 
 
 # -- tasks ---------------------------------------------------------------------------------------------------
@@ -125,21 +124,19 @@ def check_tasks(manager: Any, names: list[str]) -> None:
         raise EvalError(f"unknown task {unknown[0]!r} (offline tasks: {', '.join(OFFLINE_TASKS)}; "
                         "`lm-eval ls tasks` lists lm-eval's)")
     for name in names:
-        for config in _task_configs(manager, name):
-            for path in _local_data_files(config):
+        for entry in _entries(manager, name):
+            for path in _local_data_files(entry.cfg or {}):
                 _check_jsonl(name, path)
 
 
-def _task_configs(manager: Any, name: str) -> list[dict[str, Any]]:
-    """The YAML configs of a task, or of the tasks of a tag (lm-eval's own index)."""
+def _entries(manager: Any, name: str) -> list[Any]:
+    """lm-eval's index entry of a task or group, or the entries of a tag's tasks."""
     from lm_eval.tasks._index import Kind
 
     entry = manager.task_index[name]
-    if entry.kind == Kind.TASK:
-        return [entry.cfg]
     if entry.kind == Kind.TAG:
-        return [e.cfg for e in manager.task_index.values() if e.kind == Kind.TASK and name in e.tags]
-    return []  # a group or a Python task: lm-eval loads their data and names what fails
+        return [e for e in manager.task_index.values() if e.kind == Kind.TASK and name in e.tags]
+    return [entry]
 
 
 def _local_data_files(config: dict[str, Any]) -> list[str]:
@@ -204,12 +201,15 @@ def flat_metrics(results: dict[str, Any], prefix: str = "eval") -> dict[str, flo
 
 
 def task_names(tasks: str, include_path: list[str] | None = None) -> list[str]:
-    """The names in a comma-separated --tasks / --eval_tasks value, each checked (check_tasks)."""
+    """The names in a comma-separated --tasks / --eval_tasks value, each checked (check_tasks); a tag
+    (kmodel_offline) stands for its tasks."""
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise EvalError(f"no task names in {tasks!r}")
-    check_tasks(task_manager(tuple(names), tuple(include_path or ())), names)
-    return names
+    manager = task_manager(tuple(names), tuple(include_path or ()))
+    check_tasks(manager, names)
+    expanded = [e.name for n in names for e in _entries(manager, n)]
+    return list(dict.fromkeys(expanded))
 
 
 def in_training(model: torch.nn.Module, tokenizer: Any, tasks: str, limit: int | None, chat: bool,
@@ -264,46 +264,46 @@ def _log_span(log: Path) -> float | None:
 
 
 def main_metric(results: dict[str, Any], task: str) -> tuple[str, float] | None:
-    """The task's first metric (the YAML's metric_list order) with its value."""
-    metrics = results["results"].get(task, {})
-    for key, value in metrics.items():
-        if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
-            return key.split(",")[0], float(value)
-    return None
+    """The first metric of the task's YAML metric_list and its value (no filter), from simple_evaluate's
+    output; None when the task did not report it."""
+    metric_list = results["configs"].get(task, {}).get("metric_list") or [{}]
+    metric = metric_list[0].get("metric")
+    value = results["results"].get(task, {}).get(f"{metric},none")
+    return (metric, float(value)) if isinstance(value, (int, float)) else None
 
 
 def write_report(root: Path, tasks: list[str], manager: Any, args: argparse.Namespace) -> Path:
-    """root/report.md: one row per stage found under root, one column per task, with model size, tokens
-    trained and wall time; the raw lm-eval results go to root/report.json."""
+    """root/report.md: one row per stage found under root, one column per task (its first metric), with
+    model size, tokens trained and wall time; each task's lm-eval results and seconds go to root/report.json."""
     stages = stage_dirs(root)
     if not stages:
         raise EvalError(f"--report {root}: no run directory with a model (ckpt.pt, hf/ or adapter) in it")
-    rows, raw = [], {}
+    rows = {}
     for run_dir in stages:
         model, tokenizer, info = open_model(str(run_dir), args.tokenizer_path, args.device, args.dtype)
         chat = run_dir.name not in NO_CHAT_STAGES
         results, seconds = task_times(kmodel_lm(model, tokenizer, args.batch_size), manager, tasks,
                                       num_fewshot=args.num_fewshot, limit=args.limit, apply_chat_template=chat)
-        raw[run_dir.name] = {"source": info["source"], "chat_template": chat, "seconds": seconds,
-                             "results": results["results"]}
-        rows.append((run_dir.name, model.num_params(), training_facts(info, run_dir), chat, results, seconds))
+        rows[run_dir.name] = {"source": info["source"], "params": model.num_params(), "chat_template": chat,
+                              **training_facts(info, run_dir), "seconds": seconds,
+                              "main": {t: main_metric(results, t) for t in tasks}, "results": results["results"]}
         print(f"{run_dir.name}: " + ", ".join(f"{t} {seconds[t]:.1f} s" for t in tasks), flush=True)
-    names = {t: (main_metric(rows[0][4], t) or ("?", 0))[0] for t in tasks}
+    first = next(iter(rows.values()))["main"]
+    metric = {t: first[t][0] if first[t] else "-" for t in tasks}
     lines = ["| stage | params | tokens trained | train time | chat template | "
-             + " | ".join(f"{t} ({names[t]})" for t in tasks) + " |",
-             "|---" * (5 + len(tasks)) + "|"]
-    for name, params, facts, chat, results, _ in rows:
-        cells = [name, f"{params / 1e6:.2f}M", f"{facts['tokens'] / 1e6:.2f}M" if facts["tokens"] else "-",
-                 f"{facts['wall_s']:.0f} s" if facts["wall_s"] is not None else "-", "yes" if chat else "no"]
-        cells += [f"{m[1]:.4f}" if (m := main_metric(results, t)) else "-" for t in tasks]
+             + " | ".join(f"{t} {metric[t]}" for t in tasks) + " |", "|---" * (5 + len(tasks)) + "|"]
+    for name, row in rows.items():
+        cells = [name, f"{row['params'] / 1e6:.2f}M", f"{row['tokens'] / 1e6:.2f}M" if row["tokens"] else "-",
+                 f"{row['wall_s']:.0f} s" if row["wall_s"] is not None else "-", "yes" if row["chat_template"] else "no"]
+        cells += [f"{row['main'][t][1]:.4f}" if row["main"][t] else "-" for t in tasks]
         lines.append("| " + " | ".join(cells) + " |")
-    limit = f", --limit {args.limit:g}" if args.limit else ""
-    lines += ["", f"lm-eval {_lm_eval_version()}, {args.num_fewshot or 0}-shot{limit}; seconds per task: "
-              + "; ".join(f"{name}: " + ", ".join(f"{t} {s:.1f}" for t, s in r[5].items()) for name, *_, r in
-                          [(row[0], row[5]) for row in rows])]
+    limit = f", the first {args.limit:g} documents per task" if args.limit else ""
+    lines += ["", f"lm-eval {_lm_eval_version()}, {args.num_fewshot or 0}-shot{limit}. Seconds per task: "
+              + "; ".join(f"{name} " + ", ".join(f"{t} {sec:.1f}" for t, sec in row["seconds"].items())
+                          for name, row in rows.items()) + "."]
     report = root / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (root / "report.json").write_text(json.dumps(raw, indent=2, ensure_ascii=False, default=str) + "\n",
+    (root / "report.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False, default=str) + "\n",
                                       encoding="utf-8")
     return report
 
