@@ -45,9 +45,9 @@ def open_model(path: str, tokenizer_path: str | None = None, device: str = "auto
                dtype: str = "auto") -> tuple[Transformer, Any, dict[str, Any]]:
     """(model in eval mode on device/dtype, its tokenizer, provenance) for any model source. The one place
     that opens a model here."""
+    model, info = load_model(path, device="cpu")  # first: a path that holds no model is named as such
     tok_dir = tokenizer_dir_for(path, tokenizer_path)
     tokenizer = load_tokenizer(tok_dir)
-    model, info = load_model(path, device="cpu")
     if model.config.vocab_size > len(tokenizer) and not tokenizer.chat_template:
         tokenizer = with_chat_template(tokenizer)  # an SFT model of a base model whose tokenizer had no template
     check_model_tokenizer(SourcedModel(model, info["source"], info["tokenizer_fingerprint"]), tokenizer, tok_dir)
