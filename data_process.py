@@ -25,6 +25,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import re
 import sys
 import tarfile
 import unicodedata
@@ -192,14 +193,17 @@ def sentiment_conversation(review: str, label: str, max_chars: int) -> dict:
 
 
 def record_chars(record: dict) -> int:
-    """Characters of a {"text"} record's text, an SFT record's message contents, an RL prompt or a preference
-    pair's prompt and replies."""
+    """Characters of a {"text"} record's text, an SFT record's message contents, an RL prompt, a preference
+    pair's prompt and replies or an evaluation task document's text fields."""
     if "text" in record:
         return len(record["text"])
     if "conversations" in record:
         return sum(len(m["content"]) for m in record["conversations"])
     if isinstance(record["prompt"], str):
         return len(record["prompt"])
+    if "chosen" not in record:  # an evaluation task document: its text fields
+        return sum(len(v) if isinstance(v, str) else sum(map(len, v)) for v in record.values()
+                   if isinstance(v, (str, list)))
     return sum(len(m["content"]) for m in record["prompt"]) + len(record["chosen"]) + len(record["rejected"])
 
 
@@ -290,6 +294,57 @@ def build_embedded(out_dir: str = "out/data", test_size: int = 1000, val_size: i
         "sft_train.jsonl": sft_train,
         "sft_val.jsonl": sft_val,
         "sft_test.jsonl": sft_test,
+    }
+    return {name: write_jsonl(os.path.join(out_dir, name), recs) for name, recs in files.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Offline evaluation tasks (eval_tasks/*.yaml, run by eval_model.py through lm-evaluation-harness), built from
+# the held-out splits above so that no training file contains them.
+
+EVAL_DIR = "out/data/eval"  # where eval_tasks/*.yaml read their data (relative to the working directory)
+_SENTENCE = re.compile(r"[^。！？!?\n]+[。！？!?]")
+CLOZE_CONTEXT_CHARS = 60  # a cloze context is the end of one sentence ...
+CLOZE_ENDING_CHARS = 24  # ... and the choices are this many characters of the next one or of other articles'
+
+
+def sentiment_task_docs(test_path: str) -> Iterator[dict]:
+    """sft_test.jsonl as task documents: the user message, its label and the label's index in LABELS."""
+    choices = list(LABELS.values())
+    for _, _, record in JsonlRecords(test_path, "conversations"):
+        label = record.get("label")
+        if label not in choices:
+            raise ValueError(f"{test_path}: a record's \"label\" is {label!r}, not one of {choices}")
+        yield {"prompt": record["conversations"][0]["content"], "label": label, "gold": choices.index(label)}
+
+
+def cloze_task_docs(articles: list[str], per_article: int, choices: int, rng: random.Random) -> list[dict]:
+    """HellaSwag-style items from held-out articles: the context is one sentence, the choices the opening of
+    the next sentence and of sentences of other articles, all cut to the same length (so acc and acc_norm
+    compare endings of equal size)."""
+    sentences = [[s for s in _SENTENCE.findall(a) if len(s) >= CLOZE_ENDING_CHARS] for a in articles]
+    docs = []
+    for i, own in enumerate(sentences):
+        others = [s for j, ss in enumerate(sentences) if j != i for s in ss]
+        for k in range(min(per_article, len(own) - 1)):
+            endings = [own[k + 1]] + rng.sample(others, choices - 1)
+            endings = [e[:CLOZE_ENDING_CHARS] for e in endings]
+            order = list(range(choices))
+            rng.shuffle(order)
+            docs.append({"context": own[k][-CLOZE_CONTEXT_CHARS:], "endings": [endings[j] for j in order],
+                         "gold": order.index(0)})
+    return docs
+
+
+def build_eval_tasks(data_dir: str = "out/data", out_dir: str = EVAL_DIR, cloze_per_article: int = 3,
+                     cloze_choices: int = 4, seed: int = 1234) -> dict[str, tuple[int, int]]:
+    """The JSONL files of eval_tasks/*.yaml from sft_test.jsonl (held-out reviews) and pretrain_val.jsonl
+    (held-out People's Daily articles); return {file: (records, chars)}."""
+    articles = [r["text"] for _, _, r in JsonlRecords(os.path.join(data_dir, "pretrain_val.jsonl"), "text")]
+    files = {
+        "sentiment.jsonl": sentiment_task_docs(os.path.join(data_dir, "sft_test.jsonl")),
+        "news_cloze.jsonl": cloze_task_docs(articles, cloze_per_article, cloze_choices, random.Random(seed)),
+        "news.jsonl": ({"text": a} for a in articles),
     }
     return {name: write_jsonl(os.path.join(out_dir, name), recs) for name, recs in files.items()}
 
@@ -635,6 +690,13 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--test_size", type=int, default=500, help="held-out problems in arith_test.jsonl")
     a.add_argument("--seed", type=int, default=1234)
 
+    v = sub.add_parser("eval_tasks", help="eval_model.py's offline tasks (eval_tasks/*.yaml) -> out/data/eval/*.jsonl, "
+                       "from the held-out sft_test.jsonl and pretrain_val.jsonl")
+    v.add_argument("--data_dir", default="out/data", help="where `embedded` wrote sft_test.jsonl, pretrain_val.jsonl")
+    v.add_argument("--out_dir", default=EVAL_DIR, help="the tasks' data_files point here")
+    v.add_argument("--cloze_per_article", type=int, default=3, help="news_cloze items per held-out article")
+    v.add_argument("--seed", type=int, default=1234, help="distractors and choice order of news_cloze")
+
     t = sub.add_parser("pretokenize", help='{"text"} JSONL -> .bin token file + .json sidecar')
     t.add_argument("--input", nargs="+", default=None, help="JSONL files (default: out/data/pretrain*.jsonl)")
     t.add_argument("--tokenizer", default="out/tokenizer")
@@ -681,6 +743,8 @@ def run_command(args: argparse.Namespace) -> None:
                 print(f"{path}: {st['too_long']:,} prompts left out: with the labelled reply they overflow the "
                       "model's context")
         print("a sentiment reply fails when it is not the label, a dialogue reply when it repeats a token 3-gram")
+    elif args.command == "eval_tasks":
+        print_sizes(build_eval_tasks(args.data_dir, args.out_dir, args.cloze_per_article, seed=args.seed))
     elif args.command == "pretokenize":
         inputs = args.input or sorted(glob.glob("out/data/pretrain*.jsonl"))
         if not inputs:

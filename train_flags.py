@@ -35,7 +35,7 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
     optimizer="adamw", muon_learning_rate=0.02, lr_schedule="cosine", decay_fraction=0.2,
     seed=1337, device="auto", dtype="auto", num_threads=0, num_workers=0, compile=False, log_interval=10,
     eval_interval=200, eval_samples=512, save_interval=200, sample_tokens=32, resume=False, overwrite=False,
-    peak_tflops=0.0, use_swanlab=False, swanlab_project="k-model", swanlab_mode="offline",
+    peak_tflops=0.0, eval_tasks_limit=0, use_swanlab=False, swanlab_project="k-model", swanlab_mode="offline",
 )
 # flags that shape the network, the data order or the optimizer state: a resumed run must keep the values it was
 # trained with
@@ -46,7 +46,7 @@ PER_LAUNCH = ("resume", "overwrite", "device", "num_threads", "num_workers", "co
               "use_swanlab", "swanlab_project", "swanlab_mode")
 AT_LEAST_ONE = ("epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "eval_samples",
                 "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
-AT_LEAST_ZERO = ("max_steps", "warmup_iters", "eval_interval", "num_threads", "num_workers", "weight_decay",
+AT_LEAST_ZERO = ("eval_tasks_limit", "max_steps", "warmup_iters", "eval_interval", "num_threads", "num_workers", "weight_decay",
                  "grad_clip", "peak_tflops", "sample_tokens")
 
 
@@ -100,6 +100,9 @@ def build_parser(task: Any) -> argparse.ArgumentParser:
     add(g, "sample_prompt", "prompt the model continues greedily at each evaluation, printed and logged "
                             "(repeatable)", action="append")
     add(g, "sample_tokens", "tokens of each evaluation sample; 0 = no samples", type=int)
+    add(g, "eval_tasks", "lm-eval tasks run at each evaluation on rank 0 (eval_model.py; e.g. news_cloze,sentiment_gen), "
+                         "logged as eval/<task>/<metric>")
+    add(g, "eval_tasks_limit", "documents per --eval_tasks task (the first ones); 0 = all", type=int)
     add(g, "resume", "continue exactly from out_dir/ckpt.pt, with its flags unless given again",
         action="store_true", default=None)
     add(g, "overwrite", "start a fresh run even though out_dir/ckpt.pt exists (it is replaced at the first save)",

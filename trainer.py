@@ -298,6 +298,10 @@ class Trainer:
         if state is not None:
             args, sources = resolve_args(given, task, state["args"])
         check_args(args)
+        if args.eval_tasks:  # an unknown task or bad task data stops the run now, not at its first evaluation
+            import eval_model  # lm-eval is imported only by runs that ask for its tasks
+
+            eval_model.task_names(args.eval_tasks)
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         torch.manual_seed(args.seed)
@@ -593,6 +597,12 @@ class Trainer:
             values = self.task.validate(self.model, self.val_set, self.args, self.d, self.autocast)
             self.log.info(f"eval step {self.step} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}"
                                                                    for k, v in values.items()))
+        if self.d.is_main and self.args.eval_tasks:
+            import eval_model
+
+            values.update(eval_model.in_training(self.model, self.tokenizer, self.args.eval_tasks,
+                                                 self.args.eval_tasks_limit or None, self.task.name != "pretrain",
+                                                 self.autocast, self.log.info))
         if self.d.is_main and self.args.sample_tokens and self.args.sample_prompt:
             values["samples"] = self._samples()
         if values:
