@@ -199,12 +199,13 @@ def record_chars(record: dict) -> int:
         return len(record["text"])
     if "conversations" in record:
         return sum(len(m["content"]) for m in record["conversations"])
-    if isinstance(record["prompt"], str):
+    if "chosen" in record:
+        return sum(len(m["content"]) for m in record["prompt"]) + len(record["chosen"]) + len(record["rejected"])
+    if isinstance(record.get("prompt"), str):
         return len(record["prompt"])
-    if "chosen" not in record:  # an evaluation task document: its text fields
-        return sum(len(v) if isinstance(v, str) else sum(map(len, v)) for v in record.values()
-                   if isinstance(v, (str, list)))
-    return sum(len(m["content"]) for m in record["prompt"]) + len(record["chosen"]) + len(record["rejected"])
+    # an evaluation task document: its text fields
+    fields = [v for v in record.values() if isinstance(v, (str, list))]
+    return sum(len(v) if isinstance(v, str) else sum(map(len, v)) for v in fields)
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> tuple[int, int]:
