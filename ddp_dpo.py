@@ -121,6 +121,7 @@ class DPO(SFT):
         out_dir="out/dpo",
         batch_size=8,  # pairs: 16 rows per forward
         learning_rate=1e-4,
+        muon_learning_rate=2e-3,
         warmup_iters=10,
         save_interval=200,
         eval_interval=100,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every stage of the pipeline on the embedded offline corpus (People's Daily 1998, labelled reviews, Q/A
 # dialogues shipped in PyPI packages), each by its own script with its real flags:
-#   data -> tokenizer -> pretokenize -> pretrain -> SFT -> samples -> evaluation -> loss curves
+#   data -> tokenizer -> pretokenize -> pretrain -> SFT -> samples -> evaluation (+ lm-eval report card) -> curves
 #
 #   bash demo.sh            # full demo: about 15 minutes on a 2-core CPU, no network
 #   bash demo.sh --tiny     # (or DEMO_SCALE=tiny) the same stages at toy sizes, about a minute (CI)
@@ -29,6 +29,7 @@ if [[ "$SCALE" == tiny ]]; then
        --log_interval 10 --eval_interval 0 --eval_samples 32)
   SAMPLES=(--max_new_tokens 24)
   EVAL=(--eval_limit 200)
+  LMEVAL=(--limit 50)
   CURVES=out/curves.png
 elif [[ "$SCALE" == full ]]; then
   # reviews cut to 96 characters keep review + question inside the demo model's 128-token context;
@@ -41,6 +42,7 @@ elif [[ "$SCALE" == full ]]; then
        --eval_samples 216 --save_interval 500)
   SAMPLES=(--max_new_tokens 60)
   EVAL=()
+  LMEVAL=(--limit 300)  # 300 documents per task keep the report card near a minute on 2 CPU cores
   CURVES="$ROOT/docs/demo_curves.png"  # the picture in README
 else
   echo "DEMO_SCALE must be tiny or full, got '$SCALE'" >&2
@@ -63,6 +65,7 @@ stage() {  # stage NAME COMMAND...: print the command, run it, record its wall t
 START=$EPOCHREALTIME
 echo "demo ($SCALE) in $(pwd)/out on $(nproc) CPU core(s)"
 stage data        python "$ROOT/data_process.py" embedded "${DATA[@]}"
+stage eval_tasks  python "$ROOT/data_process.py" eval_tasks
 stage tokenizer   python "$ROOT/train_tokenizer.py" "${TOKENIZER[@]}"
 stage pretokenize python "$ROOT/data_process.py" pretokenize
 stage pretrain    python "$ROOT/ddp_pretrain.py" --overwrite "${PRETRAIN[@]}"
@@ -71,6 +74,7 @@ stage samples     python "$ROOT/model_sample.py" --mode pretrain --prompt "ä¸­å›
                     "${SAMPLES[@]}"
 stage chat        python "$ROOT/model_sample.py" --temperature 0 "${SAMPLES[@]}"
 stage eval        python "$ROOT/model_sample.py" --eval --eval_out out/eval.json "${EVAL[@]}"
+stage lm-eval     python "$ROOT/eval_model.py" --report out --tasks kmodel_offline "${LMEVAL[@]}"
 stage curves      python "$ROOT/plot_runs.py" out/pretrain out/sft --out "$CURVES"
 
 echo

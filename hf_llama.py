@@ -15,7 +15,7 @@ import os
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
-from k_model import ModelConfig, Transformer, rope_tables
+from k_model import ModelConfig, Transformer
 
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -123,10 +123,7 @@ def from_hf_llama(hf: LlamaForCausalLM) -> Transformer:
     weight = theirs["model.embed_tokens.weight"]
     model = Transformer(cfg).to(dtype=weight.dtype, device=weight.device)
     model.load_state_dict(sd, strict=True)
-    # the weights keep the checkpoint's dtype, the rotary tables stay float32 (as HF keeps inv_freq): rounded
-    # to bf16 they would stay rounded when training upcasts the model to float32 master weights
-    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-    return model.to(weight.device)
+    return model  # in the checkpoint's dtype; the rotary tables stay float32 (Transformer._apply)
 
 
 def save_quietly(model: PreTrainedModel, out_dir: str | os.PathLike) -> None:

@@ -306,6 +306,16 @@ class Transformer(PreTrainedModel):
                 self.rope_cos.copy_(cos)
                 self.rope_sin.copy_(sin)
 
+    def _apply(self, fn, recurse=True):
+        """Every move and cast (.to, .float, .bfloat16, ...) goes through here. The rotary tables stay float32,
+        as HF keeps its inv_freq: rounded to bf16 (error ~2e-3) they would stay rounded when training upcasts
+        to float32 master weights. Where attention uses them it casts them to the activations' dtype."""
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
+
     # transformers' and peft's way to find the embedding and output matrices (resizing, tying, LoRA)
     def get_input_embeddings(self) -> nn.Embedding:
         return self.tok_embeddings

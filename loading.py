@@ -149,14 +149,9 @@ def open_model(path: str | os.PathLike, tokenizer_path: str | None = None, devic
     with our chat template added when the model has the rows for it; a vocabulary that differs from the
     model's raises ValueError naming both. own_tokenizer=False skips it: a caller that brings its own (a
     training run, whose tokenizer may extend the model's: initial_model)."""
-    tokenizer = None
-    if own_tokenizer:  # read first: a missing tokenizer is named before any weights are read
-        tokenizer_dir = tokenizer_dir_for(path, tokenizer_path)
-        tokenizer = load_tokenizer(tokenizer_dir)
-    kind, found = model_kind(Path(path))
+    kind, found = model_kind(Path(path))  # first: a path that holds no model is named as such
     model, origin = OPENERS[kind](found)
-    if own_tokenizer:
-        tokenizer = _paired_tokenizer(model, origin, tokenizer, tokenizer_dir)
+    tokenizer = _own_tokenizer(model, origin, tokenizer_dir_for(path, tokenizer_path)) if own_tokenizer else None
     return OpenedModel(model.to(device).eval(), tokenizer, origin)
 
 
@@ -214,9 +209,10 @@ def _directory_origin(path: Path, kind: str, model: Transformer) -> ModelOrigin:
                        tokenizer_fingerprint=fingerprint)
 
 
-def _paired_tokenizer(model: Transformer, origin: ModelOrigin, tokenizer: Any, tokenizer_dir: str) -> Any:
+def _own_tokenizer(model: Transformer, origin: ModelOrigin, tokenizer_dir: str) -> Any:
     """The model's tokenizer, checked against it: with our chat template added when the model has rows for
     tokens the tokenizer lacks and the tokenizer has no template (SFT of a base model adds them)."""
+    tokenizer = load_tokenizer(tokenizer_dir)
     if model.config.vocab_size > len(tokenizer) and not tokenizer.chat_template:
         tokenizer = with_chat_template(tokenizer)
     check_model_tokenizer(SourcedModel(model, origin["source"], origin["tokenizer_fingerprint"]), tokenizer,

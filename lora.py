@@ -22,8 +22,12 @@ tokenizer), whose base_model_name_or_path is the HF directory it applies to: --i
 an HF model directory training did not change, else out_dir/base/, written then; and out_dir/hf/, the merged
 LlamaForCausalLM.
 
+Dtypes. The adapters and their AdamW moments are float32 whatever the base stores. A base stored in bf16 or
+fp16 stays so, frozen, when training computes in 16 bits (--dtype bfloat16 / float16, or auto where that is
+what it picks): float32 copies would double its memory. Float32 compute upcasts it (trainer.Trainer).
+
 --load_in_4bit (QLoRA): the targeted projections' frozen weights are kept in 4-bit NF4 by bitsandbytes and
-dequantized on the fly; adapters, norms and embeddings stay float32. The merged export adds the adapters to the
+dequantized on the fly; the other frozen weights as above. The merged export adds the adapters to the
 dequantized weights (what training saw, up to the rounding of bitsandbytes' kernels). The adapter applies to
 the base it names: a written base/ holds the dequantized weights too, while an --init_from HF directory holds
 the original ones, on which (as with any QLoRA adapter) logits differ from training's by the quantization error.
@@ -42,6 +46,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model
 from peft import set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import cast_adapter_dtype
 
 from checkpoint import CKPT_NAME, rebuilt
 from hf_llama import LAYER_WEIGHTS, copy_token_ids, from_hf_llama, save_quietly, to_hf_llama
@@ -91,14 +96,18 @@ def spec_from_args(args: argparse.Namespace, base: str) -> dict[str, Any]:
 
 def attach(model: Transformer, spec: dict[str, Any]) -> Transformer:
     """Adds adapters (B = 0, so the function is unchanged) to the spec's target projections, in place, and
-    freezes every other weight; with load_in_4bit those projections are quantized first. The model keeps the
-    spec, with the digest of its base weights, as `lora_spec` (what a checkpoint stores)."""
+    freezes every other weight; with load_in_4bit those projections are quantized first. The adapters are
+    float32 whatever the base stores (peft creates them in the base's dtype: on a bf16 base the float32
+    adapters of a checkpoint were rounded when a run resumed). The model keeps the spec, with the digest of
+    its base weights, as `lora_spec` (what a checkpoint stores)."""
     model.lora_spec = {**spec, "base_digest": digest(model.state_dict())}
     if spec["load_in_4bit"]:
         quantize_4bit(model, spec["targets"])
     config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
                         target_modules=list(spec["targets"]))
-    return inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    cast_adapter_dtype(model, ADAPTER)  # bf16 / fp16 adapters -> float32, as get_peft_model does by default
+    return model
 
 
 def has_adapters(model: torch.nn.Module) -> bool:

@@ -10,12 +10,17 @@ Endpoints: GET / (chat page), GET /health, GET /v1/models, POST /v1/chat/complet
 The official `openai` client works unchanged: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
 
 The model is loaded by model_sample.TextGenerator (any ckpt.pt, run dir or HF export, its tokenizer) and
-decoded by one engine thread. Requests that arrive while others are generating join the running batch at
-the next token (continuous batching, up to --max_batch rows): each is prefilled alone, then its KV cache is
-laid next to the others', and every step decodes one token for every row. A row leaves as soon as it
-finishes or its client goes away, so a slow client never holds a fast one back. The step is compiled before
-the server starts (k_model.compile_decode; one graph for batch 1, one for larger batches) and reads packed
-copies of the weights (Transformer.packed_weights).
+decoded by one engine thread (generation_engine.Engine). Requests that arrive while others are generating
+join the running batch at the next token (continuous batching, up to --max_batch rows). A row leaves as soon
+as it finishes or its client goes away (streamed or not), so a slow client never holds a fast one back. The
+step is compiled before the server starts, for every batch size up to --max_batch (TextGenerator.
+compile_decode), and reads packed copies of the weights (Transformer.packed_weights).
+
+One client cannot cost the others more than its share (Limits): the API key is checked before the body is
+read, bodies, conversations and the waiting queue are capped (413, 400, 429 with Retry-After), tokenizing
+runs off the event loop, and whatever fails for one request ends that request alone. If the engine itself
+cannot go on, /health answers 503 and the process exits non-zero. SIGINT / SIGTERM give every running and
+waiting request a last event ("the server is shutting down", 503), then the process exits.
 """
 from __future__ import annotations
 
@@ -24,318 +29,29 @@ import asyncio
 import contextlib
 import hmac
 import json
-import logging
 import os
-import queue
 import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any, Literal, TypeVar
 
-import torch
+import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from k_model import KVCache, Transformer
+from generation_engine import Engine, EngineUnavailable, Event, Job, QueueFull, Sampling
 from loading import DTYPES
 from model_sample import TextGenerator
-from sampling import sample
 
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
-log = logging.getLogger("serve")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A request as the engine sees it
-
-
-@dataclass
-class Sampling:
-    max_tokens: int  # already capped so that prompt + reply fit the context window
-    temperature: float  # 0 = greedy
-    top_p: float | None = None
-    top_k: int | None = None
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
-
-
-@dataclass
-class Event:
-    """What the engine tells a request: more text, and on the last event why it ended and how many tokens
-    were generated (the end-of-sequence token included)."""
-    text: str
-    finish_reason: str | None = None  # "stop" | "length" | "error"
-    completion_tokens: int = 0
-    error: str | None = None
-
-
-class Job:
-    """A request between the HTTP handler (on the event loop) and the engine thread, which sends it events
-    with call_soon_threadsafe. `cancelled` is set by the handler when its client goes away."""
-
-    def __init__(self, prompt: list[int], sampling: Sampling):
-        self.prompt = prompt
-        self.sampling = sampling
-        self.cancelled = False
-        self._loop = asyncio.get_running_loop()
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-
-    def emit(self, event: Event) -> None:
-        with contextlib.suppress(RuntimeError):  # the event loop is closed: the server is shutting down
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-
-    async def events(self) -> AsyncIterator[Event]:
-        while True:
-            event = await self._events.get()
-            yield event
-            if event.finish_reason:
-                return
-
-
-class TextStream:
-    """A row's tokens -> text deltas. Like TextGenerator's streaming it holds back an incomplete character
-    (a Chinese character spans several byte-level tokens); it also holds back a tail that may be the start
-    of a stop string, so a stop string never reaches the client, even split across tokens."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: list[str]):
-        self.decode = decode
-        self.stop = stop
-        self.tokens: list[int] = []
-        self.text = ""
-        self.sent = 0  # characters of self.text already handed out
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """Adds a token; returns (new text that is safe to send, whether a stop string was reached)."""
-        self.tokens.append(token)
-        self.text = self.decode(self.tokens)
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
-        if hits:
-            return self._release(min(hits)), True
-        if self.text.endswith("\ufffd"):
-            return "", False
-        return self._release(len(self.text) - self._stop_prefix_len()), False
-
-    def flush(self) -> str:
-        """Whatever is held back, once no token will follow."""
-        return self._release(len(self.text))
-
-    def _stop_prefix_len(self) -> int:
-        tail = self.text[self.sent :]
-        return max((k for s in self.stop for k in range(1, min(len(s), len(tail) + 1)) if tail.endswith(s[:k])),
-                   default=0)
-
-    def _release(self, end: int) -> str:
-        piece, self.sent = self.text[self.sent : end], end
-        return piece
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Batched decoding
-
-
-class DecodeBatch:
-    """The KV caches of the rows being decoded, laid side by side. Rows are right-aligned, so every row's
-    newest token sits in the same cache slot and one forward step serves them all; a shorter row's first
-    slots are padding, masked out. The layout is rebuilt only when rows join or leave."""
-
-    def __init__(self, model: Transformer):
-        self.model = model
-        self.caches: list[KVCache] = []
-        self.lengths: list[int] = []  # tokens cached per row
-        self.key_mask: torch.Tensor | None = None  # (B, max_seq_len): the cache slots each row attends to
-
-    @property
-    def width(self) -> int:
-        return max(self.lengths, default=0)
-
-    def prefill(self, prompt: list[int]) -> tuple[torch.Tensor, list[KVCache]]:
-        """One prompt alone (as model.generate runs it): its next-token logits (V,) and its caches."""
-        tokens = torch.tensor([prompt], device=self.model.device)
-        caches = self.model.new_caches(1, tokens.device)
-        logits, _, _ = self.model.prefill(tokens, torch.ones_like(tokens, dtype=torch.bool), caches)
-        return logits[0], caches
-
-    def regroup(self, keep: list[int], joining: list[tuple[list[KVCache], int]]) -> None:
-        """The new batch: the kept rows (indices into the current one, in order), then the joining rows
-        (the caches of each one's prefill, and its prompt length)."""
-        # (caches, row, tokens, slot after its last token) of each row of the new batch
-        sources = [(self.caches, i, self.lengths[i], self.width) for i in keep]
-        sources += [(caches, 0, n, n) for caches, n in joining]
-        self.lengths = [n for _, _, n, _ in sources]
-        width, device = self.width, self.model.device
-        self.caches = self.model.new_caches(len(sources), device) if sources else []
-        for layer, cache in enumerate(self.caches):
-            for b, (src, i, n, end) in enumerate(sources):
-                cache.k[b, :, width - n : width] = src[layer].k[i, :, end - n : end]
-                cache.v[b, :, width - n : width] = src[layer].v[i, :, end - n : end]
-        slots = torch.arange(self.model.config.max_seq_len, device=device)
-        first = torch.tensor([width - n for n in self.lengths], device=device)
-        self.key_mask = (slots >= first[:, None]) & (slots < width)
-
-    def step(self, tokens: list[int]) -> torch.Tensor:
-        """Feeds each row its newest token into slot `width`; returns every row's next-token logits (B, V)."""
-        device, width = self.model.device, self.width
-        self.key_mask[:, width] = True
-        logits = self.model.decode_step(torch.tensor(tokens, device=device),
-                                  torch.tensor(self.lengths, device=device),  # a row's next position = its length
-                                  torch.tensor([width], device=device), self.key_mask[:, : width + 1], self.caches)
-        self.lengths = [n + 1 for n in self.lengths]
-        return logits
-
-
-@dataclass
-class Row:
-    """A job being decoded: its text so far, its random stream, and the token to feed at the next step."""
-    job: Job
-    text: TextStream
-    rng_state: torch.Tensor
-    generated: int = 0
-    next_token: int = -1
-
-
-class Engine:
-    """Owns the model and runs it in one thread: admits waiting jobs (up to max_batch rows), decodes a token
-    for every row per step, sends each job its text, drops finished and cancelled rows."""
-
-    def __init__(self, gen: TextGenerator, max_batch: int = 16):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.gen = gen
-        self.max_batch = max_batch
-        self.batch = DecodeBatch(gen.model)
-        self.rows: list[Row] = []
-        self.waiting: queue.Queue[Job | None] = queue.Queue()  # None asks the thread to stop
-        self.counts = {"finished": 0, "cancelled": 0}
-        # k_model.sample draws from torch's default generator of the model's device
-        if gen.device.type == "cuda":
-            self._get_rng = lambda: torch.cuda.get_rng_state(gen.device)
-            self._set_rng = lambda state: torch.cuda.set_rng_state(state, gen.device)
-        else:
-            self._get_rng, self._set_rng = torch.get_rng_state, torch.set_rng_state
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.waiting.put(None)
-        self._thread.join(timeout=30)
-
-    def submit(self, job: Job) -> None:
-        self.waiting.put(job)
-
-    def stats(self) -> dict[str, int]:
-        return {"running": len(self.rows), "waiting": self.waiting.qsize(), "max_batch": self.max_batch,
-                **self.counts}
-
-    def _run(self) -> None:
-        # the weights never change while serving: their packed copies for decode steps are made once
-        with torch.inference_mode(), self.gen.model.packed_weights():
-            while self._admit():
-                if not self.rows:
-                    continue
-                try:
-                    self._step()
-                except Exception as e:  # noqa: BLE001 - a failed step must not leave its clients waiting forever
-                    log.exception("decode step failed")
-                    for row in self.rows:
-                        row.job.emit(Event("", "error", row.generated, error=f"{type(e).__name__}: {e}"))
-                    self.rows = []
-                    self.batch.regroup([], [])
-
-    def _admit(self) -> bool:
-        """Moves waiting jobs into the batch while there is room; blocks while there is nothing to decode.
-        Returns False once asked to stop."""
-        joining: list[tuple[Row, list[KVCache]]] = []
-        while len(self.rows) + len(joining) < self.max_batch:
-            try:
-                job = self.waiting.get(block=not (self.rows or joining))
-            except queue.Empty:
-                break
-            if job is None:
-                return False
-            if job.cancelled:
-                self.counts["cancelled"] += 1
-                continue
-            try:
-                logits, caches = self.batch.prefill(job.prompt)
-                row = Row(job, TextStream(self.gen.decode, job.sampling.stop), self._seeded_state(job.sampling.seed))
-                if self._advance(row, logits):
-                    joining.append((row, caches))
-            except Exception as e:  # noqa: BLE001 - fail this request, keep serving the others
-                log.exception("prefill failed")
-                job.emit(Event("", "error", error=f"{type(e).__name__}: {e}"))
-        if joining:
-            self.batch.regroup(list(range(len(self.rows))), [(caches, len(row.job.prompt)) for row, caches in joining])
-            self.rows += [row for row, _ in joining]
-        return True
-
-    def _step(self) -> None:
-        cancelled = [row.job.cancelled for row in self.rows]
-        if any(cancelled):
-            self.counts["cancelled"] += sum(cancelled)
-            self._keep([not c for c in cancelled])
-            if not self.rows:
-                return
-        logits = self.batch.step([row.next_token for row in self.rows])
-        self._keep([self._advance(row, logits[b]) for b, row in enumerate(self.rows)])
-
-    def _keep(self, alive: list[bool]) -> None:
-        if not all(alive):
-            self.batch.regroup([b for b, ok in enumerate(alive) if ok], [])
-            self.rows = [row for row, ok in zip(self.rows, alive) if ok]
-
-    def _advance(self, row: Row, logits: torch.Tensor) -> bool:
-        """Samples the row's next token from its logits (V,) and sends the text; False once the row is done."""
-        s = row.job.sampling
-        token = self._draw(row, logits)
-        row.generated += 1
-        if token == self.gen.eos_id and not s.ignore_eos:
-            return self._finish(row, row.text.flush(), "stop")
-        piece, stopped = row.text.push(token)
-        if stopped:
-            return self._finish(row, piece, "stop")
-        if row.generated >= s.max_tokens:
-            return self._finish(row, piece + row.text.flush(), "length")
-        if piece:
-            row.job.emit(Event(piece))
-        row.next_token = token
-        return True
-
-    def _finish(self, row: Row, piece: str, reason: str) -> bool:
-        row.job.emit(Event(piece, reason, row.generated))
-        self.counts["finished"] += 1
-        return False
-
-    def _draw(self, row: Row, logits: torch.Tensor) -> int:
-        """Greedy, or one draw from the row's own random stream: k_model.sample draws from the default
-        generator, so the row's state is swapped in for the draw (and the default's put back after). A
-        seeded request thus gets the tokens it gets alone after torch.manual_seed(seed), whoever shares
-        its batch."""
-        s = row.job.sampling
-        if s.temperature == 0:
-            return int(logits.argmax())
-        saved = self._get_rng()
-        self._set_rng(row.rng_state)
-        token = int(sample(logits[None], s.temperature, s.top_k, s.top_p)[0])
-        row.rng_state = self._get_rng()
-        self._set_rng(saved)
-        return token
-
-    def _seeded_state(self, seed: int | None) -> torch.Tensor:
-        rng = torch.Generator(self.gen.device)
-        if seed is None:
-            rng.seed()  # a fresh random seed
-        else:
-            rng.manual_seed(seed)
-        return rng.get_state()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,13 +62,14 @@ class APIError(Exception):
     """An error answered the way OpenAI answers one: {"error": {message, type, param, code}} with a status."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status)
+        return JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
 
 
 def one_or_many(value: Any) -> Any:
@@ -410,11 +127,28 @@ class CompletionRequest(GenerationRequest):
 
 
 Body = TypeVar("Body", bound=BaseModel)
+Result = TypeVar("Result")
 
 
-async def parse_body(request: Request, schema: type[Body]) -> Body:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed `limit` bytes: by its Content-Length before
+    reading it, else while it arrives."""
+    too_large = APIError(413, f"the request body is larger than this server's limit of {limit} bytes "
+                              "(serve.py --max_body_bytes)", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+async def parse_body(request: Request, schema: type[Body], limit: int) -> Body:
     try:
-        data = json.loads(await request.body())
+        data = json.loads(await read_body(request, limit))
     except ValueError as e:  # includes bytes that are not UTF-8
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
@@ -436,17 +170,28 @@ class Defaults:
     top_p: float = 0.9
 
 
+@dataclass
+class Limits:
+    """What one client may ask of the server (each a serve.py flag of the same name)."""
+    max_body_bytes: int = 1_000_000  # a full 2,048-token context is ~10 KB of text; 1 MB leaves room for JSON
+    max_messages: int = 1000  # messages in one conversation (the oldest are trimmed to fit the context anyway)
+    max_waiting: int = 256  # requests queued behind a full batch; more get 429 with Retry-After
+
+
 def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key: str | None = None,
-               defaults: Defaults | None = None) -> FastAPI:
+               defaults: Defaults | None = None, limits: Limits | None = None) -> FastAPI:
     """The FastAPI app serving `gen` under `model_name`; its engine thread runs while the app is served."""
     defaults = defaults or Defaults()
-    engine = Engine(gen, max_batch)
+    limits = limits or Limits()
+    engine = Engine(gen, max_batch, limits.max_waiting)
+    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # off the event loop, one at a time
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
         engine.stop()
+        tokenizing.shutdown(wait=False, cancel_futures=True)
 
     # no /docs: the request bodies are parsed by hand (OpenAI-shaped errors), and its page loads from a CDN
     app = FastAPI(title="k_model serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -468,11 +213,14 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
             raise APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    def check_model(request: Request, name: str) -> None:
-        check_key(request)
+    def check_model(name: str) -> None:
         if name != model_name:
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
+
+    async def off_loop(fn: Callable[..., Result], *args: Any) -> Result:
+        """fn(*args) in the tokenizing thread: a long prompt must not stall the other clients' requests."""
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
 
     def new_job(req: GenerationRequest, prompt: list[int], wanted: int, what: str) -> Job:
         room = gen.context_len - len(prompt)
@@ -484,7 +232,13 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
         sampling = Sampling(max_tokens=min(wanted, room), temperature=0.0 if top_p == 0 else temperature,
                             top_p=top_p, top_k=req.top_k, stop=req.stop, seed=req.seed, ignore_eos=req.ignore_eos)
         job = Job(prompt, sampling)
-        engine.submit(job)
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}; retry later", code="queue_full", kind="rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
+        except EngineUnavailable as e:
+            raise APIError(503, str(e), kind="server_error") from None
         return job
 
     @app.get("/", response_class=HTMLResponse)
@@ -492,8 +246,11 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
         return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, **engine.stats()}
+    async def health() -> JSONResponse:
+        stats = {"model": model_name, **engine.stats()}
+        if engine.failure:
+            return JSONResponse({"status": "failed", "error": engine.failure.message, **stats}, status_code=503)
+        return JSONResponse({"status": "ok", **stats})
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -502,47 +259,63 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
 
     @app.get("/v1/models/{name:path}")
     async def get_model(request: Request, name: str) -> dict[str, Any]:
-        check_model(request, name)
+        check_key(request)
+        check_model(name)
         return model_card()
 
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "k_model",
                 "context_length": gen.context_len}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        req = await parse_body(request, ChatRequest)
-        check_model(request, req.model)
-        wanted = req.max_completion_tokens or req.max_tokens or defaults.max_tokens
-        messages = [m.model_dump() for m in req.messages]
+    def trimmed_chat(messages: list[dict[str, str]], wanted: int) -> tuple[list[dict[str, str]], list[int]]:
         # as the chat REPL does: drop the oldest turns until the conversation and the reply fit the context
         kept = gen.trim_history(messages, wanted)
-        job = new_job(req, gen.chat_ids(kept), wanted, "messages")
+        return kept, gen.chat_ids(kept)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        check_key(request)  # before the body: a client without the key costs no reading and no parsing
+        req = await parse_body(request, ChatRequest, limits.max_body_bytes)
+        check_model(req.model)
+        if len(req.messages) > limits.max_messages:
+            raise APIError(400, f"{len(req.messages)} messages; this server takes at most {limits.max_messages} "
+                                "(serve.py --max_messages)", param="messages")
+        wanted = req.max_completion_tokens or req.max_tokens or defaults.max_tokens
+        messages = [m.model_dump() for m in req.messages]
+        kept, prompt = await off_loop(trimmed_chat, messages, wanted)
+        job = new_job(req, prompt, wanted, "messages")
         trimmed = {"trimmed_messages": len(messages) - len(kept)} if len(kept) < len(messages) else {}
-        return await respond(job, req, chat=True, extra=trimmed)
+        return await respond(request, job, req, chat=True, extra=trimmed)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        req = await parse_body(request, CompletionRequest)
-        check_model(request, req.model)
+        check_key(request)
+        req = await parse_body(request, CompletionRequest, limits.max_body_bytes)
+        check_model(req.model)
         # the text starts a new document, after an EOS, exactly as model_sample.py --mode pretrain begins one
-        job = new_job(req, gen.document_ids(req.prompt[0]), req.max_tokens or defaults.max_tokens, "prompt")
-        return await respond(job, req, chat=False, extra={})
+        prompt = await off_loop(gen.document_ids, req.prompt[0])
+        job = new_job(req, prompt, req.max_tokens or defaults.max_tokens, "prompt")
+        return await respond(request, job, req, chat=False, extra={})
 
-    async def respond(job: Job, req: GenerationRequest, chat: bool, extra: dict[str, Any]) -> Any:
+    async def respond(request: Request, job: Job, req: GenerationRequest, chat: bool, extra: dict[str, Any]) -> Any:
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": model_name, **extra}
-        if req.stream:
+        if req.stream:  # StreamingResponse itself stops the stream (and so frees the row) on a disconnect
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(sse(job, head, chat, include_usage), media_type="text/event-stream")
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         text, last = "", Event("")
         try:
             async for last in job.events():
                 text += last.text
         finally:
+            watcher.cancel()
             job.cancelled = True  # a no-op once it finished; frees the row if this handler is cancelled
-        if last.error:
-            raise APIError(500, f"generation failed: {last.error}", kind="server_error")
+        if last.finish_reason == "cancelled":
+            return Response(status_code=499)  # nobody reads it: the client has gone (nginx's code for that)
+        if last.failure:
+            failure = last.failure
+            raise APIError(failure.status, f"generation failed: {failure.message}", kind="server_error")
         return {**head, "object": "chat.completion" if chat else "text_completion",
                 "choices": [choice(chat, text, last.finish_reason, stream=False)], "usage": usage(job, last)}
 
@@ -558,8 +331,9 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
                 yield event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}]})
             async for ev in job.events():
-                if ev.error:
-                    yield f"data: {json.dumps({'error': {'message': ev.error, 'type': 'server_error'}})}\n\n"
+                if ev.failure:
+                    error = {"message": ev.failure.message, "type": "server_error", "code": ev.failure.status}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
                     return
                 if ev.text:
                     yield event({"choices": [choice(chat, ev.text, None, stream=True)]})
@@ -572,6 +346,14 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
             job.cancelled = True  # the client went away mid-stream (or has everything): free its row
 
     return app
+
+
+async def cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Cancels the job once its client hangs up (its body has been read, so the next message the server
+    receives for it is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
 
 
 def choice(chat: bool, text: str, finish_reason: str | None, stream: bool) -> dict[str, Any]:
@@ -613,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "show)")
     p.add_argument("--max_batch", type=positive_int, default=16,
                    help="requests decoded together; 1 = one at a time, in order")
+    p.add_argument("--max_waiting", type=positive_int, default=Limits.max_waiting,
+                   help="requests that may wait for a row; more get 429 with Retry-After")
+    p.add_argument("--max_body_bytes", type=positive_int, default=Limits.max_body_bytes,
+                   help="larger request bodies get 413 (checked before and while reading)")
+    p.add_argument("--max_messages", type=positive_int, default=Limits.max_messages,
+                   help="messages one conversation may have (400 beyond)")
     p.add_argument("--no_compile", action="store_true",
                    help="decode eagerly; by default the one-token step is compiled before serving (tens of seconds "
                         "on a CPU, then faster steps; eager if compiling fails)")
@@ -627,9 +415,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    import uvicorn
+class Server(uvicorn.Server):
+    """uvicorn, which on SIGINT / SIGTERM first has the engine end every request (uvicorn alone would wait
+    for running streams to finish) and stops when the engine fails."""
 
+    def __init__(self, config: uvicorn.Config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+        engine.on_failure = self.stop
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        threading.Thread(target=self.engine.stop, name="stop-engine").start()  # not in the signal handler
+        super().handle_exit(sig, frame)
+
+    def stop(self) -> None:
+        self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not (0 <= args.temperature <= 2 and 0 <= args.top_p <= 1):
@@ -639,14 +442,19 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if not args.no_compile:
-        gen.compile_decode((1, 2) if args.max_batch > 1 else (1,))
+        gen.compile_decode(max_batch=args.max_batch)
     name = args.model_name or args.model
-    app = create_app(gen, name, args.max_batch, args.api_key, Defaults(args.max_tokens, args.temperature, args.top_p))
+    limits = Limits(args.max_body_bytes, args.max_messages, args.max_waiting)
+    app = create_app(gen, name, args.max_batch, args.api_key, Defaults(args.max_tokens, args.temperature, args.top_p),
+                     limits)
     print(f"serving {gen.info['source']} as '{name}' ({gen.model.num_params() / 1e6:.2f}M params, context "
           f"{gen.context_len}, {gen.device} {str(gen.dtype).removeprefix('torch.')}) "
           f"on http://{args.host}:{args.port}/ "
           f"(API under /v1){' with an API key' if args.api_key else ''}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level), app.state.engine)
+    server.run()
+    if app.state.engine.failure:
+        sys.exit(f"error: {app.state.engine.failure.message}")
 
 
 if __name__ == "__main__":

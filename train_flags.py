@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loading import DEFAULT_TOKENIZER, DTYPES, SourcedModel
+from optim import OPTIMIZERS, SCHEDULES
 
 # Model shape and per-process batch (and a schedule, where the preset has one) for scripts that build a new model.
 # Explicit flags override them.
@@ -30,19 +31,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 COMMON_DEFAULTS: dict[str, Any] = dict(
     epochs=1, max_steps=0, accumulation_steps=1, weight_decay=0.1, grad_clip=1.0,
+    optimizer="adamw", muon_learning_rate=0.02, lr_schedule="cosine", decay_fraction=0.2,
     seed=1337, device="auto", dtype="auto", num_threads=0, num_workers=0, compile=False, log_interval=10,
     eval_interval=200, eval_samples=512, save_interval=200, sample_tokens=32, resume=False, overwrite=False,
-    peak_tflops=0.0, use_swanlab=False, swanlab_project="k-model", swanlab_mode="offline",
+    peak_tflops=0.0, eval_tasks_limit=0, use_swanlab=False, swanlab_project="k-model", swanlab_mode="offline",
 )
-# flags that shape the network or the data order: a resumed run must keep the values it was trained with
+# flags that shape the network, the data order or the optimizer state: a resumed run must keep the values it was
+# trained with
 FIXED_AT_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout", "seed", "init_from",
-                   "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "load_in_4bit")
+                   "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "load_in_4bit", "optimizer")
 # flags about this launch only, never taken from a checkpoint
 PER_LAUNCH = ("resume", "overwrite", "device", "num_threads", "num_workers", "compile", "peak_tflops",
               "use_swanlab", "swanlab_project", "swanlab_mode")
 AT_LEAST_ONE = ("epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "eval_samples",
                 "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
-AT_LEAST_ZERO = ("max_steps", "warmup_iters", "eval_interval", "num_threads", "num_workers", "weight_decay",
+AT_LEAST_ZERO = ("eval_tasks_limit", "max_steps", "warmup_iters", "eval_interval", "num_threads", "num_workers", "weight_decay",
                  "grad_clip", "peak_tflops", "sample_tokens")
 
 
@@ -68,9 +71,15 @@ def build_parser(task: Any) -> argparse.ArgumentParser:
     add(g, "max_steps", "optimizer steps to train; 0 = --epochs passes", type=int)
     add(g, "batch_size", "samples per micro-batch per process", type=int)
     add(g, "accumulation_steps", "micro-batches per optimizer step", type=int)
-    add(g, "learning_rate", "peak learning rate (cosine decay to a tenth of it)", type=float)
+    add(g, "optimizer", "adamw: AdamW for every weight; muon: Muon for the attention and MLP matrices, AdamW for "
+                        "the rest (optim.py)", choices=OPTIMIZERS)
+    add(g, "learning_rate", "AdamW's peak learning rate", type=float)
+    add(g, "muon_learning_rate", "Muon's peak learning rate (--optimizer muon)", type=float)
+    add(g, "lr_schedule", "after the warmup: cosine to a tenth of the peak, or wsd: the peak, then linear to 0 over "
+                          "the last --decay_fraction of the steps", choices=SCHEDULES)
+    add(g, "decay_fraction", "wsd: the share of the steps that decays", type=float)
     add(g, "warmup_iters", "linear warmup steps", type=int)
-    add(g, "weight_decay", "AdamW decay (only weights with >= 2 dims)", type=float)
+    add(g, "weight_decay", "decoupled decay of weights with >= 2 dims, times the learning rate", type=float)
     add(g, "grad_clip", "max gradient norm; 0 disables clipping", type=float)
     add(g, "seed", "initialization, data order and dropout", type=int)
 
@@ -90,6 +99,9 @@ def build_parser(task: Any) -> argparse.ArgumentParser:
     add(g, "sample_prompt", "prompt the model continues greedily at each evaluation, printed and logged "
                             "(repeatable)", action="append")
     add(g, "sample_tokens", "tokens of each evaluation sample; 0 = no samples", type=int)
+    add(g, "eval_tasks", "lm-eval tasks run at each evaluation on rank 0 (eval_model.py; e.g. news_cloze,sentiment_gen), "
+                         "logged as eval/<task>/<metric>")
+    add(g, "eval_tasks_limit", "documents per --eval_tasks task (the first ones); 0 = all", type=int)
     add(g, "resume", "continue exactly from out_dir/ckpt.pt, with its flags unless given again",
         action="store_true", default=None)
     add(g, "overwrite", "start a fresh run even though out_dir/ckpt.pt exists (it is replaced at the first save)",
@@ -144,8 +156,11 @@ def check_args(args: argparse.Namespace) -> None:
             value = getattr(args, name, None)
             if value is not None and value < low:
                 raise ValueError(f"--{name} must be >= {low}, got {value}")
-    if not args.learning_rate > 0:
-        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    for name in ("learning_rate", "muon_learning_rate"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not 0 <= args.decay_fraction <= 1:
+        raise ValueError(f"--decay_fraction must be in [0, 1], got {args.decay_fraction}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
 

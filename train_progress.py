@@ -44,7 +44,8 @@ class Progress:
         """Time spent on something else (evaluation) does not count towards tokens/s."""
         self.window.start += seconds
 
-    def report(self, step: int, total_steps: int, lr: float, epoch: int, bar: tqdm) -> None:
+    def report(self, step: int, total_steps: int, lrs: dict[str, float], epoch: int, bar: tqdm) -> None:
+        """lrs: each optimizer's learning rate (optim.Optimizers.set_lr); AdamW's is shown as lr, Muon's as muon lr."""
         if self.cpu_share is not None:
             self._note_cpu_contention()
         d, names = self.d, self.metrics
@@ -61,10 +62,12 @@ class Progress:
         mfu = tok_s * self.flops_per_token / (self.peak * d.world_size) if self.peak else None
         mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
         shown = " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in means.items())
-        bar.set_postfix_str(f"{shown} lr {lr:.2e} {tok_s:,.0f} tok/s mfu {mfu_text}", refresh=False)
-        self.log.info(f"step {step}/{total_steps} | {shown} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+        lr_values = {"lr": lrs["adamw"], **({"muon_lr": lrs["muon"]} if "muon" in lrs else {})}
+        lr_text = " | ".join(f"{k.replace('_', ' ')} {v:.2e}" for k, v in lr_values.items())
+        bar.set_postfix_str(f"{shown} {lr_text.replace(' |', '')} {tok_s:,.0f} tok/s mfu {mfu_text}", refresh=False)
+        self.log.info(f"step {step}/{total_steps} | {shown} | {lr_text} | {tok_s:,.0f} tok/s | "
                       f"mfu {mfu_text} | {1000 * seconds / len(steps):.0f} ms/step")
-        self.log.metrics(step, {**means, "lr": lr, "tok_per_s": tok_s, "mfu": mfu, "epoch": epoch})
+        self.log.metrics(step, {**means, **lr_values, "tok_per_s": tok_s, "mfu": mfu, "epoch": epoch})
         self.window = Window()
 
     def _note_cpu_contention(self) -> None:

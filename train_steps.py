@@ -1,5 +1,5 @@
-"""One optimizer step and one evaluation pass of the training loop (trainer.py), with the loss normalization
-that makes any split of a global batch take the same step.
+"""One optimizer step of the training loop (trainer.py), with the loss normalization that makes any split of a
+global batch take the same step.
 
 Loss normalization. One optimizer step minimizes the mean loss over every loss unit (a target token; a
 preference pair) that the step reads on all ranks: sum(loss * mask) / mask.sum() over the whole global batch.
@@ -13,7 +13,6 @@ not over-weighted, as averaging per-micro-batch means would do.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
@@ -21,10 +20,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
 
 from train_task import Task
-from trainer_utils import DistInfo
 
 
 def peak_memory(device: torch.device) -> str:
@@ -41,8 +38,12 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
 
 
+def dtype_names(dtypes: set[torch.dtype]) -> str:
+    return ", ".join(sorted(str(t).removeprefix("torch.") for t in dtypes))
+
+
 def autocast_factory(device: torch.device, dtype: torch.dtype) -> Callable[[], AbstractContextManager]:
-    """Mixed precision: weights and optimizer stay float32, matmuls run in `dtype`."""
+    """Mixed precision: trained weights and optimizer state stay float32, matmuls run in `dtype`."""
     if dtype == torch.float32:
         return nullcontext
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
@@ -76,28 +77,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return totals
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int, num_samples: int, d: DistInfo,
-             autocast: Callable[[], AbstractContextManager], task: Task | None = None) -> dict[str, float]:
-    """Mean of each loss_sums entry per loss unit over the first num_samples samples, shared out between the
-    ranks; the values do not depend on the batch size or the number of processes."""
-    task = task or Task()
-    model.eval()
-    n = min(len(dataset), num_samples)
-    mine = list(range(d.rank, n, d.world_size))
-    stats = torch.zeros(1 + len(task.metrics), device=d.device)  # loss units, then each metric's sum
-    for i in range(0, len(mine), batch_size):
-        batch = task.collate([dataset[j] for j in mine[i : i + batch_size]])
-        with autocast():
-            sums = task.loss_sums(model, batch, d.device)
-        stats += torch.stack([task.loss_units(batch).to(d.device), *(sums[k].float() for k in task.metrics)])
-    if d.world_size > 1:
-        dist.all_reduce(stats)
-    model.train()
-    units, *values = stats.tolist()
-    return {k: v / units if units else math.nan for k, v in zip(task.metrics, values)}
 
 
 @torch.no_grad()

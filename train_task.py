@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from dataset import document_start_ids
 from hf_llama import copy_token_ids, export_hf
 from loading import DEFAULT_TOKENIZER, SourcedModel, load_tokenizer
+from trainer_utils import DistInfo
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # X, Y (B, T) int64; loss mask (B, T) float32
 
@@ -50,7 +54,8 @@ class Task:
     builds_model = False  # True: the run makes a new model, so --preset and the shape flags exist
     # True when a sample can lack targets (an SFT answer cut off by --max_seq_len): checked at start-up
     may_lack_targets = False
-    metrics = ("loss",)  # the keys of loss_sums
+    metrics = ("loss",)  # the keys of loss_sums and prepare_step's extra metrics
+    eval_at_start = False  # True: a fresh run also evaluates the model it starts from, as step 0
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
         """Flags of this script only."""
@@ -76,6 +81,13 @@ class Task:
     def collate(self, items: list[Any]) -> Any:
         return collate_trimmed(items)
 
+    def prepare_step(self, model: torch.nn.Module, batches: list[Any], step: int
+                     ) -> tuple[list[Any], dict[str, torch.Tensor]]:
+        """This rank's micro-batches as the step trains on them, made with the model as it is before the step
+        (GRPO samples and scores completions here), and metrics of the step that loss_sums does not give
+        (the progress line shows their mean over ranks). Default: the batches as read, no metrics."""
+        return batches, {}
+
     def loss_units(self, batch: Any) -> torch.Tensor:
         """How many loss units a host-side batch holds (the normalization count), without a device sync."""
         return batch[2].sum()
@@ -97,6 +109,12 @@ class Task:
         """What an evaluation reports, from the mean of each loss_sums entry over the validation samples."""
         return {"val_loss": means["loss"], "val_ppl": math.exp(min(means["loss"], 50.0))}
 
+    def validate(self, model: torch.nn.Module, dataset: Dataset, args: argparse.Namespace, d: DistInfo,
+                 autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
+        """An evaluation's metrics on the validation set (every rank calls it): by default val_metrics of the
+        loss_sums means over its first --eval_samples samples."""
+        return self.val_metrics(evaluate(model, dataset, args.batch_size, args.eval_samples, d, autocast, self))
+
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
@@ -113,6 +131,28 @@ class Task:
         export_hf(model, hf_dir)
         tokenizer.save_pretrained(hf_dir)
         return hf_dir
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int, num_samples: int, d: DistInfo,
+             autocast: Callable[[], AbstractContextManager], task: Task | None = None) -> dict[str, float]:
+    """Mean of each loss_sums entry per loss unit over the first num_samples samples, shared out between the
+    ranks; the values do not depend on the batch size or the number of processes."""
+    task = task or Task()
+    model.eval()
+    n = min(len(dataset), num_samples)
+    mine = list(range(d.rank, n, d.world_size))
+    stats = torch.zeros(1 + len(task.metrics), device=d.device)  # loss units, then each metric's sum
+    for i in range(0, len(mine), batch_size):
+        batch = task.collate([dataset[j] for j in mine[i : i + batch_size]])
+        with autocast():
+            sums = task.loss_sums(model, batch, d.device)
+        stats += torch.stack([task.loss_units(batch).to(d.device), *(sums[k].float() for k in task.metrics)])
+    if d.world_size > 1:
+        dist.all_reduce(stats)
+    model.train()
+    units, *values = stats.tolist()
+    return {k: v / units if units else math.nan for k, v in zip(task.metrics, values)}
 
 
 def count_without_targets(dataset: Dataset, task: Task, limit: int) -> tuple[int, int]:

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import signal
 import sys
 import time
 import traceback
+from functools import partial
 from inspect import signature
 from pathlib import Path
 from typing import Any
@@ -44,42 +44,18 @@ from tqdm import tqdm
 
 from checkpoint import CKPT_NAME, config_to_dict, load_checkpoint, save_checkpoint
 from loading import SourcedModel, check_model_tokenizer, model_from_state, resolve_dtype
+from optim import lr_at, make_optimizer
 from perf import peak_flops
 from tokenizer_spec import tokenizer_fingerprint
 from train_flags import build_parser, check_args, check_resume_flags, resolve_args, with_model_values
 from train_progress import Progress
-from train_steps import autocast_factory, evaluate, greedy_samples, peak_memory, step_seed, train_step
+from train_steps import autocast_factory, dtype_names, greedy_samples, peak_memory, step_seed, train_step
 from train_task import Task, check_targets
 from trainer_utils import DistInfo, RunLogger, StopRequest, iterate_steps, setup_distributed, steps_left
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (the loss diverged); the last good checkpoint is left in place."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Optimization
-
-
-def make_optimizer(params: list[torch.nn.Parameter], args: argparse.Namespace,
-                   device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (embeddings, projections), not on norm gains. The fused kernel
-    updates each tensor in one pass (on the bench model's CPU step: 12 ms instead of 43 ms)."""
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95),
-                             fused=device.type in ("cpu", "cuda"))
-
-
-def lr_at(step: int, peak_lr: float, warmup: int, total: int) -> float:
-    """Linear warmup to peak_lr, then cosine decay to peak_lr / 10 at `total` steps."""
-    if step < warmup:
-        return peak_lr * (step + 1) / warmup
-    min_lr = peak_lr / 10
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -99,6 +75,10 @@ class Trainer:
         if state is not None:
             args, sources = resolve_args(given, task, state["args"])
         check_args(args)
+        if args.eval_tasks:  # an unknown task or bad task data stops the run now, not at its first evaluation
+            import eval_model  # lm-eval is imported only by runs that ask for its tasks
+
+            eval_model.task_names(args.eval_tasks)
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         torch.manual_seed(args.seed)
@@ -106,16 +86,16 @@ class Trainer:
         self.tokenizer, tokenizer_path = task.tokenizer(args)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 
+        self.dtype = resolve_dtype(args.dtype, d.device)
         start = self._initial_model(args, state)
         check_model_tokenizer(start, self.tokenizer, tokenizer_path)
         self.args, self.sources = with_model_values(args, sources, start, tokenizer_path)
         self.model_source = start.source
         self.model = start.model.to(d.device).train()
         task.prepare(self.model, self.args, self.tokenizer, d.device)
-        self.dtype = resolve_dtype(self.args.dtype, d.device)
         self.autocast = autocast_factory(d.device, self.dtype)
         self.optimizer_params = task.trainable_parameters(self.model)
-        self.optimizer = make_optimizer(self.optimizer_params, self.args, d.device)
+        self.optimizer = make_optimizer(self.model, self.optimizer_params, self.args, d.device)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
         self.step, self.position, self.last_saved_step = 0, {"epoch": 0, "sample": 0}, None
         if state is not None:
@@ -151,16 +131,25 @@ class Trainer:
         else:
             start = SourcedModel(model_from_state(state, self.ckpt_path), str(self.ckpt_path),
                                  state["tokenizer_fingerprint"])
-        stored = {p.dtype for p in start.model.parameters()}
-        if stored != {torch.float32}:
-            # master weights and AdamW state in float32 whatever the source stored; autocast does the rest
-            self.log.info(f"note: {start.source} stores {', '.join(str(t).removeprefix('torch.') for t in stored)} "
-                          "weights: training float32 master weights")
-            start = start._replace(model=start.model.float())
+        stored = {p.dtype for p in start.model.parameters() if p.is_floating_point()} - {torch.float32}
+        if stored:
+            # master weights and AdamW state in float32 whatever the source stored; autocast does the rest.
+            # Frozen weights (a LoRA base) keep their dtype when autocast computes in 16 bits anyway: float32
+            # copies would double a large base's memory. Float32 compute needs float32 weights.
+            keep_frozen = self.dtype != torch.float32
+            for p in start.model.parameters():
+                if p.is_floating_point() and (p.requires_grad or not keep_frozen):
+                    p.data = p.data.float()
+            kept = {p.dtype for p in start.model.parameters() if p.is_floating_point()} - {torch.float32}
+            self.log.info(f"note: {start.source} stores {dtype_names(stored)} weights: training float32 master "
+                          "weights" + (f", frozen weights kept in {dtype_names(kept)}" if kept else ""))
         return start
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # another optimizer's state, or another set of trainable parameters
+            raise ValueError(f"{self.ckpt_path}: cannot resume: {e}") from None
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.position = state["step"], dict(state["data_position"])
@@ -188,6 +177,9 @@ class Trainer:
         self.log.info(f"model: {params / 1e6:.2f}M params{frozen} from {self.model_source}; vocab "
                       f"{cfg.vocab_size}, dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads "
                       f"({cfg.n_kv_heads} kv), dropout {cfg.dropout}")
+        decay = f", decay over the last {a.decay_fraction:.0%} of the steps" if a.lr_schedule == "wsd" else ""
+        self.log.info(f"optimizer: {self.optimizer.describe()}; {a.lr_schedule} schedule, "
+                      f"warmup {a.warmup_iters}{decay}")
         self.log.info(f"data: {a.data_path}: {len(self.train_set):,} samples x {a.max_seq_len} tokens; "
                       f"{self.step_samples} samples (<= {tokens_per_step:,} tokens) per step; "
                       f"{self.steps_per_epoch:,} steps/epoch; training to step {self.total_steps:,}")
@@ -216,25 +208,27 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=None if d.is_main else True, unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         try:
+            if self.step == 0 and self.task.eval_at_start and self.val_set is not None:
+                self._evaluate()
             while self.step < self.total_steps:
                 batch = next(steps)
-                lr = lr_at(self.step, a.learning_rate, a.warmup_iters, self.total_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                lrs = self.optimizer.set_lr(partial(lr_at, self.step, warmup=a.warmup_iters, total=self.total_steps,
+                                                    schedule=a.lr_schedule, decay_fraction=a.decay_fraction))
                 torch.manual_seed(step_seed(a.seed, d.rank, self.step))
-                means = train_step(self.forward_model, self.optimizer, self.scaler, batch.batches, device=d.device,
+                batches, extra = self.task.prepare_step(self.model, batch.batches, self.step)
+                means = train_step(self.forward_model, self.optimizer, self.scaler, batches, device=d.device,
                                    autocast=self.autocast, grad_clip=a.grad_clip, world_size=d.world_size,
                                    no_sync=no_sync, task=self.task)
                 self.step += 1
                 self.position = batch.position
-                self.progress.add_step(means, sum(self.task.batch_tokens(b) for b in batch.batches))
+                self.progress.add_step({**means, **extra}, sum(self.task.batch_tokens(b) for b in batches))
                 bar.update()
 
                 stop = self.stop.agreed(d)
                 end = self.step == self.total_steps
                 if self.step % a.log_interval == 0 or end or stop:
                     self._check_finite()
-                    self.progress.report(self.step, self.total_steps, lr, self.position["epoch"], bar)
+                    self.progress.report(self.step, self.total_steps, lrs, self.position["epoch"], bar)
                 if (a.eval_interval and self.step % a.eval_interval == 0 or end) and not stop:  # after progress
                     self._evaluate()
                 if self.step % a.save_interval == 0 or end or stop:
@@ -279,11 +273,15 @@ class Trainer:
         start = time.perf_counter()
         values: dict[str, Any] = {}
         if self.val_set is not None:
-            means = evaluate(self.model, self.val_set, self.args.batch_size, self.args.eval_samples, self.d,
-                             self.autocast, self.task)
-            values = self.task.val_metrics(means)
+            values = self.task.validate(self.model, self.val_set, self.args, self.d, self.autocast)
             self.log.info(f"eval step {self.step} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}"
                                                                    for k, v in values.items()))
+        if self.d.is_main and self.args.eval_tasks:
+            import eval_model
+
+            values.update(eval_model.in_training(self.model, self.tokenizer, self.args.eval_tasks,
+                                                 self.args.eval_tasks_limit or None, self.task.name != "pretrain",
+                                                 self.autocast, self.log.info))
         if self.d.is_main and self.args.sample_tokens and self.args.sample_prompt:
             values["samples"] = self._samples()
         if values:

@@ -51,10 +51,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, max_batch: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """serve.py on a free port of 127.0.0.1 with the bench's flags and `extra` ones; returns it and its URL."""
     port = free_port()
     cmd = [sys.executable, str(ROOT / "serve.py"), "--model", args.model, "--port", str(port), "--max_batch",
-           str(max_batch), "--device", args.device, "--dtype", args.dtype, "--log_level", "warning"]
+           str(max_batch), "--device", args.device, "--dtype", args.dtype, "--log_level", "warning", *extra]
     if args.tokenizer_path:
         cmd += ["--tokenizer_path", args.tokenizer_path]
     if args.no_compile:

@@ -24,6 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import optim  # noqa: E402
 import perf  # noqa: E402
 import train_task  # noqa: E402
 import trainer  # noqa: E402
@@ -35,8 +36,8 @@ def step_fn(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, batches:
     """A closure running one train_step on its own model + AdamW (same initial weights for every variant)."""
     torch.manual_seed(seed)
     model = Transformer(cfg).to(device)
-    hp = argparse.Namespace(learning_rate=1e-3, weight_decay=0.1)
-    optimizer = trainer.make_optimizer(list(model.parameters()), hp, device)
+    hp = argparse.Namespace(optimizer="adamw", learning_rate=1e-3, weight_decay=0.1)
+    optimizer = optim.make_optimizer(model, list(model.parameters()), hp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = trainer.autocast_factory(device, dtype)
 

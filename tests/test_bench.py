@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import data_process
-from train_helpers import ROOT
+from train_helpers import ROOT, make_pretrain_data
 
 
 def run_bench(script: str, *args: str, cwd=ROOT) -> str:
@@ -57,3 +57,12 @@ def test_bench_data_prints_ratios_and_memory(tmp_path, tiny_texts, tiny_tokenize
                     "--ours_samples", "20")
     assert re.search(r"^ratio\s+[\d,.]+x\s+[\d,.]+x$", out, re.M), out
     assert [line.split()[0] for line in out.splitlines() if re.match(r"\s*\d+x\s", line)] == ["1x", "4x", "16x"]
+
+
+def test_bench_speedrun_prints_every_variant(tmp_path, tiny_tokenizer_dir):
+    train_bin, val_bin = make_pretrain_data(tmp_path, tiny_tokenizer_dir, n_train=100, n_val=20)
+    out = run_bench("bench_speedrun.py", "--data_path", train_bin, "--val_data_path", val_bin, "--steps", "4",
+                    "--eval_every", "2", "--eval_samples", "16", "--seeds", "0", "1", "--plot", str(tmp_path / "s.png"))
+    rows = [line.split()[0] for line in out.splitlines()[-6:-1]]
+    assert rows == ["variant", "hf", "adamw", "muon", "muon_wsd"], out
+    assert "machine: " in out and (tmp_path / "s.png").stat().st_size > 0

@@ -207,7 +207,7 @@ def test_pretokenize_matches_direct_tokenization(pretokenized, tiny_tokenizer):
     assert tokens.tolist() == ref
     assert tokens.tolist().count(tiny_tokenizer.eos_token_id) == len(docs)  # the literal <|im_end|> is not EOS
     assert json.loads((path / "corpus.json").read_text()) == meta == {
-        "num_tokens": len(ref), "dtype": "uint16", "vocab_size": 1000, "eos_token_id": 4,
+        "num_tokens": len(ref), "dtype": "uint16", "vocab_size": 1000, "bos_token_id": None, "eos_token_id": 4,
         "tokenizer_fingerprint": tokenizer_fingerprint(tiny_tokenizer), "num_documents": len(docs),
         "source": "corpus.jsonl"}
 
@@ -235,7 +235,8 @@ def test_pretokenize_draws_no_progress_bar_off_a_terminal(tmp_path, tiny_tokeniz
     out, err = capfd.readouterr()  # both go to files here, as in a log
     assert "\r" not in out + err
     assert out == f"{src} -> {tmp_path / 'corpus.bin'}: {len(reference_stream(tiny_tokenizer, DOCS))} tokens " \
-                  f"(uint16), {len(DOCS)} documents\n" and not err  # the summary is still printed
+                  f"(uint16), {len(DOCS)} documents, each text + EOS <|im_end|>: the tokenizer adds no BOS\n" \
+        and not err  # the summary is still printed
 
 
 def test_token_dtype_fits_the_vocab():

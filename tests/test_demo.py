@@ -14,7 +14,8 @@ from checkpoint import load_checkpoint
 from model_sample import TextGenerator
 from train_helpers import ROOT, read_metrics
 
-STAGES = ["data", "tokenizer", "pretokenize", "pretrain", "sft", "samples", "chat", "eval", "curves"]
+STAGES = ["data", "eval_tasks", "tokenizer", "pretokenize", "pretrain", "sft", "samples", "chat", "eval", "lm-eval",
+          "curves"]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def demo(tmp_path_factory):
     """The tiny demo run once in an empty directory (its artifacts go to ./out)."""
     cwd = tmp_path_factory.mktemp("demo")
     proc = subprocess.run(["bash", str(ROOT / "demo.sh"), "--tiny"], cwd=cwd, capture_output=True, text=True,
-                          timeout=170)
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return cwd / "out", proc.stdout
 
@@ -44,7 +45,7 @@ def test_artifacts_of_every_stage(demo):
     out, _ = demo
     for name in ("data/pretrain.jsonl", "data/pretrain.bin", "data/pretrain.json", "data/pretrain_val.bin",
                  "data/sft_train.jsonl", "data/sft_val.jsonl", "data/sft_test.jsonl", "tokenizer/tokenizer.json",
-                 "eval.json", "curves.png"):
+                 "eval.json", "curves.png", "data/eval/sentiment.jsonl", "report.md"):
         assert (out / name).is_file(), name
     for run in ("pretrain", "sft"):
         for name in ("ckpt.pt", "train.log", "metrics.jsonl", "curves.png", "hf/config.json", "hf/model.safetensors",

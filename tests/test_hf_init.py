@@ -5,23 +5,28 @@ model cannot express is refused, naming the config key; and a base model with it
 tokens, no chat template) continues pretraining on our corpus, then SFT adds our chat template to it."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, PreTrainedTokenizerFast)
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+import data_process
 import ddp_pretrain
 import ddp_sft_full
-from dataset import PretrainDataset, encode_chat
+from checkpoint import rebuilt
+from dataset import PretrainDataset, document_start_ids, encode_chat
 from hf_llama import export_hf
 from loading import initial_model, open_model, with_chat_template
 from test_data import CONVERSATIONS, oracle
-from train_helpers import QUIET, make_pretrain_data, make_sft_data, read_metrics
+from train_helpers import QUIET, make_pretrain_data, make_sft_data, read_metrics, write_jsonl
 from train_tokenizer import CHAT_TEMPLATE
 
 VOCAB = 600
@@ -38,14 +43,16 @@ def save_llama(path: Path, dtype: torch.dtype = torch.float32, config_class=Llam
     return config
 
 
-def save_foreign_tokenizer(path: Path, texts: list[str]) -> PreTrainedTokenizerFast:
-    """A Llama-style tokenizer unlike ours: <unk> <s> </s>, BOS <s>, EOS </s>, no pad, no chat template."""
+def save_foreign_tokenizer(path: Path, texts: list[str], add_bos_token: bool = False) -> PreTrainedTokenizerFast:
+    """A Llama-style tokenizer unlike ours: <unk> <s> </s>, BOS <s>, EOS </s>, no pad, no chat template;
+    add_bos_token: it starts every encoded text with <s>, as Llama's own tokenizers do."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   add_bos_token=add_bos_token)
     fast.save_pretrained(path)
     return fast
 
@@ -78,6 +85,23 @@ def test_logits_equal_transformers_and_the_export_keeps_them(tmp_path, name):
     assert (ours.output.weight is ours.tok_embeddings.weight) == config.tie_word_embeddings
 
 
+def test_rotary_tables_stay_float32_in_a_bf16_model(tmp_path):
+    """Positions are angles: rounded to bf16 (error ~2e-3) they would stay rounded when training upcasts to
+    float32 master weights, so a run whose model was rebuilt (grown vocabulary, --dropout, --resume of LoRA)
+    or cast would train with other positions than its export uses. transformers' own float32 tables are
+    the reference, whatever the weights are stored in."""
+    config = save_llama(tmp_path / "llama", dtype=torch.bfloat16)
+    stored, _, _ = open_model(tmp_path / "llama", own_tokenizer=False)
+    position_ids = torch.arange(config.max_position_embeddings)[None]
+    cos, sin = (t[0] for t in LlamaRotaryEmbedding(config)(torch.zeros(1), position_ids))
+    models = {"loaded": stored, "rebuilt": rebuilt(stored, vocab_size=VOCAB + 2, dropout=0.1),
+              "cast": copy.deepcopy(stored).float().to(torch.bfloat16), "rebuilt, upcast": rebuilt(stored, dropout=0.1).float()}
+    for name, model in models.items():
+        assert model.tok_embeddings.weight.dtype == (torch.float32 if "upcast" in name else torch.bfloat16)
+        assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32, name
+        assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin), name
+
+
 REFUSED = {
     "rope_type": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "attention_bias": dict(attention_bias=True),
@@ -99,6 +123,30 @@ def test_the_command_line_names_the_key(tmp_path, tiny_tokenizer_dir):
     with pytest.raises(SystemExit, match=r"^error: .*config.json: .*attention_bias"):
         ddp_pretrain.main(["--init_from", str(tmp_path / "llama"), "--tokenizer_path", tiny_tokenizer_dir,
                            "--out_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("tokenizer", ["adds <s>", "ours"])
+def test_pretokenized_documents_begin_as_the_tokenizer_begins_a_text(tmp_path, tiny_texts, tiny_tokenizer_dir,
+                                                                     capsys, tokenizer):
+    """A Llama tokenizer that adds <s> (add_bos_token) began every document of its model's pretraining with it:
+    pretokenized, each document is what the tokenizer itself makes of the text, <s> included, then EOS. Ours
+    adds no BOS, and its documents stay text + EOS. The summary says which; a prompt to continue (sampling,
+    the trainer's samples) begins the same way, after the EOS that ends the document before."""
+    tok_dir = tiny_tokenizer_dir if tokenizer == "ours" else tmp_path / "llama"
+    if tokenizer == "adds <s>":
+        save_foreign_tokenizer(tok_dir, tiny_texts, add_bos_token=True)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    docs = ["人民日报一九九八年元旦献辞。", "Hello world, 12345", "短"]
+    src = write_jsonl(tmp_path / "corpus.jsonl", [{"text": d} for d in docs])
+    data_process.main(["pretokenize", "--input", str(src), "--tokenizer", str(tok_dir), "--num_workers", "1"])
+    tokens = np.fromfile(tmp_path / "corpus.bin", dtype=np.uint16).tolist()
+    assert tokens == [t for d in docs for t in tok(d)["input_ids"] + [tok.eos_token_id]]
+    with_bos = tokenizer == "adds <s>"
+    assert tokens.count(tok.bos_token_id) == (len(docs) if with_bos else 0)
+    assert document_start_ids(tok, "Hello") == [tok.eos_token_id] + tok("Hello")["input_ids"]
+    summary = capsys.readouterr().out
+    assert ("each BOS <s> + text + EOS </s>: the tokenizer adds BOS" if with_bos
+            else "each text + EOS <|im_end|>: the tokenizer adds no BOS") in summary, summary
 
 
 def val_loss(model: torch.nn.Module, val: PretrainDataset) -> float:

@@ -15,12 +15,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ddp_pretrain
 import ddp_sft_full
+import trainer
 from loading import model_from_state, open_model
 from model_sample import TextGenerator
+from trainer_utils import DistInfo, StopRequest
 from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, run_script
 
 LORA = ["--lora_r", "4", "--lora_alpha", "8"]
@@ -136,6 +138,54 @@ def test_interrupted_run_resumes_exactly(data, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     adam_a, adam_b = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(x, y) for i in adam_a for x, y in zip(adam_a[i].values(), adam_b[i].values()))
+
+
+@pytest.fixture(scope="module")
+def bf16_base(data):
+    """The base as an HF directory stored in bfloat16, as foreign bases usually are, with its tokenizer."""
+    path = data.root / "base_bf16"
+    AutoModelForCausalLM.from_pretrained(data.base / "hf").to(torch.bfloat16).save_pretrained(path)
+    AutoTokenizer.from_pretrained(data.base / "hf").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_on_a_bf16_base_is_exact(data, bf16_base, tmp_path, dtype):
+    """On a bf16 base the adapters and their AdamW moments stay float32 across --resume (peft creates adapters
+    in the base's dtype: the saved float32 adapters were rounded to bf16 when a run resumed), so 2 steps and a
+    resume to 4 end exactly where 4 steps straight end, with float32 compute or bf16 autocast."""
+    args = data.args + LORA + ["--init_from", str(bf16_base), "--dtype", dtype, "--lora_dropout", "0.1",
+                               "--learning_rate", "1e-2", "--warmup_iters", "100",  # lr independent of max_steps
+                               "--log_interval", "1", "--eval_interval", "100", "--save_interval", "100"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ddp_sft_full.main(args + ["--max_steps", "4", "--out_dir", str(straight)])
+    ddp_sft_full.main(args + ["--max_steps", "2", "--out_dir", str(resumed)])
+    ddp_sft_full.main(args + ["--max_steps", "4", "--out_dir", str(resumed), "--resume"])
+    assert read_metrics(resumed) == read_metrics(straight)
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (straight, resumed))
+    assert a["step"] == b["step"] == 4
+    for k, weight in a["model"].items():
+        assert weight.dtype == torch.float32 and torch.equal(weight, b["model"][k]), k
+    adam_a, adam_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in adam_a:
+        for name, x in adam_a[i].items():
+            assert torch.equal(x, adam_b[i][name]) and (name == "step" or x.dtype == torch.float32), (i, name)
+
+
+@pytest.mark.parametrize("dtype, frozen_dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
+def test_a_frozen_bf16_base_keeps_its_dtype(data, bf16_base, tmp_path, dtype, frozen_dtype):
+    """Under bf16 autocast the frozen base stays in the bf16 it is stored in (float32 copies would double a
+    large base's memory); float32 compute needs float32 weights. The adapters, the only weights that train,
+    and their AdamW moments are float32 either way."""
+    task = ddp_sft_full.SFT()
+    given = trainer.build_parser(task).parse_args(data.args + LORA + [
+        "--init_from", str(bf16_base), "--dtype", dtype, "--out_dir", str(tmp_path)])
+    run = trainer.Trainer(given, task, DistInfo(0, 0, 1, torch.device("cpu"), None), StopRequest(announce=False))
+    run.log.close()
+    frozen = [p for p in run.model.parameters() if not p.requires_grad]
+    assert sum(p.numel() for p in frozen) == run.model.num_params() - sum(p.numel() for p in run.optimizer_params)
+    assert {p.dtype for p in frozen} == {frozen_dtype}
+    assert {p.dtype for p in run.optimizer_params} == {torch.float32}
 
 
 def test_a_changed_base_is_refused(data, lora_run, tmp_path):

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import ddp_pretrain
 import model_sample
 import train_tokenizer
-import trainer
+import train_task
 from checkpoint import save_checkpoint
 from dataset import PretrainDataset
 from hf_llama import export_hf
@@ -168,7 +168,7 @@ def test_evaluation_equals_direct_computation(run, gen, tmp_path, capsys):
     ppl, tokens = gen.perplexity(val_bin, batch_size=3)
     data = PretrainDataset(val_bin, gen.tokenizer, max_length=gen.context_len)
     dist = DistInfo(0, 0, 1, torch.device("cpu"), None)
-    means = trainer.evaluate(gen.model, data, batch_size=8, num_samples=len(data), d=dist, autocast=nullcontext)
+    means = train_task.evaluate(gen.model, data, batch_size=8, num_samples=len(data), d=dist, autocast=nullcontext)
     gen.model.eval()
     assert tokens == len(data) * gen.context_len
     assert ppl == pytest.approx(math.exp(means["loss"]), rel=1e-5)

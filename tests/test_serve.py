@@ -223,10 +223,10 @@ def test_concurrent_clients_each_get_their_own_answer(gen, client, url):
 
 def test_compiled_step_serves_the_eager_answers(model_dir, gen, capfd):
     """serve.py compiles the one-token step before serving (unless --no_compile): both graphs (batch 1, a
-    larger batch), compiled once by the warm-up, give concurrent clients the greedy answers of eager decoding
-    alone."""
+    larger batch), compiled once by the warm-up for --max_batch 4, give concurrent clients the greedy answers
+    of eager decoding alone."""
     fast = TextGenerator(model_dir, device="cpu", dtype="float32")
-    fast.compile_decode((1, 2))
+    fast.compile_decode(max_batch=4)
     assert capfd.readouterr().err.count("fast decode: compiled the one-token step") == 2
     jobs = [(PROMPTS[i], 6 + 4 * i) for i in range(6)]
     # the warm-up's graphs serve every batch and cache width: a recompile would fail the engine's step

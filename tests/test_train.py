@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ddp_pretrain
 import ddp_sft_full
+import optim
 import train_tokenizer
 import train_task
 import trainer
@@ -158,7 +159,7 @@ def test_step_sampler_shards_the_global_batch():
 
 
 def test_lr_schedule_warmup_then_cosine_to_a_tenth():
-    lrs = [trainer.lr_at(s, 1e-3, warmup=10, total=100) for s in range(101)]
+    lrs = [optim.lr_at(s, 1e-3, warmup=10, total=100) for s in range(101)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert lrs[100] == pytest.approx(1e-4) and lrs[55] == pytest.approx(0.55e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))

@@ -1,0 +1,476 @@
+"""Reinforcement learning with verifiable rewards: GRPO (Shao et al. 2024) on an SFT model.
+
+    python ddp_grpo.py --reward rewards.py:exact_answer                        # from out/sft, out/data/grpo_train.jsonl
+    python ddp_grpo.py --reward rewards.py:exact_answer --reward rewards.py:answer_format --reward_weights 1 0.2
+    python ddp_grpo.py --reward my_rewards.py:length_penalty --loss_type dapo --epsilon_high 0.28
+    torchrun --nproc_per_node=8 ddp_grpo.py --reward rewards.py:exact_answer --batch_size 4
+
+Data: one JSON object per line with a "prompt" (a string: the user's message; or a list of {"role",
+"content"} messages) and any other columns, which the reward functions get by name (TRL's convention,
+rewards.py). Each step takes batch_size prompts per process and accumulation step, samples --num_generations
+completions of each with the model as it is (KV-cache decoding, batched), scores them, and trains on them:
+
+    advantage of completion i of a group: A_i = r_i - mean(r_group), divided by (std(r_group) + 1e-4) with
+        --scale_rewards group (std with Bessel's correction, as TRL); r = sum of the weighted rewards
+    per token: -min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A) + beta KL, rho = pi / pi_old and
+        KL = exp(ref - logp) - (ref - logp) - 1 (k3 estimator) against the frozen --init_from model
+    --loss_type grpo: mean over completions of each one's token mean; dr_grpo: token sum / (completions x
+        --max_completion_length); dapo: token sum / completion tokens, over the whole step on every process
+
+One optimizer step per batch of rollouts, so pi_old is the policy itself (rho = 1 with its gradient, clipping
+inactive, as TRL with num_iterations=1). A group's completions stay on one process, so its statistics are
+local; step metrics are summed over processes. Every completion draws its tokens from a generator seeded by
+(seed, step, prompt, completion): a resumed run, or one with another process count or batch split, samples
+the same completions. The loop (checkpoints, DDP, bf16, logs) is trainer.py's.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+import trainer
+from dataset import decode_json, encode_chat
+from ddp_sft_full import SFT
+from k_model import Transformer
+from loading import check_model_tokenizer, resolve_dtype
+from rewards import Reward, check_columns, load_rewards, score
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss (TRL's definitions)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str) -> torch.Tensor:
+    """rewards (N,), groups of group_size consecutive completions of one prompt -> advantages (N,)."""
+    grouped = rewards.view(-1, group_size)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards == "group":
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    return advantages.reshape(-1)
+
+
+class TokenTerms(NamedTuple):
+    loss: torch.Tensor  # (N, T) per-token loss
+    clipped: torch.Tensor  # (N, T) 1.0 where the clipped term is the one taken
+    kl: torch.Tensor  # (N, T) k3 estimate of KL(pi || ref); zeros without a reference
+
+
+def token_terms(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon: float,
+                epsilon_high: float, beta: float, ref_logps: torch.Tensor | None) -> TokenTerms:
+    """Per-token clipped surrogate plus beta x KL; logps (N, T) of the sampled tokens, advantages (N,)."""
+    ratio = torch.exp(logps - old_logps)
+    a = advantages[:, None]
+    unclipped, clipped = ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * a
+    loss = -torch.min(unclipped, clipped)
+    kl = torch.zeros_like(logps)
+    if ref_logps is not None:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        loss = loss + beta * kl
+    return TokenTerms(loss, (clipped < unclipped).float(), kl.detach())
+
+
+def loss_units(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> torch.Tensor:
+    """What the step's loss is divided by, summed over processes and micro-batches: completions (grpo),
+    completions x max_completion_length (dr_grpo) or completion tokens (dapo)."""
+    if loss_type == "dapo":
+        return mask.sum()
+    rows = torch.tensor(float(mask.shape[0]))
+    return rows * max_completion_length if loss_type == "dr_grpo" else rows
+
+
+def loss_sum(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """The numerator that loss_units divides: each completion's token mean summed (grpo), or the token sum."""
+    token_sums = (per_token * mask).sum(dim=1)
+    if loss_type == "grpo":
+        return (token_sums / mask.sum(dim=1).clamp(min=1)).sum()
+    return token_sums.sum()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+class Prompt(NamedTuple):
+    index: int  # record number in the file: with the step, it seeds the completions' sampling
+    ids: list[int]  # the prompt in the chat template, ending with the assistant's generation prompt
+    row: str  # "path:line", for messages about this record
+    prompt: Any  # the "prompt" value as given (passed to reward functions as `prompts`)
+    columns: dict[str, Any]  # every other key of the record
+
+
+def prompt_messages(value: Any) -> list[dict[str, str]]:
+    """A string is the user's message; a list must be {"role", "content"} messages."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ValueError('"prompt" must be a string or a list of {"role", "content"} messages')
+
+
+class PromptDataset(Dataset):
+    """The prompts of a JSONL file, tokenized up front (prompt sets are small). A prompt that leaves fewer than
+    max_completion_length tokens of context is skipped, and the count is said on stderr."""
+
+    def __init__(self, path: str, tokenizer: Any, max_prompt_len: int):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        self.items: list[Prompt] = []
+        self.columns: set[str] | None = None
+        too_long = 0
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                row = f"{path}:{lineno}"
+                try:
+                    record = decode_json(raw)
+                    if not isinstance(record, dict) or "prompt" not in record:
+                        raise ValueError('expected a JSON object with a "prompt"')
+                    ids = encode_chat(tokenizer, prompt_messages(record["prompt"]), add_generation_prompt=True)[0]
+                except ValueError as e:
+                    raise ValueError(f"{row}: {e}") from None
+                columns = {k: v for k, v in record.items() if k != "prompt"}
+                keys = set(columns)
+                self.columns = keys if self.columns is None else self.columns & keys
+                if len(ids) > max_prompt_len:
+                    too_long += 1
+                    continue
+                self.items.append(Prompt(lineno - 1, ids, row, record["prompt"], columns))
+        if too_long:
+            tqdm.write(f"warning: {path}: skipped {too_long:,} prompt(s) longer than {max_prompt_len} tokens "
+                       f"(--max_seq_len minus --max_completion_length)", file=sys.stderr)
+        if not self.items:
+            raise ValueError(f"{path}: no prompt fits in {max_prompt_len} tokens" if too_long
+                             else f"{path}: empty file")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Prompt:
+        return self.items[i]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollouts
+
+
+def completion_seed(seed: int, step: int, index: int, k: int) -> int:
+    return (((seed * 1_000_003 + step) * 1_000_000_007 + index) * 1_009 + k) % 2**63
+
+
+@torch.inference_mode()
+def sample_completions(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+                       pad_id: int, temperature: float = 0.0,
+                       generators: list[torch.Generator] | None = None) -> list[list[int]]:
+    """Each prompt's completion ids (ending with EOS unless cut at max_new_tokens), decoded together through
+    the KV cache (k_model's new_caches / prefill / decode_step), prompts left-padded. temperature 0 is greedy;
+    otherwise row i draws from generators[i] (Gumbel-max: argmax(logits / T + Gumbel noise) samples the softmax),
+    so a row's tokens do not depend on the other rows of the batch."""
+    device, rows = model.device, len(prompts)
+    width = max(map(len, prompts))
+    tokens = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device, dtype=torch.bool)
+    new = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long)
+    done = torch.zeros(rows, dtype=torch.bool)
+    with model.packed_weights():
+        caches = model.new_caches(rows, device)
+        logits, pos, key_mask = model.prefill(tokens, real, caches)
+        slot = torch.tensor([width], device=device)
+        for t in range(max_new_tokens):
+            if temperature == 0:
+                tok = logits.argmax(-1).cpu()
+            else:
+                gumbel = torch.stack([-torch.empty(logits.shape[-1]).exponential_(generator=g).log()
+                                      for g in generators])
+                tok = (logits.float().cpu() / temperature + gumbel).argmax(-1)
+            new[:, t] = torch.where(done, pad_id, tok)
+            done |= tok == eos_id
+            if bool(done.all()) or t + 1 == max_new_tokens:
+                break
+            key_mask[:, width + t] = True
+            logits = model.decode_step(tok.to(device), pos, slot, key_mask[:, : width + t + 1], caches)
+            pos += 1
+            slot += 1
+    completions = []
+    for row in new.tolist():
+        end = row.index(eos_id) + 1 if eos_id in row else max_new_tokens
+        completions.append(row[:end])
+    return completions
+
+
+class Rollouts(NamedTuple):
+    """One micro-batch of completions as training rows: prompt + completion, right-padded."""
+    x: torch.Tensor  # (N, T) int64
+    y: torch.Tensor  # (N, T) int64
+    mask: torch.Tensor  # (N, T) float32: 1 on completion tokens (the closing EOS included)
+    advantages: torch.Tensor  # (N,)
+    ref_logps: torch.Tensor | None  # (N, T) the reference's log-probs of y, with beta > 0
+    units_per_token: float  # the step's loss units / its completion tokens (all processes): token-mean metrics
+
+
+def training_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, y, mask for prompt + completion rows, right-padded, mask on the completion's targets."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    width = max(map(len, seqs)) - 1
+    x = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    y, mask = x.clone(), torch.zeros(len(seqs), width)
+    for i, (seq, p) in enumerate(zip(seqs, prompts)):
+        n = len(seq) - 1
+        x[i, :n], y[i, :n] = torch.tensor(seq[:-1]), torch.tensor(seq[1:])
+        mask[i, len(p) - 1 : n] = 1
+    return x, y, mask
+
+
+def token_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y_t | x_<=t) on the masked positions, 0 elsewhere. (N, T) float32"""
+    return -model(x, y, loss_mask=mask).last_loss.view_as(mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The task
+
+
+class GRPO(SFT):
+    name = "grpo"
+    description = __doc__
+    may_lack_targets = False  # a prompt with no room for a completion is skipped by PromptDataset
+    eval_at_start = True  # RL's baseline is the model it starts from: evaluate it before the first step
+    defaults = dict(
+        SFT.defaults,
+        init_from="out/sft",
+        data_path="out/data/grpo_train.jsonl",
+        val_data_path="out/data/grpo_val.jsonl",
+        out_dir="out/grpo",
+        sample_prompt=None,
+        batch_size=8,  # prompts: x num_generations completions per micro-batch
+        learning_rate=1e-5,
+        warmup_iters=0,
+        weight_decay=0.0,
+        save_interval=50,
+        eval_interval=50,
+        eval_samples=256,
+        num_generations=8,
+        max_completion_length=64,
+        temperature=1.0,
+        scale_rewards="group",
+        loss_type="dapo",
+        epsilon=0.2,
+        epsilon_high=None,
+        beta=0.0,
+        reward=None,
+        reward_weights=None,
+    )
+
+    def add_flags(self, parser: argparse.ArgumentParser) -> None:
+        super().add_flags(parser)
+        d = self.defaults
+        g = parser.add_argument_group("GRPO")
+        g.add_argument("--reward", action="append", help="FILE.py:FUNCTION, a reward function (rewards.py's "
+                       "docstring; e.g. rewards.py:exact_answer); repeat for several")
+        g.add_argument("--reward_weights", type=float, nargs="+", help="one weight per --reward (default: 1 each)")
+        g.add_argument("--num_generations", type=int, help="completions per prompt: the group whose mean reward is "
+                       f"the baseline (default: {d['num_generations']})")
+        g.add_argument("--max_completion_length", type=int, help="tokens per completion at most "
+                       f"(default: {d['max_completion_length']})")
+        g.add_argument("--temperature", type=float, help=f"sampling temperature (default: {d['temperature']})")
+        g.add_argument("--scale_rewards", choices=["group", "none"], help="group: divide advantages by the group's "
+                       f"reward std; none: Dr. GRPO's unscaled r - mean (default: {d['scale_rewards']})")
+        g.add_argument("--loss_type", choices=LOSS_TYPES, help="token normalisation (module docstring) "
+                       f"(default: {d['loss_type']})")
+        g.add_argument("--epsilon", type=float, help=f"lower clipping range of the ratio (default: {d['epsilon']})")
+        g.add_argument("--epsilon_high", type=float, help="upper clipping range (DAPO: 0.28) (default: --epsilon)")
+        g.add_argument("--beta", type=float, help="KL coefficient to the --init_from model; 0 loads no reference "
+                       f"(default: {d['beta']})")
+
+    # -- set-up --------------------------------------------------------------------------------------------
+
+    def prepare(self, model: torch.nn.Module, args: argparse.Namespace, tokenizer: Any, device: torch.device) -> None:
+        """Check the flags, load the reward functions (a bad file fails here) and, with beta > 0, the reference."""
+        if args.num_generations < 2:
+            raise ValueError(f"--num_generations must be >= 2 (a group's mean is the baseline), got "
+                             f"{args.num_generations}")
+        if args.max_completion_length < 1:
+            raise ValueError(f"--max_completion_length must be >= 1, got {args.max_completion_length}")
+        if args.max_completion_length >= args.max_seq_len:
+            raise ValueError(f"--max_completion_length {args.max_completion_length} leaves no room for a prompt in "
+                             f"--max_seq_len {args.max_seq_len}")
+        if args.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0 (a group of greedy completions is one completion), "
+                             f"got {args.temperature}")
+        if args.beta < 0 or args.epsilon < 0 or (args.epsilon_high or 0) < 0:
+            raise ValueError("--beta, --epsilon and --epsilon_high must be >= 0")
+        if args.num_workers:
+            raise ValueError("--num_workers must be 0: rollouts sample from the model being trained")
+        self.args, self.device, self.tokenizer = args, device, tokenizer
+        self.rewards: list[Reward] = load_rewards(args.reward, args.reward_weights)
+        self.autocast = trainer.autocast_factory(device, resolve_dtype(args.dtype, device))
+        self.reference = self._load_reference(args, tokenizer) if args.beta > 0 else None
+        names = [f"reward_{r.short_name}" for r in self.rewards]
+        self.metrics = ("loss", "reward", "reward_std", *(f"{n}{s}" for n in names for s in ("", "_std")),
+                        "completion_len", "truncated", "zero_std_groups", "clipped", "kl", "rollout_s")
+
+    def _load_reference(self, args: argparse.Namespace, tokenizer: Any) -> Transformer:
+        start = self.initial_model(args, tokenizer)
+        check_model_tokenizer(start, tokenizer, args.tokenizer_path)
+        return start.model.float().to(self.device).eval().requires_grad_(False)
+
+    def dataset(self, path: str, tokenizer: Any, args: argparse.Namespace) -> PromptDataset:
+        prompts = PromptDataset(path, tokenizer, args.max_seq_len - args.max_completion_length)
+        check_columns(self.rewards, prompts.columns or set(), path)
+        return prompts
+
+    def collate(self, items: list[Prompt]) -> list[Prompt]:
+        return items
+
+    # -- rollouts ------------------------------------------------------------------------------------------
+
+    def prepare_step(self, model: torch.nn.Module, batches: list[list[Prompt]], step: int
+                     ) -> tuple[list[Rollouts], dict[str, torch.Tensor]]:
+        """Sample and score num_generations completions of every prompt, with the model as it is now."""
+        began = time.perf_counter()
+        a, G = self.args, self.args.num_generations
+        done = []
+        model.eval()
+        for prompts in batches:
+            rows = [p for p in prompts for _ in range(G)]
+            generators = [torch.Generator().manual_seed(completion_seed(a.seed, step, p.index, k))
+                          for p in prompts for k in range(G)]
+            with self.autocast():
+                completions = sample_completions(model, [p.ids for p in rows], a.max_completion_length,
+                                                 self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                                                 a.temperature, generators)
+            done.append((rows, completions, self._score(rows, completions)))
+        model.train()
+        stats = self._rollout_stats(done)
+        units_per_token = float(stats["units"] / stats["tokens"])
+        batches = [self._rollouts(rows, completions, rewards, units_per_token) for rows, completions, rewards in done]
+        extra = self._rollout_metrics(stats)
+        extra["rollout_s"] = torch.tensor(time.perf_counter() - began, device=self.device)  # the loop averages ranks
+        return batches, extra
+
+    def _score(self, rows: list[Prompt], completions: list[list[int]]) -> torch.Tensor:
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        columns = {k: [p.columns.get(k) for p in rows] for k in rows[0].columns}
+        return score(self.rewards, texts, [p.prompt for p in rows], columns, [p.row for p in rows])
+
+    def _rollouts(self, rows: list[Prompt], completions: list[list[int]], per_function: torch.Tensor,
+                  units_per_token: float) -> Rollouts:
+        a = self.args
+        x, y, mask = training_rows([p.ids for p in rows], completions, self.tokenizer.pad_token_id)
+        advantages = group_advantages(weighted(per_function, self.rewards), a.num_generations, a.scale_rewards)
+        ref = None
+        if self.reference is not None:
+            with torch.no_grad(), self.autocast():
+                ref = token_logps(self.reference, x.to(self.device), y.to(self.device), mask.to(self.device))
+        return Rollouts(x, y, mask, advantages, ref, units_per_token)
+
+    def _rollout_stats(self, done: list[tuple[list[Prompt], list[list[int]], torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Sums over this step's completions on every process: counts, rewards, lengths, group spreads."""
+        a, G = self.args, self.args.num_generations
+        per_function = torch.cat([r for _, _, r in done])  # (N, F)
+        lengths = torch.tensor([float(len(c)) for _, completions, _ in done for c in completions])
+        truncated = torch.tensor([float(c[-1] != self.tokenizer.eos_token_id)
+                                  for _, completions, _ in done for c in completions])
+        total = weighted(per_function, self.rewards).view(-1, G)
+        judged = ~per_function.isnan()
+        values = per_function.nan_to_num(0.0)
+        rows = torch.tensor(float(len(lengths)))
+        units = {"grpo": rows, "dr_grpo": rows * a.max_completion_length, "dapo": lengths.sum()}[a.loss_type]
+        stats = dict(rows=rows, tokens=lengths.sum(), units=units, truncated=truncated.sum(),
+                     reward=total.sum(), group_std=total.std(dim=1).sum(),
+                     zero_std=(total.std(dim=1) == 0).float().sum(), groups=torch.tensor(float(total.shape[0])),
+                     judged=judged.float().sum(0), sums=values.sum(0), squares=(values**2).sum(0))
+        if dist.is_initialized():
+            flat = torch.cat([v.reshape(-1) for v in stats.values()]).to(self.device)
+            dist.all_reduce(flat)
+            sizes = [v.numel() for v in stats.values()]
+            stats = {k: v.view_as(stats[k]).cpu() for k, v in zip(stats, flat.split(sizes))}
+        return stats
+
+    def _rollout_metrics(self, s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The step's rollout metrics (the same on every process: the loop averages the processes' values)."""
+        means = s["sums"] / s["judged"].clamp(min=1)
+        stds = (s["squares"] / s["judged"].clamp(min=1) - means**2).clamp(min=0).sqrt()
+        m = {"reward": s["reward"] / s["rows"], "reward_std": s["group_std"] / s["groups"]}
+        for j, r in enumerate(self.rewards):
+            m[f"reward_{r.short_name}"], m[f"reward_{r.short_name}_std"] = means[j], stds[j]
+        m.update(completion_len=s["tokens"] / s["rows"], truncated=s["truncated"] / s["rows"],
+                 zero_std_groups=s["zero_std"] / s["groups"])
+        return {k: v.to(self.device) for k, v in m.items()}
+
+    # -- the loss ------------------------------------------------------------------------------------------
+
+    def loss_units(self, batch: Rollouts) -> torch.Tensor:
+        return loss_units(batch.mask, self.args.loss_type, self.args.max_completion_length)
+
+    def batch_tokens(self, batch: Rollouts) -> int:
+        return batch.x.numel()
+
+    def loss_sums(self, model: torch.nn.Module, batch: Rollouts, device: torch.device) -> dict[str, torch.Tensor]:
+        a = self.args
+        x, y, mask, advantages = (t.to(device, non_blocking=True) for t in batch[:4])
+        logps = token_logps(model, x, y, mask)
+        terms = token_terms(logps, logps.detach(), advantages, a.epsilon, a.epsilon_high or a.epsilon, a.beta,
+                            batch.ref_logps)
+        per_token = {k: (v * mask).sum() * batch.units_per_token for k, v in (("clipped", terms.clipped),
+                                                                             ("kl", terms.kl))}
+        return {"loss": loss_sum(terms.loss, mask, a.loss_type), **per_token}
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+
+    def validate(self, model: torch.nn.Module, dataset: PromptDataset, args: argparse.Namespace,
+                 d: trainer.DistInfo, autocast: Any) -> dict[str, float]:
+        """Greedy completions of the first --eval_samples held-out prompts, scored: the mean of each reward
+        (an exact-answer reward's is the accuracy) and of the completion length."""
+        n = min(len(dataset), args.eval_samples)
+        mine = [dataset[i] for i in range(d.rank, n, d.world_size)]
+        F = len(self.rewards)
+        sums = torch.zeros(2 * F + 2)  # per function: judged count, sum; then weighted total, length
+        model.eval()
+        for i in range(0, len(mine), args.batch_size * args.num_generations):
+            rows = mine[i : i + args.batch_size * args.num_generations]
+            with autocast():
+                completions = sample_completions(model, [p.ids for p in rows], args.max_completion_length,
+                                                 self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+            per_function = self._score(rows, completions)
+            sums += torch.cat([(~per_function.isnan()).float().sum(0), per_function.nan_to_num(0.0).sum(0),
+                               weighted(per_function, self.rewards).sum()[None],
+                               torch.tensor([float(sum(map(len, completions)))])])
+        model.train()
+        if d.world_size > 1:
+            sums = sums.to(d.device)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+        judged, totals, (reward, length) = sums[:F], sums[F : 2 * F], sums[2 * F :].tolist()
+        out = {"val_reward": reward / n}
+        for r, c, t in zip(self.rewards, judged.tolist(), totals.tolist()):
+            out[f"val_reward_{r.short_name}"] = t / c if c else float("nan")
+        out["val_completion_len"] = length / n
+        return out
+
+
+def weighted(per_function: torch.Tensor, rewards: list[Reward]) -> torch.Tensor:
+    """(N, F) rewards, NaN = not judged -> (N,) weighted sums, a NaN counting as 0 (TRL's nansum)."""
+    weights = torch.tensor([r.weight for r in rewards])
+    return (per_function * weights).nansum(dim=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    trainer.main(GRPO(), argv)
+
+
+if __name__ == "__main__":
+    main()

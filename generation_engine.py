@@ -1,0 +1,452 @@
+"""The generation engine behind serve.py: continuous batching of requests over one model, in one thread.
+
+A request becomes a Job (a prompt and its Sampling). The engine thread admits waiting jobs while the batch
+has room: each prompt is prefilled alone, then its KV cache is laid next to the others' (DecodeBatch), and
+every step decodes one token for every row. Each row is a small state machine (RowState): it decodes until
+it finishes (EOS, a stop string, its token budget), its client goes away, or something fails for it alone;
+then it leaves the batch and the next waiting job takes its place. The engine itself is one too
+(EngineState): starting, serving, then stopped (asked to) or failed (it could not go on). Every job gets a
+last Event in every case, so no client is ever left waiting.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from k_model import KVCache, Transformer
+from model_sample import TextGenerator
+from sampling import sample
+
+log = logging.getLogger("serve")
+
+# Below this a temperature is answered greedily: logits divided by 1e-38 overflow float32 (inf, then NaN
+# probabilities), and long before that sampling equals argmax except on exact ties.
+MIN_TEMPERATURE = 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A request as the engine sees it
+
+
+@dataclass
+class Sampling:
+    max_tokens: int  # already capped so that prompt + reply fit the context window
+    temperature: float  # 0 = greedy
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
+
+
+@dataclass
+class Failure:
+    """Why a job ended without its answer, and the HTTP status that says whose fault it is."""
+    message: str
+    status: int = 500  # 503: the server is stopping or its engine is gone; try again later or elsewhere
+
+    @classmethod
+    def of(cls, error: BaseException) -> Failure:
+        return cls(f"{type(error).__name__}: {error}")
+
+
+SHUTTING_DOWN = Failure("the server is shutting down", 503)
+
+
+@dataclass
+class Event:
+    """What the engine tells a job: more text, and on the last event why it ended and how many tokens were
+    generated (the end-of-sequence token included)."""
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled" (nobody reads it)
+    completion_tokens: int = 0
+    failure: Failure | None = None
+
+
+class Job:
+    """A request between its HTTP handler (on the event loop) and the engine thread, which sends it events
+    with call_soon_threadsafe. `cancelled` is set by the handler when its client goes away."""
+
+    def __init__(self, prompt: list[int], sampling: Sampling):
+        self.prompt = prompt
+        self.sampling = sampling
+        self.cancelled = False
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def emit(self, event: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: the server is gone
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def cancel(self) -> None:
+        """Its client went away: the engine drops its row at the next step, and its handler, still awaiting
+        events, gets a last one now (call on the event loop)."""
+        self.cancelled = True
+        self._events.put_nowait(Event("", "cancelled"))
+
+    def fail(self, failure: Failure, generated: int = 0) -> None:
+        self.emit(Event("", "error", generated, failure))
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self._events.get()
+            yield event
+            if event.finish_reason:
+                return
+
+
+class TextStream:
+    """A row's tokens -> text deltas. Like TextGenerator's streaming it holds back an incomplete character
+    (a Chinese character spans several byte-level tokens); it also holds back a tail that may be the start
+    of a stop string, so a stop string never reaches the client, even split across tokens."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str]):
+        self.decode = decode
+        self.stop = stop
+        self.tokens: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of self.text already handed out
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Adds a token; returns (new text that is safe to send, whether a stop string was reached)."""
+        self.tokens.append(token)
+        self.text = self.decode(self.tokens)
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if hits:
+            return self._release(min(hits)), True
+        if self.text.endswith("\ufffd"):
+            return "", False
+        return self._release(len(self.text) - self._stop_prefix_len()), False
+
+    def flush(self) -> str:
+        """Whatever is held back, once no token will follow."""
+        return self._release(len(self.text))
+
+    def _stop_prefix_len(self) -> int:
+        tail = self.text[self.sent :]
+        return max((k for s in self.stop for k in range(1, min(len(s), len(tail) + 1)) if tail.endswith(s[:k])),
+                   default=0)
+
+    def _release(self, end: int) -> str:
+        piece, self.sent = self.text[self.sent : end], end
+        return piece
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The batch's KV caches
+
+
+@dataclass
+class Prefilled:
+    """A prompt run alone: the caches of its prefill (batch 1) and how many tokens they hold."""
+    caches: list[KVCache]
+    length: int
+
+
+@dataclass
+class CachedRow:
+    """Where a row of the next layout copies its keys and values from: row `index` of `caches`, its `length`
+    tokens ending just before slot `end`."""
+    caches: list[KVCache]
+    index: int
+    length: int
+    end: int
+
+
+class DecodeBatch:
+    """The KV caches of the rows being decoded, laid side by side. Rows are right-aligned, so every row's
+    newest token sits in the same cache slot and one forward step serves them all; a shorter row's first
+    slots are padding, masked out. The layout is rebuilt only when rows join or leave."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.caches: list[KVCache] = []
+        self.lengths: list[int] = []  # tokens cached per row
+        self.key_mask: torch.Tensor | None = None  # (B, max_seq_len): the cache slots each row attends to
+
+    @property
+    def width(self) -> int:
+        return max(self.lengths, default=0)
+
+    def prefill(self, prompt: list[int]) -> tuple[torch.Tensor, Prefilled]:
+        """One prompt alone (as model.generate runs it): its next-token logits (V,) and its caches."""
+        tokens = torch.tensor([prompt], device=self.model.device)
+        caches = self.model.new_caches(1, tokens.device)
+        logits, _, _ = self.model.prefill(tokens, torch.ones_like(tokens, dtype=torch.bool), caches)
+        return logits[0], Prefilled(caches, len(prompt))
+
+    def regroup(self, keep: list[int], joining: list[Prefilled]) -> None:
+        """The new batch: the kept rows (indices into the current one, in order), then the joining ones. All
+        or nothing: if the new caches cannot be made (out of memory), the batch stays as it was."""
+        rows = [CachedRow(self.caches, i, self.lengths[i], self.width) for i in keep]
+        rows += [CachedRow(p.caches, 0, p.length, p.length) for p in joining]
+        lengths = [row.length for row in rows]
+        width, device = max(lengths, default=0), self.model.device
+        caches = self.model.new_caches(len(rows), device) if rows else []
+        for layer, cache in enumerate(caches):
+            for b, row in enumerate(rows):
+                source = row.caches[layer]
+                cache.k[b, :, width - row.length : width] = source.k[row.index, :, row.end - row.length : row.end]
+                cache.v[b, :, width - row.length : width] = source.v[row.index, :, row.end - row.length : row.end]
+        slots = torch.arange(self.model.config.max_seq_len, device=device)
+        first = torch.tensor([width - n for n in lengths], device=device)
+        self.caches, self.lengths, self.key_mask = caches, lengths, (slots >= first[:, None]) & (slots < width)
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feeds each row its newest token into slot `width`; returns every row's next-token logits (B, V)."""
+        device, width = self.model.device, self.width
+        self.key_mask[:, width] = True
+        logits = self.model.decode_step(torch.tensor(tokens, device=device),
+                                        torch.tensor(self.lengths, device=device),  # a row's next position
+                                        torch.tensor([width], device=device), self.key_mask[:, : width + 1],
+                                        self.caches)
+        self.lengths = [n + 1 for n in self.lengths]
+        return logits
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine
+
+
+class RowState(enum.Enum):
+    DECODING = "decoding"  # in the batch; its next token is fed at the next step
+    FINISHED = "finished"  # got its last event: EOS, a stop string or its token budget
+    CANCELLED = "cancelled"  # its client went away
+    FAILED = "failed"  # something failed for this row alone; it got an error event
+
+
+@dataclass
+class Row:
+    """A job being decoded: its text so far, its random stream, and the token to feed at the next step."""
+    job: Job
+    text: TextStream
+    rng_state: torch.Tensor
+    state: RowState = RowState.DECODING
+    generated: int = 0
+    next_token: int = -1
+
+
+class EngineState(enum.Enum):
+    STARTING = "starting"  # packing the weights
+    SERVING = "serving"
+    STOPPED = "stopped"  # asked to stop: every job got its last event
+    FAILED = "failed"  # could not go on: every job got an error, and new ones are refused
+
+
+class EngineUnavailable(Exception):
+    """A job was submitted to an engine that stopped or failed."""
+
+
+class QueueFull(Exception):
+    """max_waiting jobs wait already."""
+
+
+class Engine:
+    """Owns the model and runs it in one thread: admits waiting jobs (up to max_batch rows), decodes a token
+    for every row per step, sends each job its text, drops rows that ended. A failure costs the rows it
+    touched and no others; one the engine cannot recover from fails every job and leaves it FAILED (its
+    `on_failure` callback tells the server)."""
+
+    def __init__(self, gen: TextGenerator, max_batch: int = 16, max_waiting: int = 256):
+        if max_batch < 1 or max_waiting < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_waiting >= 0, got {max_batch} and {max_waiting}")
+        self.gen = gen
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.batch = DecodeBatch(gen.model)
+        self.rows: list[Row] = []
+        self.waiting: queue.Queue[Job | None] = queue.Queue()  # None wakes the thread to see a stop request
+        self._stop_asked = threading.Event()
+        self.state = EngineState.STARTING
+        self.failure: Failure | None = None  # why it FAILED
+        self.on_failure: Callable[[], None] = lambda: None
+        self.counts = {state.value: 0 for state in RowState if state is not RowState.DECODING}
+        self._lock = threading.Lock()  # a job is queued only while the engine accepts jobs
+        # k_model.sample draws from torch's default generator of the model's device
+        if gen.device.type == "cuda":
+            self._get_rng = lambda: torch.cuda.get_rng_state(gen.device)
+            self._set_rng = lambda state: torch.cuda.set_rng_state(state, gen.device)
+        else:
+            self._get_rng, self._set_rng = torch.get_rng_state, torch.set_rng_state
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    # -- the server's side ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends every running and waiting job with SHUTTING_DOWN (at the next step), then the thread."""
+        self._stop_asked.set()
+        self.waiting.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self.state in (EngineState.STOPPED, EngineState.FAILED):
+                raise EngineUnavailable(self.failure.message if self.failure else SHUTTING_DOWN.message)
+            if self.waiting.qsize() >= self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} requests are waiting already")
+            self.waiting.put(job)
+
+    def stats(self) -> dict[str, int | str]:
+        return {"state": self.state.value, "running": len(self.rows), "waiting": self.waiting.qsize(),
+                "max_batch": self.max_batch, "max_waiting": self.max_waiting, **self.counts}
+
+    # -- the engine thread ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            # the weights never change while serving: their packed copies for decode steps are made once
+            with torch.inference_mode(), self.gen.model.packed_weights():
+                self.state = EngineState.SERVING
+                while not self._stop_asked.is_set():
+                    self._admit()
+                    self._decode()
+        except Exception as e:  # noqa: BLE001 - whatever it was, no job may be left waiting
+            log.exception("the engine failed")
+            self.failure = Failure(f"the engine failed: {Failure.of(e).message}", 503)
+            self._close(EngineState.FAILED, self.failure)
+            self.on_failure()
+            return
+        self._close(EngineState.STOPPED, SHUTTING_DOWN)
+
+    def _close(self, state: EngineState, failure: Failure) -> None:
+        """Ends every row and waiting job with `failure`; from then on submit refuses."""
+        with self._lock:
+            self.state = state
+            for row in self.rows:
+                row.job.fail(failure, row.generated)
+            self.rows = []
+            while not self.waiting.empty():
+                if job := self.waiting.get_nowait():
+                    job.fail(failure)
+
+    def _admit(self) -> None:
+        """Moves waiting jobs into the batch while there is room; blocks while there is nothing to decode."""
+        joining: list[tuple[Row, Prefilled]] = []
+        while len(self.rows) + len(joining) < self.max_batch:
+            try:
+                job = self.waiting.get(block=not (self.rows or joining))
+            except queue.Empty:
+                break
+            if job is None:  # stop() woke the thread
+                break
+            if job.cancelled:
+                self.counts[RowState.CANCELLED.value] += 1
+                continue
+            if admitted := self._prefill(job):
+                joining.append(admitted)
+        if not joining:
+            return
+        try:
+            self.batch.regroup(list(range(len(self.rows))), [prefilled for _, prefilled in joining])
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: the batch is unchanged, the joining rows fail
+            log.exception("growing the batch failed")
+            for row, _ in joining:
+                self._end(row, RowState.FAILED, failure=Failure.of(e))
+            return
+        self.rows += [row for row, _ in joining]
+
+    def _prefill(self, job: Job) -> tuple[Row, Prefilled] | None:
+        """The job's prompt run alone and its first token drawn; None if it failed or already ended."""
+        row = Row(job, TextStream(self.gen.decode, job.sampling.stop), self._seeded_state(job.sampling.seed))
+        try:
+            logits, prefilled = self.batch.prefill(job.prompt)
+        except Exception as e:  # noqa: BLE001 - this request alone fails
+            log.exception("prefill failed")
+            self._end(row, RowState.FAILED, failure=Failure.of(e))
+            return None
+        self._advance(row, logits)
+        return (row, prefilled) if row.state is RowState.DECODING else None
+
+    def _decode(self) -> None:
+        """One step for every row: drops the cancelled rows first, then those that ended at this step."""
+        for row in self.rows:
+            if row.job.cancelled:
+                self._end(row, RowState.CANCELLED)
+        self._drop_ended()
+        if not self.rows:
+            return
+        try:
+            logits = self.batch.step([row.next_token for row in self.rows])
+        except Exception as e:  # noqa: BLE001 - the step is shared: every row in it fails, the engine goes on
+            log.exception("decode step failed")
+            for row in self.rows:
+                self._end(row, RowState.FAILED, failure=Failure.of(e))
+        else:
+            for b, row in enumerate(self.rows):
+                self._advance(row, logits[b])
+        self._drop_ended()
+
+    def _drop_ended(self) -> None:
+        keep = [b for b, row in enumerate(self.rows) if row.state is RowState.DECODING]
+        if len(keep) < len(self.rows):
+            self.batch.regroup(keep, [])  # smaller than the batch it replaces
+            self.rows = [self.rows[b] for b in keep]
+
+    def _advance(self, row: Row, logits: torch.Tensor) -> None:
+        """Draws the row's next token from its logits (V,) and sends the text, or ends the row."""
+        s = row.job.sampling
+        try:
+            token = self._draw(row, logits)
+        except Exception as e:  # noqa: BLE001 - this row alone fails
+            log.exception("sampling failed")
+            return self._end(row, RowState.FAILED, failure=Failure.of(e))
+        row.generated += 1
+        if token == self.gen.eos_id and not s.ignore_eos:
+            return self._end(row, RowState.FINISHED, row.text.flush(), "stop")
+        piece, stopped = row.text.push(token)
+        if stopped:
+            return self._end(row, RowState.FINISHED, piece, "stop")
+        if row.generated >= s.max_tokens:
+            return self._end(row, RowState.FINISHED, piece + row.text.flush(), "length")
+        if piece:
+            row.job.emit(Event(piece))
+        row.next_token = token
+
+    def _end(self, row: Row, state: RowState, piece: str = "", reason: str = "error",
+             failure: Failure | None = None) -> None:
+        """The row's last event (none for a cancelled row: nobody reads it); it leaves at the next regroup."""
+        row.state = state
+        self.counts[state.value] += 1
+        if state is RowState.FINISHED:
+            row.job.emit(Event(piece, reason, row.generated))
+        elif state is RowState.FAILED:
+            row.job.fail(failure or Failure("unknown failure"), row.generated)
+
+    def _draw(self, row: Row, logits: torch.Tensor) -> int:
+        """Greedy, or one draw from the row's own random stream: k_model.sample draws from the default
+        generator, so the row's state is swapped in for the draw (and the default's put back after, also
+        when the draw fails). A seeded request thus gets the tokens it gets alone after
+        torch.manual_seed(seed), whoever shares its batch."""
+        s = row.job.sampling
+        if s.greedy:
+            return int(logits.argmax())
+        saved = self._get_rng()
+        self._set_rng(row.rng_state)
+        try:
+            token = int(sample(logits[None], s.temperature, s.top_k, s.top_p)[0])
+            row.rng_state = self._get_rng()
+        finally:
+            self._set_rng(saved)
+        return token
+
+    def _seeded_state(self, seed: int | None) -> torch.Tensor:
+        rng = torch.Generator(self.gen.device)
+        if seed is None:
+            rng.seed()  # a fresh random seed
+        else:
+            rng.manual_seed(seed)
+        return rng.get_state()

@@ -1,0 +1,309 @@
+"""GRPO (ddp_grpo.py, rewards.py): the loss and its gradient equal TRL's published formulas written out here;
+reward functions load by FILE.py:FUNCTION and a bad one stops the run with one line naming it and the row;
+the built-in rewards verify answers; a run of 2 gloo processes equals 1 process; an interrupted run resumes
+to exactly the uninterrupted one (the rollouts' sampling included); over-long prompts are counted and skipped."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddp_grpo
+import ddp_pretrain
+import rewards
+from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, read_metrics, run_script, write_jsonl
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss against TRL's formulas (GRPOTrainer._compute_loss), written out independently
+
+
+def trl_loss(logps, old, ref, rewards_, mask, G, loss_type, scale, eps_low, eps_high, beta, max_len):
+    """TRL's GRPO loss on one whole batch, term by term as its documentation states them."""
+    grouped = rewards_.view(-1, G)
+    mean = grouped.mean(1).repeat_interleave(G)
+    adv = rewards_ - mean
+    if scale == "group":
+        adv = adv / (grouped.std(1).repeat_interleave(G) + 1e-4)
+    coef_1 = torch.exp(logps - old)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(coef_1 * adv[:, None], coef_2 * adv[:, None])
+    if beta:
+        per_token = per_token + beta * (torch.exp(ref - logps) - (ref - logps) - 1)
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "dr_grpo":
+        return (per_token * mask).sum() / (per_token.size(0) * max_len)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)  # dapo: tokens of the whole (global) batch
+
+
+@pytest.mark.parametrize("loss_type", ddp_grpo.LOSS_TYPES)
+@pytest.mark.parametrize("scale,beta,eps_high", [("group", 0.0, 0.2), ("none", 0.04, 0.28)])
+def test_loss_and_gradient_equal_trl_formulas(loss_type, scale, beta, eps_high):
+    g = torch.Generator().manual_seed(0)
+    N, T, G, max_len = 8, 6, 4, 10
+    old = -torch.rand(N, T, generator=g, dtype=torch.float64) * 3
+    logps = (old + 0.4 * torch.randn(N, T, generator=g, dtype=torch.float64)).requires_grad_()  # some ratios clip
+    ref = old + 0.3 * torch.randn(N, T, generator=g, dtype=torch.float64)
+    rewards_ = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 2.0, 1.0], dtype=torch.float64)
+    lengths = torch.tensor([6, 3, 1, 5, 6, 2, 4, 6])
+    mask = (torch.arange(T)[None] < lengths[:, None]).double()
+
+    expected = trl_loss(logps, old, ref, rewards_, mask, G, loss_type, scale, 0.2, eps_high, beta, max_len)
+    (want_grad,) = torch.autograd.grad(expected, logps)
+    # ours, as the loop computes it: two micro-batches of two groups, each a sum divided by the step's units
+    total, units = 0.0, sum(ddp_grpo.loss_units(mask[k : k + 4], loss_type, max_len) for k in (0, 4))
+    for k in (0, 4):
+        rows = slice(k, k + 4)
+        adv = ddp_grpo.group_advantages(rewards_[rows], G, scale)
+        terms = ddp_grpo.token_terms(logps[rows], old[rows], adv, 0.2, eps_high, beta, ref[rows] if beta else None)
+        total = total + ddp_grpo.loss_sum(terms.loss, mask[rows], loss_type) / units
+    (got_grad,) = torch.autograd.grad(total, logps)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-15)
+    assert 0 < float((ddp_grpo.token_terms(logps, old, torch.ones(N), 0.2, eps_high, 0, None).clipped * mask).sum())
+
+
+def test_policy_gradient_at_ratio_one_is_advantage_times_score():
+    """With one update per rollout (pi_old = pi, detached), d loss / d logp = -A / |o| per token (grpo)."""
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    adv = torch.tensor([1.5, -1.5])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    terms = ddp_grpo.token_terms(logps, logps.detach(), adv, 0.2, 0.2, 0.0, None)
+    ddp_grpo.loss_sum(terms.loss, mask, "grpo").backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([[-0.75, -0.75], [1.5, 0.0]]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rewards
+
+
+def test_exact_answer_reads_numbers_in_their_forms():
+    completions = ["42+17=59", "答案: \\boxed{1059}", "1,059", "58", "no idea", "#### 72"]
+    answers = ["59", "1059", "1059", "59", "59", "The sum is 70 + 2.\n#### 72"]
+    assert rewards.exact_answer(completions, answer=answers) == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    assert rewards.exact_answer(["59"], answer=["not a number"]) == [None]
+
+
+def test_numeric_closeness_gives_near_misses_partial_credit():
+    got = rewards.numeric_closeness(["42+17=59", "=60", "=118", "none", "1,059"],
+                                    answer=["59", "59", "59", "59", "1059"])
+    assert got == pytest.approx([1.0, 1 - 1 / 59, 0.0, 0.0, 1.0])
+    assert rewards.numeric_closeness(["1"], answer=["n/a"]) == [None]
+
+
+def test_answer_format_wants_an_answer_a_verifier_can_read():
+    assert rewards.answer_format(["42+17=59", "\\boxed{3}", "59", "=59 apples", "42+17="]) == [1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+BAD_REWARDS = '''
+import math
+import re
+def short(completions, **kw):
+    return [1.0] * (len(completions) - 1)
+def raises(completions, answer, **kw):
+    return [1.0 / (len(c) - len(c)) for c in completions]
+def nan_on_second(completions, **kw):
+    return [math.nan if i == 1 else 0.0 for i, _ in enumerate(completions)]
+def needs_label(completions, label):
+    return [0.0] * len(completions)
+def skip_all(completions, **kw):
+    return [None] * len(completions)
+'''
+
+
+@pytest.mark.parametrize("function,message", [
+    ("short", "reward {f}:short returned 1 value(s) for 2 completions (scoring rows d.jsonl:1, 2)"),
+    ("raises", "reward {f}:raises raised ZeroDivisionError: float division by zero (scoring rows d.jsonl:1, 2)"),
+    ("nan_on_second", "reward {f}:nan_on_second returned nan for row d.jsonl:2: rewards must be finite"),
+])
+def test_bad_reward_values_name_the_function_and_row(tmp_path, function, message):
+    file = tmp_path / "mine.py"
+    file.write_text(BAD_REWARDS)
+    reward = rewards.load_reward(f"{file}:{function}")
+    with pytest.raises(ValueError) as err:
+        rewards.score([reward], ["1", "2"], ["p", "q"], {"answer": ["1", "2"]}, ["d.jsonl:1", "d.jsonl:2"])
+    assert message.format(f=file) in str(err.value)
+
+
+def test_reward_files_that_are_not_there_are_refused(tmp_path):
+    file = tmp_path / "mine.py"
+    file.write_text(BAD_REWARDS)
+    with pytest.raises(FileNotFoundError, match="--reward nowhere.py:f: nowhere.py: no such file"):
+        rewards.load_reward("nowhere.py:f")
+    with pytest.raises(ValueError, match=r"defines no function missing \(its functions: nan_on_second, "):
+        rewards.load_reward(f"{file}:missing")
+    with pytest.raises(ValueError, match="expected FILE.py:FUNCTION"):
+        rewards.load_reward(str(file))
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    with pytest.raises(ValueError, match="importing .*broken.py failed: SyntaxError"):
+        rewards.load_reward(f"{tmp_path / 'broken.py'}:f")
+    with pytest.raises(ValueError, match=r"needs column\(s\) \['label'\], which the records of d.jsonl lack"):
+        rewards.check_columns([rewards.load_reward(f"{file}:needs_label")], {"answer"}, "d.jsonl")
+
+
+def test_none_skips_a_function_and_weights_combine():
+    values = torch.tensor([[1.0, math.nan], [0.0, 1.0]])
+    both = [rewards.Reward("a.py:a", None, 1.0), rewards.Reward("b.py:b", None, 0.5)]
+    torch.testing.assert_close(ddp_grpo.weighted(values, both), torch.tensor([1.0, 0.5]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The script
+
+
+def arith_prompts(path: Path, n: int, start: int = 0) -> str:
+    records = [{"prompt": f"{a}加{a % 7}等于多少?", "answer": str(a + a % 7)}
+               for a in range(start + 10, start + 10 + n)]
+    return str(write_jsonl(path, records))
+
+
+REWARD_FILE = '''
+def digits(completions, answer, **kw):
+    """A graded reward that even a random model's completions spread over: their distinct characters, and
+    a bonus for each of the answer's digits they contain."""
+    return [len(set(c)) / 8 + sum(ch in c for ch in a) for c, a in zip(completions, answer)]
+'''
+
+
+@pytest.fixture(scope="module")
+def grpo_setup(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny pretrained model, prompts and a reward file."""
+    root = tmp_path_factory.mktemp("grpo")
+    train_bin, _ = make_pretrain_data(root, tiny_tokenizer_dir, n_train=60, n_val=10)
+    ddp_pretrain.main(["--data_path", train_bin, "--val_data_path", "", "--tokenizer_path", tiny_tokenizer_dir,
+                       "--out_dir", str(root / "init"), *TINY_MODEL, "--max_seq_len", "64", *QUIET, "--batch_size", "8",
+                       "--max_steps", "2", "--log_interval", "1"])
+    (root / "my_rewards.py").write_text(REWARD_FILE)
+    return dict(root=root, init=str(root / "init"), train=arith_prompts(root / "train.jsonl", 48),
+                val=arith_prompts(root / "val.jsonl", 12, start=500), reward=f"{root / 'my_rewards.py'}:digits")
+
+
+def grpo_args(s: dict, *extra: str) -> list[str]:
+    return ["--init_from", s["init"], "--data_path", s["train"], "--val_data_path", s["val"],
+            "--reward", s["reward"], "--reward", "rewards.py:answer_format", "--reward_weights", "1", "0.5",
+            *QUIET, "--max_seq_len", "64", "--max_completion_length", "8", "--num_generations", "4",
+            "--learning_rate", "3e-3", "--log_interval", "1", "--eval_interval", "3", "--eval_samples", "8",
+            "--save_interval", "100", "--sample_tokens", "0", *extra]
+
+
+def assert_same_run(a: Path, b: Path, steps: int) -> None:
+    sa, sb = torch.load(a / "ckpt.pt", weights_only=True), torch.load(b / "ckpt.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == steps
+    for key, weight in sa["model"].items():
+        torch.testing.assert_close(sb["model"][key], weight, atol=1e-5, rtol=0, msg=key)
+    for metric in ("loss", "reward", "reward_digits", "completion_len", "clipped", "val_reward"):
+        ref, got = read_metrics(a, metric), read_metrics(b, metric)
+        assert [s for s, _ in got] == [s for s, _ in ref] and ref, metric
+        assert [v for _, v in got] == pytest.approx([v for _, v in ref], abs=1e-5), metric
+
+
+def test_grpo_trains_and_logs_its_metrics(grpo_setup, tmp_path):
+    out = tmp_path / "run"
+    ddp_grpo.main(grpo_args(grpo_setup, "--out_dir", str(out), "--max_steps", "3", "--batch_size", "4"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for key in ("reward", "reward_std", "reward_digits", "reward_digits_std", "reward_answer_format",
+                "completion_len", "truncated", "zero_std_groups", "clipped", "kl", "rollout_s"):
+        assert all(r[key] is not None for r in steps), key
+    assert all(1 <= r["completion_len"] <= 8 and r["rollout_s"] > 0 for r in steps)
+    assert len({r["reward"] for r in steps}) > 1  # the completions change as the model does
+    evals = [r for r in records if "val_reward" in r]
+    assert [r["step"] for r in evals] == [0, 3]  # the start model first: the baseline to beat
+    assert (out / "hf" / "config.json").exists()
+
+
+def test_two_processes_train_like_one(grpo_setup, tmp_path):
+    # 8 prompts x 4 completions a step: 2 processes x 2 prompts x 2 accumulation steps, or 1 x 8
+    common = grpo_args(grpo_setup, "--max_steps", "3")
+    ddp = run_script("ddp_grpo.py", common + ["--out_dir", str(tmp_path / "ddp"), "--batch_size", "2",
+                                              "--accumulation_steps", "2"], nproc=2, timeout=240)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ddp_grpo.main(common + ["--out_dir", str(tmp_path / "one"), "--batch_size", "8"])
+    assert_same_run(tmp_path / "one", tmp_path / "ddp", 3)
+
+
+def test_resumed_run_samples_and_trains_like_an_uninterrupted_one(grpo_setup, tmp_path):
+    """Stopped by SIGINT mid-run (it saves after the step it is in), then resumed: the rollouts after the
+    resume must be the ones the uninterrupted run sampled, so the weights and metrics match."""
+    common = grpo_args(grpo_setup, "--batch_size", "4", "--dropout", "0.1", "--max_steps", "8")
+    ddp_grpo.main(common + ["--out_dir", str(tmp_path / "whole")])
+    cut = tmp_path / "cut"
+    log = tmp_path / "cut.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "ddp_grpo.py"), *common, "--out_dir", str(cut)],
+                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 120
+    while not (cut / "metrics.jsonl").exists() or len(read_metrics(cut)) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 128 + signal.SIGINT, log.read_text()[-3000:]
+    stopped_at = torch.load(cut / "ckpt.pt", weights_only=True)["step"]
+    assert 3 <= stopped_at < 8
+    ddp_grpo.main(common + ["--out_dir", str(cut), "--resume"])
+    assert_same_run(tmp_path / "whole", cut, 8)
+
+
+def test_a_bad_reward_stops_the_first_rollout_with_one_line_and_keeps_the_checkpoint(grpo_setup, tmp_path):
+    out = tmp_path / "run"
+    args = grpo_args(grpo_setup, "--out_dir", str(out), "--batch_size", "4", "--val_data_path", "")
+    ddp_grpo.main(args + ["--max_steps", "1"])
+    saved = (out / "ckpt.pt").read_bytes()
+    bad = tmp_path / "bad.py"
+    bad.write_text(BAD_REWARDS)
+    for function, said in (("short", "returned 15 value(s) for 16 completions"), ("raises", "raised ZeroDivisionError"),
+                           ("nan_on_second", "returned nan for row")):
+        run = run_script("ddp_grpo.py", args + ["--overwrite", "--max_steps", "2", "--reward", f"{bad}:{function}",
+                                                "--reward_weights", "1", "1", "1"])
+        assert run.returncode == 1
+        assert run.stderr.strip().splitlines()[-1].startswith(f"error: reward {bad}:{function} "), run.stderr[-2000:]
+        assert said in run.stderr and grpo_setup["train"] in run.stderr
+        assert (out / "ckpt.pt").read_bytes() == saved  # nothing saved over the last good checkpoint
+    missing = run_script("ddp_grpo.py", args + ["--overwrite", "--reward", f"{bad}:nothing", "--reward_weights", "1",
+                                                "1", "1"])
+    assert missing.returncode == 1 and f"error: --reward {bad}:nothing: " in missing.stderr
+
+
+def test_prompts_longer_than_the_context_are_counted_and_skipped(grpo_setup, tmp_path, capsys):
+    long_prompt = {"prompt": "加" * 80, "answer": "1"}
+    data = write_jsonl(tmp_path / "data.jsonl", [*[json.loads(line) for line in
+                                                   Path(grpo_setup["train"]).read_text().splitlines()[:16]],
+                                                 long_prompt, long_prompt])
+    ddp_grpo.main(grpo_args(grpo_setup, "--data_path", str(data), "--out_dir", str(tmp_path / "run"),
+                            "--batch_size", "4", "--max_steps", "1", "--val_data_path", ""))
+    assert f"{data}: skipped 2 prompt(s) longer than 56 tokens" in capsys.readouterr().err
+
+
+def test_arithmetic_task_holds_out_its_test_problems_and_its_answers_verify(tmp_path):
+    import data_process
+
+    files = data_process.build_arith(str(tmp_path), sft_size=300, rl_size=200, test_size=100)
+    sft, rl, test = ([json.loads(line) for line in Path(f).read_text(encoding="utf-8").splitlines()] for f in files)
+    assert (len(sft), len(rl), len(test)) == (300, 200, 100)
+
+    def problem(prompt: str) -> tuple:
+        a, b = (int(n) for n in re.findall(r"\d+", prompt))
+        op = "+" if any(w in prompt for w in ("加", "又")) else "-"
+        return (op, *sorted((a, b))) if op == "+" else (op, a, b)
+
+    held_out = {problem(r["prompt"]) for r in test}
+    seen = {problem(c["conversations"][0]["content"]) for c in sft} | {problem(r["prompt"]) for r in rl}
+    assert not held_out & seen and len(held_out) == 100
+    for r in test + rl:
+        op, a, b = problem(r["prompt"])
+        assert int(r["answer"]) == (a + b if op == "+" else a - b) >= 0
+        assert 10 <= min(a, b) and max(a, b) <= 999
+    replies = [c["conversations"][1]["content"] for c in sft]
+    answers = [str(eval(reply.split("=")[0])) for reply in replies]  # the reply's own working, evaluated
+    assert rewards.exact_answer(replies, answer=answers) == [1.0] * 300
