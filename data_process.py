@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import JsonlRecords, bos_prefix, encode_chat, encode_documents, token_dtype
-from loading import tokenizer_fingerprint
+from support.loading import tokenizer_fingerprint
 from model_sample import TextGenerator
 
 # ---------------------------------------------------------------------------------------------------------

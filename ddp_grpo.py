@@ -40,7 +40,7 @@ import trainer
 from dataset import decode_json, encode_chat
 from ddp_sft_full import SFT
 from k_model import Transformer
-from loading import check_model_tokenizer, resolve_dtype
+from support.loading import check_model_tokenizer, resolve_dtype
 from rewards import Reward, check_columns, load_rewards, score
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")

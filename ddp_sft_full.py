@@ -16,11 +16,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import lora
+from support import lora
 import trainer
 from dataset import SFTDataset, encode_chat
-from loading import SourcedModel, initial_model, load_tokenizer, tokenizer_dir_for, with_chat_template
-from train_task import Task
+from support.loading import SourcedModel, initial_model, load_tokenizer, tokenizer_dir_for, with_chat_template
+from support.train_task import Task
 
 
 class SFT(Task):

@@ -27,10 +27,10 @@ from typing import Any, Callable
 import torch
 import yaml
 
-import loading
-from checkpoint import CKPT_NAME
+from support import loading
+from support.checkpoint import CKPT_NAME
 from k_model import Transformer
-from loading import ADAPTER_CONFIG, DTYPES, resolve_device, resolve_dtype
+from support.loading import ADAPTER_CONFIG, DTYPES, resolve_device, resolve_dtype
 
 TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
 OFFLINE_TASKS = ["sentiment_mc", "sentiment_gen", "news_cloze", "news_ppl"]

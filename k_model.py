@@ -32,10 +32,10 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from chunked_loss import linear_cross_entropy
-from compiled_step import compile_step
-from cpu_matmul import Linear, packed_weights
-from sampling import check_sampling, sample, stop_list, stop_tensor
+from support.chunked_loss import linear_cross_entropy
+from support.compiled_step import compile_step
+from support.cpu_matmul import Linear, packed_weights
+from support.sampling import check_sampling, sample, stop_list, stop_tensor
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dataset import JsonlRecords, PretrainDataset, document_start_ids, encode_chat
 from k_model import Transformer
-from loading import DTYPES, open_model, resolve_device, resolve_dtype
+from support.loading import DTYPES, open_model, resolve_device, resolve_dtype
 
 DEFAULT_PRETRAIN_PROMPTS = ["中国", "北京", "今天"]
 DEFAULT_SFT_PROMPTS = [

@@ -47,8 +47,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from generation_engine import Engine, EngineUnavailable, Event, Job, QueueFull, Sampling
-from loading import DTYPES
+from support.generation_engine import Engine, EngineUnavailable, Event, Job, QueueFull, Sampling
+from support.loading import DTYPES
 from model_sample import TextGenerator
 
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"

@@ -42,16 +42,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from checkpoint import CKPT_NAME, config_to_dict, load_checkpoint, save_checkpoint
-from loading import SourcedModel, check_model_tokenizer, model_from_state, resolve_dtype
-from optim import lr_at, make_optimizer
-from perf import peak_flops
-from tokenizer_spec import tokenizer_fingerprint
-from train_flags import build_parser, check_args, check_resume_flags, resolve_args, with_model_values
-from train_progress import Progress
-from train_steps import autocast_factory, dtype_names, greedy_samples, peak_memory, step_seed, train_step
-from train_task import Task, check_targets
-from trainer_utils import DistInfo, RunLogger, StopRequest, iterate_steps, setup_distributed, steps_left
+from support.checkpoint import CKPT_NAME, config_to_dict, load_checkpoint, save_checkpoint
+from support.loading import SourcedModel, check_model_tokenizer, model_from_state, resolve_dtype
+from support.optim import lr_at, make_optimizer
+from support.perf import peak_flops
+from support.tokenizer_spec import tokenizer_fingerprint
+from support.train_flags import build_parser, check_args, check_resume_flags, resolve_args, with_model_values
+from support.train_progress import Progress
+from support.train_steps import autocast_factory, dtype_names, greedy_samples, peak_memory, step_seed, train_step
+from support.train_task import Task, check_targets
+from support.trainer_utils import DistInfo, RunLogger, StopRequest, iterate_steps, setup_distributed, steps_left
 
 
 class TrainingError(RuntimeError):

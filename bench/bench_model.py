@@ -39,9 +39,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from common import interleaved, machine_line, peak_memory, read_bandwidth  # noqa: E402
-from hf_llama import to_hf_llama  # noqa: E402
+from support.hf_llama import to_hf_llama  # noqa: E402
 from k_model import ModelConfig, Transformer  # noqa: E402
-from loading import cpu_has_native_bf16  # noqa: E402
+from support.loading import cpu_has_native_bf16  # noqa: E402
 
 VARIANTS = ("ours eager", "ours compiled", "HF Llama")
 

@@ -24,7 +24,7 @@ def cpu_name() -> str:
 
 
 def machine_line(device: str) -> str:
-    from loading import cpu_has_native_bf16  # the repo root is on sys.path in every bench script
+    from support.loading import cpu_has_native_bf16  # the repo root is on sys.path in every bench script
 
     bf16 = ", native bf16" if cpu_has_native_bf16() else ""
     cpu = f"cpu ({torch.backends.cpu.get_cpu_capability()}{bf16})"

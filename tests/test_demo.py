@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint import load_checkpoint
+from support.checkpoint import load_checkpoint
 from model_sample import TextGenerator
 from train_helpers import ROOT, read_metrics
 

@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import ddp_pretrain
 import ddp_sft_full
 import trainer
-from loading import model_from_state, open_model
+from support.loading import model_from_state, open_model
 from model_sample import TextGenerator
-from trainer_utils import DistInfo, StopRequest
+from support.trainer_utils import DistInfo, StopRequest
 from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, run_script
 
 LORA = ["--lora_r", "4", "--lora_alpha", "8"]

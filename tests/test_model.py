@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM
 
-import chunked_loss
-import cpu_matmul
-from chunked_loss import linear_cross_entropy
-from cpu_matmul import mm_t
-from hf_llama import export_hf, from_hf_llama, load_hf, to_hf_llama
+from support import chunked_loss
+from support import cpu_matmul
+from support.chunked_loss import linear_cross_entropy
+from support.cpu_matmul import mm_t
+from support.hf_llama import export_hf, from_hf_llama, load_hf, to_hf_llama
 from k_model import ModelConfig, Transformer
-from sampling import sample
+from support.sampling import sample
 
 VOCAB = 97
 

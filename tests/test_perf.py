@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import perf
+from support import perf
 
 
 @pytest.mark.parametrize("device_name, tflops", [

@@ -26,7 +26,7 @@ import pytest
 import torch
 import uvicorn
 
-from hf_llama import export_hf
+from support.hf_llama import export_hf
 from k_model import ModelConfig, Transformer
 from model_sample import TextGenerator
 from serve import create_app

@@ -98,7 +98,7 @@ def test_a_row_whose_sampling_fails_ends_alone(gen, monkeypatch):
     """Whatever goes wrong while sampling one row's token in a running batch (here the marked request's third
     draw raises as torch does for NaN probabilities), that row ends with a server error and the greedy row
     beside it is answered in full."""
-    import generation_engine
+    from support import generation_engine
 
     real = generation_engine.sample
     draws = []

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from hf_llama import LAYER_WEIGHTS
+from support.hf_llama import LAYER_WEIGHTS
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")

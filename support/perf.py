@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cpu_matmul import mm_t
+from support.cpu_matmul import mm_t
 
 # Dense (no sparsity) 16-bit tensor-core TFLOP/s from NVIDIA's datasheets. Keys are the model name as
 # gpu_model() reads it from the CUDA device name, with the form factor where it changes the peak.

@@ -16,10 +16,10 @@ from typing import Any, NamedTuple, TypedDict
 
 import torch
 
-from checkpoint import CKPT_NAME, build_model, load_checkpoint, rebuilt, resolve_checkpoint
-from hf_llama import load_hf
+from support.checkpoint import CKPT_NAME, build_model, load_checkpoint, rebuilt, resolve_checkpoint
+from support.hf_llama import load_hf
 from k_model import Transformer
-from tokenizer_spec import BOS, CHAT_TEMPLATE, EOS, tokenizer_fingerprint
+from support.tokenizer_spec import BOS, CHAT_TEMPLATE, EOS, tokenizer_fingerprint
 
 DEFAULT_TOKENIZER = "out/tokenizer"
 ADAPTER_CONFIG = "adapter_config.json"  # what marks a peft adapter directory
@@ -174,7 +174,7 @@ def _open_checkpoint(path: Path) -> tuple[Transformer, ModelOrigin]:
     state = load_checkpoint(ckpt)
     model = model_from_state(state, ckpt)
     if "lora" in state:  # for inference, adapters folded into the weights: a plain model, as fast as any
-        import lora  # peft is imported for LoRA artifacts only
+        from support import lora  # peft is imported for LoRA artifacts only
 
         model = lora.merged(model)
     return model, ModelOrigin(source=str(ckpt), format="ckpt", step=state["step"], args=state.get("args"),
@@ -193,7 +193,7 @@ def _open_hf_dir(hf_dir: Path) -> tuple[Transformer, ModelOrigin]:
 
 
 def _open_adapter_dir(path: Path) -> tuple[Transformer, ModelOrigin]:
-    import lora  # peft is imported for LoRA artifacts only
+    from support import lora  # peft is imported for LoRA artifacts only
 
     model = lora.load_adapter_dir(path)
     return model, _directory_origin(path, "adapter", model)
@@ -225,7 +225,7 @@ def model_from_state(state: dict[str, Any], source: str | os.PathLike) -> Transf
     is its base, opened from where the checkpoint says, with the adapters attached (lora.restore)."""
     if "lora" not in state:
         return build_model(state, source)
-    import lora  # peft is imported for LoRA checkpoints only
+    from support import lora  # peft is imported for LoRA checkpoints only
 
     base = state["lora"]["base"]
     if not Path(base).exists():

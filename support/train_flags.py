@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from loading import DEFAULT_TOKENIZER, DTYPES, SourcedModel
-from optim import OPTIMIZERS, SCHEDULES
+from support.loading import DEFAULT_TOKENIZER, DTYPES, SourcedModel
+from support.optim import OPTIMIZERS, SCHEDULES
 
 # Model shape and per-process batch (and a schedule, where the preset has one) for scripts that build a new model.
 # Explicit flags override them.

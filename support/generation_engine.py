@@ -23,7 +23,7 @@ import torch
 
 from k_model import KVCache, Transformer
 from model_sample import TextGenerator
-from sampling import sample
+from support.sampling import sample
 
 log = logging.getLogger("serve")
 

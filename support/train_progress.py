@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from perf import CpuShare
+from support.perf import CpuShare
 from plot_runs import draw_curves
-from trainer_utils import DistInfo, RunLogger
+from support.trainer_utils import DistInfo, RunLogger
 
 
 @dataclass

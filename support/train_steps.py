@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train_task import Task
+from support.train_task import Task
 
 
 def peak_memory(device: torch.device) -> str:

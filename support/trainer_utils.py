@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from loading import resolve_device
+from support.loading import resolve_device
 
 
 @dataclass(frozen=True)
