@@ -53,9 +53,10 @@ ARITH_TEMPLATES = (
 )
 
 
-def arith_problem(rng: random.Random) -> tuple[int, str, int]:
-    """(a, op, b) with a, b of two or three digits; a subtraction never goes below zero."""
-    a, b = (rng.randint(10, 999) if rng.random() < 0.5 else rng.randint(10, 99) for _ in range(2))
+def arith_problem(rng: random.Random, three_digit_share: float) -> tuple[int, str, int]:
+    """(a, op, b) with a, b of two digits, or of three with probability three_digit_share each; a subtraction
+    never goes below zero."""
+    a, b = (rng.randint(100, 999) if rng.random() < three_digit_share else rng.randint(10, 99) for _ in range(2))
     op = rng.choice("+-")
     return (max(a, b), op, min(a, b)) if op == "-" else (a, op, b)
 
@@ -71,16 +72,21 @@ def arith_records(problems: list[tuple[int, str, int]], rng: random.Random) -> l
 
 
 def build_arith(out_dir: str = "out/data", sft_size: int = 2000, rl_size: int = 2000, test_size: int = 500,
-                seed: int = 1234) -> dict[str, tuple[int, int]]:
+                seed: int = 1234, three_digit_share: float = 0.2) -> dict[str, tuple[int, int]]:
     """arith_sft_train.jsonl (conversations), arith_rl_train.jsonl and arith_test.jsonl ({"prompt", "answer"}).
-    The three splits hold different problems (a + b and b + a count as one): test problems are never seen."""
+    The three splits hold different problems (a + b and b + a count as one): test problems are never seen.
+    Two-digit problems dominate by default (three_digit_share 0.2 per operand): a small model learns them
+    well enough to be sometimes right, which is what RL needs to have something to reinforce."""
+    if not 0 <= three_digit_share <= 1:
+        raise ValueError(f"--three_digit_share {three_digit_share}: must be between 0 and 1")
     rng = random.Random(seed)
     problems: dict[tuple, tuple[int, str, int]] = {}
     total = sft_size + rl_size + test_size
-    if total > 150_000:
+    distinct = 8_190 if three_digit_share == 0 else 150_000  # two-digit problems: 4,095 sums and 4,095 differences
+    if total > distinct:
         raise ValueError(f"--sft_size + --rl_size + --test_size = {total:,}: there are not that many distinct problems")
     while len(problems) < total:
-        a, op, b = arith_problem(rng)
+        a, op, b = arith_problem(rng, three_digit_share)
         problems.setdefault((op, *sorted((a, b))) if op == "+" else (op, a, b), (a, op, b))
     unique = list(problems.values())
     records = arith_records(unique, rng)
@@ -689,6 +695,8 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--sft_size", type=int, default=2000, help="problems in arith_sft_train.jsonl")
     a.add_argument("--rl_size", type=int, default=2000, help="problems in arith_rl_train.jsonl")
     a.add_argument("--test_size", type=int, default=500, help="held-out problems in arith_test.jsonl")
+    a.add_argument("--three_digit_share", type=float, default=0.2,
+                   help="chance that an operand has three digits rather than two")
     a.add_argument("--seed", type=int, default=1234)
 
     v = sub.add_parser("eval_tasks", help="eval_model.py's offline tasks (eval_tasks/*.yaml) -> out/data/eval/*.jsonl, "
@@ -721,7 +729,8 @@ def run_command(args: argparse.Namespace) -> None:
         print_sizes(build_embedded(args.out_dir, args.test_size, args.val_size, args.pretrain_val_docs,
                                    args.max_review_chars, args.seed))
     elif args.command == "arith":
-        print_sizes(build_arith(args.out_dir, args.sft_size, args.rl_size, args.test_size, args.seed))
+        print_sizes(build_arith(args.out_dir, args.sft_size, args.rl_size, args.test_size, args.seed,
+                                args.three_digit_share))
     elif args.command == "download":
         download(args.out_dir, args.dataset)
     elif args.command == "tinystories":

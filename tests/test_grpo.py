@@ -307,3 +307,22 @@ def test_arithmetic_task_holds_out_its_test_problems_and_its_answers_verify(tmp_
     replies = [c["conversations"][1]["content"] for c in sft]
     answers = [str(eval(reply.split("=")[0])) for reply in replies]  # the reply's own working, evaluated
     assert rewards.exact_answer(replies, answer=answers) == [1.0] * 300
+
+
+def test_arithmetic_task_mix_follows_three_digit_share(tmp_path):
+    """The mix a user asks for: share 0 gives two-digit problems only (and says when there are too few of them),
+    share 1 three-digit operands only."""
+    import data_process
+
+    def prompt_numbers(share: float) -> list[int]:
+        files = data_process.build_arith(str(tmp_path / str(share)), sft_size=200, rl_size=50, test_size=50,
+                                         three_digit_share=share)
+        records = [json.loads(line) for f in files for line in Path(f).read_text(encoding="utf-8").splitlines()]
+        prompts = [r["prompt"] if "prompt" in r else r["conversations"][0]["content"] for r in records]
+        return [int(n) for p in prompts for n in re.findall(r"\d+", p)]
+
+    assert all(10 <= n <= 99 for n in prompt_numbers(0.0))
+    assert all(100 <= n <= 999 for n in prompt_numbers(1.0))
+    with pytest.raises(ValueError, match="not that many distinct problems"):
+        data_process.build_arith(str(tmp_path / "big"), sft_size=8_000, rl_size=200, test_size=100,
+                                 three_digit_share=0.0)
