@@ -44,8 +44,8 @@ from model_sample import TextGenerator
 # ---------------------------------------------------------------------------------------------------------
 # Arithmetic in words: a task with verifiable answers for RL (ddp_grpo.py), SFT on part of it first.
 
-# (template, operation): two- and three-digit addition / subtraction posed in a sentence; the reply
-# "a+b=c" states the working and the answer (rewards.exact_answer reads the number after "=")
+# (template, operation): two- and three-digit addition / subtraction posed in a sentence; the reply works the
+# columns, then states "a+b=c" (rewards.exact_answer reads the number after the last "=")
 ARITH_TEMPLATES = (
     ("{a}加{b}等于多少?", "+"), ("{a}减{b}等于多少?", "-"),
     ("小明有{a}个苹果,又买了{b}个,现在一共有多少个?", "+"), ("书架上有{a}本书,借走了{b}本,还剩多少本?", "-"),
@@ -67,8 +67,28 @@ def arith_records(problems: list[tuple[int, str, int]], rng: random.Random) -> l
     for a, op, b in problems:
         template = rng.choice([t for t, o in ARITH_TEMPLATES if o == op])
         answer = a + b if op == "+" else a - b
-        records.append({"prompt": template.format(a=a, b=b), "answer": str(answer), "reply": f"{a}{op}{b}={answer}"})
+        records.append({"prompt": template.format(a=a, b=b), "answer": str(answer),
+                        "reply": f"{arith_columns(a, op, b)};{a}{op}{b}={answer}"})
     return records
+
+
+def arith_columns(a: int, op: str, b: int) -> str:
+    """The column working, units first, as a pupil writes it: '7+8=15;3+4+1=8' for 37+48 (the +1 a carry),
+    '12-5=7;8-6-1=1' for 82-65 (12: the units borrowed a ten, the -1 pays it back). A small model that must
+    write 85 at once has to do the carry in its head and rarely learns to; one column at a time it does."""
+    columns, carry = [], 0
+    top, bottom = str(a)[::-1], str(b)[::-1].ljust(len(str(a)), "0") if op == "-" else str(b)[::-1]
+    for i in range(max(len(top), len(bottom))):
+        t, u = int(top[i]) if i < len(top) else 0, int(bottom[i]) if i < len(bottom) else 0
+        if op == "+":
+            total = t + u + carry
+            columns.append(f"{t}+{u}{'+1' if carry else ''}={total}")
+            carry = total // 10
+        else:
+            borrow = int(t - carry < u)
+            columns.append(f"{t + 10 * borrow}-{u}{'-1' if carry else ''}={t + 10 * borrow - u - carry}")
+            carry = borrow
+    return ";".join(columns)
 
 
 def build_arith(out_dir: str = "out/data", sft_size: int = 2000, rl_size: int = 2000, test_size: int = 500,

@@ -305,8 +305,19 @@ def test_arithmetic_task_holds_out_its_test_problems_and_its_answers_verify(tmp_
         assert int(r["answer"]) == (a + b if op == "+" else a - b) >= 0
         assert 10 <= min(a, b) and max(a, b) <= 999
     replies = [c["conversations"][1]["content"] for c in sft]
-    answers = [str(eval(reply.split("=")[0])) for reply in replies]  # the reply's own working, evaluated
+    for reply in replies:  # every step of the working is true arithmetic
+        assert all(eval(step.split("=")[0]) == int(step.split("=")[1]) for step in reply.split(";")), reply
+    answers = [str(eval(reply.rsplit(";", 1)[1].split("=")[0])) for reply in replies]  # the stated problem
     assert rewards.exact_answer(replies, answer=answers) == [1.0] * 300
+
+
+def test_arithmetic_replies_work_the_columns_units_first():
+    import data_process
+
+    assert data_process.arith_columns(37, "+", 48) == "7+8=15;3+4+1=8"
+    assert data_process.arith_columns(12, "+", 988) == "2+8=10;1+8+1=10;0+9+1=10"
+    assert data_process.arith_columns(82, "-", 65) == "12-5=7;8-6-1=1"
+    assert data_process.arith_columns(100, "-", 1) == "10-1=9;10-0-1=9;1-0-1=0"
 
 
 def test_arithmetic_task_mix_follows_three_digit_share(tmp_path):
