@@ -44,8 +44,8 @@ from model_sample import TextGenerator
 # ---------------------------------------------------------------------------------------------------------
 # Arithmetic in words: a task with verifiable answers for RL (ddp_grpo.py), SFT on part of it first.
 
-# (template, operation): two- and three-digit addition / subtraction posed in a sentence; the reply
-# "a+b=c" states the working and the answer (rewards.exact_answer reads the number after "=")
+# (template, operation): two- and three-digit addition / subtraction posed in a sentence; the reply works the
+# columns, then states "a+b=c" (rewards.exact_answer reads the number after the last "=")
 ARITH_TEMPLATES = (
     ("{a}加{b}等于多少?", "+"), ("{a}减{b}等于多少?", "-"),
     ("小明有{a}个苹果,又买了{b}个,现在一共有多少个?", "+"), ("书架上有{a}本书,借走了{b}本,还剩多少本?", "-"),
@@ -53,9 +53,10 @@ ARITH_TEMPLATES = (
 )
 
 
-def arith_problem(rng: random.Random) -> tuple[int, str, int]:
-    """(a, op, b) with a, b of two or three digits; a subtraction never goes below zero."""
-    a, b = (rng.randint(10, 999) if rng.random() < 0.5 else rng.randint(10, 99) for _ in range(2))
+def arith_problem(rng: random.Random, three_digit_share: float) -> tuple[int, str, int]:
+    """(a, op, b) with a, b of two digits, or of three with probability three_digit_share each; a subtraction
+    never goes below zero."""
+    a, b = (rng.randint(100, 999) if rng.random() < three_digit_share else rng.randint(10, 99) for _ in range(2))
     op = rng.choice("+-")
     return (max(a, b), op, min(a, b)) if op == "-" else (a, op, b)
 
@@ -66,21 +67,46 @@ def arith_records(problems: list[tuple[int, str, int]], rng: random.Random) -> l
     for a, op, b in problems:
         template = rng.choice([t for t, o in ARITH_TEMPLATES if o == op])
         answer = a + b if op == "+" else a - b
-        records.append({"prompt": template.format(a=a, b=b), "answer": str(answer), "reply": f"{a}{op}{b}={answer}"})
+        records.append({"prompt": template.format(a=a, b=b), "answer": str(answer),
+                        "reply": f"{arith_columns(a, op, b)};{a}{op}{b}={answer}"})
     return records
 
 
+def arith_columns(a: int, op: str, b: int) -> str:
+    """The column working, units first, as a pupil writes it: '7+8=15;3+4+1=8' for 37+48 (the +1 a carry),
+    '12-5=7;8-6-1=1' for 82-65 (12: the units borrowed a ten, the -1 pays it back). A small model that must
+    write 85 at once has to do the carry in its head and rarely learns to; one column at a time it does."""
+    columns, carry = [], 0
+    top, bottom = str(a)[::-1], str(b)[::-1].ljust(len(str(a)), "0") if op == "-" else str(b)[::-1]
+    for i in range(max(len(top), len(bottom))):
+        t, u = int(top[i]) if i < len(top) else 0, int(bottom[i]) if i < len(bottom) else 0
+        if op == "+":
+            total = t + u + carry
+            columns.append(f"{t}+{u}{'+1' if carry else ''}={total}")
+            carry = total // 10
+        else:
+            borrow = int(t - carry < u)
+            columns.append(f"{t + 10 * borrow}-{u}{'-1' if carry else ''}={t + 10 * borrow - u - carry}")
+            carry = borrow
+    return ";".join(columns)
+
+
 def build_arith(out_dir: str = "out/data", sft_size: int = 2000, rl_size: int = 2000, test_size: int = 500,
-                seed: int = 1234) -> dict[str, tuple[int, int]]:
+                seed: int = 1234, three_digit_share: float = 0.2) -> dict[str, tuple[int, int]]:
     """arith_sft_train.jsonl (conversations), arith_rl_train.jsonl and arith_test.jsonl ({"prompt", "answer"}).
-    The three splits hold different problems (a + b and b + a count as one): test problems are never seen."""
+    The three splits hold different problems (a + b and b + a count as one): test problems are never seen.
+    Two-digit problems dominate by default (three_digit_share 0.2 per operand): a small model learns them
+    well enough to be sometimes right, which is what RL needs to have something to reinforce."""
+    if not 0 <= three_digit_share <= 1:
+        raise ValueError(f"--three_digit_share {three_digit_share}: must be between 0 and 1")
     rng = random.Random(seed)
     problems: dict[tuple, tuple[int, str, int]] = {}
     total = sft_size + rl_size + test_size
-    if total > 150_000:
+    distinct = 8_190 if three_digit_share == 0 else 150_000  # two-digit problems: 4,095 sums and 4,095 differences
+    if total > distinct:
         raise ValueError(f"--sft_size + --rl_size + --test_size = {total:,}: there are not that many distinct problems")
     while len(problems) < total:
-        a, op, b = arith_problem(rng)
+        a, op, b = arith_problem(rng, three_digit_share)
         problems.setdefault((op, *sorted((a, b))) if op == "+" else (op, a, b), (a, op, b))
     unique = list(problems.values())
     records = arith_records(unique, rng)
@@ -689,6 +715,8 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--sft_size", type=int, default=2000, help="problems in arith_sft_train.jsonl")
     a.add_argument("--rl_size", type=int, default=2000, help="problems in arith_rl_train.jsonl")
     a.add_argument("--test_size", type=int, default=500, help="held-out problems in arith_test.jsonl")
+    a.add_argument("--three_digit_share", type=float, default=0.2,
+                   help="chance that an operand has three digits rather than two")
     a.add_argument("--seed", type=int, default=1234)
 
     v = sub.add_parser("eval_tasks", help="eval_model.py's offline tasks (eval_tasks/*.yaml) -> out/data/eval/*.jsonl, "
@@ -721,7 +749,8 @@ def run_command(args: argparse.Namespace) -> None:
         print_sizes(build_embedded(args.out_dir, args.test_size, args.val_size, args.pretrain_val_docs,
                                    args.max_review_chars, args.seed))
     elif args.command == "arith":
-        print_sizes(build_arith(args.out_dir, args.sft_size, args.rl_size, args.test_size, args.seed))
+        print_sizes(build_arith(args.out_dir, args.sft_size, args.rl_size, args.test_size, args.seed,
+                                args.three_digit_share))
     elif args.command == "download":
         download(args.out_dir, args.dataset)
     elif args.command == "tinystories":

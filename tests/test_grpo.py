@@ -305,5 +305,35 @@ def test_arithmetic_task_holds_out_its_test_problems_and_its_answers_verify(tmp_
         assert int(r["answer"]) == (a + b if op == "+" else a - b) >= 0
         assert 10 <= min(a, b) and max(a, b) <= 999
     replies = [c["conversations"][1]["content"] for c in sft]
-    answers = [str(eval(reply.split("=")[0])) for reply in replies]  # the reply's own working, evaluated
+    for reply in replies:  # every step of the working is true arithmetic
+        assert all(eval(step.split("=")[0]) == int(step.split("=")[1]) for step in reply.split(";")), reply
+    answers = [str(eval(reply.rsplit(";", 1)[1].split("=")[0])) for reply in replies]  # the stated problem
     assert rewards.exact_answer(replies, answer=answers) == [1.0] * 300
+
+
+def test_arithmetic_replies_work_the_columns_units_first():
+    import data_process
+
+    assert data_process.arith_columns(37, "+", 48) == "7+8=15;3+4+1=8"
+    assert data_process.arith_columns(12, "+", 988) == "2+8=10;1+8+1=10;0+9+1=10"
+    assert data_process.arith_columns(82, "-", 65) == "12-5=7;8-6-1=1"
+    assert data_process.arith_columns(100, "-", 1) == "10-1=9;10-0-1=9;1-0-1=0"
+
+
+def test_arithmetic_task_mix_follows_three_digit_share(tmp_path):
+    """The mix a user asks for: share 0 gives two-digit problems only (and says when there are too few of them),
+    share 1 three-digit operands only."""
+    import data_process
+
+    def prompt_numbers(share: float) -> list[int]:
+        files = data_process.build_arith(str(tmp_path / str(share)), sft_size=200, rl_size=50, test_size=50,
+                                         three_digit_share=share)
+        records = [json.loads(line) for f in files for line in Path(f).read_text(encoding="utf-8").splitlines()]
+        prompts = [r["prompt"] if "prompt" in r else r["conversations"][0]["content"] for r in records]
+        return [int(n) for p in prompts for n in re.findall(r"\d+", p)]
+
+    assert all(10 <= n <= 99 for n in prompt_numbers(0.0))
+    assert all(100 <= n <= 999 for n in prompt_numbers(1.0))
+    with pytest.raises(ValueError, match="not that many distinct problems"):
+        data_process.build_arith(str(tmp_path / "big"), sft_size=8_000, rl_size=200, test_size=100,
+                                 three_digit_share=0.0)
