@@ -412,6 +412,31 @@ def download(out_dir: str, dataset: str = "seq-monkey") -> None:
           f"  python data_process.py convert_sft --input {out_dir}/{BELLE[1]}")
 
 
+GSM8K = ("openai/gsm8k", "main")  # the public name, as lm-eval's gsm8k task loads it
+
+
+def gsm8k_records(rows: Iterable[dict], where: str) -> Iterator[dict]:
+    """GSM8K rows {question, answer} as ddp_grpo.py prompts: {"prompt": question, "answer": answer}; the answer
+    keeps its worked solution, whose '#### N' rewards.exact_answer reads."""
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("question"), str) or "####" not in str(row.get("answer", "")):
+            raise ValueError(f"{where}: row {i} is not a GSM8K row (a 'question' and an answer ending '#### N')")
+        yield {"prompt": row["question"], "answer": row["answer"]}
+
+
+def build_gsm8k(out_dir: str) -> dict[str, tuple[int, int]]:
+    """Fetch GSM8K (datasets, from the hub: network needed) -> gsm8k_train.jsonl / gsm8k_test.jsonl prompts."""
+    from datasets import load_dataset
+
+    try:
+        splits = load_dataset(*GSM8K)
+    except ConnectionError as e:  # the hub is unreachable: say so in one line, not datasets' traceback
+        sys.exit(f"error: {e}; GSM8K is downloaded, so this command needs the network")
+    paths = {split: os.path.join(out_dir, f"gsm8k_{split}.jsonl") for split in ("train", "test")}
+    return {path: write_jsonl(path, gsm8k_records(splits[split], f"{GSM8K[0]} {split}"))
+            for split, path in paths.items()}
+
+
 def read_stories_txt(path: str) -> Iterator[str]:
     """Stories of a TinyStories .txt release, one per block between <|endoftext|> lines, streamed line by line.
     A marker inside a line of text, or bytes that are not UTF-8, are errors naming the line."""
@@ -719,6 +744,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="chance that an operand has three digits rather than two")
     a.add_argument("--seed", type=int, default=1234)
 
+    g = sub.add_parser("gsm8k", help="GSM8K (openai/gsm8k, downloaded) -> gsm8k_train.jsonl / gsm8k_test.jsonl "
+                       "prompts with answers for ddp_grpo.py")
+    g.add_argument("--out_dir", default="out/data")
+
     v = sub.add_parser("eval_tasks", help="eval_model.py's offline tasks (eval_tasks/*.yaml) -> out/data/eval/*.jsonl, "
                        "from the held-out sft_test.jsonl and pretrain_val.jsonl")
     v.add_argument("--data_dir", default="out/data", help="where `embedded` wrote sft_test.jsonl, pretrain_val.jsonl")
@@ -751,6 +780,8 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "arith":
         print_sizes(build_arith(args.out_dir, args.sft_size, args.rl_size, args.test_size, args.seed,
                                 args.three_digit_share))
+    elif args.command == "gsm8k":
+        print_sizes(build_gsm8k(args.out_dir))
     elif args.command == "download":
         download(args.out_dir, args.dataset)
     elif args.command == "tinystories":

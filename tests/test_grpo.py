@@ -337,3 +337,13 @@ def test_arithmetic_task_mix_follows_three_digit_share(tmp_path):
     with pytest.raises(ValueError, match="not that many distinct problems"):
         data_process.build_arith(str(tmp_path / "big"), sft_size=8_000, rl_size=200, test_size=100,
                                  three_digit_share=0.0)
+
+
+def test_gsm8k_rows_become_prompts_that_exact_answer_scores(tmp_path):
+    import data_process
+    rows = [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"}]
+    records = list(data_process.gsm8k_records(rows, "gsm8k test"))
+    assert records == [{"prompt": rows[0]["question"], "answer": rows[0]["answer"]}]
+    assert rewards.exact_answer(["The answer is 7.", "8"], answer=[records[0]["answer"]] * 2) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="gsm8k test: row 0 is not a GSM8K row"):
+        list(data_process.gsm8k_records([{"question": "q", "answer": "no final number"}], "gsm8k test"))
