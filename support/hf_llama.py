@@ -27,21 +27,19 @@ def copy_token_ids(config: PretrainedConfig, tokenizer) -> None:
         setattr(config, key, getattr(tokenizer, key))
 
 
+# Our config field -> the LlamaConfig field that holds the same number (both directions of the conversion).
+CONFIG_NAMES = {"vocab_size": "vocab_size", "dim": "hidden_size", "hidden_dim": "intermediate_size",
+                "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "max_seq_len": "max_position_embeddings",
+                "norm_eps": "rms_norm_eps", "dropout": "attention_dropout",
+                "tie_word_embeddings": "tie_word_embeddings"}
+
+
 def _hf_config(cfg: ModelConfig) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.hidden_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
+        **{theirs: getattr(cfg, ours) for ours, theirs in CONFIG_NAMES.items()},
         hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        attention_dropout=cfg.dropout,
-        tie_word_embeddings=cfg.tie_word_embeddings,
         attn_implementation="sdpa",
         # token ids are the tokenizer's business; copied when the caller put them on our config
         **{k: getattr(cfg, k, None) for k in TOKEN_ID_KEYS},
@@ -101,20 +99,11 @@ def from_hf_llama(hf: LlamaForCausalLM) -> Transformer:
     if problem:
         raise ValueError(f"k_model cannot express this model: {problem}")
     cfg = ModelConfig(
-        dim=c.hidden_size,
-        n_layers=c.num_hidden_layers,
-        n_heads=c.num_attention_heads,
-        n_kv_heads=c.num_key_value_heads,
-        vocab_size=c.vocab_size,
-        hidden_dim=c.intermediate_size,
-        norm_eps=c.rms_norm_eps,
-        max_seq_len=c.max_position_embeddings,
-        dropout=float(c.attention_dropout),
+        **{ours: getattr(c, theirs) for ours, theirs in CONFIG_NAMES.items()},
         rope_theta=float(c.rope_parameters.get("rope_theta", 10000.0)),
-        head_dim=c.head_dim,
-        tie_word_embeddings=c.tie_word_embeddings,
         **{k: getattr(c, k) for k in TOKEN_ID_KEYS if getattr(c, k, None) is not None},
     )
+    cfg.dropout = float(cfg.dropout)
     theirs = hf.state_dict()
     sd = {f"{name}.weight": theirs[f"{hf_name}.weight"] for name, hf_name in TOP_WEIGHTS.items()}
     for i in range(cfg.n_layers):
