@@ -34,6 +34,7 @@ from transformers.utils import ModelOutput
 
 from support.chunked_loss import linear_cross_entropy
 from support.compiled_step import compile_step
+from support.rope import check_rope_scaling, rope_frequencies
 from support.cpu_matmul import Linear, packed_weights
 from support.sampling import check_sampling, sample, stop_list, stop_tensor
 
@@ -46,7 +47,9 @@ class ModelConfig(PretrainedConfig):
     """Model shape. `hidden_dim=None` applies the LLaMA rule: 2/3 of 4*dim, rounded up to `multiple_of`, and
     `head_dim=None` is dim / n_heads (the resolved numbers are stored, so a saved config never depends on the
     rules). An explicit head_dim (some HF Llama checkpoints) makes attention n_heads * head_dim wide, not dim.
-    `tie_word_embeddings=False` gives the output layer its own matrix (most HF Llama checkpoints)."""
+    `tie_word_embeddings=False` gives the output layer its own matrix (most HF Llama checkpoints).
+    `rope_scaling_params` stretches the rotary positions to a longer context (support/rope.py: linear, dynamic,
+    yarn, llama3; HF's rope_parameters less rope_theta); None is plain RoPE."""
 
     model_type = "k_model"
 
@@ -61,6 +64,7 @@ class ModelConfig(PretrainedConfig):
     max_seq_len: int = 512
     dropout: float = 0.0
     rope_theta: float = 10000.0
+    rope_scaling_params: dict | None = None
     head_dim: int | None = None
     tie_word_embeddings: bool = True
     flash_attn: bool = True  # False: explicit softmax(QK^T)V attention instead of F.scaled_dot_product_attention
@@ -84,6 +88,12 @@ class ModelConfig(PretrainedConfig):
         if self.head_dim % 2:
             raise ValueError(f"{what} = {self.head_dim} is odd; rotary embeddings rotate pairs of channels, so it "
                              "must be even")
+        if self.rope_scaling_params is not None and self.rope_scaling_params.get("rope_type") == "default":
+            self.rope_scaling_params = None  # one spelling of plain RoPE, so that saved configs compare equal
+        try:
+            check_rope_scaling(self.rope_scaling_params)
+        except ValueError as e:
+            raise ValueError(f"ModelConfig.rope_scaling_params: {e}") from None
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.hidden_dim is None:
@@ -111,13 +121,15 @@ class RMSNorm(nn.Module):
         return self.weight * xf.type_as(x)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (max_seq_len, head_dim), in the rotate-half layout: channel i and i + head_dim/2
-    form one rotating pair, so both halves of a row repeat the same frequencies."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+def rope_tables(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (seq_len, head_dim) float32 for positions 0 .. seq_len - 1 (default: max_seq_len), in
+    the rotate-half layout: channel i and i + head_dim/2 form one rotating pair, so both halves of a row repeat
+    the same frequencies. Both are multiplied by the rope scaling's attention factor (1 except for yarn)."""
+    seq_len = seq_len or cfg.max_seq_len
+    inv_freq, attention_factor = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_params, seq_len)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -282,7 +294,7 @@ class Transformer(PreTrainedModel):
         self.output = Linear(config.dim, config.vocab_size)
         if config.tie_word_embeddings:  # one matrix embeds and un-embeds (transformers reads _tied_weights_keys)
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._compiled_step = None  # set by compile_decode()
@@ -301,7 +313,7 @@ class Transformer(PreTrainedModel):
         elif module is self:
             # from_pretrained builds the model on the meta device and loads only persistent tensors: the
             # rotary tables are recomputed here, like HF Llama does for its inv_freq buffer
-            cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+            cos, sin = rope_tables(self.config)
             with torch.no_grad():
                 self.rope_cos.copy_(cos)
                 self.rope_sin.copy_(sin)
@@ -312,7 +324,7 @@ class Transformer(PreTrainedModel):
         to float32 master weights. Where attention uses them it casts them to the activations' dtype."""
         super()._apply(fn, recurse)
         if self.rope_cos.dtype != torch.float32:
-            cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+            cos, sin = rope_tables(self.config)
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
         return self
 
@@ -342,12 +354,13 @@ class Transformer(PreTrainedModel):
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         if loss_mask is not None and loss_mask.shape != targets.shape:
             raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != targets shape {tuple(targets.shape)}")
+        rope_cos, rope_sin = self.rope_tables_for(T)
         if attention_mask is None:
-            cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
+            cos, sin = rope_cos[:T, None], rope_sin[:T, None]
             mask = None
         else:
             pos = positions_from_mask(attention_mask)
-            cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None]
+            cos, sin = rope_cos[pos][:, :, None], rope_sin[pos][:, :, None]
             mask = padded_causal_mask(attention_mask)
         h = self._hidden(tokens, cos, sin, mask, causal=True)
         if targets is None:
@@ -358,6 +371,16 @@ class Transformer(PreTrainedModel):
         keep = loss_mask.reshape(-1) != 0
         kept_losses = linear_cross_entropy(h[keep], self.output.weight, targets[keep])
         return TransformerOutput(last_loss=kept_losses.new_zeros(keep.shape).masked_scatter(keep, kept_losses))
+
+    def rope_tables_for(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables a forward of seq_len tokens uses: the buffers, built for max_seq_len. Under dynamic
+        (NTK) scaling the frequencies depend on the sequence length, so a shorter forward computes its own, as
+        transformers does (which is why dynamic scaling suits inference more than training)."""
+        scaling = self.config.rope_scaling_params or {}
+        if scaling.get("rope_type") != "dynamic" or seq_len == self.config.max_seq_len:
+            return self.rope_cos, self.rope_sin
+        cos, sin = rope_tables(self.config, seq_len)
+        return cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def _hidden(self, tokens, cos, sin, mask, causal, caches=None, slots=None) -> torch.Tensor:
         h = self.dropout(self.tok_embeddings(tokens))

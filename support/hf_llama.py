@@ -16,6 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 from k_model import ModelConfig, Transformer
+from support.rope import ORIGINAL, check_rope_scaling
 
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -27,19 +28,53 @@ def copy_token_ids(config: PretrainedConfig, tokenizer) -> None:
         setattr(config, key, getattr(tokenizer, key))
 
 
-# Our config field -> the LlamaConfig field that holds the same number (both directions of the conversion).
+# Our config field -> the LlamaConfig field that holds the same number (both directions of the conversion);
+# max_seq_len and the rotary settings go through to_rope_parameters / from_rope_parameters.
 CONFIG_NAMES = {"vocab_size": "vocab_size", "dim": "hidden_size", "hidden_dim": "intermediate_size",
                 "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-                "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "max_seq_len": "max_position_embeddings",
+                "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
                 "norm_eps": "rms_norm_eps", "dropout": "attention_dropout",
                 "tie_word_embeddings": "tie_word_embeddings"}
 
 
+def to_rope_parameters(cfg: ModelConfig) -> tuple[dict, int]:
+    """(HF rope_parameters, max_position_embeddings) of our config. Dynamic NTK scaling reads its original
+    context from max_position_embeddings (and grows past it at run time), the other types from their own key."""
+    scaling = dict(cfg.rope_scaling_params or {"rope_type": "default"})
+    max_positions = cfg.max_seq_len
+    if scaling["rope_type"] == "dynamic":
+        max_positions = scaling.pop(ORIGINAL)
+    return {**scaling, "rope_theta": cfg.rope_theta}, max_positions
+
+
+def from_rope_parameters(c: LlamaConfig) -> dict:
+    """Our rope_theta, rope_scaling_params and max_seq_len from an HF Llama config (the inverse of
+    to_rope_parameters). A dynamic model's window is factor x its original context, the length its scaling
+    is meant for."""
+    scaling = _rope_scaling(c)
+    max_seq_len = c.max_position_embeddings
+    if scaling["rope_type"] == "dynamic":
+        max_seq_len = int(scaling["factor"] * max_seq_len)
+    return dict(rope_theta=float(c.rope_parameters.get("rope_theta", 10000.0)), rope_scaling_params=scaling,
+                max_seq_len=max_seq_len)
+
+
+def _rope_scaling(c: LlamaConfig) -> dict:
+    """An HF config's rope_parameters in the shape of our rope_scaling_params."""
+    scaling = {k: v for k, v in (c.rope_parameters or {}).items() if k != "rope_theta"}
+    scaling.setdefault("rope_type", "default")
+    if scaling["rope_type"] == "dynamic":
+        scaling.setdefault(ORIGINAL, c.max_position_embeddings)
+    return scaling
+
+
 def _hf_config(cfg: ModelConfig) -> LlamaConfig:
+    rope_parameters, max_positions = to_rope_parameters(cfg)
     return LlamaConfig(
         **{theirs: getattr(cfg, ours) for ours, theirs in CONFIG_NAMES.items()},
+        max_position_embeddings=max_positions,
         hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters=rope_parameters,
         attn_implementation="sdpa",
         # token ids are the tokenizer's business; copied when the caller put them on our config
         **{k: getattr(cfg, k, None) for k in TOKEN_ID_KEYS},
@@ -78,18 +113,22 @@ def to_hf_llama(model: Transformer) -> LlamaForCausalLM:
 def unsupported_config(c: PretrainedConfig) -> str | None:
     """What in an HF config our model cannot express, named by config key; None when it is a Llama we can.
     Any dtype, tied or untied embeddings, head_dim, rope_theta, rms_norm_eps, max_position_embeddings and
-    GQA are fine; another architecture, biases, another activation or a rope scaling variant are not."""
+    GQA are fine, and so are the rope scalings of support/rope.py (linear, dynamic, yarn, llama3); another
+    architecture, biases, another activation or another rope scaling (longrope, partial rotary) are not."""
     if c.model_type != "llama":
         return f"model_type {c.model_type!r} (architectures {c.architectures}): not a Llama model"
-    rope_type = (c.rope_parameters or {}).get("rope_type", "default")
     found = {
-        "rope_scaling / rope_parameters rope_type": rope_type if rope_type != "default" else None,
         "attention_bias": c.attention_bias or None,
         "mlp_bias": c.mlp_bias or None,
         "hidden_act": c.hidden_act if c.hidden_act != "silu" else None,
     }
-    bad = ", ".join(f"{key} {value!r}" for key, value in found.items() if value is not None)
-    return f"{bad} (k_model is a bias-free, silu, default-rope Llama)" if bad else None
+    bad = [f"{key} {value!r}" for key, value in found.items() if value is not None]
+    try:
+        check_rope_scaling(_rope_scaling(c))
+    except ValueError as e:
+        bad.append(f"rope_scaling / rope_parameters: {e}")
+    bad = ", ".join(bad)
+    return f"{bad} (k_model is a bias-free, silu Llama)" if bad else None
 
 
 def from_hf_llama(hf: LlamaForCausalLM) -> Transformer:
@@ -100,7 +139,7 @@ def from_hf_llama(hf: LlamaForCausalLM) -> Transformer:
         raise ValueError(f"k_model cannot express this model: {problem}")
     cfg = ModelConfig(
         **{ours: getattr(c, theirs) for ours, theirs in CONFIG_NAMES.items()},
-        rope_theta=float(c.rope_parameters.get("rope_theta", 10000.0)),
+        **from_rope_parameters(c),
         **{k: getattr(c, k) for k in TOKEN_ID_KEYS if getattr(c, k, None) is not None},
     )
     cfg.dropout = float(cfg.dropout)
