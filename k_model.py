@@ -132,6 +132,17 @@ def rope_tables(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Ten
     return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
+def rope_tables_for(cfg: ModelConfig, cos: torch.Tensor, sin: torch.Tensor,
+                    seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary tables a forward of seq_len tokens uses: the model's cos, sin (built for max_seq_len). Under
+    dynamic (NTK) scaling the frequencies depend on the sequence length, so a shorter forward computes its own,
+    as transformers does; the cached decode keeps the tables of the whole window."""
+    if (cfg.rope_scaling_params or {}).get("rope_type") != "dynamic" or seq_len == cfg.max_seq_len:
+        return cos, sin
+    own_cos, own_sin = rope_tables(cfg, seq_len)
+    return own_cos.to(cos.device), own_sin.to(sin.device)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, T, heads, head_dim); cos, sin broadcastable to it. Rotates each pair (x1, x2) by its angle."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -354,7 +365,7 @@ class Transformer(PreTrainedModel):
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         if loss_mask is not None and loss_mask.shape != targets.shape:
             raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != targets shape {tuple(targets.shape)}")
-        rope_cos, rope_sin = self.rope_tables_for(T)
+        rope_cos, rope_sin = rope_tables_for(self.config, self.rope_cos, self.rope_sin, T)
         if attention_mask is None:
             cos, sin = rope_cos[:T, None], rope_sin[:T, None]
             mask = None
@@ -371,16 +382,6 @@ class Transformer(PreTrainedModel):
         keep = loss_mask.reshape(-1) != 0
         kept_losses = linear_cross_entropy(h[keep], self.output.weight, targets[keep])
         return TransformerOutput(last_loss=kept_losses.new_zeros(keep.shape).masked_scatter(keep, kept_losses))
-
-    def rope_tables_for(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary tables a forward of seq_len tokens uses: the buffers, built for max_seq_len. Under dynamic
-        (NTK) scaling the frequencies depend on the sequence length, so a shorter forward computes its own, as
-        transformers does (which is why dynamic scaling suits inference more than training)."""
-        scaling = self.config.rope_scaling_params or {}
-        if scaling.get("rope_type") != "dynamic" or seq_len == self.config.max_seq_len:
-            return self.rope_cos, self.rope_sin
-        cos, sin = rope_tables(self.config, seq_len)
-        return cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def _hidden(self, tokens, cos, sin, mask, causal, caches=None, slots=None) -> torch.Tensor:
         h = self.dropout(self.tok_embeddings(tokens))

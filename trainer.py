@@ -47,7 +47,8 @@ from support.loading import SourcedModel, check_model_tokenizer, model_from_stat
 from support.optim import lr_at, make_optimizer
 from support.perf import peak_flops
 from support.tokenizer_spec import tokenizer_fingerprint
-from support.train_flags import build_parser, check_args, check_resume_flags, resolve_args, with_model_values
+from support.train_flags import (build_parser, check_args, check_resume_flags, resolve_args, with_model_values,
+                                 with_rope_scaling)
 from support.train_progress import Progress
 from support.train_steps import autocast_factory, dtype_names, greedy_samples, peak_memory, step_seed, train_step
 from support.train_task import Task, check_targets
@@ -127,7 +128,7 @@ class Trainer:
 
     def _initial_model(self, args: argparse.Namespace, state: dict[str, Any] | None) -> SourcedModel:
         if state is None:
-            start = self.task.initial_model(args, self.tokenizer)
+            start = with_rope_scaling(self.task.initial_model(args, self.tokenizer), args)  # resumed: already scaled
         else:
             start = SourcedModel(model_from_state(state, self.ckpt_path), str(self.ckpt_path),
                                  state["tokenizer_fingerprint"])

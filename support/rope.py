@@ -28,7 +28,8 @@ ROPE_KEYS: dict[str, tuple[set[str], set[str]]] = {
     "default": (set(), set()),
     "linear": ({"factor"}, set()),
     "dynamic": ({"factor", ORIGINAL}, set()),
-    "yarn": ({"factor", ORIGINAL}, {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
+    "yarn": ({"factor", ORIGINAL},
+             {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
     "llama3": ({"factor", ORIGINAL, "low_freq_factor", "high_freq_factor"}, set()),
 }
 

@@ -12,8 +12,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from k_model import rope_tables
 from support.loading import DEFAULT_TOKENIZER, DTYPES, SourcedModel
 from support.optim import OPTIMIZERS, SCHEDULES
+from support.rope import ORIGINAL
 
 # Model shape and per-process batch (and a schedule, where the preset has one) for scripts that build a new model.
 # Explicit flags override them.
@@ -36,10 +38,20 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
     eval_interval=200, eval_samples=512, save_interval=200, sample_tokens=32, resume=False, overwrite=False,
     peak_tflops=0.0, eval_tasks_limit=0, use_swanlab=False, swanlab_project="k-model", swanlab_mode="offline",
 )
+# --rope_scaling's parameters: flag -> (the rope_parameters key it sets, the rope types that read it)
+ROPE_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "rope_factor": ("factor", ("linear", "dynamic", "yarn", "llama3")),
+    "rope_beta_fast": ("beta_fast", ("yarn",)),
+    "rope_beta_slow": ("beta_slow", ("yarn",)),
+    "rope_low_freq_factor": ("low_freq_factor", ("llama3",)),
+    "rope_high_freq_factor": ("high_freq_factor", ("llama3",)),
+}
+LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}  # Llama 3.1's
 # flags that shape the network, the data order or the optimizer state: a resumed run must keep the values it was
 # trained with
 FIXED_AT_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout", "seed", "init_from",
-                   "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "load_in_4bit", "optimizer")
+                   "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "load_in_4bit", "optimizer",
+                   "rope_scaling", *ROPE_FLAGS)
 # flags about this launch only, never taken from a checkpoint
 PER_LAUNCH = ("resume", "overwrite", "device", "num_threads", "num_workers", "compile", "peak_tflops",
               "use_swanlab", "swanlab_project", "swanlab_mode")
@@ -126,6 +138,18 @@ def build_parser(task: Any) -> argparse.ArgumentParser:
     else:
         add(g, "max_seq_len", "tokens per sample; default: the initial model's max_seq_len", type=int)
         add(g, "dropout", "default: the initial model's dropout", type=float)
+    add(g, "rope_scaling", "stretch the initial model's rotary positions to --rope_factor x its context and train "
+                           "at that length (a long-context fine-tune); saved in the checkpoint and the HF export",
+        choices=ROPE_FLAGS["rope_factor"][1])
+    add(g, "rope_factor", "--rope_scaling: the new context / the model's own", type=float)
+    add(g, "rope_beta_fast", "--rope_scaling yarn: frequencies turning more often than this within the original "
+                             "context are kept (default 32)", type=float)
+    add(g, "rope_beta_slow", "--rope_scaling yarn: those turning less often are divided by the factor (default 1)",
+        type=float)
+    add(g, "rope_low_freq_factor", "--rope_scaling llama3: waves longer than context / this are divided by the "
+                                   f"factor (default {LLAMA3_DEFAULTS['low_freq_factor']})", type=float)
+    add(g, "rope_high_freq_factor", "--rope_scaling llama3: waves shorter than context / this are kept "
+                                    f"(default {LLAMA3_DEFAULTS['high_freq_factor']})", type=float)
     task.add_flags(p)
     return p
 
@@ -163,6 +187,19 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--decay_fraction must be in [0, 1], got {args.decay_fraction}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    check_rope_flags(args)
+
+
+def check_rope_flags(args: argparse.Namespace) -> None:
+    kind = args.rope_scaling
+    for flag, (_, types) in ROPE_FLAGS.items():
+        if getattr(args, flag) is not None and kind not in types:
+            raise ValueError(f"--{flag} applies to --rope_scaling {' / '.join(types)}, "
+                             + (f"not {kind}" if kind else "which is not given"))
+    if kind and args.rope_factor is None:
+        raise ValueError(f"--rope_scaling {kind} needs --rope_factor (the new context / the model's own)")
+    if kind and not args.rope_factor >= 1:
+        raise ValueError(f"--rope_factor must be >= 1 (a longer context), got {args.rope_factor}")
 
 
 def check_resume_flags(given: argparse.Namespace, saved: dict[str, Any], ckpt_path: Path) -> None:
@@ -183,7 +220,33 @@ def with_model_values(args: argparse.Namespace, sources: dict[str, str], start: 
     for name in ("max_seq_len", "dropout"):
         if values[name] is None:
             values[name] = getattr(config, name)
+    if args.rope_scaling and sources["max_seq_len"] != "command line":
+        values["max_seq_len"], sources["max_seq_len"] = config.max_seq_len, f"--rope_scaling {args.rope_scaling}"
     if values["max_seq_len"] > config.max_seq_len:
         raise ValueError(f"--max_seq_len {values['max_seq_len']} exceeds the model's max_seq_len "
                          f"{config.max_seq_len} ({start.source})")
     return argparse.Namespace(**values), sources
+
+
+def with_rope_scaling(start: SourcedModel, args: argparse.Namespace) -> SourcedModel:
+    """The fresh run's initial model with --rope_scaling applied: its context grows --rope_factor times, and its
+    config (which the checkpoint and the HF export save) carries the scaling. In place, so that a model with
+    LoRA adapters attached is scaled as well; the weights are unchanged. The flags are checked (check_rope_flags)."""
+    if not args.rope_scaling:
+        return start
+    model, config = start.model, start.model.config
+    if config.rope_scaling_params:
+        raise ValueError(f"{start.source} already has rope scaling {config.rope_scaling_params}: --rope_scaling "
+                         "stretches a model trained with plain RoPE")
+    scaling = {"rope_type": args.rope_scaling}
+    scaling.update({key: getattr(args, flag) for flag, (key, _) in ROPE_FLAGS.items()
+                    if getattr(args, flag) is not None})
+    if args.rope_scaling != "linear":
+        scaling[ORIGINAL] = config.max_seq_len
+    if args.rope_scaling == "llama3":
+        scaling = {**LLAMA3_DEFAULTS, **scaling}
+    original, context = config.max_seq_len, int(args.rope_factor * config.max_seq_len)
+    config.rope_scaling_params, config.max_seq_len = scaling, context
+    model.rope_cos, model.rope_sin = rope_tables(config)
+    note = f" (rope scaling {args.rope_scaling} x{args.rope_factor:g}: context {original} -> {context})"
+    return start._replace(source=start.source + note)

@@ -1,0 +1,144 @@
+"""RoPE scaling (linear, dynamic NTK, yarn, llama3): HF Llama checkpoints that transformers itself builds load with
+its logits at lengths below and above their original context, and export back to the same config; the trainer's
+--rope_scaling flags stretch a model's context for a fine-tune, save the scaling in the checkpoint and the HF
+export, and keep it when the run resumes; bad flag combinations are one line naming the flag."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import ddp_pretrain
+from k_model import ModelConfig
+from support.hf_llama import export_hf
+from support.loading import open_model
+from test_hf_init import VOCAB, save_llama
+from train_helpers import QUIET, TINY_MODEL, make_pretrain_data
+
+THETA = {"rope_theta": 500.0}  # a small base: more of the frequencies fall where each scaling changes them
+# name -> (LlamaConfig overrides, sequence lengths to compare: below, then above, the original context)
+CASES = {
+    "linear": (dict(max_position_embeddings=64, rope_parameters={"rope_type": "linear", "factor": 2.0, **THETA}),
+               [20, 64]),
+    # dynamic reads its original context from max_position_embeddings and grows past it: our window is 2 x 32
+    "dynamic": (dict(max_position_embeddings=32, rope_parameters={"rope_type": "dynamic", "factor": 2.0, **THETA}),
+                [20, 50, 64]),
+    "yarn": (dict(max_position_embeddings=256, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, **THETA}), [40, 200]),
+    "yarn_mscale_betas_untruncated": (dict(max_position_embeddings=256, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16, "beta_slow": 2,
+        "mscale": 0.707, "mscale_all_dim": 1.0, "truncate": False, **THETA}), [40, 200]),
+    # Llama-3.2-shaped at tiny width: llama3 rope with its factors, tied embeddings, head_dim 64 (2 x 64 != 64 wide)
+    "llama3_llama32_shape": (dict(
+        hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=64, tie_word_embeddings=True,
+        max_position_embeddings=256, rope_parameters={
+            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_theta": 500000.0}), [48, 160]),
+}
+
+
+def as_llama32_writes_it(path) -> None:
+    """config.json as Llama 3.x checkpoints store it: rope_scaling and a top-level rope_theta, which
+    transformers 5 maps to rope_parameters itself."""
+    config = json.loads((path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_logits_equal_transformers_below_and_above_the_original_context_and_the_export_round_trips(tmp_path, name):
+    overrides, lengths = CASES[name]
+    save_llama(tmp_path / "llama", **overrides)
+    if name.startswith("llama3"):
+        as_llama32_writes_it(tmp_path / "llama")
+    ours, _, _ = open_model(tmp_path / "llama", own_tokenizer=False)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    export_hf(ours, tmp_path / "export")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert again.config.rope_parameters == theirs.config.rope_parameters
+    assert again.config.max_position_embeddings == theirs.config.max_position_embeddings
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for T in lengths:  # increasing, so that transformers' dynamic scaling only grows, as in generation
+            tokens = torch.randint(0, VOCAB, (2, T))
+            logits = ours(tokens).logits
+            torch.testing.assert_close(logits, theirs(tokens).logits, atol=1e-4, rtol=0, msg=f"length {T}")
+            torch.testing.assert_close(again(tokens).logits, logits, atol=1e-4, rtol=0, msg=f"export, length {T}")
+
+
+@pytest.mark.parametrize("scaling, named", [
+    ({"rope_type": "longrope", "factor": 2.0}, "rope_type 'longrope' is not supported"),
+    ({"rope_type": "linear", "factor": 0.5}, "factor must be a number >= 1"),
+    ({"rope_type": "yarn", "factor": 4.0}, r"missing \['original_max_position_embeddings'\]"),
+    ({"rope_type": "linear", "factor": 2.0, "beta_fast": 8}, r"not used \['beta_fast'\]"),
+])
+def test_a_scaling_the_model_cannot_compute_is_refused_by_name(scaling, named):
+    with pytest.raises(ValueError, match=f"^ModelConfig.rope_scaling_params: .*{named}"):
+        ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, rope_scaling_params=scaling)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny model pretrained at context 32, then fine-tuned 2 steps with --rope_scaling yarn --rope_factor 4."""
+    root = tmp_path_factory.mktemp("rope_runs")
+    train_bin, val_bin = make_pretrain_data(root, tiny_tokenizer_dir, n_train=300, n_val=40)
+    common = ["--data_path", train_bin, "--val_data_path", val_bin, "--tokenizer_path", tiny_tokenizer_dir, *QUIET,
+              "--batch_size", "4", "--warmup_iters", "1", "--log_interval", "1", "--sample_tokens", "0"]
+    ddp_pretrain.main(common + [*TINY_MODEL, "--max_steps", "3", "--out_dir", str(root / "base")])
+    long = common + ["--init_from", str(root / "base"), "--rope_scaling", "yarn", "--rope_factor", "4",
+                     "--out_dir", str(root / "long")]
+    ddp_pretrain.main(long + ["--max_steps", "2"])
+    return root, common, long
+
+
+def test_a_rope_scaled_fine_tune_trains_at_the_longer_context_and_saves_the_scaling(runs):
+    root, _, _ = runs
+    state = torch.load(root / "long" / "ckpt.pt", weights_only=True)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    assert state["model_config"]["rope_scaling_params"] == yarn
+    assert state["model_config"]["max_seq_len"] == state["args"]["max_seq_len"] == 128
+    hf_config = json.loads((root / "long" / "hf" / "config.json").read_text())
+    assert hf_config["rope_parameters"] == {**yarn, "rope_theta": 10000.0}
+    assert hf_config["max_position_embeddings"] == 128
+    # transformers runs the export with the same positions as our checkpoint, past the original context
+    ours, _, _ = open_model(root / "long", own_tokenizer=False)
+    theirs = AutoModelForCausalLM.from_pretrained(root / "long" / "hf").eval()
+    tokens = torch.randint(0, ours.config.vocab_size, (1, 128))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(tokens).logits, theirs(tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_a_resumed_rope_scaled_run_keeps_its_scaling(runs):
+    root, _, long = runs
+    ddp_pretrain.main(long + ["--max_steps", "4", "--resume"])
+    state = torch.load(root / "long" / "ckpt.pt", weights_only=True)
+    assert state["step"] == 4
+    assert state["model_config"]["rope_scaling_params"]["factor"] == 4.0
+    assert state["model_config"]["max_seq_len"] == state["args"]["max_seq_len"] == 128
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt: checkpoint was trained with --rope_factor 4.0"):
+        ddp_pretrain.main(long + ["--max_steps", "6", "--resume", "--rope_factor", "2"])
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--rope_factor", "4"], "--rope_factor applies to --rope_scaling linear / dynamic / yarn / llama3, which is not"),
+    (["--rope_scaling", "yarn"], "--rope_scaling yarn needs --rope_factor"),
+    (["--rope_scaling", "yarn", "--rope_factor", "0.5"], "--rope_factor must be >= 1"),
+    (["--rope_scaling", "linear", "--rope_factor", "2", "--rope_beta_fast", "16"],
+     "--rope_beta_fast applies to --rope_scaling yarn, not linear"),
+    (["--rope_scaling", "yarn", "--rope_factor", "2"], "already has rope scaling"),  # --init_from a scaled model
+])
+def test_bad_rope_flags_are_one_line_naming_the_flag(runs, flags, named):
+    root, common, _ = runs
+    with pytest.raises(SystemExit, match=f"^error: .*{named}"):
+        ddp_pretrain.main(common + ["--init_from", str(root / "long"), "--out_dir", str(root / "bad"), *flags])
+
+
+def test_an_unknown_rope_type_is_refused_by_the_parser(runs, capsys):
+    _, common, _ = runs
+    with pytest.raises(SystemExit):
+        ddp_pretrain.main(common + ["--rope_scaling", "longrope", "--rope_factor", "2"])
+    assert "--rope_scaling: invalid choice: 'longrope'" in capsys.readouterr().err
