@@ -34,8 +34,8 @@ from transformers.utils import ModelOutput
 
 from support.chunked_loss import linear_cross_entropy
 from support.compiled_step import compile_step
-from support.rope import check_rope_scaling, rope_frequencies
 from support.cpu_matmul import Linear, packed_weights
+from support.rope import check_rope_scaling, rope_frequencies
 from support.sampling import check_sampling, sample, stop_list, stop_tensor
 
 
