@@ -11,11 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ddp_pretrain
+import ddp_sft_full
 from k_model import ModelConfig
 from support.hf_llama import export_hf
 from support.loading import open_model
 from test_hf_init import VOCAB, save_llama
-from train_helpers import QUIET, TINY_MODEL, make_pretrain_data
+from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data
 
 THETA = {"rope_theta": 500.0}  # a small base: more of the frequencies fall where each scaling changes them
 # name -> (LlamaConfig overrides, sequence lengths to compare: below, then above, the original context)
@@ -121,6 +122,23 @@ def test_a_resumed_rope_scaled_run_keeps_its_scaling(runs):
     assert state["model_config"]["max_seq_len"] == state["args"]["max_seq_len"] == 128
     with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt: checkpoint was trained with --rope_factor 4.0"):
         ddp_pretrain.main(long + ["--max_steps", "6", "--resume", "--rope_factor", "2"])
+
+
+def test_lora_sft_at_a_longer_context_keeps_the_scaling_through_resume_and_export(runs):
+    """LoRA adapters attach to the stretched model; a LoRA checkpoint reopens its base from --init_from, and
+    must stretch it again."""
+    root, _, _ = runs
+    sft_train, sft_val = make_sft_data(root, n_train=32, n_val=8)
+    args = ["--data_path", sft_train, "--val_data_path", sft_val, "--init_from", str(root / "base"), *QUIET,
+            "--batch_size", "4", "--lora_r", "4", "--rope_scaling", "linear", "--rope_factor", "2",
+            "--log_interval", "1", "--sample_tokens", "0", "--out_dir", str(root / "lora")]
+    ddp_sft_full.main(args + ["--max_steps", "2"])
+    ddp_sft_full.main(args + ["--max_steps", "3", "--resume"])
+    resumed, _, _ = open_model(root / "lora" / "ckpt.pt", own_tokenizer=False)
+    assert resumed.config.rope_scaling_params == {"rope_type": "linear", "factor": 2.0}
+    assert resumed.config.max_seq_len == 64
+    hf_config = json.loads((root / "lora" / "hf" / "config.json").read_text())
+    assert hf_config["rope_parameters"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
 
 
 @pytest.mark.parametrize("flags, named", [
