@@ -1,13 +1,15 @@
 """Validation loss of a model at its trained context L and at a longer one, with and without RoPE scaling.
 
-  python bench/bench_long_context.py --base out/base64 --tuned out/yarn256
+  python bench/bench_long_context.py --base out/base64 --tuned out/yarn256 --control out/plain64
 
 Every row reads the same validation tokens, cut into windows of the tuned model's context (4L in README),
 each token predicted from those before it in its piece of the window:
   base, pieces of L        the base model at the context it was trained at (the reference);
   base, plain RoPE         the base reads the whole window: positions beyond L it never saw in training;
   base + <scaling>         the same weights with the tuned run's rope scaling, before any training;
-  tuned                    the --rope_scaling fine-tune.
+  tuned                    the --rope_scaling fine-tune;
+  control, pieces of L     the same fine-tune (as many steps and tokens) at context L without scaling:
+                           what the extra training alone gives.
 Columns: mean loss over all positions, and over positions >= L only (the tokens that have more than L before
 them, where a longer context can help and unseen positions can hurt).
 """
@@ -42,6 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="the model trained at context L (run dir, ckpt.pt or HF dir)")
     p.add_argument("--tuned", required=True, help="its --rope_scaling fine-tune at the longer context")
+    p.add_argument("--control", help="the base fine-tuned as --tuned was, at its own context (optional)")
     p.add_argument("--val", default="out/data/pretrain_val.bin", help="validation tokens")
     p.add_argument("--batch_size", type=int, default=16)
     args = p.parse_args()
@@ -56,6 +59,8 @@ def main() -> None:
     rows = [(f"base, pieces of {L}", base, L), (f"base, plain RoPE at {W}", rebuilt(base, max_seq_len=W), W),
             (f"base + {kind}, untrained", rebuilt(base, max_seq_len=W, rope_scaling_params=scaling), W),
             (f"{kind} fine-tune at {W}", tuned, W)]
+    if args.control:
+        rows.append((f"control: fine-tune at {L}, pieces", open_model(args.control, own_tokenizer=False)[0], L))
 
     print(machine_line("cpu"))
     print(f"{len(val)} validation windows of {W} tokens ({args.val}); base context L = {L}")
