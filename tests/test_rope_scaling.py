@@ -5,16 +5,20 @@ export, and keep it when the run resumes; bad flag combinations are one line nam
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import ddp_pretrain
 import ddp_sft_full
+from dataset import PretrainDataset
 from k_model import ModelConfig
 from support.hf_llama import export_hf
 from support.loading import open_model
+from test_bench import run_bench
 from test_hf_init import VOCAB, save_llama
 from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data
 
@@ -94,6 +98,24 @@ def runs(tmp_path_factory, tiny_tokenizer_dir):
                      "--out_dir", str(root / "long")]
     ddp_pretrain.main(long + ["--max_steps", "2"])
     return root, common, long
+
+
+def test_the_long_context_bench_reports_each_row_and_the_tuned_loss_transformers_gives(runs):
+    root, common, _ = runs
+    val_bin = common[common.index("--val_data_path") + 1]
+    out = run_bench("bench_long_context.py", "--base", str(root / "base"), "--tuned", str(root / "long"),
+                    "--control", str(root / "base"), "--val", val_bin)
+    rows = dict(re.findall(r"^\| (.+?) +\| +([\d.]+) \| +[\d.]+ \|$", out, re.M))
+    assert list(rows) == ["base, pieces of 32", "base, plain RoPE at 128", "base + yarn x4, untrained",
+                          "yarn x4 fine-tune at 128", "control: fine-tune at 32, pieces"], out
+    assert rows["control: fine-tune at 32, pieces"] == rows["base, pieces of 32"]  # the same model, read alike
+    hf = AutoModelForCausalLM.from_pretrained(root / "long" / "hf").eval()
+    val = PretrainDataset(val_bin, max_length=128)
+    x, y = (torch.stack([val[i][k] for i in range(len(val))]) for k in (0, 1))
+    with torch.no_grad():
+        logits = hf(x).logits
+    assert float(rows["yarn x4 fine-tune at 128"]) == pytest.approx(
+        F.cross_entropy(logits.transpose(1, 2), y).item(), abs=1e-3)
 
 
 def test_a_rope_scaled_fine_tune_trains_at_the_longer_context_and_saves_the_scaling(runs):
