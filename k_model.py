@@ -34,7 +34,7 @@ from transformers.utils import ModelOutput
 
 from support.chunked_loss import linear_cross_entropy
 from support.compiled_step import compile_step
-from support.context_shift import check_shift, default_shift, plan_shift, right_aligned_mask
+from support.context_shift import resolve_shift, right_aligned_mask, shift_caches
 from support.cpu_matmul import Linear, packed_weights
 from support.sampling import check_sampling, sample, stop_list, stop_tensor
 
@@ -145,8 +145,8 @@ class KVCache:
         return self.k, self.v
 
     def move(self, source: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """The context shift (context_shift.py): slot j of row b takes the entry of slot source[b, j], its key
-        rotated by the angles cos, sin (B, slots, head_dim), in float32. In place: the tensors keep their
+        """The context shift (context_shift.shift_caches): slot j of row b takes the entry of slot source[b, j],
+        its key rotated by the angles cos, sin (B, slots, head_dim), in float32. In place: the tensors keep their
         addresses, so a compiled (CUDA-graph) step goes on without a recompile."""
         index = source[:, None, :, None].expand(-1, self.k.shape[1], -1, self.k.shape[3])
         k = apply_rope(self.k.gather(2, index).float(), cos[:, None], sin[:, None])
@@ -395,11 +395,9 @@ class Transformer(PreTrainedModel):
         max_new_tokens. A row that samples a stop id keeps that token and is then filled with it while the
         other rows go on; generation ends early once every row has stopped. Rows of different lengths are
         left-padded and described by attention_mask (1 = token, 0 = pad); each row then gets exactly the
-        tokens it would get alone (greedy) while it fits the window. temperature 0 = greedy (argmax). Past
-        max_seq_len the context shifts (context_shift.py): the oldest tokens but the first `keep` of each row
-        are dropped, `shift` at a time (None: half of max_seq_len - keep); a batch shifts when its longest row
-        fills the window, and each row then drops just enough to leave `shift` slots free. Runs the model as it
-        is: call model.eval() first if it was built with dropout. After compile_decode(), steps run compiled."""
+        tokens it would get alone (greedy) while it fits the window; past it, the context shifts (_decode).
+        temperature 0 = greedy (argmax). Runs the model as it is: call model.eval() first if it was built
+        with dropout. After compile_decode(), steps run compiled."""
         stops = stop_tensor(stop_id, idx.device)
         B = idx.shape[0]
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -454,12 +452,12 @@ class Transformer(PreTrainedModel):
         return packed_weights(self)
 
     @torch.inference_mode()
-    def _decode(self, idx, attention_mask, temperature, top_k, top_p, max_new_tokens, shift, keep
-                ) -> Iterator[torch.Tensor]:
+    def _decode(self, idx, attention_mask, temperature, top_k, top_p, max_new_tokens, shift, keep) -> Iterator:
         """Yields the next token of every row, (B,), max_new_tokens times: prefill the KV cache with the
         prompt (a prompt longer than max_seq_len keeps its last tokens), then feed one token per step. Once
         the window is full, the context shift (context_shift.py) drops each row's oldest tokens but its first
-        `keep`, freeing `shift` slots (None: half of max_seq_len - keep), and decoding goes on with the cache."""
+        `keep`, freeing `shift` slots (None: half of max_seq_len - keep), and decoding goes on with the cache.
+        A batch shifts when its longest row fills the window; each row drops just enough to free the slots."""
         check_sampling(temperature, top_k, top_p)
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must be (B, T) with at least one prompt token, got shape {tuple(idx.shape)}")
@@ -468,8 +466,7 @@ class Transformer(PreTrainedModel):
         if attention_mask.shape != idx.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != idx shape {tuple(idx.shape)}")
         window = self.config.max_seq_len
-        shift = default_shift(window, keep) if shift is None else shift
-        check_shift(window, shift, keep)
+        shift = resolve_shift(window, shift, keep)
         with self.packed_weights():  # the weights cannot change while this generator runs
             caches = self.new_caches(idx.shape[0], idx.device)
             start = max(0, idx.shape[1] - window)
@@ -484,7 +481,7 @@ class Transformer(PreTrainedModel):
                 if t + 1 == max_new_tokens:
                     return  # no logits needed after the last token
                 if filled == window:
-                    pos = self.shift_caches(caches, pos, filled, shift, keep)
+                    pos = shift_caches(caches, pos, filled, shift, keep, self.rope_cos, self.rope_sin)
                     filled -= shift
                     slot -= shift
                     key_mask = right_aligned_mask(pos, filled, key_mask.shape[1])
@@ -493,21 +490,6 @@ class Transformer(PreTrainedModel):
                 pos += 1
                 slot += 1
                 filled += 1
-
-    def shift_caches(self, caches: list[KVCache], lengths: torch.Tensor, end: int, shift: int,
-                     keep: int = 0) -> torch.Tensor:
-        """The context shift: frees `shift` cache slots before `end` (each row's `lengths` (B,) tokens lie
-        right-aligned before it) by dropping each row's oldest tokens but its first `keep`; the newer ones
-        move down and their keys are re-rotated to their new positions. Returns the tokens each row holds now
-        (also its next position), right-aligned before slot end - shift. A key rotated at position p moves to
-        p - s by the angle -s: cos, sin of position s divided by rope_cos[0], the attention factor some RoPE
-        scalings fold into the tables (1 for plain RoPE), which the key already carries."""
-        plan = plan_shift(lengths, end, shift, keep)
-        factor = self.rope_cos[0]
-        cos, sin = self.rope_cos[plan.moved] / factor, -self.rope_sin[plan.moved] / factor
-        for cache in caches:
-            cache.move(plan.source, cos, sin)
-        return plan.lengths
 
     def new_caches(self, batch: int, device: torch.device) -> list[KVCache]:
         """Empty KV caches for `batch` rows, one per layer (the step-wise decoding API: new_caches, prefill,

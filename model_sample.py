@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dataset import JsonlRecords, PretrainDataset, document_start_ids, encode_chat
 from k_model import Transformer
-from support.context_shift import check_shift, default_shift
+from support.context_shift import resolve_shift
 from support.loading import DTYPES, open_model, resolve_device, resolve_dtype
 
 DEFAULT_PRETRAIN_PROMPTS = ["中国", "北京", "今天"]
@@ -52,11 +52,9 @@ class TextGenerator:
         self.dtype = resolve_dtype(dtype, self.device)
         self.model: Transformer = model.to(device=self.device, dtype=self.dtype).eval()
         self.eos_id = self.tokenizer.eos_token_id
-        window = self.context_len
         self.context_keep = context_keep
-        self.context_shift = default_shift(window, context_keep) if context_shift is None else context_shift
         try:
-            check_shift(window, self.context_shift, context_keep)
+            self.context_shift = resolve_shift(self.context_len, context_shift, context_keep)
         except ValueError as e:
             raise ValueError(f"--context_shift / --context_keep: {e}") from None
         self._shifting = dict(shift=self.context_shift, keep=context_keep)

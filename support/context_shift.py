@@ -2,7 +2,7 @@
 
 When the KV cache's window is full, the oldest tokens of each row are dropped, except its first `keep`
 tokens (e.g. a system prompt), so that `shift` slots come free. The remaining entries move down in the
-cache and their keys are re-rotated to their new positions (Transformer.shift_caches), so positions stay
+cache and their keys are re-rotated to their new positions (shift_caches), so positions stay
 contiguous from 0 and decoding goes on with the cache: one gather per layer every `shift` tokens instead of
 one window-sized forward per token.
 
@@ -11,15 +11,21 @@ dropped ones are gone. Each kept entry was computed while they were still there,
 the first, its keys and values still carry what attention took from the dropped tokens (as in llama.cpp),
 so the result is not the same as re-encoding the kept text from scratch.
 
-This file holds the bookkeeping only (which slot each kept entry comes from and how far it moves), on the
-cache layout that generate and serve.py's engine share: row b's R_b tokens sit right-aligned in the slots
-just before `end`, the slots before them are padding.
+Both users, Transformer.generate and serve.py's engine, lay the cache out alike: row b's R_b tokens sit
+right-aligned in the slots just before `end`, the slots before them are padding. The rotation itself is
+k_model.KVCache.move's (this file sits below k_model and does not import it).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
+
+
+class MovableCache(Protocol):
+    """k_model.KVCache, as far as the shift needs it."""
+
+    def move(self, source: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None: ...
 
 
 class ShiftPlan(NamedTuple):
@@ -32,16 +38,15 @@ class ShiftPlan(NamedTuple):
     lengths: torch.Tensor
 
 
-def default_shift(window: int, keep: int) -> int:
-    """llama.cpp's choice: half of what may be dropped, so a shift comes every (window - keep) / 2 tokens."""
-    return max(1, (window - keep) // 2)
-
-
-def check_shift(window: int, shift: int, keep: int) -> None:
-    """ValueError unless 0 <= keep and 1 <= shift, leaving room for at least one recent token in the window."""
+def resolve_shift(window: int, shift: int | None, keep: int) -> int:
+    """The shift to use: `shift`, or by default llama.cpp's choice, half of what may be dropped (a shift every
+    (window - keep) / 2 tokens). ValueError unless keep >= 0 and shift >= 1 leave room in the window for at
+    least one recent token."""
+    shift = max(1, (window - keep) // 2) if shift is None else shift
     if keep < 0 or shift < 1 or keep + shift >= window:
         raise ValueError(f"context shift {shift} with {keep} kept tokens does not fit a window of {window}: "
                          f"need shift >= 1, keep >= 0 and keep + shift < {window}")
+    return shift
 
 
 def plan_shift(lengths: torch.Tensor, end: int, shift: int, keep: int) -> ShiftPlan:
@@ -66,3 +71,20 @@ def right_aligned_mask(lengths: torch.Tensor, end: int, n_slots: int) -> torch.T
     """(B, n_slots) bool: the slots that hold row b's lengths[b] tokens, right-aligned to end before `end`."""
     slots = torch.arange(n_slots, device=lengths.device)
     return (slots >= (end - lengths)[:, None]) & (slots < end)
+
+
+def shift_caches(caches: list[MovableCache], lengths: torch.Tensor, end: int, shift: int, keep: int,
+                 rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+    """The context shift: frees `shift` cache slots before `end` (each row's `lengths` (B,) tokens lie
+    right-aligned before it) by dropping each row's oldest tokens but its first `keep`; the newer ones move
+    down and their keys are re-rotated to their new positions. Returns the tokens each row holds now (also its
+    next position), right-aligned before slot end - shift. rope_cos, rope_sin: the model's rotary tables
+    (position, head_dim). A key rotated at position p moves to p - s by the angle -s: cos and sin of position
+    s divided by rope_cos[0], the attention factor that some RoPE scalings (YaRN) fold into the tables (1 for
+    plain RoPE) and that the key already carries."""
+    plan = plan_shift(lengths, end, shift, keep)
+    factor = rope_cos[0]
+    cos, sin = rope_cos[plan.moved] / factor, -rope_sin[plan.moved] / factor
+    for cache in caches:
+        cache.move(plan.source, cos, sin)
+    return plan.lengths

@@ -23,7 +23,7 @@ import torch
 
 from k_model import KVCache, Transformer
 from model_sample import TextGenerator
-from support.context_shift import right_aligned_mask
+from support.context_shift import right_aligned_mask, shift_caches
 from support.sampling import sample
 
 log = logging.getLogger("serve")
@@ -170,7 +170,7 @@ class DecodeBatch:
     """The KV caches of the rows being decoded, laid side by side. Rows are right-aligned, so every row's
     newest token sits in the same cache slot and one forward step serves them all; a shorter row's first
     slots are padding, masked out. The layout is rebuilt only when rows join or leave. When the longest row
-    fills the window, the context shifts (Transformer.shift_caches): each row drops just enough of its oldest
+    fills the window, the context shifts (context_shift.shift_caches): each row drops just enough of its oldest
     tokens, all but its first `keep`, to leave `shift` slots free."""
 
     def __init__(self, model: Transformer, shift: int, keep: int):
@@ -213,7 +213,8 @@ class DecodeBatch:
         window = self.model.config.max_seq_len
         if self.width == window:
             lengths = torch.tensor(self.lengths, device=self.model.device)
-            lengths = self.model.shift_caches(self.caches, lengths, window, self.shift, self.keep)
+            lengths = shift_caches(self.caches, lengths, window, self.shift, self.keep, self.model.rope_cos,
+                                   self.model.rope_sin)
             self.lengths = lengths.tolist()
             self.key_mask = right_aligned_mask(lengths, self.width, window)
         device, width = self.model.device, self.width

@@ -18,6 +18,7 @@ from test_serve import client_for, live
 
 from k_model import Transformer
 from serve import create_app
+from support.context_shift import shift_caches
 from support.generation_engine import DecodeBatch
 from support.hf_llama import export_hf, to_hf_llama
 
@@ -69,14 +70,14 @@ def batch(lengths: list[int], seed: int = 0) -> tuple[list[list[int]], torch.Ten
 
 def cached_logits(model: Transformer, idx, mask, feed: torch.Tensor, shift: int, keep: int) -> list[torch.Tensor]:
     """Next-token logits (B, V) after the prompt and after each fed column of feed (B, n), through the
-    step-wise API: prefill, decode_step, and shift_caches whenever the window is full."""
+    step-wise API: prefill, decode_step, and context_shift.shift_caches whenever the window is full."""
     window = model.config.max_seq_len
     caches = model.new_caches(idx.shape[0], idx.device)
     logits, pos, _ = model.prefill(idx, mask.bool(), caches)
     out, filled = [logits], idx.shape[1]
     for tok in feed.T:
         if filled == window:
-            pos = model.shift_caches(caches, pos, filled, shift, keep)
+            pos = shift_caches(caches, pos, filled, shift, keep, model.rope_cos, model.rope_sin)
             filled -= shift
         slots = torch.arange(filled + 1)
         attend = (slots >= filled - pos[:, None]) & (slots <= filled)  # each row's tokens, right-aligned
