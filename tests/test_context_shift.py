@@ -17,6 +17,9 @@ from test_model import VOCAB, left_pad, tiny
 from test_serve import client_for, live
 
 from k_model import Transformer
+import model_sample
+import serve
+from model_sample import TextGenerator
 from serve import create_app
 from support.context_shift import shift_caches
 from support.generation_engine import DecodeBatch
@@ -172,16 +175,19 @@ def test_a_shift_that_does_not_fit_the_window_is_refused(shift, keep):
         model.generate(torch.ones(1, 3, dtype=torch.long), 4, shift=shift, keep=keep)
 
 
-def test_serve_answers_more_tokens_than_the_window_holds(tmp_path, tiny_tokenizer):
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer) -> str:
+    """A 2-layer model with a 32-token context, exported with the tiny tokenizer."""
+    path = tmp_path_factory.mktemp("shift_model")
+    export_hf(tiny(n_layers=2, max_seq_len=32, vocab_size=len(tiny_tokenizer)), path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_serve_answers_more_tokens_than_the_window_holds(model_dir):
     """A 32-token context; the openai client asks for 100 tokens after a prompt of ~20: it gets all 100,
     the tokens model.generate gives the same prompt alone (the engine shifts as generate does)."""
-    from model_sample import TextGenerator
-
-    torch.manual_seed(0)
-    model = tiny(n_layers=2, max_seq_len=32, vocab_size=len(tiny_tokenizer))
-    export_hf(model, tmp_path)
-    tiny_tokenizer.save_pretrained(tmp_path)
-    gen = TextGenerator(str(tmp_path), device="cpu", dtype="float32", context_shift=10, context_keep=4)
+    gen = TextGenerator(model_dir, device="cpu", dtype="float32", context_shift=10, context_keep=4)
     messages = [{"role": "user", "content": "你好"}]
     ids = torch.tensor([gen.chat_ids(messages)])
     assert 4 < ids.shape[1] < 32
@@ -191,3 +197,12 @@ def test_serve_answers_more_tokens_than_the_window_holds(tmp_path, tiny_tokenize
                                                      temperature=0, extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 100
     assert r.choices[0].message.content == gen.decode(expected)
+
+
+@pytest.mark.parametrize("script", [model_sample, serve])
+def test_a_bad_context_shift_flag_is_one_error_line(model_dir, script, capsys):
+    argv = ["--sft_path" if script is model_sample else "--model", model_dir, "--context_shift", "30",
+            "--context_keep", "2"]
+    with pytest.raises(SystemExit, match=r"^error: --context_shift / --context_keep: context shift 30 with 2 kept "
+                                         r"tokens does not fit a window of 32"):
+        script.main(argv)
