@@ -456,8 +456,8 @@ class Transformer(PreTrainedModel):
         """Yields the next token of every row, (B,), max_new_tokens times: prefill the KV cache with the
         prompt (a prompt longer than max_seq_len keeps its last tokens), then feed one token per step. Once
         the window is full, the context shift (context_shift.py) drops each row's oldest tokens but its first
-        `keep`, freeing `shift` slots (None: half of max_seq_len - keep), and decoding goes on with the cache.
-        A batch shifts when its longest row fills the window; each row drops just enough to free the slots."""
+        `keep`, freeing `shift` slots (None: half of max_seq_len - keep), and decoding goes on with the cache
+        (a batch shifts when its longest row fills the window; each row drops just enough to free the slots)."""
         check_sampling(temperature, top_k, top_p)
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must be (B, T) with at least one prompt token, got shape {tuple(idx.shape)}")
@@ -482,14 +482,11 @@ class Transformer(PreTrainedModel):
                     return  # no logits needed after the last token
                 if filled == window:
                     pos = shift_caches(caches, pos, filled, shift, keep, self.rope_cos, self.rope_sin)
-                    filled -= shift
-                    slot -= shift
+                    filled, slot = filled - shift, slot - shift
                     key_mask = right_aligned_mask(pos, filled, key_mask.shape[1])
                 key_mask[:, filled] = True
                 logits = self.decode_step(tok, pos, slot, key_mask[:, : filled + 1], caches)
-                pos += 1
-                slot += 1
-                filled += 1
+                pos, slot, filled = pos + 1, slot + 1, filled + 1
 
     def new_caches(self, batch: int, device: torch.device) -> list[KVCache]:
         """Empty KV caches for `batch` rows, one per layer (the step-wise decoding API: new_caches, prefill,
