@@ -16,7 +16,7 @@ import ddp_pretrain
 import ddp_sft_full
 from dataset import PretrainDataset
 from k_model import ModelConfig
-from support.hf_llama import export_hf
+from support.hf_llama import export_hf, to_hf_llama
 from support.loading import open_model
 from test_bench import run_bench
 from test_hf_init import VOCAB, save_llama
@@ -182,3 +182,26 @@ def test_an_unknown_rope_type_is_refused_by_the_parser(runs, capsys):
     with pytest.raises(SystemExit):
         ddp_pretrain.main(common + ["--rope_scaling", "longrope", "--rope_factor", "2"])
     assert "--rope_scaling: invalid choice: 'longrope'" in capsys.readouterr().err
+
+
+def test_the_context_shift_re_rotates_yarn_keys_where_transformers_puts_them():
+    """Past the window, cached keys are re-rotated with the model's own tables, which under yarn carry the
+    attention factor (rope_cos[0] != 1): every step equals LlamaForCausalLM on the whole sequence, each token
+    attending to what the cache held when it was fed."""
+    from test_context_shift import WINDOW, Kept, batch, cached_logits
+    from test_model import tiny
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": WINDOW // 4}
+    model = tiny(n_layers=2, max_seq_len=WINDOW, rope_scaling_params=yarn)
+    assert model.rope_cos[0, 0] > 1  # the attention factor is in the tables
+    hf = to_hf_llama(model).eval()
+    prompts, idx, mask = batch([5, 13])
+    feed = torch.randint(0, model.config.vocab_size, (2, 24))
+    kept = Kept(prompts, WINDOW, shift=5, keep=0)
+    with torch.no_grad():
+        for step, logits in enumerate(cached_logits(model, idx, mask, feed, shift=5, keep=0)):
+            for b in range(2):
+                torch.testing.assert_close(logits[b], kept.masked(hf, b), rtol=1e-4, atol=1e-4, msg=f"step {step}")
+            if step < feed.shape[1]:
+                kept.feed(feed[:, step].tolist())
+    assert len(kept.seqs[1]) > 2 * WINDOW
