@@ -320,6 +320,7 @@ class Transformer(PreTrainedModel):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._compiled_step = None  # set by compile_decode()
+        self.context_limit: int | None = None  # see context_len
         self.post_init()  # HF: runs _init_weights on every module
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -489,11 +490,13 @@ class Transformer(PreTrainedModel):
             attention_mask = torch.ones_like(idx)
         if attention_mask.shape != idx.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != idx shape {tuple(idx.shape)}")
-        window = self.config.max_seq_len
+        window = self.context_len
         shift = resolve_shift(window, shift, keep)
+        start = max(0, idx.shape[1] - window)
+        # eager decoding sizes the cache to what this call needs; a compiled step keeps one shape
+        needed = window if self._compiled_step is not None else min(window, idx.shape[1] - start + max_new_tokens)
         with self.packed_weights():  # the weights cannot change while this generator runs
-            caches = self.new_caches(idx.shape[0], idx.device)
-            start = max(0, idx.shape[1] - window)
+            caches = self.new_caches(idx.shape[0], idx.device, needed)
             logits, pos, key_mask = self.prefill(idx[:, start:], attention_mask[:, start:].bool(), caches)
             # cache slots in use (each row's tokens right-aligned before this slot, padding first); `slot`
             # holds the same number as a tensor (the compiled step); pos: each row's next position = its tokens
@@ -512,15 +515,24 @@ class Transformer(PreTrainedModel):
                 logits = self.decode_step(tok, pos, slot, key_mask[:, : filled + 1], caches)
                 pos, slot, filled = pos + 1, slot + 1, filled + 1
 
-    def new_caches(self, batch: int, device: torch.device) -> list[KVCache]:
-        """Empty KV caches for `batch` rows, one per layer (the step-wise decoding API: new_caches, prefill,
-        decode_step; generate is built on it, and serve.py batches requests with it)."""
+    @property
+    def context_len(self) -> int:
+        """The inference window: generation shifts the context when this many tokens are cached. max_seq_len,
+        or less when context_limit is set: a Llama 3.x base has 131,072 positions, and a KV cache that size is
+        gigabytes per row."""
+        return min(self.context_limit or self.config.max_seq_len, self.config.max_seq_len)
+
+    def new_caches(self, batch: int, device: torch.device, slots: int | None = None) -> list[KVCache]:
+        """Empty KV caches for `batch` rows of `slots` tokens (default: context_len), one per layer (the
+        step-wise decoding API: new_caches, prefill, decode_step; generate is built on it, and serve.py
+        batches requests with it)."""
         # keys and values come out of the projections in autocast's dtype when it is on (bf16 on CPU)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
         cfg = self.config
         # one slot more than the window, never used: attention reads a view of the first S slots, and were
         # that view ever the whole cache, a compiled step would see a new (contiguous) layout and recompile
-        caches = [KVCache(batch, cfg.n_kv_heads, cfg.max_seq_len + 1, cfg.head_dim, dtype, device) for _ in self.layers]
+        slots = slots or self.context_len
+        caches = [KVCache(batch, cfg.n_kv_heads, slots + 1, cfg.head_dim, dtype, device) for _ in self.layers]
         if self._compiled_step is not None:
             self._compiled_step.pin(caches)
         return caches

@@ -39,19 +39,29 @@ DEFAULT_SFT_PROMPTS = [
 ]
 
 
+# A Llama 3.x base has 131,072 positions: a KV cache that long takes ~8.6 GB per row for the 1B model in
+# float32, so inference uses at most this window unless asked (--context_len)
+DEFAULT_CONTEXT_LEN = 8192
+
+
 class TextGenerator:
     """A trained model and its tokenizer, ready to generate (loading.open_model: any model source; a
     vocabulary mismatch raises ValueError naming both files). Generation goes on past the context window
     by the context shift (context_shift.py): `context_shift` tokens dropped at a time (None: half the window),
-    the first `context_keep` tokens always kept; a shift that does not fit the window raises ValueError."""
+    the first `context_keep` tokens always kept; a shift that does not fit the window raises ValueError.
+    The window is the model's max_seq_len, at most `context_len` tokens (0: no limit)."""
 
     def __init__(self, model_path: str | Path, tokenizer_path: str | None = None, device: str = "auto",
-                 dtype: str = "auto", context_shift: int | None = None, context_keep: int = 0):
+                 dtype: str = "auto", context_shift: int | None = None, context_keep: int = 0,
+                 context_len: int = DEFAULT_CONTEXT_LEN):
         self.device = resolve_device(device)
         model, self.tokenizer, self.info = open_model(model_path, tokenizer_path)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model: Transformer = model.to(device=self.device, dtype=self.dtype).eval()
         self.eos_id = self.tokenizer.eos_token_id
+        if context_len < 0:
+            raise ValueError(f"--context_len {context_len}: must be >= 0 (0: the model's {model.config.max_seq_len})")
+        self.model.context_limit = context_len or None
         self.context_keep = context_keep
         try:
             self.context_shift = resolve_shift(self.context_len, context_shift, context_keep)
@@ -61,7 +71,7 @@ class TextGenerator:
 
     @property
     def context_len(self) -> int:
-        return self.model.config.max_seq_len
+        return self.model.context_len
 
     def encode(self, text: str) -> list[int]:
         """Plain text to ids; a "<|im_end|>" typed in it stays text, as in pretraining documents."""
@@ -322,6 +332,9 @@ def add_context_shift_flags(p: argparse.ArgumentParser) -> None:
                         "KV cache (default: half of the window minus --context_keep)")
     p.add_argument("--context_keep", type=int, default=0,
                    help="tokens at the start (e.g. a system prompt) that a context shift never drops")
+    p.add_argument("--context_len", type=int, default=DEFAULT_CONTEXT_LEN,
+                   help="the context window: the model's max_seq_len, at most this many tokens (each row's KV "
+                        "cache holds this many; 0: no limit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
             run_eval(args)
             return
         path = args.pretrain_path if args.mode == "pretrain" else args.sft_path
-        gen = TextGenerator(path, args.tokenizer_path, args.device, args.dtype, args.context_shift, args.context_keep)
+        gen = TextGenerator(path, args.tokenizer_path, args.device, args.dtype, args.context_shift, args.context_keep,
+                            args.context_len)
         if args.chat:
             if not args.no_compile:  # a session generates many replies: compiling pays off
                 gen.compile_decode()

@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--temperature must be in [0, 2] and --top_p in [0, 1], the ranges a request may ask for")
     try:
         gen = TextGenerator(args.model, args.tokenizer_path, args.device, args.dtype, args.context_shift,
-                            args.context_keep)
+                            args.context_keep, args.context_len)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if not args.no_compile:

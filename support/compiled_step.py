@@ -76,7 +76,7 @@ class CompiledStep:
         if self.fn is None:  # compiling failed: eager from then on
             return self.model._eager_step(tok, pos, slot, attend, caches)
         if self.fixed_shapes:  # attend to the whole window, unfilled slots masked
-            attend = F.pad(attend, (0, self.model.config.max_seq_len - attend.shape[1]), value=False)
+            attend = F.pad(attend, (0, self.model.context_len - attend.shape[1]), value=False)
         B = tok.shape[0]
         if self.max_batch is not None and B > self.max_batch:  # a new graph would compile while clients wait
             raise RuntimeError(f"the compiled step was traced for batches up to {self.max_batch}, got {B} rows")

@@ -178,7 +178,7 @@ class DecodeBatch:
         self.shift, self.keep = shift, keep
         self.caches: list[KVCache] = []
         self.lengths: list[int] = []  # tokens cached per row
-        self.key_mask: torch.Tensor | None = None  # (B, max_seq_len): the cache slots each row attends to
+        self.key_mask: torch.Tensor | None = None  # (B, context_len): the cache slots each row attends to
 
     @property
     def width(self) -> int:
@@ -204,13 +204,13 @@ class DecodeBatch:
                 source = row.caches[layer]
                 cache.k[b, :, width - row.length : width] = source.k[row.index, :, row.end - row.length : row.end]
                 cache.v[b, :, width - row.length : width] = source.v[row.index, :, row.end - row.length : row.end]
-        key_mask = right_aligned_mask(torch.tensor(lengths, device=device), width, self.model.config.max_seq_len)
+        key_mask = right_aligned_mask(torch.tensor(lengths, device=device), width, self.model.context_len)
         self.caches, self.lengths, self.key_mask = caches, lengths, key_mask
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feeds each row its newest token into slot `width` (after a context shift if the window is full);
         returns every row's next-token logits (B, V)."""
-        window = self.model.config.max_seq_len
+        window = self.model.context_len
         if self.width == window:
             lengths = torch.tensor(self.lengths, device=self.model.device)
             lengths = shift_caches(self.caches, lengths, window, self.shift, self.keep, self.model.rope_cos,

@@ -11,6 +11,7 @@ written out here and computed by transformers' LlamaForCausalLM without a cache:
 """
 from __future__ import annotations
 
+import openai
 import pytest
 import torch
 from test_model import VOCAB, left_pad, tiny
@@ -125,7 +126,7 @@ def test_logits_after_shifts_equal_transformers_on_what_the_cache_holds(layers, 
 def greedy_reference(model: Transformer, prompts: list[list[int]], n: int, shift: int, keep: int,
                      reference: str) -> list[list[int]]:
     hf = to_hf_llama(model).eval()
-    kept = Kept(prompts, model.config.max_seq_len, shift, keep)
+    kept = Kept(prompts, model.context_len, shift, keep)
     with torch.no_grad():
         for _ in range(n):
             kept.feed([int(getattr(kept, reference)(hf, b).argmax()) for b in range(len(prompts))])
@@ -147,6 +148,17 @@ def test_generate_past_the_window_prefills_once_and_equals_the_reference(monkeyp
     one = single.generate(idx[1:2], 25, temperature=0, keep=2)  # default shift: (16 - 2) // 2 = 7
     assert one.tolist() == greedy_reference(single, prompts[1:2], 25, shift=7, keep=2, reference="fresh")
     assert list(single.stream_generate(idx[1:2], 25, temperature=0, keep=2)) == one[0].tolist()
+
+
+def test_a_context_limit_below_max_seq_len_is_the_window():
+    """context_limit (TextGenerator's --context_len) makes a 64-position model decode in a 16-token window:
+    its caches hold 16 tokens and the context shifts there, as the reference with a 16-token window says."""
+    model = tiny(n_layers=2, max_seq_len=64)
+    model.context_limit = WINDOW
+    prompts, idx, mask = batch([4, 11], seed=4)
+    out = model.generate(idx, 40, temperature=0, attention_mask=mask, shift=6)
+    assert out.tolist() == greedy_reference(model, prompts, 40, shift=6, keep=0, reference="masked")
+    assert model.new_caches(1, idx.device)[0].k.shape[2] == WINDOW + 1
 
 
 def test_prompt_longer_than_the_window_keeps_its_last_tokens_then_shifts():
@@ -197,6 +209,22 @@ def test_serve_answers_more_tokens_than_the_window_holds(model_dir):
                                                      temperature=0, extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 100
     assert r.choices[0].message.content == gen.decode(expected)
+
+
+def test_context_len_caps_the_generators_window(model_dir):
+    """--context_len: the window is the model's 32 tokens, at most context_len; 0 lifts the cap; the server
+    reports and uses the capped window."""
+    assert TextGenerator(model_dir, device="cpu", context_len=0).context_len == 32
+    assert TextGenerator(model_dir, device="cpu", context_len=100).context_len == 32
+    gen = TextGenerator(model_dir, device="cpu", dtype="float32", context_len=20)
+    assert gen.context_len == 20 == gen.model.context_len
+    prompt = next(p for p in ("好" * n for n in range(1, 40)) if 20 <= len(gen.encode(p)) < 32)
+    with live(create_app(gen, "tiny")) as base:
+        assert client_for(base).models.retrieve("tiny").context_length == 20
+        with pytest.raises(openai.BadRequestError, match=r"the model's context is 20 tokens"):
+            client_for(base).completions.create(model="tiny", prompt=prompt, max_tokens=4)
+    with pytest.raises(ValueError, match=r"--context_len -1: must be >= 0"):
+        TextGenerator(model_dir, device="cpu", context_len=-1)
 
 
 @pytest.mark.parametrize("script", [model_sample, serve])
