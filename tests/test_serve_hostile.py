@@ -131,11 +131,11 @@ def test_out_of_memory_while_growing_the_batch_fails_only_the_joining_request(ge
     real = model.new_caches
     failures = []
 
-    def no_memory_for_two_rows(batch, device):
+    def no_memory_for_two_rows(batch, device, slots=None):
         if batch == 2 and not failures:
             failures.append(batch)
             raise torch.OutOfMemoryError("out of memory (while laying out 2 rows)")
-        return real(batch, device)
+        return real(batch, device, slots)
 
     monkeypatch.setattr(model, "new_caches", no_memory_for_two_rows)
     with live(create_app(gen, MODEL, max_batch=2)) as base:
