@@ -1,0 +1,124 @@
+"""--parallel fsdp (support/fsdp.py): 2 gloo processes with FSDP2 train exactly like 1 plain process reading the
+same global batch (weights within 1e-5, the same losses and the same hf/ export); a run resumed from its
+distributed checkpoint with another number of processes (1 -> 2 -> 2 -> 1) ends where the uninterrupted run
+does; every tool opens the DCP checkpoint through open_model; what FSDP cannot train is one clear line."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ddp_pretrain
+from support.checkpoint import DCP_NAME, load_checkpoint
+from support.loading import open_model
+from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, read_metrics, run_script
+
+# wsd with no decay: the learning rate of a step does not depend on --max_steps, so a run stopped by a smaller
+# --max_steps and resumed with a larger one takes the steps of one run to the larger
+STEPS = ["--learning_rate", "1e-3", "--warmup_iters", "2", "--lr_schedule", "wsd", "--decay_fraction", "0",
+         "--log_interval", "1", "--eval_interval", "2", "--save_interval", "100"]
+FSDP = ["--parallel", "fsdp"]
+
+
+def assert_same_weights(reference: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(reference)
+    for key, weight in reference.items():
+        torch.testing.assert_close(got[key], weight, atol=1e-5, rtol=0, msg=key)
+
+
+def assert_same_losses(reference, run, metrics=("loss", "val_loss")) -> None:
+    for metric in metrics:
+        ref, got = read_metrics(reference, metric), read_metrics(run, metric)
+        assert [s for s, _ in got] == [s for s, _ in ref]
+        assert [v for _, v in got] == pytest.approx([v for _, v in ref], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pretrain_args(tmp_path_factory, tiny_tokenizer_dir) -> list[str]:
+    root = tmp_path_factory.mktemp("fsdp_data")
+    train_bin, val_bin = make_pretrain_data(root, tiny_tokenizer_dir, n_train=200, n_val=20)
+    return ["--data_path", train_bin, "--val_data_path", val_bin, "--tokenizer_path", tiny_tokenizer_dir,
+            *TINY_MODEL, *QUIET, *STEPS]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, pretrain_args):
+    """One plain process, global batch 8, 6 steps: what every FSDP run below must reproduce."""
+    out = tmp_path_factory.mktemp("fsdp_ref") / "one"
+    ddp_pretrain.main(pretrain_args + ["--out_dir", str(out), "--batch_size", "8", "--max_steps", "6"])
+    return out
+
+
+def test_two_fsdp_processes_train_like_one(tmp_path, pretrain_args, reference):
+    # global batch 8: 2 processes x 2 samples x 2 accumulation steps
+    run = tmp_path / "fsdp"
+    fsdp = run_script("ddp_pretrain.py", pretrain_args + FSDP + [
+        "--out_dir", str(run), "--batch_size", "2", "--accumulation_steps", "2", "--max_steps", "6",
+        "--sample_prompt", "hello", "--sample_tokens", "4"], nproc=2)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "=== pretrain: 2 process(es) on cpu" in fsdp.stdout and "--parallel fsdp" in fsdp.stdout
+    # each rank wrote its own shard; no ckpt.pt
+    assert sorted(p.name for p in (run / DCP_NAME).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (run / "ckpt.pt").exists()
+    ref_state = load_checkpoint(reference)
+    state = load_checkpoint(run)  # the DCP checkpoint read by one process, as every tool reads it
+    assert state["step"] == 6 and state["world_size"] == 2 and state["data_position"] == ref_state["data_position"]
+    assert_same_weights(ref_state["model"], state["model"])
+    assert_same_losses(reference, run)
+    # the HF export gathers the shards once: the same hf/ as a one-process run's
+    assert_same_weights(load_file(reference / "hf" / "model.safetensors"), load_file(run / "hf" / "model.safetensors"))
+    # the sample greedy-decoded on rank 0 from the gathered model is logged
+    assert [s for s, _ in read_metrics(run, "samples")] == [2, 4, 6]
+
+
+def test_resume_with_other_process_counts(tmp_path, pretrain_args, reference):
+    """1 process to step 2, 2 processes to step 4 (1 -> 2), 2 to step 5 (2 -> 2), 1 to step 6 (2 -> 1): the
+    per-process batch follows the process count so that the global batch stays 8."""
+    run = tmp_path / "chain"
+    chain = [(1, 8, 2), (2, 4, 4), (2, 4, 5), (1, 8, 6)]
+    for i, (nproc, batch, steps) in enumerate(chain):
+        resume = ["--resume"] if i else []
+        proc = run_script("ddp_pretrain.py", pretrain_args + FSDP + resume + [
+            "--out_dir", str(run), "--batch_size", str(batch), "--max_steps", str(steps)], nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if i:
+            assert f"resumed from {run / DCP_NAME} at step {chain[i - 1][2]}" in proc.stdout
+    state = load_checkpoint(run)
+    assert state["step"] == 6 and state["world_size"] == 1
+    assert_same_weights(load_checkpoint(reference)["model"], state["model"])
+    assert_same_losses(reference, run, ["loss"])  # each run also evaluates at its last step
+
+    # the tools open a DCP run directory like a ckpt.pt one (model_sample.py, serve.py: loading.open_model)
+    opened = open_model(run)
+    assert opened.origin["step"] == 6 and opened.origin["source"] == str(run / DCP_NAME)
+    assert_same_weights(load_checkpoint(reference)["model"], opened.model.state_dict())
+
+    # bad input: one line, and the checkpoint is left as it was
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt_dcp: checkpoint was trained with --parallel fsdp, this "
+                                         r"run asks for --parallel ddp"):
+        ddp_pretrain.main(pretrain_args + ["--out_dir", str(run), "--resume", "--parallel", "ddp"])
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt_dcp already exists: --resume continues"):
+        ddp_pretrain.main(pretrain_args + FSDP + ["--out_dir", str(run), "--max_steps", "1"])
+    assert load_checkpoint(run)["step"] == 6
+
+
+def test_ddp_checkpoint_is_not_resumed_as_fsdp(tmp_path, pretrain_args, reference):
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt: checkpoint was trained with --parallel ddp, this run "
+                                         r"asks for --parallel fsdp; resume with the same value$"):
+        ddp_pretrain.main(pretrain_args + FSDP + ["--out_dir", str(reference), "--resume", "--max_steps", "7"])
+    assert load_checkpoint(reference)["step"] == 6
+
+
+@pytest.mark.parametrize("flags, refusal", [
+    (["--optimizer", "muon"], "--optimizer muon orthogonalizes whole matrices"),
+    (["--dtype", "float16"], "--dtype float16 needs GradScaler"),
+])
+def test_what_fsdp_cannot_train_is_refused(tmp_path, pretrain_args, flags, refusal):
+    with pytest.raises(SystemExit, match=f"^error: --parallel fsdp: {refusal}"):
+        ddp_pretrain.main(pretrain_args + FSDP + flags + ["--out_dir", str(tmp_path / "run"), "--max_steps", "1"])
+    assert not (tmp_path / "run" / DCP_NAME).exists()
+
+
+def test_cpu_offload_needs_fsdp(tmp_path, pretrain_args):
+    with pytest.raises(SystemExit, match="^error: --cpu_offload offloads FSDP's shards: add --parallel fsdp$"):
+        ddp_pretrain.main(pretrain_args + ["--cpu_offload", "--out_dir", str(tmp_path / "run")])
