@@ -8,10 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import ddp_dpo
 import ddp_pretrain
+import ddp_sft_full
 from support.checkpoint import DCP_NAME, load_checkpoint
 from support.loading import open_model
-from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, read_metrics, run_script
+from test_dpo import run_files, train_args  # noqa: F401 (run_files is a fixture: the DPO init model and pairs)
+from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, run_script
 
 # wsd with no decay: the learning rate of a step does not depend on --max_steps, so a run stopped by a smaller
 # --max_steps and resumed with a larger one takes the steps of one run to the larger
@@ -122,3 +125,22 @@ def test_what_fsdp_cannot_train_is_refused(tmp_path, pretrain_args, flags, refus
 def test_cpu_offload_needs_fsdp(tmp_path, pretrain_args):
     with pytest.raises(SystemExit, match="^error: --cpu_offload offloads FSDP's shards: add --parallel fsdp$"):
         ddp_pretrain.main(pretrain_args + ["--cpu_offload", "--out_dir", str(tmp_path / "run")])
+
+
+def test_sft_and_dpo_under_fsdp_train_like_one_process(tmp_path, tiny_tokenizer_dir, reference, run_files):
+    """SFT (answers-only loss: micro-batches hold different numbers of target tokens) and DPO with its frozen
+    reference held whole on every rank: 2 FSDP processes equal 1 plain process."""
+    sft_train, sft_val = make_sft_data(tmp_path)
+    sft = ["--data_path", sft_train, "--val_data_path", sft_val, "--tokenizer_path", tiny_tokenizer_dir,
+           "--init_from", str(reference), *QUIET, *STEPS, "--max_seq_len", "32", "--max_steps", "4"]
+    dpo = train_args(run_files, tiny_tokenizer_dir, tmp_path / "unused", "--max_steps", "4", "--warmup_iters", "2",
+                     "--eval_interval", "2")
+    for script, main, common in (("ddp_sft_full.py", ddp_sft_full.main, sft), ("ddp_dpo.py", ddp_dpo.main, dpo)):
+        fsdp = run_script(script, common + FSDP + ["--out_dir", str(tmp_path / script / "fsdp"), "--batch_size", "2",
+                                                   "--accumulation_steps", "2"], nproc=2)
+        assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+        main(common + ["--out_dir", str(tmp_path / script / "one"), "--batch_size", "8", "--accumulation_steps", "1"])
+        one, two = (load_checkpoint(tmp_path / script / run) for run in ("one", "fsdp"))
+        assert one["step"] == two["step"] == 4 and two["world_size"] == 2
+        assert_same_weights(one["model"], two["model"])
+        assert_same_losses(tmp_path / script / "one", tmp_path / script / "fsdp")
