@@ -64,9 +64,8 @@ class TrainingError(RuntimeError):
 
 class Trainer:
     """One run: resolves the flags, builds model, optimizer and data (or restores them from out_dir's checkpoint
-    with --resume), then `fit` trains to the last step, logging, evaluating and saving on the way. The parallel
-    strategy (--parallel: trainer_utils.DataParallel or fsdp.FullyShardedParallel) wraps the model, syncs its
-    gradients, saves and restores the checkpoint and gathers the whole model where rank 0 needs it."""
+    with --resume), then `fit` trains to the last step, logging, evaluating and saving on the way. --parallel's
+    strategy (DataParallel, FullyShardedParallel) wraps the model, saves, restores and gathers it for rank 0."""
 
     def __init__(self, given: argparse.Namespace, task: Task, d: DistInfo, stop: StopRequest):
         self.task, self.d, self.stop = task, d, stop
@@ -239,9 +238,7 @@ class Trainer:
                     self.log.info(f"stopped by {signal.Signals(stop).name} at step {self.step}; "
                                   f"resume with --resume")
                     raise SystemExit(128 + stop)
-            state = ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in self.parallel.state_bytes(self.model,
-                                                                                           self.optimizer).items())
-            self.log.info(f"peak memory: {peak_memory(d.device)}; training state on rank 0 (MiB): {state}")
+            self.log.info(f"peak memory: {peak_memory(d.device)}; {self.parallel.memory(self.model, self.optimizer)}")
             self._export_hf(self.parallel.full_model(self.model))
         finally:
             bar.close()

@@ -84,13 +84,21 @@ class FullyShardedParallel(DataParallel):
             raise ValueError(f"--parallel fsdp: {refusal}")
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
-        # with offload the shards live on the CPU: fully_shard takes them from there, the GPU holds one block
-        return model if self.cpu_offload else super().place(model)
+        """The model on the device; with --cpu_offload only its buffers (the rotary tables): the weights stay on
+        the CPU, where fully_shard takes its shards from, and the GPU holds a block at a time."""
+        if not self.cpu_offload:
+            return super().place(model)
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                setattr(module, name, buffer.to(self.d.device))
+        return model
 
     def wrap(self, model: torch.nn.Module, compiled: bool) -> torch.nn.Module:
         """fully_shard each block, then the root; `model` itself becomes the FSDP module."""
         mesh = init_device_mesh(self.d.device.type, (self.d.world_size,))
-        policy = dict(mesh=mesh, offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy())
+        # pinned host memory needs a GPU; on a CPU device offloading moves nothing (it runs, for the tests)
+        offload = CPUOffloadPolicy(pin_memory=self.d.device.type == "cuda") if self.cpu_offload else OffloadPolicy()
+        policy = dict(mesh=mesh, offload_policy=offload)
         if self.dtype != torch.float32:
             policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
         for block in model.layers:

@@ -125,14 +125,16 @@ class DataParallel:
         """On rank 0, the whole model for what rank 0 does alone (samples, lm-eval tasks, the HF export)."""
         return model
 
-    def state_bytes(self, model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
-        """Bytes of the training state this rank holds: its weights, their gradients (one per trainable weight,
-        as after a backward pass) and the optimizer state."""
+    def memory(self, model: torch.nn.Module, optimizer: Any) -> str:
+        """The training state this rank holds: its weights, their gradients (one per trainable weight, as after
+        a backward pass) and the optimizer state; under FSDP its shards."""
         states = [t for opt, _ in optimizer.parts.values() for state in opt.state.values()
                   for t in state.values() if torch.is_tensor(t)]
-        return {"params": sum(local_part(p).nbytes for p in model.parameters()),
-                "grads": sum(local_part(p).nbytes for p in model.parameters() if p.requires_grad),
-                "optimizer": sum(local_part(t).nbytes for t in states)}
+        sizes = {"params": sum(local_part(p).nbytes for p in model.parameters()),
+                 "grads": sum(local_part(p).nbytes for p in model.parameters() if p.requires_grad),
+                 "optimizer": sum(local_part(t).nbytes for t in states)}
+        return f"training state on rank {self.d.rank} (MiB): " + ", ".join(f"{k} {v / 2**20:,.1f}"
+                                                                             for k, v in sizes.items())
 
 
 # ----------------------------------------------------------------------------------------------------------

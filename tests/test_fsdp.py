@@ -144,3 +144,19 @@ def test_sft_and_dpo_under_fsdp_train_like_one_process(tmp_path, tiny_tokenizer_
         assert one["step"] == two["step"] == 4 and two["world_size"] == 2
         assert_same_weights(one["model"], two["model"])
         assert_same_losses(tmp_path / script / "one", tmp_path / script / "fsdp")
+
+
+def test_cpu_offload_trains_like_one_process(tmp_path, pretrain_args, reference):
+    """--cpu_offload (CPUOffloadPolicy; on a CPU device the shards stay where they are) takes the same steps."""
+    ddp_pretrain.main(pretrain_args + FSDP + ["--cpu_offload", "--out_dir", str(tmp_path / "off"), "--batch_size", "8",
+                                              "--max_steps", "6"])
+    assert_same_weights(load_checkpoint(reference)["model"], load_checkpoint(tmp_path / "off")["model"])
+
+
+def test_lora_under_fsdp_is_refused(tmp_path, tiny_tokenizer_dir, reference):
+    sft_train, sft_val = make_sft_data(tmp_path, n_train=16, n_val=4)
+    with pytest.raises(SystemExit, match=r"^error: --parallel fsdp: LoRA \(adapters on a frozen base\) is not "
+                                         r"supported: train it with --parallel ddp$"):
+        ddp_sft_full.main(["--data_path", sft_train, "--val_data_path", sft_val, "--tokenizer_path", tiny_tokenizer_dir,
+                           "--init_from", str(reference), "--out_dir", str(tmp_path / "lora"), *QUIET, *FSDP,
+                           "--lora_r", "4", "--max_seq_len", "32"])
