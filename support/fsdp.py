@@ -84,13 +84,8 @@ class FullyShardedParallel(DataParallel):
             raise ValueError(f"--parallel fsdp: {refusal}")
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model on the device; with --cpu_offload only its buffers (the rotary tables): the weights stay on
-        the CPU, where fully_shard takes its shards from, and the GPU holds a block at a time."""
-        if not self.cpu_offload:
-            return super().place(model)
-        for module in model.modules():
-            for name, buffer in module.named_buffers(recurse=False):
-                setattr(module, name, buffer.to(self.d.device))
+        """The model stays where it was built (the CPU): fully_shard moves each block to the device as it
+        shards it, so the device never holds the whole model (with --cpu_offload the shards go back)."""
         return model
 
     def wrap(self, model: torch.nn.Module, compiled: bool) -> torch.nn.Module:
