@@ -133,9 +133,18 @@ def read_dcp_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # that no process group is used is the point here, not news
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({key: weights}, storage_reader=reader, no_dist=True)
-    except Exception as e:  # missing or truncated shard files, a damaged .metadata
-        raise ValueError(f"{path}: not a readable distributed checkpoint ({type(e).__name__}: {e})") from e
+    except (Exception, dcp.api.CheckpointException) as e:  # missing or truncated shards, a damaged .metadata
+        raise ValueError(f"{path}: not a readable distributed checkpoint ({dcp_failure(e)})") from None
     return weights
+
+
+def dcp_failure(e: BaseException) -> str:
+    """One line for a DCP error: a CheckpointException (a BaseException) carries each failed rank's exception
+    and traceback; the first rank's exception says what went wrong."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))[0]
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:

@@ -44,7 +44,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from k_model import Transformer
-from support.checkpoint import CKPT_NAME, DCP_META, DCP_NAME, DCP_SLOTS, fsync_dir, save_checkpoint
+from support.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, DCP_SLOTS, dcp_failure, fsync_dir,
+                                save_checkpoint)
 from support.train_task import Task
 from support.trainer_utils import DataParallel, DistInfo
 
@@ -123,8 +124,8 @@ class FullyShardedParallel(DataParallel):
         weights, moments = get_state_dict(model, optimizers)
         try:
             dcp.load({"model": weights, "optimizer": moments}, checkpoint_id=ckpt_path)
-        except Exception as e:  # missing or truncated shards, another model shape or optimizer
-            raise ValueError(f"{ckpt_path}: cannot resume: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        except (Exception, dcp.api.CheckpointException) as e:  # missing or truncated shards, another shape
+            raise ValueError(f"{ckpt_path}: cannot resume: {dcp_failure(e)}") from None
         set_state_dict(model, optimizers, model_state_dict=weights, optim_state_dict=moments)
 
     def save(self, out_dir: Path, meta: dict[str, Any], model_state: Callable[[], dict[str, Any]],

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import ddp_dpo
 import ddp_pretrain
 import ddp_sft_full
-from support.checkpoint import DCP_NAME, load_checkpoint
+from support.checkpoint import DCP_NAME, DCP_SLOTS, load_checkpoint
 from support.loading import open_model
 from test_dpo import run_files, train_args  # noqa: F401 (run_files is a fixture: the DPO init model and pairs)
 from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, run_script
@@ -91,6 +91,11 @@ def test_resume_with_other_process_counts(tmp_path, pretrain_args, reference):
     assert_same_weights(load_checkpoint(reference)["model"], state["model"])
     assert_same_losses(reference, run, ["loss"])  # each run also evaluates at its last step
 
+    # a save killed midway leaves its slot half written; the symlink still names the last good checkpoint
+    other = next(slot for slot in DCP_SLOTS if slot != (run / DCP_NAME).resolve().name)
+    (run / other).mkdir(exist_ok=True)
+    (run / other / "__0_0.distcp").write_bytes(b"killed mid-write")
+
     # the tools open a DCP run directory like a ckpt.pt one (model_sample.py, serve.py: loading.open_model)
     opened = open_model(run)
     assert opened.origin["step"] == 6 and opened.origin["source"] == str(run / DCP_NAME)
@@ -103,6 +108,13 @@ def test_resume_with_other_process_counts(tmp_path, pretrain_args, reference):
     with pytest.raises(SystemExit, match=r"^error: .*ckpt_dcp already exists: --resume continues"):
         ddp_pretrain.main(pretrain_args + FSDP + ["--out_dir", str(run), "--max_steps", "1"])
     assert load_checkpoint(run)["step"] == 6
+    # a damaged shard: one line from the tools and from --resume
+    shard = next((run / DCP_NAME).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"ckpt_dcp: not a readable distributed checkpoint"):
+        open_model(run)
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt_dcp: cannot resume: [^\n]*$"):
+        ddp_pretrain.main(pretrain_args + ["--out_dir", str(run), "--resume", "--batch_size", "8", "--max_steps", "7"])
 
 
 def test_ddp_checkpoint_is_not_resumed_as_fsdp(tmp_path, pretrain_args, reference):
