@@ -80,12 +80,14 @@ def test_resume_with_other_process_counts(tmp_path, pretrain_args, reference):
     run = tmp_path / "chain"
     chain = [(1, 8, 2), (2, 4, 4), (2, 4, 5), (1, 8, 6)]
     for i, (nproc, batch, steps) in enumerate(chain):
-        resume = ["--resume"] if i else []
-        proc = run_script("ddp_pretrain.py", pretrain_args + FSDP + resume + [
-            "--out_dir", str(run), "--batch_size", str(batch), "--max_steps", str(steps)], nproc=nproc)
+        args = pretrain_args + FSDP + ["--resume"] * bool(i) + [
+            "--out_dir", str(run), "--batch_size", str(batch), "--max_steps", str(steps)]
+        if nproc == 1:  # in this process: a process group of one, created and destroyed by the run
+            ddp_pretrain.main(args)
+            continue
+        proc = run_script("ddp_pretrain.py", args, nproc=nproc)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        if i:
-            assert f"resumed from {run / DCP_NAME} at step {chain[i - 1][2]}" in proc.stdout
+        assert f"resumed from {run / DCP_NAME} at step {chain[i - 1][2]}" in proc.stdout
     state = load_checkpoint(run)
     assert state["step"] == 6 and state["world_size"] == 1
     assert_same_weights(load_checkpoint(reference)["model"], state["model"])
