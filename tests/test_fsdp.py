@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import ddp_dpo
+import ddp_grpo
 import ddp_pretrain
 import ddp_sft_full
 from support.checkpoint import DCP_NAME, DCP_SLOTS, load_checkpoint
@@ -174,3 +175,12 @@ def test_lora_under_fsdp_is_refused(tmp_path, tiny_tokenizer_dir, reference):
         ddp_sft_full.main(["--data_path", sft_train, "--val_data_path", sft_val, "--tokenizer_path", tiny_tokenizer_dir,
                            "--init_from", str(reference), "--out_dir", str(tmp_path / "lora"), *QUIET, *FSDP,
                            "--lora_r", "4", "--max_seq_len", "32"])
+
+
+def test_grpo_under_fsdp_is_refused(tmp_path, tiny_tokenizer_dir, reference):
+    with pytest.raises(SystemExit, match=r"^error: --parallel fsdp: grpo generates with the whole policy between "
+                                         r"steps, which FSDP holds in shards: use --parallel ddp$"):
+        ddp_grpo.main(["--init_from", str(reference), "--tokenizer_path", tiny_tokenizer_dir, "--data_path",
+                       str(tmp_path / "prompts.jsonl"), "--reward", "rewards.py:answer_format", "--out_dir",
+                       str(tmp_path / "grpo"), "--max_seq_len", "32", "--max_completion_length", "8", *QUIET, *FSDP])
+    assert not (tmp_path / "grpo" / DCP_NAME).exists()
