@@ -285,20 +285,15 @@ class Trainer:
                                                  self.args.eval_tasks_limit or None, self.task.name != "pretrain",
                                                  self.autocast, self.log.info))
         if self.d.is_main and sampled:
-            values["samples"] = self._samples(whole)
+            values["samples"] = greedy_samples(whole, self.task, self.tokenizer, self.args.sample_prompt,
+                                               self.args.sample_tokens, self.autocast, self.d.device)
+            for prompt, text in values["samples"].items():
+                self.log.info(f"sample step {self.step} | {prompt!r} -> {text!r}")
         if values:
             self.log.metrics(self.step, values)
         if self.d.is_main:
             self.progress.draw_curves(self.out_dir)
         self.progress.leave_out(time.perf_counter() - start)  # keep evaluation out of tokens/s
-
-    def _samples(self, model: torch.nn.Module) -> dict[str, str]:
-        """Greedy continuations of the --sample_prompt texts, each logged."""
-        samples = greedy_samples(model, self.task, self.tokenizer, self.args.sample_prompt,
-                                 self.args.sample_tokens, self.autocast, self.d.device)
-        for prompt, text in samples.items():
-            self.log.info(f"sample step {self.step} | {prompt!r} -> {text!r}")
-        return samples
 
     def _save(self) -> None:
         self._check_finite(weights=True)
@@ -317,8 +312,7 @@ class Trainer:
         self.log.info(f"saved {self.ckpt_path} (step {self.step})")
         self.last_saved_step = self.step
 
-    def _export_hf(self, model: torch.nn.Module | None) -> None:
-        """Rank 0 writes hf/ from the whole model (None on the other ranks)."""
+    def _export_hf(self, model: torch.nn.Module | None) -> None:  # the whole model on rank 0, else None
         if self.d.is_main:
             hf_dir = self.task.export(model, self.out_dir, self.tokenizer)
             self.log.info(f"exported {hf_dir} (AutoModelForCausalLM / AutoTokenizer)")
