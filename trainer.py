@@ -239,7 +239,7 @@ class Trainer:
                                   f"resume with --resume")
                     raise SystemExit(128 + stop)
             self.log.info(f"peak memory: {peak_memory(d.device)}; {self.parallel.memory(self.model, self.optimizer)}")
-            self._export_hf(self.parallel.full_model(self.model))
+            self._export_hf(self.parallel.full_model(self.model, torch.device("cpu")))
         finally:
             bar.close()
             self.log.close()
@@ -277,7 +277,7 @@ class Trainer:
             self.log.info(f"eval step {self.step} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}"
                                                                    for k, v in values.items()))
         sampled = self.args.sample_tokens and self.args.sample_prompt
-        whole = self.parallel.full_model(self.model) if self.args.eval_tasks or sampled else None  # all ranks
+        whole = self.parallel.full_model(self.model, self.d.device) if self.args.eval_tasks or sampled else None
         if self.d.is_main and self.args.eval_tasks:
             import eval_model
 

@@ -147,14 +147,16 @@ class FullyShardedParallel(DataParallel):
         dist.barrier()  # no rank starts the next save before the swap
         return link
 
-    def full_model(self, model: torch.nn.Module) -> Transformer | None:
-        """Gathers every shard (a collective: all ranks call it) into a plain model on rank 0."""
+    def full_model(self, model: torch.nn.Module, device: torch.device) -> Transformer | None:
+        """Gathers every shard (a collective: all ranks call it) into a plain float32 model on rank 0, on
+        `device`: the HF export writes it from the CPU, samples and lm-eval tasks run it on the GPU, which must
+        then hold the whole model (a base near the GPU's size: --sample_tokens 0 and no --eval_tasks)."""
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.d.is_main:
             return None
         plain = Transformer(model.config)
         plain.load_state_dict(weights)
-        return plain.to(self.d.device).train(model.training)
+        return plain.to(device).train(model.training)
 
 
 def swap_symlink(link: Path, target: str) -> None:

@@ -121,8 +121,9 @@ class DataParallel:
             remove_dcp_checkpoint(out_dir)
         return path
 
-    def full_model(self, model: torch.nn.Module) -> torch.nn.Module | None:
-        """On rank 0, the whole model for what rank 0 does alone (samples, lm-eval tasks, the HF export)."""
+    def full_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module | None:
+        """On rank 0, the whole model for what rank 0 does alone (samples, lm-eval tasks, the HF export); DDP's
+        own model, wherever it is."""
         return model
 
     def memory(self, model: torch.nn.Module, optimizer: Any) -> str:
