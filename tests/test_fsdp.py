@@ -118,6 +118,10 @@ def test_resume_with_other_process_counts(tmp_path, pretrain_args, reference):
         open_model(run)
     with pytest.raises(SystemExit, match=r"^error: .*ckpt_dcp: cannot resume: [^\n]*$"):
         ddp_pretrain.main(pretrain_args + ["--out_dir", str(run), "--resume", "--batch_size", "8", "--max_steps", "7"])
+    # --overwrite with --parallel ddp: its first save replaces the DCP checkpoint, both slots
+    ddp_pretrain.main(pretrain_args + ["--out_dir", str(run), "--overwrite", "--batch_size", "8", "--max_steps", "1"])
+    assert load_checkpoint(run / "ckpt.pt")["step"] == 1
+    assert not any((run / name).exists() or (run / name).is_symlink() for name in (DCP_NAME, *DCP_SLOTS))
 
 
 def test_ddp_checkpoint_is_not_resumed_as_fsdp(tmp_path, pretrain_args, reference):
