@@ -17,8 +17,8 @@ from typing import Any, NamedTuple, TypedDict
 
 import torch
 
-from support.checkpoint import (CKPT_NAME, DCP_META, build_model, is_dcp_checkpoint, load_checkpoint, rebuilt,
-                                resolve_checkpoint, run_checkpoint)
+from support.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, build_model, is_dcp_checkpoint, load_checkpoint,
+                                rebuilt, resolve_checkpoint, run_checkpoint)
 from support.hf_llama import load_hf
 from k_model import Transformer
 from support.tokenizer_spec import BOS, CHAT_TEMPLATE, EOS, tokenizer_fingerprint
@@ -169,7 +169,7 @@ def model_kind(path: Path) -> tuple[str, Path]:
     for hf_dir in (path, path / "hf"):
         if (hf_dir / "config.json").is_file():
             return "hf", hf_dir
-    raise FileNotFoundError(f"no {CKPT_NAME}, ckpt_dcp, config.json, hf/config.json or {ADAPTER_CONFIG} in {path}")
+    raise FileNotFoundError(f"no {CKPT_NAME}, config.json, hf/config.json, {ADAPTER_CONFIG} or {DCP_NAME} in {path}")
 
 
 def _open_checkpoint(path: Path) -> tuple[Transformer, ModelOrigin]:
