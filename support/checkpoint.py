@@ -106,9 +106,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{file}: not a readable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict):
         raise ValueError(f"{file}: expected a checkpoint dict, found {type(state).__name__}")
+    weights_elsewhere = path.is_dir() and not dcp_weights  # in the shards, which the ranks load themselves
     if path.is_dir() and dcp_weights:
         state["model"] = read_dcp_weights(path, "model")
-    missing = [k for k in REQUIRED_KEYS if k not in state and (k != "model" or dcp_weights)]
+    missing = [k for k in REQUIRED_KEYS if k not in state and not (k == "model" and weights_elsewhere)]
     if missing:
         raise ValueError(f"{path}: checkpoint is missing key(s) {missing}")
     if state["model_config"].get("vocab_size") != state["vocab_size"]:

@@ -14,10 +14,10 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from inspect import signature
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
