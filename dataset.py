@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -515,3 +515,37 @@ class PreferenceDataset(IndexedJsonlDataset):
                           for side in ("chosen", "rejected")))
         ids, mask = torch.tensor(ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.float32)
         return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+
+
+def record_chars(record: dict) -> int:
+    """Characters of a {"text"} record's text, an SFT record's message contents, an RL prompt, a preference
+    pair's prompt and replies or an evaluation task document's text fields."""
+    if "text" in record:
+        return len(record["text"])
+    if "conversations" in record:
+        return sum(len(m["content"]) for m in record["conversations"])
+    if "chosen" in record:
+        return sum(len(m["content"]) for m in record["prompt"]) + len(record["chosen"]) + len(record["rejected"])
+    if isinstance(record.get("prompt"), str):
+        return len(record["prompt"])
+    # an evaluation task document: its text fields
+    fields = [v for v in record.values() if isinstance(v, (str, list))]
+    return sum(len(v) if isinstance(v, str) else sum(map(len, v)) for v in fields)
+
+
+def write_jsonl(path: str, records: Iterable[dict]) -> tuple[int, int]:
+    """Stream records to path, one JSON object per line (UTF-8, not escaped), replacing it atomically: if
+    reading the records fails, path keeps its old content. Returns (records, characters of text / content)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    n = chars = 0
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            for r in records:
+                n += 1
+                chars += record_chars(r)
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+    return n, chars

@@ -10,7 +10,7 @@ Hugging Face Llama.
 Where the speed comes from, measured against LlamaForCausalLM in bench/bench_model.py:
   * training: the loss never materialises the (B, T, vocab) logits; torch.compile(model) works unchanged;
   * decoding: a KV cache allocated once and written in place, so one compiled graph serves every token
-    (Transformer.compile_decode); prefill and sliding the window stay eager;
+    (Transformer.compile_decode); prefill and the context shift past the window stay eager;
   * on x86 CPUs, float32 matmuls run in oneDNN instead of MKL (cpu_matmul.mm_t).
 
 Two layout choices differ from LlamaForCausalLM, both for speed, and both undone by hf_llama.to_hf_llama:
@@ -34,6 +34,7 @@ from transformers.utils import ModelOutput
 
 from support.chunked_loss import linear_cross_entropy
 from support.compiled_step import compile_step
+from support.context_shift import resolve_shift, right_aligned_mask, shift_caches
 from support.cpu_matmul import Linear, packed_weights
 from support.sampling import check_sampling, sample, stop_list, stop_tensor
 
@@ -142,6 +143,16 @@ class KVCache:
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
         return self.k, self.v
+
+    def move(self, source: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """The context shift (context_shift.shift_caches): slot j of row b takes the entry of slot source[b, j],
+        its key rotated by the angles cos, sin (B, slots, head_dim), in float32. In place: the tensors keep their
+        addresses, so a compiled (CUDA-graph) step goes on without a recompile."""
+        index = source[:, None, :, None].expand(-1, self.k.shape[1], -1, self.k.shape[3])
+        k = apply_rope(self.k.gather(2, index).float(), cos[:, None], sin[:, None])
+        v = self.v.gather(2, index)
+        self.k[:, :, : source.shape[1]] = k.to(self.k.dtype)
+        self.v[:, :, : source.shape[1]] = v
 
 
 class Attention(nn.Module):
@@ -377,19 +388,22 @@ class Transformer(PreTrainedModel):
         top_p: float | None = None,
         stop_id: int | list[int] | None = None,
         attention_mask: torch.Tensor | None = None,
+        shift: int | None = None,
+        keep: int = 0,
     ) -> torch.Tensor:
         """Continues every row of idx (B, T); returns only the new tokens, (B, n_new) with n_new <=
         max_new_tokens. A row that samples a stop id keeps that token and is then filled with it while the
         other rows go on; generation ends early once every row has stopped. Rows of different lengths are
         left-padded and described by attention_mask (1 = token, 0 = pad); each row then gets exactly the
-        tokens it would get alone (greedy). temperature 0 = greedy (argmax). Runs the model as it is: call
-        model.eval() first if it was built with dropout. After compile_decode(), steps run compiled."""
+        tokens it would get alone (greedy) while it fits the window; past it, the context shifts (_decode).
+        temperature 0 = greedy (argmax). Runs the model as it is: call model.eval() first if it was built
+        with dropout. After compile_decode(), steps run compiled."""
         stops = stop_tensor(stop_id, idx.device)
         B = idx.shape[0]
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         fill = torch.zeros(B, dtype=torch.long, device=idx.device)
         new = []
-        for tok in self._decode(idx, attention_mask, temperature, top_k, top_p, max_new_tokens):
+        for tok in self._decode(idx, attention_mask, temperature, top_k, top_p, max_new_tokens, shift, keep):
             if stops is not None:
                 tok = torch.where(done, fill, tok)
                 hit = ~done & torch.isin(tok, stops)
@@ -410,13 +424,15 @@ class Transformer(PreTrainedModel):
         top_k: int | None = None,
         top_p: float | None = None,
         stop_id: int | list[int] | None = None,
+        shift: int | None = None,
+        keep: int = 0,
     ) -> Iterator[int]:
         """Like generate for a single row idx (1, T), but yields each new token as it is produced; the stop
         token ends the stream and is not yielded."""
         if idx.dim() != 2 or idx.shape[0] != 1:
             raise ValueError(f"stream_generate takes one row, idx of shape (1, T); got {tuple(idx.shape)}")
         stops = set(stop_list(stop_id))
-        for tok in self._decode(idx, None, temperature, top_k, top_p, max_new_tokens):
+        for tok in self._decode(idx, None, temperature, top_k, top_p, max_new_tokens, shift, keep):
             tok = int(tok)
             if tok in stops:
                 return
@@ -436,12 +452,12 @@ class Transformer(PreTrainedModel):
         return packed_weights(self)
 
     @torch.inference_mode()
-    def _decode(self, idx, attention_mask, temperature, top_k, top_p, max_new_tokens) -> Iterator[torch.Tensor]:
+    def _decode(self, idx, attention_mask, temperature, top_k, top_p, max_new_tokens, shift, keep) -> Iterator:
         """Yields the next token of every row, (B,), max_new_tokens times: prefill the KV cache with the
-        prompt, then feed one token per step. The context is the last max_seq_len tokens: a longer prompt
-        keeps its last tokens, and once generation fills the window it slides - the cache is rebuilt from
-        the last max_seq_len tokens (positions restarting at 0) for every further token, which is exactly
-        the model run without a cache on the cropped sequence (slower: one full window forward per token)."""
+        prompt (a prompt longer than max_seq_len keeps its last tokens), then feed one token per step. Once
+        the window is full, the context shift (context_shift.py) drops each row's oldest tokens but its first
+        `keep`, freeing `shift` slots (None: half of max_seq_len - keep), and decoding goes on with the cache
+        (a batch shifts when its longest row fills the window; each row drops just enough to free the slots)."""
         check_sampling(temperature, top_k, top_p)
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must be (B, T) with at least one prompt token, got shape {tuple(idx.shape)}")
@@ -449,31 +465,28 @@ class Transformer(PreTrainedModel):
             attention_mask = torch.ones_like(idx)
         if attention_mask.shape != idx.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != idx shape {tuple(idx.shape)}")
+        window = self.config.max_seq_len
+        shift = resolve_shift(window, shift, keep)
         with self.packed_weights():  # the weights cannot change while this generator runs
-            (B, T), window = idx.shape, self.config.max_seq_len
-            # the whole sequence, new tokens written in place: only a sliding window reads it back
-            seq = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
-            real = F.pad(attention_mask.bool(), (0, max_new_tokens), value=True)
-            caches = self.new_caches(B, idx.device)
-            start = max(0, T - window)
-            logits, pos, key_mask = self.prefill(seq[:, start:T], real[:, start:T], caches)
-            filled = T - start  # cache slots in use; `slot` holds the same number as a tensor (compiled step)
+            caches = self.new_caches(idx.shape[0], idx.device)
+            start = max(0, idx.shape[1] - window)
+            logits, pos, key_mask = self.prefill(idx[:, start:], attention_mask[:, start:].bool(), caches)
+            # cache slots in use (each row's tokens right-aligned before this slot, padding first); `slot`
+            # holds the same number as a tensor (the compiled step); pos: each row's next position = its tokens
+            filled = idx.shape[1] - start
             slot = torch.tensor([filled], device=idx.device)
-            for t in range(T, T + max_new_tokens):
+            for t in range(max_new_tokens):
                 tok = sample(logits, temperature, top_k, top_p)
-                seq[:, t] = tok
                 yield tok
-                if t + 1 == T + max_new_tokens:
+                if t + 1 == max_new_tokens:
                     return  # no logits needed after the last token
-                if filled < window:
-                    key_mask[:, filled] = True
-                    logits = self.decode_step(tok, pos, slot, key_mask[:, : filled + 1], caches)
-                    pos += 1
-                    slot += 1
-                    filled += 1
-                else:  # the window is full: slide it by one token
-                    last = slice(t + 1 - window, t + 1)
-                    logits, pos, key_mask = self.prefill(seq[:, last], real[:, last], caches)
+                if filled == window:
+                    pos = shift_caches(caches, pos, filled, shift, keep, self.rope_cos, self.rope_sin)
+                    filled, slot = filled - shift, slot - shift
+                    key_mask = right_aligned_mask(pos, filled, key_mask.shape[1])
+                key_mask[:, filled] = True
+                logits = self.decode_step(tok, pos, slot, key_mask[:, : filled + 1], caches)
+                pos, slot, filled = pos + 1, slot + 1, filled + 1
 
     def new_caches(self, batch: int, device: torch.device) -> list[KVCache]:
         """Empty KV caches for `batch` rows, one per layer (the step-wise decoding API: new_caches, prefill,

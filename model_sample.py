@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from dataset import JsonlRecords, PretrainDataset, document_start_ids, encode_chat
 from k_model import Transformer
+from support.context_shift import resolve_shift
 from support.loading import DTYPES, open_model, resolve_device, resolve_dtype
 
 DEFAULT_PRETRAIN_PROMPTS = ["中国", "北京", "今天"]
@@ -40,15 +41,23 @@ DEFAULT_SFT_PROMPTS = [
 
 class TextGenerator:
     """A trained model and its tokenizer, ready to generate (loading.open_model: any model source; a
-    vocabulary mismatch raises ValueError naming both files)."""
+    vocabulary mismatch raises ValueError naming both files). Generation goes on past the context window
+    by the context shift (context_shift.py): `context_shift` tokens dropped at a time (None: half the window),
+    the first `context_keep` tokens always kept; a shift that does not fit the window raises ValueError."""
 
     def __init__(self, model_path: str | Path, tokenizer_path: str | None = None, device: str = "auto",
-                 dtype: str = "auto"):
+                 dtype: str = "auto", context_shift: int | None = None, context_keep: int = 0):
         self.device = resolve_device(device)
         model, self.tokenizer, self.info = open_model(model_path, tokenizer_path)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model: Transformer = model.to(device=self.device, dtype=self.dtype).eval()
         self.eos_id = self.tokenizer.eos_token_id
+        self.context_keep = context_keep
+        try:
+            self.context_shift = resolve_shift(self.context_len, context_shift, context_keep)
+        except ValueError as e:
+            raise ValueError(f"--context_shift / --context_keep: {e}") from None
+        self._shifting = dict(shift=self.context_shift, keep=context_keep)
 
     @property
     def context_len(self) -> int:
@@ -87,14 +96,14 @@ class TextGenerator:
                         temperature: float = 0.7, top_k: int | None = None, top_p: float | None = None) -> list[str]:
         """num_samples continuations of `start` (each returned with `start` in front); a sample ends at EOS."""
         new = self.model.generate(self._tensor(self.document_ids(start), num_samples), max_new_tokens,
-                                  temperature, top_k, top_p, stop_id=self.eos_id)
+                                  temperature, top_k, top_p, stop_id=self.eos_id, **self._shifting)
         return [start + self.decode(row) for row in new.tolist()]
 
     def pretrain_stream(self, start: str = "", max_new_tokens: int = 128, temperature: float = 0.7,
                         top_k: int | None = None, top_p: float | None = None) -> Iterator[str]:
         """One continuation of `start`, yielded as text pieces while it is generated (start not included)."""
         ids = self.model.stream_generate(self._tensor(self.document_ids(start)), max_new_tokens, temperature,
-                                         top_k, top_p, stop_id=self.eos_id)
+                                         top_k, top_p, stop_id=self.eos_id, **self._shifting)
         yield from self._text_pieces(ids)
 
     # -- SFT model: chat template ----------------------------------------------------------------------------
@@ -109,13 +118,14 @@ class TextGenerator:
                    top_p: float | None = None) -> str:
         """The assistant's reply to `prompt` after the optional system prompt and earlier turns."""
         ids = self.chat_ids(build_messages(prompt, system_prompt, history))
-        new = self.model.generate(self._tensor(ids), max_new_tokens, temperature, top_k, top_p, stop_id=self.eos_id)
+        new = self.model.generate(self._tensor(ids), max_new_tokens, temperature, top_k, top_p, stop_id=self.eos_id,
+                                  **self._shifting)
         return self.decode(new[0].tolist())
 
     def sft_stream(self, messages: list[dict[str, str]], max_new_tokens: int = 128, temperature: float = 0.7,
                    top_k: int | None = None, top_p: float | None = None) -> Iterator[str]:
         ids = self.model.stream_generate(self._tensor(self.chat_ids(messages)), max_new_tokens, temperature,
-                                         top_k, top_p, stop_id=self.eos_id)
+                                         top_k, top_p, stop_id=self.eos_id, **self._shifting)
         yield from self._text_pieces(ids)
 
     def _text_pieces(self, ids: Iterable[int]) -> Iterator[str]:
@@ -135,7 +145,8 @@ class TextGenerator:
 
     def trim_history(self, messages: list[dict[str, str]], max_new_tokens: int) -> list[dict[str, str]]:
         """Drop the oldest turns (keeping a leading system prompt and the last user message) until the prompt
-        and the reply fit the context window. The reply is given up to half of the window."""
+        and the reply fit the context window. The reply is given up to half of the window; a longer one goes on
+        past it by the context shift, which drops the conversation's oldest tokens."""
         budget = self.context_len - min(max_new_tokens, self.context_len // 2)
         system = messages[:1] if messages and messages[0]["role"] == "system" else []
         turns = messages[len(system):]
@@ -184,7 +195,8 @@ class TextGenerator:
             width = max(map(len, rows))
             idx = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-            new = self.model.generate(idx, max_new_tokens, temperature, stop_id=eos, attention_mask=mask)
+            new = self.model.generate(idx, max_new_tokens, temperature, stop_id=eos, attention_mask=mask,
+                                      **self._shifting)
             for i, row in zip(order[b : b + batch_size], new.tolist()):
                 replies[i] = row[: row.index(eos)] if eos in row else row
         return replies
@@ -303,6 +315,15 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def add_context_shift_flags(p: argparse.ArgumentParser) -> None:
+    """--context_shift and --context_keep (serve.py has them too): generating past the context window."""
+    p.add_argument("--context_shift", type=int, default=None,
+                   help="past the context window, drop this many of the oldest tokens at a time and go on with the "
+                        "KV cache (default: half of the window minus --context_keep)")
+    p.add_argument("--context_keep", type=int, default=0,
+                   help="tokens at the start (e.g. a system prompt) that a context shift never drops")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["pretrain", "sft"], default="sft",
@@ -319,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    add_context_shift_flags(p)
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat with the SFT model")
     p.add_argument("--no_compile", action="store_true",
                    help="--chat compiles its one-token decode step once (tens of seconds on a CPU, then faster "
@@ -346,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
             run_eval(args)
             return
         path = args.pretrain_path if args.mode == "pretrain" else args.sft_path
-        gen = TextGenerator(path, args.tokenizer_path, args.device, args.dtype)
+        gen = TextGenerator(path, args.tokenizer_path, args.device, args.dtype, args.context_shift, args.context_keep)
         if args.chat:
             if not args.no_compile:  # a session generates many replies: compiling pays off
                 gen.compile_decode()

@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from support.generation_engine import Engine, EngineUnavailable, Event, Job, QueueFull, Sampling
 from support.loading import DTYPES
-from model_sample import TextGenerator
+from model_sample import TextGenerator, add_context_shift_flags
 
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 
@@ -176,6 +176,7 @@ class Limits:
     max_body_bytes: int = 1_000_000  # a full 2,048-token context is ~10 KB of text; 1 MB leaves room for JSON
     max_messages: int = 1000  # messages in one conversation (the oldest are trimmed to fit the context anyway)
     max_waiting: int = 256  # requests queued behind a full batch; more get 429 with Retry-After
+    max_tokens_limit: int = 4096  # a reply's tokens; past the context window it goes on by the context shift
 
 
 def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key: str | None = None,
@@ -223,14 +224,14 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
         return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
 
     def new_job(req: GenerationRequest, prompt: list[int], wanted: int, what: str) -> Job:
-        room = gen.context_len - len(prompt)
-        if room < 1:
+        if len(prompt) >= gen.context_len:  # the reply may outgrow the window (context shift); the prompt may not
             raise APIError(400, f"the {what} is {len(prompt)} tokens; the model's context is {gen.context_len} "
                                 "tokens, which must also hold the reply", param=what, code="context_length_exceeded")
         temperature = defaults.temperature if req.temperature is None else req.temperature
         top_p = defaults.top_p if req.top_p is None else req.top_p
-        sampling = Sampling(max_tokens=min(wanted, room), temperature=0.0 if top_p == 0 else temperature,
-                            top_p=top_p, top_k=req.top_k, stop=req.stop, seed=req.seed, ignore_eos=req.ignore_eos)
+        sampling = Sampling(max_tokens=min(wanted, limits.max_tokens_limit),
+                            temperature=0.0 if top_p == 0 else temperature, top_p=top_p, top_k=req.top_k,
+                            stop=req.stop, seed=req.seed, ignore_eos=req.ignore_eos)
         job = Job(prompt, sampling)
         try:
             engine.submit(job)
@@ -406,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "on a CPU, then faster steps; eager if compiling fails)")
     p.add_argument("--max_tokens", type=positive_int, default=Defaults.max_tokens,
                    help="reply length when a request gives none")
+    p.add_argument("--max_tokens_limit", type=positive_int, default=Limits.max_tokens_limit,
+                   help="a request's max_tokens is capped to this; replies longer than the context window go on by "
+                        "the context shift (--context_shift)")
+    add_context_shift_flags(p)
     p.add_argument("--temperature", type=float, default=Defaults.temperature, help="when a request gives none")
     p.add_argument("--top_p", type=float, default=Defaults.top_p, help="when a request gives none")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -438,13 +443,14 @@ def main(argv: list[str] | None = None) -> None:
     if not (0 <= args.temperature <= 2 and 0 <= args.top_p <= 1):
         parser.error("--temperature must be in [0, 2] and --top_p in [0, 1], the ranges a request may ask for")
     try:
-        gen = TextGenerator(args.model, args.tokenizer_path, args.device, args.dtype)
+        gen = TextGenerator(args.model, args.tokenizer_path, args.device, args.dtype, args.context_shift,
+                            args.context_keep)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if not args.no_compile:
         gen.compile_decode(max_batch=args.max_batch)
     name = args.model_name or args.model
-    limits = Limits(args.max_body_bytes, args.max_messages, args.max_waiting)
+    limits = Limits(args.max_body_bytes, args.max_messages, args.max_waiting, args.max_tokens_limit)
     app = create_app(gen, name, args.max_batch, args.api_key, Defaults(args.max_tokens, args.temperature, args.top_p),
                      limits)
     print(f"serving {gen.info['source']} as '{name}' ({gen.model.num_params() / 1e6:.2f}M params, context "

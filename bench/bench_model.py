@@ -38,7 +38,7 @@ from transformers import GenerationConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import interleaved, machine_line, peak_memory, read_bandwidth  # noqa: E402
+from common import add_clock_flags, clock_of, interleaved, machine_line, peak_memory, read_bandwidth  # noqa: E402
 from support.hf_llama import to_hf_llama  # noqa: E402
 from k_model import ModelConfig, Transformer  # noqa: E402
 from support.loading import cpu_has_native_bf16  # noqa: E402
@@ -197,16 +197,11 @@ def main() -> None:
                    help="comma list of fp32,bf16; auto = fp32, plus bf16 where it is native (CUDA, AVX512_BF16/AMX "
                         "CPUs: elsewhere bf16 matmul is emulated, 20-90x slower than fp32)")
     p.add_argument("--devices", default="auto", help="comma list of cpu,cuda; auto = cpu plus cuda when present")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall: elapsed time (the number that matters); cpu: this process's CPU time, for a CPU "
-                        "shared with other jobs - with --threads 1 it approximates the time on an idle machine")
+    add_clock_flags(p)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    clock = clock_of(args)
     if args.devices == "auto":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:

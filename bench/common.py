@@ -2,6 +2,7 @@
 two measurements of the machine itself (memory read bandwidth, peak memory of a call)."""
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import platform
@@ -33,6 +34,21 @@ def machine_line(device: str) -> str:
         f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads | torch {torch.__version__} | "
         f"transformers {transformers.__version__} | device: {where}"
     )
+
+
+def add_clock_flags(p: argparse.ArgumentParser) -> None:
+    """--threads and --clock: how a benchmark runs and measures on a machine shared with other jobs."""
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time (the number that matters); cpu: this process's CPU time, for a CPU "
+                        "shared with other jobs - with --threads 1 it approximates the time on an idle machine")
+
+
+def clock_of(args: argparse.Namespace) -> Callable[[], float]:
+    """Applies --threads; returns the clock --clock names."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return time.perf_counter if args.clock == "wall" else time.process_time
 
 
 def sync(device: str) -> None:

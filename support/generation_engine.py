@@ -23,6 +23,7 @@ import torch
 
 from k_model import KVCache, Transformer
 from model_sample import TextGenerator
+from support.context_shift import right_aligned_mask, shift_caches
 from support.sampling import sample
 
 log = logging.getLogger("serve")
@@ -38,7 +39,7 @@ MIN_TEMPERATURE = 1e-4
 
 @dataclass
 class Sampling:
-    max_tokens: int  # already capped so that prompt + reply fit the context window
+    max_tokens: int  # may exceed what fits the context window: past it, the context shifts (DecodeBatch)
     temperature: float  # 0 = greedy
     top_p: float | None = None
     top_k: int | None = None
@@ -168,10 +169,13 @@ class CachedRow:
 class DecodeBatch:
     """The KV caches of the rows being decoded, laid side by side. Rows are right-aligned, so every row's
     newest token sits in the same cache slot and one forward step serves them all; a shorter row's first
-    slots are padding, masked out. The layout is rebuilt only when rows join or leave."""
+    slots are padding, masked out. The layout is rebuilt only when rows join or leave. When the longest row
+    fills the window, the context shifts (context_shift.shift_caches): each row drops just enough of its oldest
+    tokens, all but its first `keep`, to leave `shift` slots free."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, shift: int, keep: int):
         self.model = model
+        self.shift, self.keep = shift, keep
         self.caches: list[KVCache] = []
         self.lengths: list[int] = []  # tokens cached per row
         self.key_mask: torch.Tensor | None = None  # (B, max_seq_len): the cache slots each row attends to
@@ -200,12 +204,19 @@ class DecodeBatch:
                 source = row.caches[layer]
                 cache.k[b, :, width - row.length : width] = source.k[row.index, :, row.end - row.length : row.end]
                 cache.v[b, :, width - row.length : width] = source.v[row.index, :, row.end - row.length : row.end]
-        slots = torch.arange(self.model.config.max_seq_len, device=device)
-        first = torch.tensor([width - n for n in lengths], device=device)
-        self.caches, self.lengths, self.key_mask = caches, lengths, (slots >= first[:, None]) & (slots < width)
+        key_mask = right_aligned_mask(torch.tensor(lengths, device=device), width, self.model.config.max_seq_len)
+        self.caches, self.lengths, self.key_mask = caches, lengths, key_mask
 
     def step(self, tokens: list[int]) -> torch.Tensor:
-        """Feeds each row its newest token into slot `width`; returns every row's next-token logits (B, V)."""
+        """Feeds each row its newest token into slot `width` (after a context shift if the window is full);
+        returns every row's next-token logits (B, V)."""
+        window = self.model.config.max_seq_len
+        if self.width == window:
+            lengths = torch.tensor(self.lengths, device=self.model.device)
+            lengths = shift_caches(self.caches, lengths, window, self.shift, self.keep, self.model.rope_cos,
+                                   self.model.rope_sin)
+            self.lengths = lengths.tolist()
+            self.key_mask = right_aligned_mask(lengths, self.width, window)
         device, width = self.model.device, self.width
         self.key_mask[:, width] = True
         logits = self.model.decode_step(torch.tensor(tokens, device=device),
@@ -264,7 +275,7 @@ class Engine:
             raise ValueError(f"max_batch must be >= 1 and max_waiting >= 0, got {max_batch} and {max_waiting}")
         self.gen = gen
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.batch = DecodeBatch(gen.model)
+        self.batch = DecodeBatch(gen.model, gen.context_shift, gen.context_keep)
         self.rows: list[Row] = []
         self.waiting: queue.Queue[Job | None] = queue.Queue()  # None wakes the thread to see a stop request
         self._stop_asked = threading.Event()

@@ -66,3 +66,14 @@ def test_bench_speedrun_prints_every_variant(tmp_path, tiny_tokenizer_dir):
     rows = [line.split()[0] for line in out.splitlines()[-6:-1]]
     assert rows == ["variant", "hf", "adamw", "muon", "muon_wsd"], out
     assert "machine: " in out and (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_bench_generate_prints_inside_and_past_the_window():
+    out = run_bench("bench_generate.py", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1",
+                    "--vocab-size", "64", "--max-seq-len", "48", "--new-tokens", "8", "--rounds", "1", "--threads", "1")
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines()
+            if line.startswith(("| eager", "| compiled step"))]
+    assert [r[0] for r in rows] == ["eager", "compiled step"]
+    for r in rows:
+        assert all(re.fullmatch(r"[\d,]+", v) for v in (r[1], r[2], r[4])) and r[3].endswith("x"), r
+    assert "machine: " in out

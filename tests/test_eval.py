@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import data_process
+from support import task_data
 import ddp_pretrain
 import ddp_sft_full
 import eval_model
@@ -38,11 +39,11 @@ def work(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     conv = data_process.sentiment_conversation
     write_jsonl(data / "sft_train.jsonl", [conv(t, lab, 40) for t, lab in train])
     write_jsonl(data / "sft_val.jsonl", [conv(t, lab, 40) for t, lab in train[:16]])
-    write_jsonl(data / "sft_test.jsonl", [{**conv(t, lab, 40), "label": data_process.LABELS[lab]} for t, lab in test])
+    write_jsonl(data / "sft_test.jsonl", [{**conv(t, lab, 40), "label": task_data.LABELS[lab]} for t, lab in test])
     articles = data_process.group_news_documents(data_process.read_news_paragraphs())
     write_jsonl(data / "pretrain_val.jsonl", [{"text": a} for a in articles[100:108]])
     write_jsonl(data / "pretrain.jsonl", [{"text": a} for a in articles[:40]])
-    data_process.build_eval_tasks(str(data), str(data / "eval"))
+    task_data.build_eval_tasks(str(data), str(data / "eval"))
     data_process.pretokenize(str(data / "pretrain.jsonl"), tiny_tokenizer_dir, num_workers=1)
     out = root / "out"
     ddp_pretrain.main(["--data_path", str(data / "pretrain.bin"), "--val_data_path", "none", "--tokenizer_path",

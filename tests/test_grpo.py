@@ -286,9 +286,9 @@ def test_prompts_longer_than_the_context_are_counted_and_skipped(grpo_setup, tmp
 
 
 def test_arithmetic_task_holds_out_its_test_problems_and_its_answers_verify(tmp_path):
-    import data_process
+    from support import task_data
 
-    files = data_process.build_arith(str(tmp_path), sft_size=300, rl_size=200, test_size=100)
+    files = task_data.build_arith(str(tmp_path), sft_size=300, rl_size=200, test_size=100)
     sft, rl, test = ([json.loads(line) for line in Path(f).read_text(encoding="utf-8").splitlines()] for f in files)
     assert (len(sft), len(rl), len(test)) == (300, 200, 100)
 
@@ -312,21 +312,21 @@ def test_arithmetic_task_holds_out_its_test_problems_and_its_answers_verify(tmp_
 
 
 def test_arithmetic_replies_work_the_columns_units_first():
-    import data_process
+    from support import task_data
 
-    assert data_process.arith_columns(37, "+", 48) == "7+8=15;3+4+1=8"
-    assert data_process.arith_columns(12, "+", 988) == "2+8=10;1+8+1=10;0+9+1=10"
-    assert data_process.arith_columns(82, "-", 65) == "12-5=7;8-6-1=1"
-    assert data_process.arith_columns(100, "-", 1) == "10-1=9;10-0-1=9;1-0-1=0"
+    assert task_data.arith_columns(37, "+", 48) == "7+8=15;3+4+1=8"
+    assert task_data.arith_columns(12, "+", 988) == "2+8=10;1+8+1=10;0+9+1=10"
+    assert task_data.arith_columns(82, "-", 65) == "12-5=7;8-6-1=1"
+    assert task_data.arith_columns(100, "-", 1) == "10-1=9;10-0-1=9;1-0-1=0"
 
 
 def test_arithmetic_task_mix_follows_three_digit_share(tmp_path):
     """The mix a user asks for: share 0 gives two-digit problems only (and says when there are too few of them),
     share 1 three-digit operands only."""
-    import data_process
+    from support import task_data
 
     def prompt_numbers(share: float) -> list[int]:
-        files = data_process.build_arith(str(tmp_path / str(share)), sft_size=200, rl_size=50, test_size=50,
+        files = task_data.build_arith(str(tmp_path / str(share)), sft_size=200, rl_size=50, test_size=50,
                                          three_digit_share=share)
         records = [json.loads(line) for f in files for line in Path(f).read_text(encoding="utf-8").splitlines()]
         prompts = [r["prompt"] if "prompt" in r else r["conversations"][0]["content"] for r in records]
@@ -335,15 +335,15 @@ def test_arithmetic_task_mix_follows_three_digit_share(tmp_path):
     assert all(10 <= n <= 99 for n in prompt_numbers(0.0))
     assert all(100 <= n <= 999 for n in prompt_numbers(1.0))
     with pytest.raises(ValueError, match="not that many distinct problems"):
-        data_process.build_arith(str(tmp_path / "big"), sft_size=8_000, rl_size=200, test_size=100,
+        task_data.build_arith(str(tmp_path / "big"), sft_size=8_000, rl_size=200, test_size=100,
                                  three_digit_share=0.0)
 
 
 def test_gsm8k_rows_become_prompts_that_exact_answer_scores(tmp_path):
-    import data_process
+    from support import task_data
     rows = [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"}]
-    records = list(data_process.gsm8k_records(rows, "gsm8k test"))
+    records = list(task_data.gsm8k_records(rows, "gsm8k test"))
     assert records == [{"prompt": rows[0]["question"], "answer": rows[0]["answer"]}]
     assert rewards.exact_answer(["The answer is 7.", "8"], answer=[records[0]["answer"]] * 2) == [1.0, 0.0]
     with pytest.raises(ValueError, match="gsm8k test: row 0 is not a GSM8K row"):
-        list(data_process.gsm8k_records([{"question": "q", "answer": "no final number"}], "gsm8k test"))
+        list(task_data.gsm8k_records([{"question": "q", "answer": "no final number"}], "gsm8k test"))
