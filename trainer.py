@@ -32,17 +32,16 @@ import sys
 import time
 import traceback
 from functools import partial
-from inspect import signature
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from support.checkpoint import CKPT_NAME, config_to_dict, load_checkpoint, save_checkpoint
+from support.checkpoint import config_to_dict, load_checkpoint, run_checkpoint
+from support.fsdp import make_parallel
 from support.loading import SourcedModel, check_model_tokenizer, model_from_state, resolve_dtype
 from support.optim import lr_at, make_optimizer
 from support.perf import peak_flops
@@ -52,7 +51,8 @@ from support.train_flags import (build_parser, check_args, check_resume_flags, r
 from support.train_progress import Progress
 from support.train_steps import autocast_factory, dtype_names, greedy_samples, peak_memory, step_seed, train_step
 from support.train_task import Task, check_targets
-from support.trainer_utils import DistInfo, RunLogger, StopRequest, iterate_steps, setup_distributed, steps_left
+from support.trainer_utils import (DistInfo, RunLogger, StopRequest, iterate_steps, local_part, setup_distributed,
+                                   steps_left)
 
 
 class TrainingError(RuntimeError):
@@ -64,15 +64,16 @@ class TrainingError(RuntimeError):
 
 
 class Trainer:
-    """One run: resolves the flags, builds model, optimizer and data (or restores them from out_dir/ckpt.pt
-    with --resume), then `fit` trains to the last step, logging, evaluating and saving on the way."""
+    """One run: resolves the flags, builds model, optimizer and data (or restores them from out_dir's checkpoint
+    with --resume), then `fit` trains to the last step, logging, evaluating and saving on the way. --parallel's
+    strategy (DataParallel, FullyShardedParallel) wraps the model, saves, restores and gathers it for rank 0."""
 
     def __init__(self, given: argparse.Namespace, task: Task, d: DistInfo, stop: StopRequest):
         self.task, self.d, self.stop = task, d, stop
         args, sources = resolve_args(given, task)
         self.out_dir = Path(args.out_dir)
-        self.ckpt_path = self.out_dir / CKPT_NAME
-        state = resume_state(given, args, self.ckpt_path)
+        self.ckpt_path = run_checkpoint(self.out_dir)  # ckpt.pt, ckpt_dcp (--parallel fsdp) or None
+        state = resume_state(given, args, self.ckpt_path, self.out_dir)
         if state is not None:
             args, sources = resolve_args(given, task, state["args"])
         check_args(args)
@@ -88,14 +89,17 @@ class Trainer:
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 
         self.dtype = resolve_dtype(args.dtype, d.device)
+        self.parallel = make_parallel(args, d, self.dtype)
         start = self._initial_model(args, state)
         check_model_tokenizer(start, self.tokenizer, tokenizer_path)
         self.args, self.sources = with_model_values(args, sources, start, tokenizer_path)
+        self.parallel.check(task, start.model, self.args)
         self.model_source = start.source
-        self.model = start.model.to(d.device).train()
+        self.model = self.parallel.place(start.model).train()
         task.prepare(self.model, self.args, self.tokenizer, d.device)
         self.autocast = autocast_factory(d.device, self.dtype)
-        self.optimizer_params = task.trainable_parameters(self.model)
+        self.forward_model = self.parallel.wrap(self.model, self.args.compile)  # before the optimizer: FSDP
+        self.optimizer_params = task.trainable_parameters(self.model)  # replaces the parameters
         self.optimizer = make_optimizer(self.model, self.optimizer_params, self.args, d.device)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
         self.step, self.position, self.last_saved_step = 0, {"epoch": 0, "sample": 0}, None
@@ -113,7 +117,6 @@ class Trainer:
         # count still reads exactly the rest of the data
         self.total_steps = self.args.max_steps or self.step + steps_left(
             len(self.train_set), self.step_samples, self.position, self.args.epochs)
-        self.ddp, self.forward_model = wrap_model(self.model, d, self.args.compile)
         self.flops_per_token = self.model.flops_per_token(self.args.max_seq_len)
         self.peak, self.peak_source = (peak_flops(d.device, self.dtype, self.args.peak_tflops) if d.is_main
                                        else (None, ""))
@@ -147,10 +150,7 @@ class Trainer:
         return start
 
     def _restore(self, state: dict[str, Any]) -> None:
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except ValueError as e:  # another optimizer's state, or another set of trainable parameters
-            raise ValueError(f"{self.ckpt_path}: cannot resume: {e}") from None
+        self.parallel.restore(state, self.ckpt_path, self.model, self.optimizer)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.position = state["step"], dict(state["data_position"])
@@ -172,7 +172,8 @@ class Trainer:
         a, d, cfg = self.args, self.d, self.model.config
         tokens_per_step = self.step_samples * a.max_seq_len
         self.log.info(f"=== {self.task.name}: {d.world_size} process(es) on {d.device.type}, dtype "
-                      f"{str(self.dtype).removeprefix('torch.')}, {torch.get_num_threads()} torch threads/process")
+                      f"{str(self.dtype).removeprefix('torch.')}, {torch.get_num_threads()} torch threads/process, "
+                      f"--parallel {self.parallel.name}")
         params, trainable = self.model.num_params(), sum(p.numel() for p in self.optimizer_params)
         frozen = f" ({trainable:,} trainable: {trainable / params:.2%})" if trainable != params else ""
         self.log.info(f"model: {params / 1e6:.2f}M params{frozen} from {self.model_source}; vocab "
@@ -192,7 +193,7 @@ class Trainer:
             from_ckpt = sorted(k for k, s in self.sources.items() if s == "checkpoint")
             self.log.info(f"resumed from {self.ckpt_path} at step {self.step} (epoch {self.position['epoch']}, "
                           f"sample {self.position['sample']}); {len(from_ckpt)} flags from the checkpoint")
-        elif self.ckpt_path.exists():
+        elif self.ckpt_path is not None:
             self.log.info(f"note: --overwrite: starting fresh; the first save replaces {self.ckpt_path}")
         if self.peak is not None:
             self.log.info(f"MFU against {self.peak / 1e12:.3g} TFLOP/s per device ({self.peak_source})")
@@ -204,7 +205,7 @@ class Trainer:
     def fit(self) -> None:
         a, d = self.args, self.d
         steps = iterate_steps(self.train_set, self.task.collate, a, d, self.position)
-        no_sync = self.ddp.no_sync if self.ddp is not None else None
+        no_sync = self.parallel.no_sync
         # disable=None: no bar when stderr is not a terminal (CI, nohup); log lines still print
         bar = tqdm(total=self.total_steps, initial=self.step, disable=None if d.is_main else True, unit="step",
                    dynamic_ncols=True, mininterval=1.0)
@@ -238,9 +239,8 @@ class Trainer:
                     self.log.info(f"stopped by {signal.Signals(stop).name} at step {self.step}; "
                                   f"resume with --resume")
                     raise SystemExit(128 + stop)
-            self.log.info(f"peak memory: {peak_memory(d.device)}")
-            if d.is_main:
-                self._export_hf()
+            self.log.info(f"peak memory: {peak_memory(d.device)}; {self.parallel.memory(self.model, self.optimizer)}")
+            self._export_hf(self.parallel.full_model(self.model, torch.device("cpu")))
         finally:
             bar.close()
             self.log.close()
@@ -254,7 +254,7 @@ class Trainer:
         losses = torch.stack([m["loss"] for m in steps]) if steps else torch.zeros(0)
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
         first_bad = self.step - len(steps) + 1 + bad[0] if bad else self.total_steps + 1
-        if weights and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        if weights and not all(bool(torch.isfinite(local_part(p)).all()) for p in self.model.parameters()):
             first_bad = min(first_bad, self.step)
         if self.d.world_size > 1:  # every rank must agree to stop
             flag = torch.tensor([first_bad])
@@ -277,84 +277,67 @@ class Trainer:
             values = self.task.validate(self.model, self.val_set, self.args, self.d, self.autocast)
             self.log.info(f"eval step {self.step} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}"
                                                                    for k, v in values.items()))
+        sampled = self.args.sample_tokens and self.args.sample_prompt
+        whole = self.parallel.full_model(self.model, self.d.device) if self.args.eval_tasks or sampled else None
         if self.d.is_main and self.args.eval_tasks:
             import eval_model
 
-            values.update(eval_model.in_training(self.model, self.tokenizer, self.args.eval_tasks,
+            values.update(eval_model.in_training(whole, self.tokenizer, self.args.eval_tasks,
                                                  self.args.eval_tasks_limit or None, self.task.name != "pretrain",
                                                  self.autocast, self.log.info))
-        if self.d.is_main and self.args.sample_tokens and self.args.sample_prompt:
-            values["samples"] = self._samples()
+        if self.d.is_main and sampled:
+            values["samples"] = greedy_samples(whole, self.task, self.tokenizer, self.args.sample_prompt,
+                                               self.args.sample_tokens, self.autocast, self.d.device)
+            for prompt, text in values["samples"].items():
+                self.log.info(f"sample step {self.step} | {prompt!r} -> {text!r}")
         if values:
             self.log.metrics(self.step, values)
         if self.d.is_main:
             self.progress.draw_curves(self.out_dir)
         self.progress.leave_out(time.perf_counter() - start)  # keep evaluation out of tokens/s
 
-    def _samples(self) -> dict[str, str]:
-        """Greedy continuations of the --sample_prompt texts, each logged."""
-        samples = greedy_samples(self.model, self.task, self.tokenizer, self.args.sample_prompt,
-                                 self.args.sample_tokens, self.autocast, self.d.device)
-        for prompt, text in samples.items():
-            self.log.info(f"sample step {self.step} | {prompt!r} -> {text!r}")
-        return samples
-
     def _save(self) -> None:
         self._check_finite(weights=True)
-        if self.d.is_main:
-            save_checkpoint(self.ckpt_path, {
-                **self.task.model_state(self.model),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "step": self.step,
-                "data_position": self.position,
-                "args": vars(self.args),
-                "model_config": config_to_dict(self.model.config),
-                "vocab_size": self.model.config.vocab_size,
-                "tokenizer_fingerprint": self.fingerprint,
-                "world_size": self.d.world_size,
-            })
-            self.log.info(f"saved {self.ckpt_path} (step {self.step})")
+        meta = {
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "step": self.step,
+            "data_position": self.position,
+            "args": vars(self.args),
+            "model_config": config_to_dict(self.model.config),
+            "vocab_size": self.model.config.vocab_size,
+            "tokenizer_fingerprint": self.fingerprint,
+            "world_size": self.d.world_size,
+        }
+        self.ckpt_path = self.parallel.save(self.out_dir, meta, partial(self.task.model_state, self.model),
+                                            self.optimizer)
+        self.log.info(f"saved {self.ckpt_path} (step {self.step})")
         self.last_saved_step = self.step
 
-    def _export_hf(self) -> None:
-        hf_dir = self.task.export(self.model, self.out_dir, self.tokenizer)
-        self.log.info(f"exported {hf_dir} (AutoModelForCausalLM / AutoTokenizer)")
+    def _export_hf(self, model: torch.nn.Module | None) -> None:  # the whole model on rank 0, else None
+        if self.d.is_main:
+            hf_dir = self.task.export(model, self.out_dir, self.tokenizer)
+            self.log.info(f"exported {hf_dir} (AutoModelForCausalLM / AutoTokenizer)")
 
 
-def resume_state(given: argparse.Namespace, args: argparse.Namespace, ckpt_path: Path) -> dict[str, Any] | None:
-    """The checkpoint to resume from (None for a fresh run), after the rules that keep work from being lost."""
+def resume_state(given: argparse.Namespace, args: argparse.Namespace, ckpt_path: Path | None,
+                 out_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None for a fresh run), after the rules that keep work from being lost.
+    A DCP checkpoint's dict comes without its weights: each rank loads its own shards (fsdp.py)."""
     if args.resume and args.overwrite:
-        raise ValueError("--resume continues out_dir/ckpt.pt, --overwrite replaces it: pass one of them")
+        raise ValueError("--resume continues out_dir's checkpoint, --overwrite replaces it: pass one of them")
     if not args.resume:
-        if not args.overwrite and ckpt_path.exists():
+        if not args.overwrite and ckpt_path is not None:
             # a fresh run would replace hours of training at its first save: make the user say so
             raise FileExistsError(f"{ckpt_path} already exists: --resume continues that run, --overwrite "
                                   f"starts over and replaces it, or choose another --out_dir")
         return None
-    state = load_checkpoint(ckpt_path)
-    missing = [k for k in ("optimizer", "data_position", "args") if k not in state]
+    state = load_checkpoint(ckpt_path or out_dir, dcp_weights=False)
+    required = ("data_position", "args") + (("optimizer",) if ckpt_path.is_file() else ())  # DCP: in the shards
+    missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"{ckpt_path}: cannot resume, checkpoint is missing key(s) {missing}")
     check_resume_flags(given, state["args"], ckpt_path)
     return state
-
-
-def wrap_model(model: torch.nn.Module, d: DistInfo,
-               compiled: bool) -> tuple[DistributedDataParallel | None, torch.nn.Module]:
-    """(the DDP wrapper or None, the module a step calls: DDP's or the model, torch.compile'd if `compiled`)"""
-    ddp = None
-    if d.world_size > 1:
-        # the rotary tables are the only buffers and identical on every rank: no need to sync them
-        # before each forward (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
-        ddp_flags = signature(DistributedDataParallel).parameters
-        sync_flag = "forward_sync_buffers" if "forward_sync_buffers" in ddp_flags else "broadcast_buffers"
-        device_ids = [d.device.index] if d.device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=device_ids, **{sync_flag: False})
-    forward_model = ddp or model
-    if compiled:
-        forward_model = torch.compile(forward_model)
-    return ddp, forward_model
 
 
 def train(given: argparse.Namespace, task: Task) -> None:

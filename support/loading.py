@@ -1,7 +1,8 @@
 """What training and inference both start from: the device and dtype to run in, the tokenizer, and the model.
 
-`open_model` opens any model source - a ckpt.pt (a LoRA run's holds only adapters and names its base), a run
-directory holding one (else its hf/ export), an HF model directory (`hf_llama.export_hf`'s or any
+`open_model` opens any model source - a ckpt.pt (a LoRA run's holds only adapters and names its base), a
+--parallel fsdp run's ckpt_dcp directory (its shards gathered here), a run directory holding either (else its
+hf/ export), an HF model directory (`hf_llama.export_hf`'s or any
 LlamaForCausalLM's) or a peft adapter directory (adapter_config.json, on top of its base) - and returns the
 model, its tokenizer and where it came from. It decides the kind once (`model_kind`); each kind has one
 loader. `initial_model` is where a training run starts from (--init_from), `model_from_state` what a resumed
@@ -16,7 +17,8 @@ from typing import Any, NamedTuple, TypedDict
 
 import torch
 
-from support.checkpoint import CKPT_NAME, build_model, load_checkpoint, rebuilt, resolve_checkpoint
+from support.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, build_model, is_dcp_checkpoint, load_checkpoint,
+                                rebuilt, resolve_checkpoint, run_checkpoint)
 from support.hf_llama import load_hf
 from k_model import Transformer
 from support.tokenizer_spec import BOS, CHAT_TEMPLATE, EOS, tokenizer_fingerprint
@@ -101,7 +103,8 @@ def check_model_tokenizer(model: SourcedModel, tokenizer: Any, tokenizer_path: s
 def _saved_tokenizer_path(ckpt: Path) -> str | None:
     """The --tokenizer_path a checkpoint was trained with; memory-mapped, so its tensors are not read."""
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(ckpt / DCP_META if ckpt.is_dir() else ckpt, map_location="cpu", weights_only=True,
+                           mmap=True)
     except Exception:  # a damaged file: open_model names it when it opens the weights
         return None
     return (state.get("args") or {}).get("tokenizer_path") if isinstance(state, dict) else None
@@ -113,8 +116,8 @@ def tokenizer_dir_for(model_path: str | os.PathLike, tokenizer_path: str | None 
     if tokenizer_path:
         return tokenizer_path
     path = Path(model_path)
-    ckpt = path if path.is_file() else path / CKPT_NAME
-    if ckpt.is_file():
+    ckpt = path if path.is_file() or is_dcp_checkpoint(path) else run_checkpoint(path) if path.is_dir() else None
+    if ckpt is not None:
         return _saved_tokenizer_path(ckpt) or DEFAULT_TOKENIZER
     for folder in (path, path / "hf"):
         if (folder / "tokenizer.json").is_file():
@@ -156,17 +159,17 @@ def open_model(path: str | os.PathLike, tokenizer_path: str | None = None, devic
 
 
 def model_kind(path: Path) -> tuple[str, Path]:
-    """("ckpt" | "hf" | "adapter", the file or directory to read): a checkpoint file (or a path that is no
-    directory: resolve_checkpoint names it) or a run directory holding ckpt.pt; else a directory with
-    adapter_config.json, config.json or hf/config.json."""
-    if not path.is_dir() or (path / CKPT_NAME).is_file():
+    """("ckpt" | "hf" | "adapter", the file or directory to read): a checkpoint file or DCP directory (or a
+    path that is no directory: resolve_checkpoint names it) or a run directory holding one; else a directory
+    with adapter_config.json, config.json or hf/config.json."""
+    if not path.is_dir() or is_dcp_checkpoint(path) or run_checkpoint(path) is not None:
         return "ckpt", path
     if (path / ADAPTER_CONFIG).is_file():
         return "adapter", path
     for hf_dir in (path, path / "hf"):
         if (hf_dir / "config.json").is_file():
             return "hf", hf_dir
-    raise FileNotFoundError(f"no {CKPT_NAME}, config.json, hf/config.json or {ADAPTER_CONFIG} in {path}")
+    raise FileNotFoundError(f"no {CKPT_NAME}, config.json, hf/config.json, {ADAPTER_CONFIG} or {DCP_NAME} in {path}")
 
 
 def _open_checkpoint(path: Path) -> tuple[Transformer, ModelOrigin]:

@@ -34,7 +34,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 COMMON_DEFAULTS: dict[str, Any] = dict(
     epochs=1, max_steps=0, accumulation_steps=1, weight_decay=0.1, grad_clip=1.0,
     optimizer="adamw", muon_learning_rate=0.02, lr_schedule="cosine", decay_fraction=0.2,
-    seed=1337, device="auto", dtype="auto", num_threads=0, num_workers=0, compile=False, log_interval=10,
+    seed=1337, device="auto", dtype="auto", parallel="ddp", cpu_offload=False, num_threads=0, num_workers=0,
+    compile=False, log_interval=10,
     eval_interval=200, eval_samples=512, save_interval=200, sample_tokens=32, resume=False, overwrite=False,
     peak_tflops=0.0, eval_tasks_limit=0, use_swanlab=False, swanlab_project="k-model", swanlab_mode="offline",
 )
@@ -51,10 +52,10 @@ LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}  # Llama 3.1
 # trained with
 FIXED_AT_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout", "seed", "init_from",
                    "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "load_in_4bit", "optimizer",
-                   "rope_scaling", *ROPE_FLAGS)
+                   "rope_scaling", *ROPE_FLAGS, "parallel")
 # flags about this launch only, never taken from a checkpoint
-PER_LAUNCH = ("resume", "overwrite", "device", "num_threads", "num_workers", "compile", "peak_tflops",
-              "use_swanlab", "swanlab_project", "swanlab_mode")
+PER_LAUNCH = ("resume", "overwrite", "device", "cpu_offload", "num_threads", "num_workers", "compile",
+              "peak_tflops", "use_swanlab", "swanlab_project", "swanlab_mode")
 AT_LEAST_ONE = ("epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "eval_samples",
                 "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
 AT_LEAST_ZERO = ("eval_tasks_limit", "max_steps", "warmup_iters", "eval_interval", "num_threads", "num_workers", "weight_decay",
@@ -99,6 +100,11 @@ def build_parser(task: Any) -> argparse.ArgumentParser:
     add(g, "device", "auto (cuda if available), cpu, cuda, cuda:1, ...")
     add(g, "dtype", "autocast dtype; auto = bfloat16 on CUDA (float16 without bf16 support) and on CPUs with "
                     "native bf16 (AVX512_BF16/AMX), else float32", choices=["auto", *DTYPES])
+    add(g, "parallel", "ddp: every process holds the whole model (DDP); fsdp: weights, gradients and optimizer "
+                       "state sharded over the processes (FSDP2, support/fsdp.py), saved as a distributed checkpoint "
+                       "out_dir/ckpt_dcp", choices=["ddp", "fsdp"])
+    add(g, "cpu_offload", "--parallel fsdp: keep the shards and the optimizer step on the CPU (a base too large for "
+                          "the GPU; several times slower)", action="store_true", default=None)
     add(g, "num_threads", "torch CPU threads per process; 0 = torch default", type=int)
     add(g, "num_workers", "DataLoader worker processes", type=int)
     add(g, "compile", "torch.compile the model", action="store_true", default=None)

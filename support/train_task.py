@@ -142,12 +142,17 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int, num_samp
     model.eval()
     n = min(len(dataset), num_samples)
     mine = list(range(d.rank, n, d.world_size))
+    # every rank runs as many forward passes as the busiest one (an FSDP forward is a collective); a rank out
+    # of samples reruns sample 0 and counts nothing
+    passes = -(-(-(-n // d.world_size)) // batch_size)
     stats = torch.zeros(1 + len(task.metrics), device=d.device)  # loss units, then each metric's sum
-    for i in range(0, len(mine), batch_size):
-        batch = task.collate([dataset[j] for j in mine[i : i + batch_size]])
+    for i in range(0, passes * batch_size, batch_size):
+        part = mine[i : i + batch_size]
+        batch = task.collate([dataset[j] for j in part or [0]])
         with autocast():
             sums = task.loss_sums(model, batch, d.device)
-        stats += torch.stack([task.loss_units(batch).to(d.device), *(sums[k].float() for k in task.metrics)])
+        if part:
+            stats += torch.stack([task.loss_units(batch).to(d.device), *(sums[k].float() for k in task.metrics)])
     if d.world_size > 1:
         dist.all_reduce(stats)
     model.train()

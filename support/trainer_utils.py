@@ -1,7 +1,8 @@
-"""What trainer.py needs around the loop: the process group, the data order, rank 0's logs, Ctrl-C handling.
+"""What trainer.py needs around the loop: the process group, the parallel strategy, the data order, rank 0's
+logs, Ctrl-C handling.
 
 Launch: `python ddp_pretrain.py ...` is one process; `torchrun --nproc_per_node=N ddp_pretrain.py ...` is DDP
-(NCCL on CUDA, gloo on CPU). Only rank 0 prints, logs and saves.
+(NCCL on CUDA, gloo on CPU), or with --parallel fsdp FSDP2 (support/fsdp.py). Only rank 0 prints and logs.
 """
 from __future__ import annotations
 
@@ -13,15 +14,19 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from inspect import signature
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from support.checkpoint import CKPT_NAME, remove_dcp_checkpoint, save_checkpoint
 from support.loading import resolve_device
 
 
@@ -53,6 +58,84 @@ def setup_distributed(device: str) -> DistInfo:
         dist.init_process_group("gloo")
         control = None  # the default group already is gloo
     return DistInfo(rank, local_rank, dist.get_world_size(), dev, control)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The parallel strategy: how the model is wrapped, its gradients synchronized, its checkpoint saved and restored
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: its shard of an FSDP parameter (a DTensor), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class DataParallel:
+    """--parallel ddp: every rank holds the whole model, gradients are all-reduced (DDP, with 2+ processes) and
+    rank 0 saves everything in out_dir/ckpt.pt. support/fsdp.py's FullyShardedParallel answers the same calls."""
+
+    name = "ddp"
+
+    def __init__(self, d: DistInfo):
+        self.d = d
+        self.ddp: DistributedDataParallel | None = None
+
+    def check(self, task: Any, model: torch.nn.Module, args: argparse.Namespace) -> None:
+        """Refuse (ValueError) what this strategy cannot train; DDP trains every task."""
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.d.device)
+
+    def wrap(self, model: torch.nn.Module, compiled: bool) -> torch.nn.Module:
+        """The module a step calls: DDP's (2+ processes) or the model, torch.compile'd if `compiled`."""
+        if self.d.world_size > 1:
+            # the rotary tables are the only buffers and identical on every rank: no need to sync them
+            # before each forward (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
+            ddp_flags = signature(DistributedDataParallel).parameters
+            sync_flag = "forward_sync_buffers" if "forward_sync_buffers" in ddp_flags else "broadcast_buffers"
+            device_ids = [self.d.device.index] if self.d.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(model, device_ids=device_ids, **{sync_flag: False})
+        forward_model = self.ddp or model
+        return torch.compile(forward_model) if compiled else forward_model
+
+    @property
+    def no_sync(self) -> Callable[[], AbstractContextManager] | None:
+        """The context of a micro-step whose gradients are only accumulated, not yet synchronized."""
+        return self.ddp.no_sync if self.ddp is not None else None
+
+    def restore(self, state: dict[str, Any], ckpt_path: Path, model: torch.nn.Module, optimizer: Any) -> None:
+        """Load the optimizer state (the model came with its weights from model_from_state)."""
+        if "optimizer" not in state:
+            raise ValueError(f"{ckpt_path}: a --parallel fsdp checkpoint: resume it with --parallel fsdp")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # another optimizer's state, or another set of trainable parameters
+            raise ValueError(f"{ckpt_path}: cannot resume: {e}") from None
+
+    def save(self, out_dir: Path, meta: dict[str, Any], model_state: Callable[[], dict[str, Any]],
+             optimizer: Any) -> Path:
+        """Rank 0 writes out_dir/ckpt.pt (checkpoint.save_checkpoint) and removes a --parallel fsdp checkpoint
+        this run replaces (--overwrite); returns the checkpoint's path."""
+        path = out_dir / CKPT_NAME
+        if self.d.is_main:
+            save_checkpoint(path, {**model_state(), "optimizer": optimizer.state_dict(), **meta})
+            remove_dcp_checkpoint(out_dir)
+        return path
+
+    def full_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module | None:
+        """On rank 0, the whole model for what rank 0 does alone (samples, lm-eval tasks, the HF export); DDP's
+        own model, wherever it is."""
+        return model
+
+    def memory(self, model: torch.nn.Module, optimizer: Any) -> str:
+        """The training state this rank holds: its weights, their gradients (one per trainable weight, as after
+        a backward pass) and the optimizer state; under FSDP its shards."""
+        states = [t for opt, _ in optimizer.parts.values() for state in opt.state.values()
+                  for t in state.values() if torch.is_tensor(t)]
+        sizes = {"params": sum(local_part(p).nbytes for p in model.parameters()),
+                 "grads": sum(local_part(p).nbytes for p in model.parameters() if p.requires_grad),
+                 "optimizer": sum(local_part(t).nbytes for t in states)}
+        return f"training state on rank {self.d.rank} (MiB): " + ", ".join(f"{k} {v / 2**20:,.1f}"
+                                                                             for k, v in sizes.items())
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,168 @@
+"""--parallel fsdp: PyTorch's FSDP2 (`fully_shard`) with Distributed Checkpoint (torch.distributed.checkpoint),
+for models whose weights, gradients and AdamW state (16 bytes per parameter) do not fit one device.
+
+Each rank holds 1/N of every weight, gradient and optimizer state (N = processes): `fully_shard` is applied
+to each transformer block and then to the root (embeddings, the final norm, the tied output head). A block's
+weights are all-gathered just before its forward and freed after it, and gathered again for its backward;
+its gradients are reduce-scattered (averaged, as DDP's all-reduce does, so the loss normalization of
+train_steps.py holds unchanged). Micro-steps before the last of an accumulation step keep their gradients
+unreduced (set_requires_gradient_sync, FSDP's no_sync). Clipping uses the norm over all shards (the
+parameters are DTensors: clip_grad_norm_ reduces over ranks). Mixed precision: weights are gathered in the
+--dtype (bf16) for compute, master weights stay float32 and gradients are reduced in float32
+(MixedPrecisionPolicy). --cpu_offload keeps the shards and the optimizer step on the CPU (CPUOffloadPolicy):
+a base too large for one GPU trains on it, several times slower.
+
+Checkpoints: each rank writes its own shards of "model" and "optimizer" (dcp.save; no rank gathers the whole
+model), then rank 0 writes the rest of the checkpoint dict (checkpoint.DCP_META) and swaps out_dir/ckpt_dcp,
+a symlink, from the previous checkpoint's directory to the new one: a crash mid-save leaves the last good
+checkpoint. There are two directories, written in turn (.ckpt_dcp.a, .ckpt_dcp.b). Shards are stored by
+global name and offset, so `--resume` loads them into any number of ranks (DCP reshards). The HF export,
+--sample_prompt and --eval_tasks gather the whole model once on rank 0.
+
+What does not run under fsdp (one-line refusal): Muon (it orthogonalizes whole matrices, FSDP holds row
+shards), float16 (GradScaler with sharded gradients: use bfloat16), LoRA (a frozen peft-wrapped base) and
+tasks that generate with the policy between steps (GRPO's rollouts decode with the whole model). DPO's
+frozen reference stays a whole copy on every rank, without gradients or optimizer state (2 or 4 bytes per
+parameter); --precompute_ref_logps holds none.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from k_model import Transformer
+from support.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, DCP_SLOTS, dcp_failure, fsync_dir,
+                                save_checkpoint)
+from support.train_task import Task
+from support.trainer_utils import DataParallel, DistInfo
+
+
+def make_parallel(args: argparse.Namespace, d: DistInfo, dtype: torch.dtype) -> DataParallel:
+    """The strategy --parallel names."""
+    if args.cpu_offload and args.parallel != "fsdp":
+        raise ValueError("--cpu_offload offloads FSDP's shards: add --parallel fsdp")
+    return FullyShardedParallel(d, dtype, args.cpu_offload) if args.parallel == "fsdp" else DataParallel(d)
+
+
+class FullyShardedParallel(DataParallel):
+    """--parallel fsdp (module docstring). One process is a process group of one: the same code path."""
+
+    name = "fsdp"
+
+    def __init__(self, d: DistInfo, dtype: torch.dtype, cpu_offload: bool):
+        super().__init__(d)
+        self.dtype, self.cpu_offload = dtype, cpu_offload
+        self.model: torch.nn.Module | None = None
+        if not dist.is_initialized():  # a single process (no torchrun): fully_shard needs a process group
+            backend = "nccl" if d.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+    def check(self, task: Task, model: torch.nn.Module, args: argparse.Namespace) -> None:
+        refusal = None
+        if args.optimizer == "muon":
+            refusal = "--optimizer muon orthogonalizes whole matrices, which FSDP shards by rows: use --optimizer adamw"
+        elif self.dtype == torch.float16:
+            refusal = "--dtype float16 needs GradScaler over sharded gradients, not supported: use --dtype bfloat16"
+        elif not isinstance(model, Transformer) or not all(p.requires_grad for p in model.parameters()):
+            refusal = "LoRA (adapters on a frozen base) is not supported: train it with --parallel ddp"
+        elif type(task).prepare_step is not Task.prepare_step:
+            refusal = (f"{task.name} generates with the whole policy between steps, which FSDP holds in shards: "
+                       "use --parallel ddp")
+        if refusal:
+            raise ValueError(f"--parallel fsdp: {refusal}")
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model stays where it was built (the CPU): fully_shard moves each block to the device as it
+        shards it, so the device never holds the whole model (with --cpu_offload the shards go back)."""
+        return model
+
+    def wrap(self, model: torch.nn.Module, compiled: bool) -> torch.nn.Module:
+        """fully_shard each block, then the root; `model` itself becomes the FSDP module."""
+        mesh = init_device_mesh(self.d.device.type, (self.d.world_size,))
+        # pinned host memory needs a GPU; on a CPU device offloading moves nothing (it runs, for the tests)
+        offload = CPUOffloadPolicy(pin_memory=self.d.device.type == "cuda") if self.cpu_offload else OffloadPolicy()
+        policy = dict(mesh=mesh, offload_policy=offload)
+        if self.dtype != torch.float32:
+            policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, **policy)
+        fully_shard(model, **policy)
+        self.model = model
+        return torch.compile(model) if compiled else model
+
+    @property
+    def no_sync(self) -> Callable[[], AbstractContextManager]:
+        return self._gradients_unreduced
+
+    @contextmanager
+    def _gradients_unreduced(self) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def restore(self, state: dict[str, Any], ckpt_path: Path, model: torch.nn.Module, optimizer: Any) -> None:
+        """Load this rank's shards of the weights and the optimizer state, whatever the number of ranks that
+        saved them (DCP reads the parts of the saved shards that overlap this rank's)."""
+        if "optimizer" in state:
+            raise ValueError(f"{ckpt_path}: a --parallel ddp checkpoint ({CKPT_NAME}): resume it with --parallel ddp")
+        optimizers = [opt for opt, _ in optimizer.parts.values()]
+        weights, moments = get_state_dict(model, optimizers)
+        try:
+            dcp.load({"model": weights, "optimizer": moments}, checkpoint_id=ckpt_path)
+        except (Exception, dcp.api.CheckpointException) as e:  # missing or truncated shards, another shape
+            raise ValueError(f"{ckpt_path}: cannot resume: {dcp_failure(e)}") from None
+        set_state_dict(model, optimizers, model_state_dict=weights, optim_state_dict=moments)
+
+    def save(self, out_dir: Path, meta: dict[str, Any], model_state: Callable[[], dict[str, Any]],
+             optimizer: Any) -> Path:
+        """Every rank writes its shards into the slot out_dir/ckpt_dcp does not point to; then rank 0 adds the
+        checkpoint dict and swaps the symlink. Returns the symlink's path."""
+        link = out_dir / DCP_NAME
+        current = link.resolve().name if link.is_symlink() else None
+        target = out_dir / (DCP_SLOTS[1] if current == DCP_SLOTS[0] else DCP_SLOTS[0])
+        if self.d.is_main:  # what a crashed save left there
+            shutil.rmtree(target, ignore_errors=True)
+        dist.barrier()
+        weights, moments = get_state_dict(self.model, [opt for opt, _ in optimizer.parts.values()])
+        dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=target)
+        if self.d.is_main:
+            save_checkpoint(target / DCP_META, meta)
+            swap_symlink(link, target.name)
+            (out_dir / CKPT_NAME).unlink(missing_ok=True)  # a --parallel ddp run's, which this one replaces
+        dist.barrier()  # no rank starts the next save before the swap
+        return link
+
+    def full_model(self, model: torch.nn.Module, device: torch.device) -> Transformer | None:
+        """Gathers every shard (a collective: all ranks call it) into a plain float32 model on rank 0, on
+        `device`: the HF export writes it from the CPU, samples and lm-eval tasks run it on the GPU, which must
+        then hold the whole model (a base near the GPU's size: --sample_tokens 0 and no --eval_tasks)."""
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.d.is_main:
+            return None
+        plain = Transformer(model.config)
+        plain.load_state_dict(weights)
+        return plain.to(device).train(model.training)
+
+
+def swap_symlink(link: Path, target: str) -> None:
+    """Point `link` at `target` in one rename: a crash leaves it at the old target or the new one."""
+    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)

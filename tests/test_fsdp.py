@@ -1,0 +1,190 @@
+"""--parallel fsdp (support/fsdp.py): 2 gloo processes with FSDP2 train exactly like 1 plain process reading the
+same global batch (weights within 1e-5, the same losses and the same hf/ export); a run resumed from its
+distributed checkpoint with another number of processes (1 -> 2 -> 2 -> 1) ends where the uninterrupted run
+does; every tool opens the DCP checkpoint through open_model; what FSDP cannot train is one clear line."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ddp_dpo
+import ddp_grpo
+import ddp_pretrain
+import ddp_sft_full
+from support.checkpoint import DCP_NAME, DCP_SLOTS, load_checkpoint
+from support.loading import open_model
+from test_dpo import run_files, train_args  # noqa: F401 (run_files is a fixture: the DPO init model and pairs)
+from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, run_script
+
+# wsd with no decay: the learning rate of a step does not depend on --max_steps, so a run stopped by a smaller
+# --max_steps and resumed with a larger one takes the steps of one run to the larger
+STEPS = ["--learning_rate", "1e-3", "--warmup_iters", "2", "--lr_schedule", "wsd", "--decay_fraction", "0",
+         "--log_interval", "1", "--eval_interval", "2", "--save_interval", "100"]
+FSDP = ["--parallel", "fsdp"]
+
+
+def assert_same_weights(reference: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(reference)
+    for key, weight in reference.items():
+        torch.testing.assert_close(got[key], weight, atol=1e-5, rtol=0, msg=key)
+
+
+def assert_same_losses(reference, run, metrics=("loss", "val_loss")) -> None:
+    for metric in metrics:
+        ref, got = read_metrics(reference, metric), read_metrics(run, metric)
+        assert [s for s, _ in got] == [s for s, _ in ref]
+        assert [v for _, v in got] == pytest.approx([v for _, v in ref], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pretrain_args(tmp_path_factory, tiny_tokenizer_dir) -> list[str]:
+    root = tmp_path_factory.mktemp("fsdp_data")
+    train_bin, val_bin = make_pretrain_data(root, tiny_tokenizer_dir, n_train=200, n_val=20)
+    return ["--data_path", train_bin, "--val_data_path", val_bin, "--tokenizer_path", tiny_tokenizer_dir,
+            *TINY_MODEL, *QUIET, *STEPS]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, pretrain_args):
+    """One plain process, global batch 8, 6 steps: what every FSDP run below must reproduce."""
+    out = tmp_path_factory.mktemp("fsdp_ref") / "one"
+    ddp_pretrain.main(pretrain_args + ["--out_dir", str(out), "--batch_size", "8", "--max_steps", "6"])
+    return out
+
+
+def test_two_fsdp_processes_train_like_one(tmp_path, pretrain_args, reference):
+    # global batch 8: 2 processes x 2 samples x 2 accumulation steps
+    run = tmp_path / "fsdp"
+    fsdp = run_script("ddp_pretrain.py", pretrain_args + FSDP + [
+        "--out_dir", str(run), "--batch_size", "2", "--accumulation_steps", "2", "--max_steps", "6",
+        "--sample_prompt", "hello", "--sample_tokens", "4"], nproc=2)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "=== pretrain: 2 process(es) on cpu" in fsdp.stdout and "--parallel fsdp" in fsdp.stdout
+    # each rank wrote its own shard; no ckpt.pt
+    assert sorted(p.name for p in (run / DCP_NAME).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (run / "ckpt.pt").exists()
+    ref_state = load_checkpoint(reference)
+    state = load_checkpoint(run)  # the DCP checkpoint read by one process, as every tool reads it
+    assert state["step"] == 6 and state["world_size"] == 2 and state["data_position"] == ref_state["data_position"]
+    assert_same_weights(ref_state["model"], state["model"])
+    assert_same_losses(reference, run)
+    # the HF export gathers the shards once: the same hf/ as a one-process run's
+    assert_same_weights(load_file(reference / "hf" / "model.safetensors"), load_file(run / "hf" / "model.safetensors"))
+    # the sample greedy-decoded on rank 0 from the gathered model is logged
+    assert [s for s, _ in read_metrics(run, "samples")] == [2, 4, 6]
+
+
+def test_resume_with_other_process_counts(tmp_path, pretrain_args, reference):
+    """1 process to step 2, 2 processes to step 4 (1 -> 2), 2 to step 5 (2 -> 2), 1 to step 6 (2 -> 1): the
+    per-process batch follows the process count so that the global batch stays 8."""
+    run = tmp_path / "chain"
+    chain = [(1, 8, 2), (2, 4, 4), (2, 4, 5), (1, 8, 6)]
+    for i, (nproc, batch, steps) in enumerate(chain):
+        args = pretrain_args + FSDP + ["--resume"] * bool(i) + [
+            "--out_dir", str(run), "--batch_size", str(batch), "--max_steps", str(steps)]
+        if nproc == 1:  # in this process: a process group of one, created and destroyed by the run
+            ddp_pretrain.main(args)
+            continue
+        proc = run_script("ddp_pretrain.py", args, nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"resumed from {run / DCP_NAME} at step {chain[i - 1][2]}" in proc.stdout
+    state = load_checkpoint(run)
+    assert state["step"] == 6 and state["world_size"] == 1
+    assert_same_weights(load_checkpoint(reference)["model"], state["model"])
+    assert_same_losses(reference, run, ["loss"])  # each run also evaluates at its last step
+
+    # a save killed midway leaves its slot half written; the symlink still names the last good checkpoint
+    other = next(slot for slot in DCP_SLOTS if slot != (run / DCP_NAME).resolve().name)
+    (run / other).mkdir(exist_ok=True)
+    (run / other / "__0_0.distcp").write_bytes(b"killed mid-write")
+
+    # the tools open a DCP run directory like a ckpt.pt one (model_sample.py, serve.py: loading.open_model)
+    opened = open_model(run)
+    assert opened.origin["step"] == 6 and opened.origin["source"] == str(run / DCP_NAME)
+    assert_same_weights(load_checkpoint(reference)["model"], opened.model.state_dict())
+
+    # bad input: one line, and the checkpoint is left as it was
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt_dcp: checkpoint was trained with --parallel fsdp, this "
+                                         r"run asks for --parallel ddp"):
+        ddp_pretrain.main(pretrain_args + ["--out_dir", str(run), "--resume", "--parallel", "ddp"])
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt_dcp already exists: --resume continues"):
+        ddp_pretrain.main(pretrain_args + FSDP + ["--out_dir", str(run), "--max_steps", "1"])
+    assert load_checkpoint(run)["step"] == 6
+    # a damaged shard: one line from the tools and from --resume
+    shard = next((run / DCP_NAME).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"ckpt_dcp: not a readable distributed checkpoint"):
+        open_model(run)
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt_dcp: cannot resume: [^\n]*$"):
+        ddp_pretrain.main(pretrain_args + ["--out_dir", str(run), "--resume", "--batch_size", "8", "--max_steps", "7"])
+    # --overwrite with --parallel ddp: its first save replaces the DCP checkpoint, both slots
+    ddp_pretrain.main(pretrain_args + ["--out_dir", str(run), "--overwrite", "--batch_size", "8", "--max_steps", "1"])
+    assert load_checkpoint(run / "ckpt.pt")["step"] == 1
+    assert not any((run / name).exists() or (run / name).is_symlink() for name in (DCP_NAME, *DCP_SLOTS))
+
+
+def test_ddp_checkpoint_is_not_resumed_as_fsdp(tmp_path, pretrain_args, reference):
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt: checkpoint was trained with --parallel ddp, this run "
+                                         r"asks for --parallel fsdp; resume with the same value$"):
+        ddp_pretrain.main(pretrain_args + FSDP + ["--out_dir", str(reference), "--resume", "--max_steps", "7"])
+    assert load_checkpoint(reference)["step"] == 6
+
+
+@pytest.mark.parametrize("flags, refusal", [
+    (["--optimizer", "muon"], "--optimizer muon orthogonalizes whole matrices"),
+    (["--dtype", "float16"], "--dtype float16 needs GradScaler"),
+])
+def test_what_fsdp_cannot_train_is_refused(tmp_path, pretrain_args, flags, refusal):
+    with pytest.raises(SystemExit, match=f"^error: --parallel fsdp: {refusal}"):
+        ddp_pretrain.main(pretrain_args + FSDP + flags + ["--out_dir", str(tmp_path / "run"), "--max_steps", "1"])
+    assert not (tmp_path / "run" / DCP_NAME).exists()
+
+
+def test_cpu_offload_needs_fsdp(tmp_path, pretrain_args):
+    with pytest.raises(SystemExit, match="^error: --cpu_offload offloads FSDP's shards: add --parallel fsdp$"):
+        ddp_pretrain.main(pretrain_args + ["--cpu_offload", "--out_dir", str(tmp_path / "run")])
+
+
+def test_sft_and_dpo_under_fsdp_train_like_one_process(tmp_path, tiny_tokenizer_dir, reference, run_files):
+    """SFT (answers-only loss: micro-batches hold different numbers of target tokens) and DPO with its frozen
+    reference held whole on every rank: 2 FSDP processes equal 1 plain process."""
+    sft_train, sft_val = make_sft_data(tmp_path)
+    sft = ["--data_path", sft_train, "--val_data_path", sft_val, "--tokenizer_path", tiny_tokenizer_dir,
+           "--init_from", str(reference), *QUIET, *STEPS, "--max_seq_len", "32", "--max_steps", "4"]
+    dpo = train_args(run_files, tiny_tokenizer_dir, tmp_path / "unused", "--max_steps", "4", "--warmup_iters", "2",
+                     "--eval_interval", "2")
+    for script, main, common in (("ddp_sft_full.py", ddp_sft_full.main, sft), ("ddp_dpo.py", ddp_dpo.main, dpo)):
+        fsdp = run_script(script, common + FSDP + ["--out_dir", str(tmp_path / script / "fsdp"), "--batch_size", "2",
+                                                   "--accumulation_steps", "2"], nproc=2)
+        assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+        main(common + ["--out_dir", str(tmp_path / script / "one"), "--batch_size", "8", "--accumulation_steps", "1"])
+        one, two = (load_checkpoint(tmp_path / script / run) for run in ("one", "fsdp"))
+        assert one["step"] == two["step"] == 4 and two["world_size"] == 2
+        assert_same_weights(one["model"], two["model"])
+        assert_same_losses(tmp_path / script / "one", tmp_path / script / "fsdp")
+
+
+def test_cpu_offload_trains_like_one_process(tmp_path, pretrain_args, reference):
+    """--cpu_offload (CPUOffloadPolicy; on a CPU device the shards stay where they are) takes the same steps."""
+    ddp_pretrain.main(pretrain_args + FSDP + ["--cpu_offload", "--out_dir", str(tmp_path / "off"), "--batch_size", "8",
+                                              "--max_steps", "6"])
+    assert_same_weights(load_checkpoint(reference)["model"], load_checkpoint(tmp_path / "off")["model"])
+
+
+def test_lora_under_fsdp_is_refused(tmp_path, tiny_tokenizer_dir, reference):
+    sft_train, sft_val = make_sft_data(tmp_path, n_train=16, n_val=4)
+    with pytest.raises(SystemExit, match=r"^error: --parallel fsdp: LoRA \(adapters on a frozen base\) is not "
+                                         r"supported: train it with --parallel ddp$"):
+        ddp_sft_full.main(["--data_path", sft_train, "--val_data_path", sft_val, "--tokenizer_path", tiny_tokenizer_dir,
+                           "--init_from", str(reference), "--out_dir", str(tmp_path / "lora"), *QUIET, *FSDP,
+                           "--lora_r", "4", "--max_seq_len", "32"])
+
+
+def test_grpo_under_fsdp_is_refused(tmp_path, tiny_tokenizer_dir, reference):
+    with pytest.raises(SystemExit, match=r"^error: --parallel fsdp: grpo generates with the whole policy between "
+                                         r"steps, which FSDP holds in shards: use --parallel ddp$"):
+        ddp_grpo.main(["--init_from", str(reference), "--tokenizer_path", tiny_tokenizer_dir, "--data_path",
+                       str(tmp_path / "prompts.jsonl"), "--reward", "rewards.py:answer_format", "--out_dir",
+                       str(tmp_path / "grpo"), "--max_seq_len", "32", "--max_completion_length", "8", *QUIET, *FSDP])
+    assert not (tmp_path / "grpo" / DCP_NAME).exists()
