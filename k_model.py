@@ -1,8 +1,9 @@
 """A LLaMA2-style decoder-only Transformer, weight-compatible with transformers' LlamaForCausalLM.
 
 Read top to bottom: config -> building blocks (RMSNorm, rotary embeddings, the KV cache, attention, SwiGLU
-MLP) -> Transformer (forward, KV-cache generation). The fast paths sit in files of their own, which this one
-imports: cpu_matmul.py (every projection's matmul: oneDNN on x86 CPUs, packed weights for decoding),
+MLP) -> Decoding (KV-cache generation, the inference half of the model) -> Transformer (weights, forward).
+RoPE's frequencies (default and scaled) come from rope.py. The fast paths sit in files of their own, which
+this one imports: cpu_matmul.py (every projection's matmul: oneDNN on x86 CPUs, packed weights for decoding),
 compiled_step.py (the torch.compile'd one-token decode step), chunked_loss.py (cross-entropy without the
 (B, T, vocab) logits) and sampling.py (temperature / top-k / top-p). hf_llama.py converts to and from
 Hugging Face Llama.
@@ -301,107 +302,11 @@ def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.bool()[:, None, None, :] | eye) & causal
 
 
-class Transformer(PreTrainedModel):
-    config_class = ModelConfig
-    base_model_prefix = "k_model"
-    main_input_name = "tokens"
-    _tied_weights_keys = {"output.weight": "tok_embeddings.weight"}
-
-    def __init__(self, config: ModelConfig):
-        super().__init__(config)
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.dropout = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = Linear(config.dim, config.vocab_size)
-        if config.tie_word_embeddings:  # one matrix embeds and un-embeds (transformers reads _tied_weights_keys)
-            self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(config)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self._compiled_step = None  # set by compile_decode()
-        self.context_limit: int | None = None  # see context_len
-        self.post_init()  # HF: runs _init_weights on every module
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # Residual projections (attention wo, MLP w2) start smaller, 0.02 / sqrt(2 * n_layers), so the
-        # residual stream's variance does not grow with depth (GPT-2 / nanoGPT scheme).
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            std = 0.02
-            if getattr(module, "is_residual_proj", False):
-                std /= math.sqrt(2 * self.config.n_layers)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
-        elif module is self:
-            # from_pretrained builds the model on the meta device and loads only persistent tensors: the
-            # rotary tables are recomputed here, like HF Llama does for its inv_freq buffer
-            cos, sin = rope_tables(self.config)
-            with torch.no_grad():
-                self.rope_cos.copy_(cos)
-                self.rope_sin.copy_(sin)
-
-    def _apply(self, fn, recurse=True):
-        """Every move and cast (.to, .float, .bfloat16, ...) goes through here. The rotary tables stay float32,
-        as HF keeps its inv_freq: rounded to bf16 (error ~2e-3) they would stay rounded when training upcasts
-        to float32 master weights. Where attention uses them it casts them to the activations' dtype."""
-        super()._apply(fn, recurse)
-        if self.rope_cos.dtype != torch.float32:
-            cos, sin = rope_tables(self.config)
-            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
-        return self
-
-    # transformers' and peft's way to find the embedding and output matrices (resizing, tying, LoRA)
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.tok_embeddings
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.output
-
-    # -- forward -------------------------------------------------------------------------------------------
-
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        loss_mask: torch.Tensor | None = None,
-    ) -> TransformerOutput:
-        """tokens, targets: (B, T) int64. attention_mask: optional (B, T), 1 = token, 0 = left padding;
-        positions then count real tokens only, so a padded row computes what it computes alone.
-        loss_mask: optional (B, T) with targets; only positions where it is nonzero are projected onto the
-        vocabulary (logits is then None). In SFT most positions are prompt, and the vocabulary projection
-        with its cross-entropy is a large share of a small model's step."""
-        T = tokens.shape[1]
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
-        if loss_mask is not None and loss_mask.shape != targets.shape:
-            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != targets shape {tuple(targets.shape)}")
-        rope_cos, rope_sin = rope_tables_for(self.config, self.rope_cos, self.rope_sin, T)
-        if attention_mask is None:
-            cos, sin = rope_cos[:T, None], rope_sin[:T, None]
-            mask = None
-        else:
-            pos = positions_from_mask(attention_mask)
-            cos, sin = rope_cos[pos][:, :, None], rope_sin[pos][:, :, None]
-            mask = padded_causal_mask(attention_mask)
-        h = self._hidden(tokens, cos, sin, mask, causal=True)
-        if targets is None:
-            return TransformerOutput(logits=self.output(h))
-        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-        if loss_mask is None:
-            return TransformerOutput(last_loss=linear_cross_entropy(h, self.output.weight, targets))
-        keep = loss_mask.reshape(-1) != 0
-        kept_losses = linear_cross_entropy(h[keep], self.output.weight, targets[keep])
-        return TransformerOutput(last_loss=kept_losses.new_zeros(keep.shape).masked_scatter(keep, kept_losses))
-
-    def _hidden(self, tokens, cos, sin, mask, causal, caches=None, slots=None) -> torch.Tensor:
-        h = self.dropout(self.tok_embeddings(tokens))
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, causal, None if caches is None else caches[i], slots)
-        return self.norm(h)
-
-    # -- generation ----------------------------------------------------------------------------------------
+class Decoding:
+    """The inference half of Transformer (below): generate and stream_generate, and the step-wise API they
+    and serve.py's engine use, new_caches / prefill / decode_step over a KV cache that shifts past the
+    context window. It reads the model's layers, rotary tables and output head; the training forward does
+    not need any of it."""
 
     @torch.inference_mode()
     def generate(
@@ -565,6 +470,107 @@ class Transformer(PreTrainedModel):
         cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
         h = self._hidden(tok[:, None], cos, sin, attend[:, None, None], False, caches, slot)
         return self.output(h[:, -1])
+
+
+class Transformer(Decoding, PreTrainedModel):
+    config_class = ModelConfig
+    base_model_prefix = "k_model"
+    main_input_name = "tokens"
+    _tied_weights_keys = {"output.weight": "tok_embeddings.weight"}
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = Linear(config.dim, config.vocab_size)
+        if config.tie_word_embeddings:  # one matrix embeds and un-embeds (transformers reads _tied_weights_keys)
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._compiled_step = None  # set by compile_decode()
+        self.context_limit: int | None = None  # see context_len
+        self.post_init()  # HF: runs _init_weights on every module
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Residual projections (attention wo, MLP w2) start smaller, 0.02 / sqrt(2 * n_layers), so the
+        # residual stream's variance does not grow with depth (GPT-2 / nanoGPT scheme).
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02
+            if getattr(module, "is_residual_proj", False):
+                std /= math.sqrt(2 * self.config.n_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif module is self:
+            # from_pretrained builds the model on the meta device and loads only persistent tensors: the
+            # rotary tables are recomputed here, like HF Llama does for its inv_freq buffer
+            cos, sin = rope_tables(self.config)
+            with torch.no_grad():
+                self.rope_cos.copy_(cos)
+                self.rope_sin.copy_(sin)
+
+    def _apply(self, fn, recurse=True):
+        """Every move and cast (.to, .float, .bfloat16, ...) goes through here. The rotary tables stay float32,
+        as HF keeps its inv_freq: rounded to bf16 (error ~2e-3) they would stay rounded when training upcasts
+        to float32 master weights. Where attention uses them it casts them to the activations' dtype."""
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            cos, sin = rope_tables(self.config)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
+
+    # transformers' and peft's way to find the embedding and output matrices (resizing, tying, LoRA)
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.tok_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.output
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ) -> TransformerOutput:
+        """tokens, targets: (B, T) int64. attention_mask: optional (B, T), 1 = token, 0 = left padding;
+        positions then count real tokens only, so a padded row computes what it computes alone.
+        loss_mask: optional (B, T) with targets; only positions where it is nonzero are projected onto the
+        vocabulary (logits is then None). In SFT most positions are prompt, and the vocabulary projection
+        with its cross-entropy is a large share of a small model's step."""
+        T = tokens.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        if loss_mask is not None and loss_mask.shape != targets.shape:
+            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != targets shape {tuple(targets.shape)}")
+        rope_cos, rope_sin = rope_tables_for(self.config, self.rope_cos, self.rope_sin, T)
+        if attention_mask is None:
+            cos, sin = rope_cos[:T, None], rope_sin[:T, None]
+            mask = None
+        else:
+            pos = positions_from_mask(attention_mask)
+            cos, sin = rope_cos[pos][:, :, None], rope_sin[pos][:, :, None]
+            mask = padded_causal_mask(attention_mask)
+        h = self._hidden(tokens, cos, sin, mask, causal=True)
+        if targets is None:
+            return TransformerOutput(logits=self.output(h))
+        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        if loss_mask is None:
+            return TransformerOutput(last_loss=linear_cross_entropy(h, self.output.weight, targets))
+        keep = loss_mask.reshape(-1) != 0
+        kept_losses = linear_cross_entropy(h[keep], self.output.weight, targets[keep])
+        return TransformerOutput(last_loss=kept_losses.new_zeros(keep.shape).masked_scatter(keep, kept_losses))
+
+    def _hidden(self, tokens, cos, sin, mask, causal, caches=None, slots=None) -> torch.Tensor:
+        h = self.dropout(self.tok_embeddings(tokens))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, causal, None if caches is None else caches[i], slots)
+        return self.norm(h)
 
     def num_params(self) -> int:
         """Number of parameters, the tied embedding / output matrix counted once."""
