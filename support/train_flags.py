@@ -22,8 +22,11 @@ from support.rope import ORIGINAL
 PRESETS: dict[str, dict[str, Any]] = {
     # a few seconds on a laptop CPU: smoke tests, debugging
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, batch_size=16, accumulation_steps=1),
-    # demo.sh's model: 1.3M parameters with its 4096-token vocabulary, about 6k tokens/s on a 2-core CPU
-    "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128, batch_size=16, accumulation_steps=1),
+    # demo.sh's model: 1.3M parameters with its 4096-token vocabulary, about 6k tokens/s on a 2-core CPU; Muon
+    # (README "Optimizers and schedules"): at 600 steps val ppl 355 instead of AdamW's 432, and the demo's SFT
+    # on top 85.6% sentiment accuracy instead of 84.7%
+    "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128, batch_size=16, accumulation_steps=1,
+                 optimizer="muon"),
     # the TinyStories paper's ~28M size class (hidden 512, 8 layers), whose models write fluent stories: 25.7M
     # parameters with a 4096-token vocabulary; 20k steps of 64 x 512 tokens read 655M tokens
     "tinystories": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512, batch_size=64,
