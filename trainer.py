@@ -84,7 +84,7 @@ class Trainer:
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         torch.manual_seed(args.seed)
-        self.log = RunLogger(self.out_dir, d.is_main)
+        self.log = RunLogger(self.out_dir, d.is_main, resumed=args.resume)
         self.tokenizer, tokenizer_path = task.tokenizer(args)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 

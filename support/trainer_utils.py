@@ -215,13 +215,16 @@ class RunLogger:
     """Rank 0's output: console lines (through tqdm, so the bar stays intact), out_dir/train.log,
     out_dir/metrics.jsonl (one JSON record per log/eval line) and optionally swanlab."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, resumed: bool):
         self.enabled = enabled
         self.swanlab = None
         self.metrics_path = out_dir / "metrics.jsonl"
         if enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
-            self.log_file = open(out_dir / "train.log", "a", encoding="utf-8")
+            log = out_dir / "train.log"
+            if not resumed and log.exists():  # a fresh run (--overwrite) starts its own log; the old one is kept
+                log.replace(out_dir / "train.log.prev")
+            self.log_file = open(log, "a", encoding="utf-8")
 
     def info(self, msg: str, console: bool = True) -> None:
         if self.enabled:

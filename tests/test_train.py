@@ -232,8 +232,13 @@ def test_fresh_run_refuses_to_replace_an_existing_checkpoint(data, tmp_path):
     with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt already exists: --resume continues that run, --overwrite"):
         ddp_pretrain.main(pretrain_args(data, out, "--max_steps", "4"))
     assert (out / "ckpt.pt").read_bytes() == before  # the earlier run is untouched
+    first_log = (out / "train.log").read_text(encoding="utf-8")
     ddp_pretrain.main(pretrain_args(data, out, "--max_steps", "3", "--overwrite"))
     assert load_checkpoint(out)["step"] == 3
+    # the new run has a log of its own (the report card times a run from it); the old one is kept beside it
+    log = (out / "train.log").read_text(encoding="utf-8")
+    assert log.count("=== pretrain") == 1 and "--overwrite: starting fresh" in log
+    assert (out / "train.log.prev").read_text(encoding="utf-8") == first_log
 
 
 def test_bf16_checkpoint_trains_float32_master_weights(data, pretrained, tmp_path):
