@@ -326,7 +326,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_context_shift_flags(p: argparse.ArgumentParser) -> None:
-    """--context_shift and --context_keep (serve.py has them too): generating past the context window."""
+    """--context_shift, --context_keep and --context_len (serve.py has them too): the inference window and going
+    on past it."""
     p.add_argument("--context_shift", type=int, default=None,
                    help="past the context window, drop this many of the oldest tokens at a time and go on with the "
                         "KV cache (default: half of the window minus --context_keep)")
