@@ -21,7 +21,8 @@ One optimizer step per batch of rollouts, so pi_old is the policy itself (rho = 
 inactive, as TRL with num_iterations=1). A group's completions stay on one process, so its statistics are
 local; step metrics are summed over processes. Every completion draws its tokens from a generator seeded by
 (seed, step, prompt, completion): a resumed run, or one with another process count or batch split, samples
-the same completions. The loop (checkpoints, DDP, bf16, logs) is trainer.py's.
+the same completions. The loop (checkpoints, DDP or FSDP, bf16, logs) is trainer.py's; under --parallel fsdp
+the rollouts decode with a whole copy of the policy gathered on each process (support/fsdp.py whole_model).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import trainer
 from dataset import decode_json, encode_chat
 from ddp_sft_full import SFT
 from k_model import Transformer
+from support.fsdp import whole_model
 from support.loading import check_model_tokenizer, resolve_dtype
 from rewards import Reward, check_columns, load_rewards, score
 
@@ -316,7 +318,8 @@ class GRPO(SFT):
             raise ValueError("--num_workers must be 0: rollouts sample from the model being trained")
         self.args, self.device, self.tokenizer = args, device, tokenizer
         self.rewards: list[Reward] = load_rewards(args.reward, args.reward_weights)
-        self.autocast = trainer.autocast_factory(device, resolve_dtype(args.dtype, device))
+        self.dtype = resolve_dtype(args.dtype, device)
+        self.autocast = trainer.autocast_factory(device, self.dtype)
         self.reference = self._load_reference(args, tokenizer) if args.beta > 0 else None
         names = [f"reward_{r.short_name}" for r in self.rewards]
         self.metrics = ("loss", "reward", "reward_std", *(f"{n}{s}" for n in names for s in ("", "_std")),
@@ -344,15 +347,16 @@ class GRPO(SFT):
         a, G = self.args, self.args.num_generations
         done = []
         model.eval()
-        for prompts in batches:
-            rows = [p for p in prompts for _ in range(G)]
-            generators = [torch.Generator().manual_seed(completion_seed(a.seed, step, p.index, k))
-                          for p in prompts for k in range(G)]
-            with self.autocast():
-                completions = sample_completions(model, [p.ids for p in rows], a.max_completion_length,
-                                                 self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
-                                                 a.temperature, generators)
-            done.append((rows, completions, self._score(rows, completions)))
+        with whole_model(model, self.dtype) as policy:  # under --parallel fsdp a gathered copy
+            for prompts in batches:
+                rows = [p for p in prompts for _ in range(G)]
+                generators = [torch.Generator().manual_seed(completion_seed(a.seed, step, p.index, k))
+                              for p in prompts for k in range(G)]
+                with self.autocast():
+                    completions = sample_completions(policy, [p.ids for p in rows], a.max_completion_length,
+                                                     self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                                                     a.temperature, generators)
+                done.append((rows, completions, self._score(rows, completions)))
         model.train()
         stats = self._rollout_stats(done)
         units_per_token = float(stats["units"] / stats["tokens"])
@@ -440,15 +444,16 @@ class GRPO(SFT):
         F = len(self.rewards)
         sums = torch.zeros(2 * F + 2)  # per function: judged count, sum; then weighted total, length
         model.eval()
-        for i in range(0, len(mine), args.batch_size * args.num_generations):
-            rows = mine[i : i + args.batch_size * args.num_generations]
-            with autocast():
-                completions = sample_completions(model, [p.ids for p in rows], args.max_completion_length,
-                                                 self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
-            per_function = self._score(rows, completions)
-            sums += torch.cat([(~per_function.isnan()).float().sum(0), per_function.nan_to_num(0.0).sum(0),
-                               weighted(per_function, self.rewards).sum()[None],
-                               torch.tensor([float(sum(map(len, completions)))])])
+        with whole_model(model, self.dtype) as policy:
+            for i in range(0, len(mine), args.batch_size * args.num_generations):
+                rows = mine[i : i + args.batch_size * args.num_generations]
+                with autocast():
+                    completions = sample_completions(policy, [p.ids for p in rows], args.max_completion_length,
+                                                     self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+                per_function = self._score(rows, completions)
+                sums += torch.cat([(~per_function.isnan()).float().sum(0), per_function.nan_to_num(0.0).sum(0),
+                                   weighted(per_function, self.rewards).sum()[None],
+                                   torch.tensor([float(sum(map(len, completions)))])])
         model.train()
         if d.world_size > 1:
             sums = sums.to(d.device)

@@ -19,17 +19,25 @@ checkpoint. There are two directories, written in turn (.ckpt_dcp.a, .ckpt_dcp.b
 global name and offset, so `--resume` loads them into any number of ranks (DCP reshards). The HF export,
 --sample_prompt and --eval_tasks gather the whole model once on rank 0.
 
+LoRA: the frozen base is sharded like any weight (FSDP2 shards frozen and trainable weights of one block
+together, in their own dtypes); the checkpoint holds the adapters and their optimizer state only (DCP's
+ignore_frozen_params), with the adapters' spec and base as a ckpt.pt of LoRA does. GRPO's rollouts decode
+token by token outside the model's forward: `whole_model` gathers the policy into a plain copy on every rank
+for them (the whole model in the compute dtype, 2 bytes per parameter in bf16, allocated for the rollouts and
+freed after; gradients and optimizer state stay sharded). DPO's and GRPO's frozen reference stays a whole
+copy on every rank, without gradients or optimizer state (2 or 4 bytes per parameter); DPO's
+--precompute_ref_logps holds none.
+
 What does not run under fsdp (one-line refusal): Muon (it orthogonalizes whole matrices, FSDP holds row
-shards), float16 (GradScaler with sharded gradients: use bfloat16), LoRA (a frozen peft-wrapped base) and
-tasks that generate with the policy between steps (GRPO's rollouts decode with the whole model). DPO's
-frozen reference stays a whole copy on every rank, without gradients or optimizer state (2 or 4 bytes per
-parameter); --precompute_ref_logps holds none.
+shards), float16 (GradScaler with sharded gradients: use bfloat16) and QLoRA's 4-bit weights (bitsandbytes'
+packed blocks are not sharded by rows).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -41,12 +49,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from k_model import Transformer
 from support.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, DCP_SLOTS, dcp_failure, fsync_dir,
                                 save_checkpoint)
-from support.train_task import Task
 from support.trainer_utils import DataParallel, DistInfo
 
 
@@ -54,6 +62,9 @@ def make_parallel(args: argparse.Namespace, d: DistInfo, dtype: torch.dtype) -> 
     """The strategy --parallel names."""
     if args.cpu_offload and args.parallel != "fsdp":
         raise ValueError("--cpu_offload offloads FSDP's shards: add --parallel fsdp")
+    if args.parallel == "fsdp" and getattr(args, "load_in_4bit", False):
+        raise ValueError("--parallel fsdp: --load_in_4bit's packed 4-bit weights cannot be sharded: use --parallel "
+                         "ddp, or LoRA on 16-bit weights (--dtype bfloat16)")
     return FullyShardedParallel(d, dtype, args.cpu_offload) if args.parallel == "fsdp" else DataParallel(d)
 
 
@@ -70,17 +81,12 @@ class FullyShardedParallel(DataParallel):
             backend = "nccl" if d.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
-    def check(self, task: Task, model: torch.nn.Module, args: argparse.Namespace) -> None:
+    def check(self, task: Any, model: torch.nn.Module, args: argparse.Namespace) -> None:
         refusal = None
         if args.optimizer == "muon":
             refusal = "--optimizer muon orthogonalizes whole matrices, which FSDP shards by rows: use --optimizer adamw"
         elif self.dtype == torch.float16:
             refusal = "--dtype float16 needs GradScaler over sharded gradients, not supported: use --dtype bfloat16"
-        elif not isinstance(model, Transformer) or not all(p.requires_grad for p in model.parameters()):
-            refusal = "LoRA (adapters on a frozen base) is not supported: train it with --parallel ddp"
-        elif type(task).prepare_step is not Task.prepare_step:
-            refusal = (f"{task.name} generates with the whole policy between steps, which FSDP holds in shards: "
-                       "use --parallel ddp")
         if refusal:
             raise ValueError(f"--parallel fsdp: {refusal}")
 
@@ -120,28 +126,30 @@ class FullyShardedParallel(DataParallel):
         saved them (DCP reads the parts of the saved shards that overlap this rank's)."""
         if "optimizer" in state:
             raise ValueError(f"{ckpt_path}: a --parallel ddp checkpoint ({CKPT_NAME}): resume it with --parallel ddp")
-        optimizers = [opt for opt, _ in optimizer.parts.values()]
-        weights, moments = get_state_dict(model, optimizers)
-        try:
-            dcp.load({"model": weights, "optimizer": moments}, checkpoint_id=ckpt_path)
+        shards = trained_state(model, optimizer)
+        try:  # fails on a key that is not in the checkpoint: what loads below is all there
+            dcp.load(shards, checkpoint_id=ckpt_path)
         except (Exception, dcp.api.CheckpointException) as e:  # missing or truncated shards, another shape
             raise ValueError(f"{ckpt_path}: cannot resume: {dcp_failure(e)}") from None
-        set_state_dict(model, optimizers, model_state_dict=weights, optim_state_dict=moments)
+        set_state_dict(model, optimizers(optimizer), model_state_dict=shards["model"],
+                       optim_state_dict=shards["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))  # LoRA: the base is not
 
     def save(self, out_dir: Path, meta: dict[str, Any], model_state: Callable[[], dict[str, Any]],
              optimizer: Any) -> Path:
         """Every rank writes its shards into the slot out_dir/ckpt_dcp does not point to; then rank 0 adds the
-        checkpoint dict and swaps the symlink. Returns the symlink's path."""
+        checkpoint dict (with what the task stores besides the weights: a LoRA run's spec) and swaps the
+        symlink. Returns the symlink's path."""
         link = out_dir / DCP_NAME
         current = link.resolve().name if link.is_symlink() else None
         target = out_dir / (DCP_SLOTS[1] if current == DCP_SLOTS[0] else DCP_SLOTS[0])
         if self.d.is_main:  # what a crashed save left there
             shutil.rmtree(target, ignore_errors=True)
         dist.barrier()
-        weights, moments = get_state_dict(self.model, [opt for opt, _ in optimizer.parts.values()])
-        dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=target)
+        dcp.save(trained_state(self.model, optimizer), checkpoint_id=target)
         if self.d.is_main:
-            save_checkpoint(target / DCP_META, meta)
+            rebuild = {k: v for k, v in model_state().items() if k != "model"}
+            save_checkpoint(target / DCP_META, {**rebuild, **meta})
             swap_symlink(link, target.name)
             (out_dir / CKPT_NAME).unlink(missing_ok=True)  # a --parallel ddp run's, which this one replaces
         dist.barrier()  # no rank starts the next save before the swap
@@ -154,9 +162,66 @@ class FullyShardedParallel(DataParallel):
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.d.is_main:
             return None
-        plain = Transformer(model.config)
+        plain = unsharded_twin(model)
         plain.load_state_dict(weights)
         return plain.to(device).train(model.training)
+
+
+def optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    return [opt for opt, _ in optimizer.parts.values()]  # optim.py's Optimizers: AdamW, or Muon + AdamW
+
+
+def trained_state(model: torch.nn.Module, optimizer: Any) -> dict[str, dict[str, Any]]:
+    """What a DCP checkpoint holds, this rank's shards of it: the weights that train (all of a model, LoRA's
+    adapters without their frozen base) and the optimizer state."""
+    weights, moments = get_state_dict(model, optimizers(optimizer), options=StateDictOptions(ignore_frozen_params=True))
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    # ignore_frozen_params keeps a frozen tied output matrix (torch 2.13): dropped here
+    return {"model": {k: v for k, v in weights.items() if k not in frozen}, "optimizer": moments}
+
+
+def unsharded_twin(model: torch.nn.Module) -> Transformer:
+    """A plain Transformer shaped like `model` (its weights not copied), with LoRA adapters where it has them."""
+    twin = Transformer(model.config)
+    if not hasattr(model, "lora_spec"):
+        return twin
+    from support import lora  # peft is imported for LoRA runs only
+
+    twin = lora.attach(twin, model.lora_spec)
+    twin.lora_spec = model.lora_spec  # the base's digest, not the twin's random weights'
+    return twin
+
+
+_decoding_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FSDP model -> its twin on "meta"
+
+
+@contextmanager
+def whole_model(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
+    """`model` itself, or for a --parallel fsdp model a whole copy of it on this rank, for work that runs the model
+    outside its forward, one token at a time (GRPO's rollouts: FSDP gathers a block's weights in its forward
+    only, and every rank would have to decode in step). Entering gathers each weight (a collective: every rank
+    enters together) into the copy in `dtype`; leaving frees the copy's memory. In use, it costs the whole
+    model in `dtype`; gradients and optimizer state stay sharded."""
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    copy = _decoding_copies.get(model)
+    if copy is None:  # the structure is kept, on the meta device: no memory between uses
+        copy = _decoding_copies[model] = unsharded_twin(model).to(device="meta", dtype=dtype)
+    device = next(model.buffers()).device  # the rotary tables: whole on every rank, on the training device
+    copy.to_empty(device=device)
+    if copy.config.tie_word_embeddings:  # a move between devices gives each module its own new tensor
+        copy.output.weight = copy.tok_embeddings.weight
+    with torch.no_grad():
+        params, buffers = dict(copy.named_parameters()), dict(copy.named_buffers())
+        for name, p in model.named_parameters():  # the root's stay whole after a forward until the backward
+            params[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+        for name, b in model.named_buffers():
+            buffers[name].copy_(b)
+    try:
+        yield copy.train(model.training)
+    finally:
+        copy.to("meta")
 
 
 def swap_symlink(link: Path, target: str) -> None:

@@ -166,13 +166,19 @@ def model_state(model: Transformer) -> dict[str, Any]:
 def restore(base: Transformer, state: dict[str, Any], source: str | os.PathLike) -> Transformer:
     """The adapted model of a LoRA checkpoint on `base`, the model its spec names (loading.model_from_state
     opens it): the saved config (a grown vocabulary gets the same mean rows again, dropout the same value),
-    adapters attached and loaded. ValueError when the base is not the one the adapters were trained on."""
+    adapters attached and loaded (a DCP checkpoint read without its weights: left for the ranks to load their
+    shards). ValueError when the base is not the one the adapters were trained on."""
     spec = state["lora"]
     model = attach(rebuilt(base, **state["model_config"]), spec)
     if model.lora_spec["base_digest"] != spec["base_digest"]:
         raise ValueError(f"{source}: its adapters were trained on another {spec['base']}: the base model's "
                          "weights have changed since (retrained or replaced)")
-    loaded = set_peft_model_state_dict(model, state["model"], adapter_name=ADAPTER)
+    if "model" not in state:
+        return model
+    # a DCP checkpoint names the adapters as the module does ("...wqkv.lora_A.default.weight"), peft's
+    # state dicts without the adapter's name
+    adapters = {k.replace(f".{ADAPTER}.", "."): v for k, v in state["model"].items()}
+    loaded = set_peft_model_state_dict(model, adapters, adapter_name=ADAPTER)
     if loaded.unexpected_keys:
         raise ValueError(f"{source}: adapter weights that fit no adapter: {loaded.unexpected_keys[:5]}")
     return model

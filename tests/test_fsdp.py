@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 import ddp_dpo
-import ddp_grpo
 import ddp_pretrain
 import ddp_sft_full
 from support.checkpoint import DCP_NAME, DCP_SLOTS, load_checkpoint
@@ -170,21 +169,3 @@ def test_cpu_offload_trains_like_one_process(tmp_path, pretrain_args, reference)
     ddp_pretrain.main(pretrain_args + FSDP + ["--cpu_offload", "--out_dir", str(tmp_path / "off"), "--batch_size", "8",
                                               "--max_steps", "6"])
     assert_same_weights(load_checkpoint(reference)["model"], load_checkpoint(tmp_path / "off")["model"])
-
-
-def test_lora_under_fsdp_is_refused(tmp_path, tiny_tokenizer_dir, reference):
-    sft_train, sft_val = make_sft_data(tmp_path, n_train=16, n_val=4)
-    with pytest.raises(SystemExit, match=r"^error: --parallel fsdp: LoRA \(adapters on a frozen base\) is not "
-                                         r"supported: train it with --parallel ddp$"):
-        ddp_sft_full.main(["--data_path", sft_train, "--val_data_path", sft_val, "--tokenizer_path", tiny_tokenizer_dir,
-                           "--init_from", str(reference), "--out_dir", str(tmp_path / "lora"), *QUIET, *FSDP,
-                           "--lora_r", "4", "--max_seq_len", "32"])
-
-
-def test_grpo_under_fsdp_is_refused(tmp_path, tiny_tokenizer_dir, reference):
-    with pytest.raises(SystemExit, match=r"^error: --parallel fsdp: grpo generates with the whole policy between "
-                                         r"steps, which FSDP holds in shards: use --parallel ddp$"):
-        ddp_grpo.main(["--init_from", str(reference), "--tokenizer_path", tiny_tokenizer_dir, "--data_path",
-                       str(tmp_path / "prompts.jsonl"), "--reward", "rewards.py:answer_format", "--out_dir",
-                       str(tmp_path / "grpo"), "--max_seq_len", "32", "--max_completion_length", "8", *QUIET, *FSDP])
-    assert not (tmp_path / "grpo" / DCP_NAME).exists()

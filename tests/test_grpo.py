@@ -1,6 +1,6 @@
 """GRPO (ddp_grpo.py, rewards.py): the loss and its gradient equal TRL's published formulas written out here;
 reward functions load by FILE.py:FUNCTION and a bad one stops the run with one line naming it and the row;
-the built-in rewards verify answers; a run of 2 gloo processes equals 1 process; an interrupted run resumes
+the built-in rewards verify answers; a run of 2 gloo processes (DDP; FSDP, with LoRA too) equals 1 process; an interrupted run resumes
 to exactly the uninterrupted one (the rollouts' sampling included); over-long prompts are counted and skipped."""
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 import ddp_grpo
 import ddp_pretrain
 import rewards
+from support.loading import open_model
 from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, read_metrics, run_script, write_jsonl
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,6 +188,9 @@ def grpo_setup(tmp_path_factory, tiny_tokenizer_dir):
                 val=arith_prompts(root / "val.jsonl", 12, start=500), reward=f"{root / 'my_rewards.py'}:digits")
 
 
+LORA = ["--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0"]
+
+
 def grpo_args(s: dict, *extra: str) -> list[str]:
     return ["--init_from", s["init"], "--data_path", s["train"], "--val_data_path", s["val"],
             "--reward", s["reward"], "--reward", "rewards.py:answer_format", "--reward_weights", "1", "0.5",
@@ -196,10 +200,11 @@ def grpo_args(s: dict, *extra: str) -> list[str]:
 
 
 def assert_same_run(a: Path, b: Path, steps: int) -> None:
-    sa, sb = torch.load(a / "ckpt.pt", weights_only=True), torch.load(b / "ckpt.pt", weights_only=True)
-    assert sa["step"] == sb["step"] == steps
-    for key, weight in sa["model"].items():
-        torch.testing.assert_close(sb["model"][key], weight, atol=1e-5, rtol=0, msg=key)
+    """The same weights (either checkpoint kind; LoRA adapters merged) and the same metrics at every step."""
+    sa, sb = open_model(a, own_tokenizer=False), open_model(b, own_tokenizer=False)
+    assert sa.origin["step"] == sb.origin["step"] == steps
+    for key, weight in sa.model.state_dict().items():
+        torch.testing.assert_close(sb.model.state_dict()[key], weight, atol=1e-5, rtol=0, msg=key)
     for metric in ("loss", "reward", "reward_digits", "completion_len", "clipped", "val_reward"):
         ref, got = read_metrics(a, metric), read_metrics(b, metric)
         assert [s for s, _ in got] == [s for s, _ in ref] and ref, metric
@@ -222,14 +227,29 @@ def test_grpo_trains_and_logs_its_metrics(grpo_setup, tmp_path):
     assert (out / "hf" / "config.json").exists()
 
 
-def test_two_processes_train_like_one(grpo_setup, tmp_path):
-    # 8 prompts x 4 completions a step: 2 processes x 2 prompts x 2 accumulation steps, or 1 x 8
-    common = grpo_args(grpo_setup, "--max_steps", "3")
-    ddp = run_script("ddp_grpo.py", common + ["--out_dir", str(tmp_path / "ddp"), "--batch_size", "2",
-                                              "--accumulation_steps", "2"], nproc=2, timeout=240)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    ddp_grpo.main(common + ["--out_dir", str(tmp_path / "one"), "--batch_size", "8"])
-    assert_same_run(tmp_path / "one", tmp_path / "ddp", 3)
+@pytest.fixture(scope="module")
+def one_process(grpo_setup, tmp_path_factory):
+    """3 steps of 8 prompts x 4 completions in one process, of every weight and of LoRA adapters: what the
+    runs with 2 processes must reproduce."""
+    root = tmp_path_factory.mktemp("grpo_one")
+    runs = {}
+    for name, flags in (("full", []), ("lora", LORA)):
+        runs[name] = root / name
+        ddp_grpo.main(grpo_args(grpo_setup, "--max_steps", "3", *flags, "--out_dir", str(runs[name]), "--batch_size",
+                                "8"))
+    return runs
+
+
+@pytest.mark.parametrize("parallel, lora", [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_two_processes_train_like_one(grpo_setup, one_process, tmp_path, parallel, lora):
+    """DDP, and FSDP (its rollouts decode with a copy of the policy gathered on each process; with LoRA the
+    base is sharded too): 2 processes x 2 prompts x 2 accumulation steps = 1 process x 8 prompts."""
+    flags = ["--max_steps", "3", "--parallel", parallel] + LORA * lora
+    two = run_script("ddp_grpo.py", grpo_args(grpo_setup, *flags, "--out_dir", str(tmp_path / "two"), "--batch_size",
+                                              "2", "--accumulation_steps", "2"), nproc=2, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert f"--parallel {parallel}" in two.stdout
+    assert_same_run(one_process["lora" if lora else "full"], tmp_path / "two", 3)
 
 
 def test_resumed_run_samples_and_trains_like_an_uninterrupted_one(grpo_setup, tmp_path):

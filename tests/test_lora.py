@@ -1,7 +1,8 @@
 """LoRA SFT (lora.py through ddp_sft_full.py): only the adapters train and the checkpoint holds only them; the
 exports reproduce the logits training computes, through transformers and peft themselves (the merged
-LlamaForCausalLM, and PeftModel on the base); DDP with 2 processes = 1 process; Ctrl-C + --resume =
-uninterrupted; a changed base and bad flags are refused."""
+LlamaForCausalLM, and PeftModel on the base); DDP with 2 processes = 1 process; FSDP (the base sharded too)
+= 1 process, its checkpoint resumed on another process count; Ctrl-C + --resume = uninterrupted; a changed
+base and bad flags are refused."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,11 +16,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ddp_pretrain
 import ddp_sft_full
 import trainer
+from support.checkpoint import DCP_NAME, read_dcp_weights
 from support.loading import model_from_state, open_model
 from model_sample import TextGenerator
 from support.trainer_utils import DistInfo, StopRequest
@@ -29,6 +32,9 @@ LORA = ["--lora_r", "4", "--lora_alpha", "8"]
 STEPS = ["--max_steps", "6", "--learning_rate", "1e-2", "--warmup_iters", "2", "--log_interval", "1",
          "--eval_interval", "3", "--save_interval", "3"]
 DIM, LAYERS, HIDDEN = 32, 2, 128  # TINY_MODEL; HIDDEN: the LLaMA rule for dim 32 (multiple of 64)
+# runs that must agree: no dropout, and no decay, so that a step's learning rate does not depend on --max_steps
+# (a run stopped at step 3 and resumed to 6 takes the steps of one run to 6)
+AGREEING = LORA + STEPS + ["--lora_dropout", "0", "--lr_schedule", "wsd", "--decay_fraction", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -97,18 +103,53 @@ def test_exports_give_the_logits_training_computes(lora_run):
     torch.testing.assert_close(q_proj.get_delta_weight("default"), (8 / 4) * lora_b[:DIM] @ lora_a)
 
 
-def test_ddp_two_processes_match_one(data, tmp_path):
-    common = data.args + LORA + STEPS + ["--lora_dropout", "0"]
-    ddp = run_script("ddp_sft_full.py", common + ["--out_dir", str(tmp_path / "ddp"), "--batch_size", "2",
-                                                  "--accumulation_steps", "2"], nproc=2)
+@pytest.fixture(scope="module")
+def one_process(data):
+    """6 steps of 8 samples in one process: what the DDP and FSDP runs must reproduce."""
+    out = data.root / "one"
+    ddp_sft_full.main(data.args + AGREEING + ["--out_dir", str(out), "--batch_size", "4", "--accumulation_steps", "2"])
+    return out
+
+
+def assert_same_losses(reference: Path, run: Path) -> None:
+    for metric in ("loss", "val_loss"):
+        assert [v for _, v in read_metrics(run, metric)] == pytest.approx(
+            [v for _, v in read_metrics(reference, metric)], abs=1e-5), metric
+
+
+def test_ddp_two_processes_match_one(data, one_process, tmp_path):
+    ddp = run_script("ddp_sft_full.py", data.args + AGREEING + ["--out_dir", str(tmp_path / "ddp"), "--batch_size",
+                                                                "2", "--accumulation_steps", "2"], nproc=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    ddp_sft_full.main(common + ["--out_dir", str(tmp_path / "one"), "--batch_size", "4", "--accumulation_steps", "2"])
-    one, two = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "ddp"))
+    one, two = (torch.load(d / "ckpt.pt", weights_only=True) for d in (one_process, tmp_path / "ddp"))
     assert two["world_size"] == 2 and one["step"] == two["step"] == 6
     for key, weight in one["model"].items():
         torch.testing.assert_close(two["model"][key], weight, atol=1e-5, rtol=0, msg=key)
-    assert [v for _, v in read_metrics(tmp_path / "ddp")] == pytest.approx([v for _, v in read_metrics(
-        tmp_path / "one")], abs=1e-5)
+    assert_same_losses(one_process, tmp_path / "ddp")
+
+
+def test_fsdp_shards_the_base_and_resumes_on_another_process_count(data, one_process, tmp_path):
+    """--parallel fsdp: 2 processes to step 3, their DCP checkpoint resumed by 1 process to step 6, end where
+    one plain process does; the checkpoint holds the adapters only; the exports are the same."""
+    run = tmp_path / "fsdp"
+    fsdp = ["--parallel", "fsdp", "--out_dir", str(run)]
+    two = run_script("ddp_sft_full.py", data.args + AGREEING + fsdp + ["--batch_size", "2", "--accumulation_steps",
+                                                                       "2", "--max_steps", "3"], nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    saved = read_dcp_weights(run / DCP_NAME, "model")
+    assert len(saved) == 2 * 4 * LAYERS and all(".lora_" in k for k in saved)  # no frozen weight
+    ddp_sft_full.main(data.args + AGREEING + fsdp + ["--resume", "--batch_size", "8", "--accumulation_steps", "1"])
+    assert f"resumed from {run / DCP_NAME} at step 3" in (run / "train.log").read_text(encoding="utf-8")
+    reference, resumed = (open_model(d, own_tokenizer=False) for d in (one_process, run))  # adapters merged
+    assert resumed.origin["step"] == 6
+    for key, weight in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], weight, atol=1e-5, rtol=0, msg=key)
+    assert_same_losses(one_process, run)
+    for exported in ("hf/model.safetensors", "adapter/adapter_model.safetensors"):
+        ours, theirs = load_file(run / exported), load_file(one_process / exported)
+        assert ours.keys() == theirs.keys()
+        for key, weight in theirs.items():
+            torch.testing.assert_close(ours[key], weight, atol=1e-5, rtol=0, msg=key)
 
 
 def test_interrupted_run_resumes_exactly(data, tmp_path):
@@ -203,6 +244,8 @@ def test_a_changed_base_is_refused(data, lora_run, tmp_path):
                                                          "subset of wqkv, wo, w13, w2"),
     (["--lora_r", "4", "--lora_dropout", "1"], r"--lora_dropout must be in \[0, 1\)"),
     (["--load_in_4bit"], "--load_in_4bit quantizes the frozen weights of LoRA training: add --lora_r"),
+    (["--lora_r", "4", "--load_in_4bit", "--parallel", "fsdp"], "--parallel fsdp: --load_in_4bit's packed 4-bit "
+                                                                "weights cannot be sharded"),
 ])
 def test_bad_lora_flags_are_refused(data, tmp_path, flags, message):
     with pytest.raises(SystemExit, match=f"^error: {message}"):
