@@ -284,15 +284,15 @@ def test_a_bad_reward_stops_the_first_rollout_with_one_line_and_keeps_the_checkp
     bad.write_text(BAD_REWARDS)
     for function, said in (("short", "returned 15 value(s) for 16 completions"), ("raises", "raised ZeroDivisionError"),
                            ("nan_on_second", "returned nan for row")):
-        run = run_script("ddp_grpo.py", args + ["--overwrite", "--max_steps", "2", "--reward", f"{bad}:{function}",
-                                                "--reward_weights", "1", "1", "1"])
-        assert run.returncode == 1
-        assert run.stderr.strip().splitlines()[-1].startswith(f"error: reward {bad}:{function} "), run.stderr[-2000:]
-        assert said in run.stderr and grpo_setup["train"] in run.stderr
+        with pytest.raises(SystemExit) as stop:  # main's exit: status 1 with this one line
+            ddp_grpo.main(args + ["--overwrite", "--max_steps", "2", "--reward", f"{bad}:{function}",
+                                  "--reward_weights", "1", "1", "1"])
+        message = str(stop.value.code)
+        assert message.startswith(f"error: reward {bad}:{function} ") and "\n" not in message, message
+        assert said in message and grpo_setup["train"] in message
         assert (out / "ckpt.pt").read_bytes() == saved  # nothing saved over the last good checkpoint
-    missing = run_script("ddp_grpo.py", args + ["--overwrite", "--reward", f"{bad}:nothing", "--reward_weights", "1",
-                                                "1", "1"])
-    assert missing.returncode == 1 and f"error: --reward {bad}:nothing: " in missing.stderr
+    with pytest.raises(SystemExit, match=f"^error: --reward {re.escape(str(bad))}:nothing: "):
+        ddp_grpo.main(args + ["--overwrite", "--reward", f"{bad}:nothing", "--reward_weights", "1", "1", "1"])
 
 
 def test_prompts_longer_than_the_context_are_counted_and_skipped(grpo_setup, tmp_path, capsys):
