@@ -229,6 +229,18 @@ def test_a_frozen_bf16_base_keeps_its_dtype(data, bf16_base, tmp_path, dtype, fr
     assert {p.dtype for p in run.optimizer_params} == {torch.float32}
 
 
+def test_fsdp_shards_a_bf16_base_with_float32_adapters(data, bf16_base, tmp_path):
+    """FSDP2 shards a block's frozen bf16 weights together with its float32 adapters (one process: a process
+    group of one, the same code path); the checkpoint holds the float32 adapters only."""
+    out = tmp_path / "run"
+    ddp_sft_full.main(data.args + LORA + ["--init_from", str(bf16_base), "--dtype", "bfloat16", "--parallel", "fsdp",
+                                          "--max_steps", "2", "--out_dir", str(out)])
+    assert "frozen weights kept in bfloat16" in (out / "train.log").read_text(encoding="utf-8")
+    saved = read_dcp_weights(out / DCP_NAME, "model")
+    assert len(saved) == 2 * 4 * LAYERS and all(".lora_" in k and v.dtype == torch.float32 for k, v in saved.items())
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_a_changed_base_is_refused(data, lora_run, tmp_path):
     state = torch.load(lora_run / "ckpt.pt", weights_only=True)
     base = torch.load(data.base / "ckpt.pt", weights_only=True)
