@@ -1,7 +1,8 @@
 """GRPO (ddp_grpo.py, rewards.py): the loss and its gradient equal TRL's published formulas written out here;
 reward functions load by FILE.py:FUNCTION and a bad one stops the run with one line naming it and the row;
-the built-in rewards verify answers; a run of 2 gloo processes (DDP; FSDP, with LoRA too) equals 1 process; an interrupted run resumes
-to exactly the uninterrupted one (the rollouts' sampling included); over-long prompts are counted and skipped."""
+the built-in rewards verify answers; a run of 2 gloo processes (DDP; FSDP, with LoRA too) equals 1 process; an
+interrupted run resumes to exactly the uninterrupted one (the rollouts' sampling included); over-long prompts
+are counted and skipped."""
 from __future__ import annotations
 
 import json
