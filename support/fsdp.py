@@ -12,6 +12,10 @@ parameters are DTensors: clip_grad_norm_ reduces over ranks). Mixed precision: w
 (MixedPrecisionPolicy). --cpu_offload keeps the shards and the optimizer step on the CPU (CPUOffloadPolicy):
 a base too large for one GPU trains on it, several times slower.
 
+Start-up: only rank 0 loads (or builds) the initial model; the other ranks build its outline on the meta
+device (no memory) and receive their shards of rank 0's weights once sharded (share_model), so a machine's
+host memory holds the whole model once, not once per process.
+
 Checkpoints: each rank writes its own shards of "model" and "optimizer" (dcp.save; no rank gathers the whole
 model), then rank 0 writes the rest of the checkpoint dict (checkpoint.DCP_META) and swaps out_dir/ckpt_dcp,
 a symlink, from the previous checkpoint's directory to the new one: a crash mid-save leaves the last good
@@ -47,14 +51,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from k_model import Transformer
-from support.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, DCP_SLOTS, dcp_failure, fsync_dir,
+from k_model import ModelConfig, Transformer
+from support.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, DCP_SLOTS, config_to_dict, dcp_failure, fsync_dir,
                                 save_checkpoint)
+from support.loading import SourcedModel
 from support.trainer_utils import DataParallel, DistInfo
 
 
@@ -77,6 +82,9 @@ class FullyShardedParallel(DataParallel):
         super().__init__(d)
         self.dtype, self.cpu_offload = dtype, cpu_offload
         self.model: torch.nn.Module | None = None
+        # while rank 0's weights wait to be sent to every rank's shards (share_model): its state dict there,
+        # {} on the other ranks; None when every rank loaded the model itself
+        self.rank0_weights: dict[str, torch.Tensor] | None = None
         if not dist.is_initialized():  # a single process (no torchrun): fully_shard needs a process group
             backend = "nccl" if d.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -89,6 +97,31 @@ class FullyShardedParallel(DataParallel):
             refusal = "--dtype float16 needs GradScaler over sharded gradients, not supported: use --dtype bfloat16"
         if refusal:
             raise ValueError(f"--parallel fsdp: {refusal}")
+
+    def share_model(self, load: Callable[[], SourcedModel]) -> SourcedModel:
+        """With several ranks only rank 0 loads (or builds) the initial model; the others build its outline on
+        the meta device, which holds no memory, and `wrap` fills their shards from rank 0's weights. So host
+        memory holds the whole model once per machine, not once per process. A failure on rank 0 stops every
+        rank with its message. (--cpu_offload: every rank loads, as its shards stay on the host anyway.)"""
+        if self.d.world_size == 1 or self.cpu_offload:
+            return load()
+        outline: list[Any] = [None]
+        if self.d.is_main:
+            try:
+                start = load()
+                outline[0] = model_outline(start)
+            except Exception as e:
+                outline[0] = {"error": str(e)}
+                dist.broadcast_object_list(outline, src=0, group=self.d.control_group)
+                raise
+        dist.broadcast_object_list(outline, src=0, group=self.d.control_group)
+        if "error" in outline[0]:  # rank 0's message, which it prints too
+            raise ValueError(outline[0]["error"])
+        if self.d.is_main:
+            self.rank0_weights = dict(start.model.state_dict())  # kept whole until wrap has sent them
+            return start
+        self.rank0_weights = {}
+        return model_on_meta(outline[0])
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model stays where it was built (the CPU): fully_shard moves each block to the device as it
@@ -106,8 +139,21 @@ class FullyShardedParallel(DataParallel):
         for block in model.layers:
             fully_shard(block, **policy)
         fully_shard(model, **policy)
+        if self.rank0_weights is not None:
+            self._receive_rank0_weights(model)
         self.model = model
         return torch.compile(model) if compiled else model
+
+    def _receive_rank0_weights(self, model: torch.nn.Module) -> None:
+        """The ranks that built the model on the meta device allocate their shards (uninitialized); then rank 0
+        sends each rank its part of every weight, and every rank the buffers (the rotary tables)."""
+        if not self.d.is_main:
+            model.to_empty(device=self.d.device)
+        set_model_state_dict(model, self.rank0_weights,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+        self.rank0_weights = None
 
     @property
     def no_sync(self) -> Callable[[], AbstractContextManager]:
@@ -165,6 +211,31 @@ class FullyShardedParallel(DataParallel):
         plain = unsharded_twin(model)
         plain.load_state_dict(weights)
         return plain.to(device).train(model.training)
+
+
+def model_outline(start: SourcedModel) -> dict[str, Any]:
+    """What another rank needs to build the same model without its weights: the config, each weight's dtype
+    and whether it trains, the LoRA spec, and where the model came from (for the tokenizer check and logs)."""
+    model = start.model
+    return {"config": config_to_dict(model.config), "lora_spec": getattr(model, "lora_spec", None),
+            "weights": {name: (p.dtype, p.requires_grad) for name, p in model.named_parameters()},
+            "source": start.source, "tokenizer_fingerprint": start.tokenizer_fingerprint}
+
+
+def model_on_meta(outline: dict[str, Any]) -> SourcedModel:
+    """The model of `outline` on the meta device: shapes and dtypes, no memory."""
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**outline["config"]))
+        if outline["lora_spec"] is not None:
+            from support import lora
+
+            model = lora.add_adapters(model, outline["lora_spec"])
+            model.lora_spec = outline["lora_spec"]
+    params = dict(model.named_parameters())
+    for name, (dtype, trains) in outline["weights"].items():
+        params[name].data = params[name].data.to(dtype)
+        params[name].requires_grad_(trains)
+    return SourcedModel(model, outline["source"], outline["tokenizer_fingerprint"])
 
 
 def optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:

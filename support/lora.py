@@ -103,6 +103,11 @@ def attach(model: Transformer, spec: dict[str, Any]) -> Transformer:
     model.lora_spec = {**spec, "base_digest": digest(model.state_dict())}
     if spec["load_in_4bit"]:
         quantize_4bit(model, spec["targets"])
+    return add_adapters(model, spec)
+
+
+def add_adapters(model: Transformer, spec: dict[str, Any]) -> Transformer:
+    """attach's adapters alone (no digest, no quantization): also on a model built on the meta device."""
     config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
                         target_modules=list(spec["targets"]))
     model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)

@@ -82,6 +82,10 @@ class DataParallel:
     def check(self, task: Any, model: torch.nn.Module, args: argparse.Namespace) -> None:
         """Refuse (ValueError) what this strategy cannot train; DDP trains every task."""
 
+    def share_model(self, load: Callable[[], Any]) -> Any:
+        """The initial model (a loading.SourcedModel): each rank loads its own copy."""
+        return load()
+
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.d.device)
 

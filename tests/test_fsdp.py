@@ -169,3 +169,67 @@ def test_cpu_offload_trains_like_one_process(tmp_path, pretrain_args, reference)
     ddp_pretrain.main(pretrain_args + FSDP + ["--cpu_offload", "--out_dir", str(tmp_path / "off"), "--batch_size", "8",
                                               "--max_steps", "6"])
     assert_same_weights(load_checkpoint(reference)["model"], load_checkpoint(tmp_path / "off")["model"])
+
+
+LORA_SPEC = dict(r=4, alpha=8.0, dropout=0.0, targets=["wqkv", "wo", "w13", "w2"], load_in_4bit=False, base="test")
+
+
+def rank0_only_loading(rank: int, init_file: str, out_dir: str) -> None:
+    """One of 2 gloo processes (torch.multiprocessing): share_model then wrap, as the trainer calls them."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from k_model import ModelConfig, Transformer
+    from support import lora
+    from support.fsdp import FullyShardedParallel
+    from support.loading import SourcedModel
+    from support.trainer_utils import DistInfo
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    parallel = FullyShardedParallel(DistInfo(rank, rank, 2, torch.device("cpu"), None), torch.bfloat16, False)
+    found: dict = {}
+
+    def broken() -> SourcedModel:
+        raise ValueError(f"model.pt: not a readable checkpoint (loaded by rank {rank})")
+
+    try:
+        parallel.share_model(broken)
+    except ValueError as e:  # every rank stops with rank 0's message, none waits for a model
+        found["error"] = str(e)
+
+    def load() -> SourcedModel:
+        found["loaded"] = True
+        torch.manual_seed(rank)  # another random model on each rank: the shards must all come from rank 0's
+        model = lora.attach(Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64,
+                                                    max_seq_len=16)), LORA_SPEC)
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.bfloat16()  # a bf16 base under float32 adapters
+        found["original"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return SourcedModel(model, "model.pt", None)
+
+    start = parallel.share_model(load)
+    found["meta"] = all(p.is_meta for p in start.model.parameters())
+    found["outline"] = {n: (p.shape, p.dtype, p.requires_grad) for n, p in start.model.named_parameters()}
+    model = parallel.wrap(start.model, compiled=False)
+    found["weights"] = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # every rank
+    found["rope"] = model.rope_cos.clone()
+    torch.save(found, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_only_rank_0_loads_the_initial_model(tmp_path):
+    """With 2 FSDP processes rank 1 never loads the model: it builds the outline rank 0 sends (shapes, dtypes,
+    which weights train, LoRA) on the meta device, and wrap fills its shards from rank 0's weights. A failure
+    to load on rank 0 stops rank 1 too, with the same message."""
+    torch.multiprocessing.spawn(rank0_only_loading, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    message = "model.pt: not a readable checkpoint (loaded by rank 0)"
+    assert zero["error"] == one["error"] == message
+    assert zero.get("loaded") and not one.get("loaded")
+    assert one["meta"] and not zero["meta"]
+    assert one["outline"] == zero["outline"]
+    assert {dtype for _, dtype, trains in one["outline"].values() if not trains} == {torch.bfloat16}
+    for key, weight in zero["original"].items():  # on both ranks, gathered from the shards
+        assert torch.equal(zero["weights"][key], weight) and torch.equal(one["weights"][key], weight), key
+    assert torch.equal(one["rope"], zero["rope"])
