@@ -3,7 +3,7 @@
 # dialogues shipped in PyPI packages), each by its own script with its real flags:
 #   data -> tokenizer -> pretokenize -> pretrain -> SFT -> samples -> evaluation (+ lm-eval report card) -> curves
 #
-#   bash demo.sh            # full demo: about 15 minutes on a 2-core CPU, no network
+#   bash demo.sh            # full demo: about 10 minutes on a 2-core CPU (604 s measured), no network
 #   bash demo.sh --tiny     # (or DEMO_SCALE=tiny) the same stages at toy sizes, about a minute (CI)
 #
 # Artifacts go to ./out/ (the scripts' default layout), so any stage can be rerun alone with other flags.
@@ -33,7 +33,7 @@ if [[ "$SCALE" == tiny ]]; then
   CURVES=out/curves.png
 elif [[ "$SCALE" == full ]]; then
   # reviews cut to 96 characters keep review + question inside the demo model's 128-token context;
-  # the step counts fill about 11 of the 15 minutes on 2 CPU cores (more steps did not raise the accuracy)
+  # the step counts fill about 9 of the 10 minutes on 2 CPU cores (more steps did not raise the accuracy)
   DATA=(--max_review_chars 96)
   TOKENIZER=(--vocab_size 4096)
   # Muon for the block matrices (the demo preset's default, shown here) in pretraining and SFT: README "Optimizers"
