@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -208,7 +207,7 @@ class FullyShardedParallel(DataParallel):
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.d.is_main:
             return None
-        plain = unsharded_twin(model)
+        plain = empty_twin(model, torch.device("cpu"))
         plain.load_state_dict(weights)
         return plain.to(device).train(model.training)
 
@@ -222,20 +221,41 @@ def model_outline(start: SourcedModel) -> dict[str, Any]:
             "source": start.source, "tokenizer_fingerprint": start.tokenizer_fingerprint}
 
 
-def model_on_meta(outline: dict[str, Any]) -> SourcedModel:
-    """The model of `outline` on the meta device: shapes and dtypes, no memory."""
+def meta_model(config: ModelConfig, lora_spec: dict[str, Any] | None) -> Transformer:
+    """A Transformer of `config`, with LoRA adapters where lora_spec says, on the meta device: shapes and
+    dtypes, no memory."""
     with torch.device("meta"):
-        model = Transformer(ModelConfig(**outline["config"]))
-        if outline["lora_spec"] is not None:
-            from support import lora
+        model = Transformer(config)
+        if lora_spec is not None:
+            from support import lora  # peft is imported for LoRA runs only
 
-            model = lora.add_adapters(model, outline["lora_spec"])
-            model.lora_spec = outline["lora_spec"]
+            model = lora.add_adapters(model, lora_spec)
+            model.lora_spec = lora_spec  # the base's digest: what a checkpoint and the exports record
+    return model
+
+
+def model_on_meta(outline: dict[str, Any]) -> SourcedModel:
+    """The model of `outline` on the meta device, each weight in its dtype and trainable or frozen."""
+    model = meta_model(ModelConfig(**outline["config"]), outline["lora_spec"])
     params = dict(model.named_parameters())
     for name, (dtype, trains) in outline["weights"].items():
         params[name].data = params[name].data.to(dtype)
         params[name].requires_grad_(trains)
     return SourcedModel(model, outline["source"], outline["tokenizer_fingerprint"])
+
+
+def empty_twin(model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A plain Transformer shaped like `model` (LoRA adapters where it has them) on `device`: its weights in
+    `dtype`, allocated but not filled; its buffers (the rotary tables) copied from `model`."""
+    twin = meta_model(model.config, getattr(model, "lora_spec", None)).to(dtype)
+    twin.to_empty(device=device)
+    if twin.config.tie_word_embeddings:  # a move between devices gives each module its own new tensor
+        twin.output.weight = twin.tok_embeddings.weight
+    with torch.no_grad():
+        buffers = dict(twin.named_buffers())
+        for name, buffer in model.named_buffers():
+            buffers[name].copy_(buffer)
+    return twin
 
 
 def optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
@@ -251,21 +271,6 @@ def trained_state(model: torch.nn.Module, optimizer: Any) -> dict[str, dict[str,
     return {"model": {k: v for k, v in weights.items() if k not in frozen}, "optimizer": moments}
 
 
-def unsharded_twin(model: torch.nn.Module) -> Transformer:
-    """A plain Transformer shaped like `model` (its weights not copied), with LoRA adapters where it has them."""
-    twin = Transformer(model.config)
-    if not hasattr(model, "lora_spec"):
-        return twin
-    from support import lora  # peft is imported for LoRA runs only
-
-    twin = lora.attach(twin, model.lora_spec)
-    twin.lora_spec = model.lora_spec  # the base's digest, not the twin's random weights'
-    return twin
-
-
-_decoding_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FSDP model -> its twin on "meta"
-
-
 @contextmanager
 def whole_model(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
     """`model` itself, or for a --parallel fsdp model a whole copy of it on this rank, for work that runs the model
@@ -276,23 +281,13 @@ def whole_model(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn
     if not isinstance(model, FSDPModule):
         yield model
         return
-    copy = _decoding_copies.get(model)
-    if copy is None:  # the structure is kept, on the meta device: no memory between uses
-        copy = _decoding_copies[model] = unsharded_twin(model).to(device="meta", dtype=dtype)
     device = next(model.buffers()).device  # the rotary tables: whole on every rank, on the training device
-    copy.to_empty(device=device)
-    if copy.config.tie_word_embeddings:  # a move between devices gives each module its own new tensor
-        copy.output.weight = copy.tok_embeddings.weight
+    copy = empty_twin(model, device, dtype)
     with torch.no_grad():
-        params, buffers = dict(copy.named_parameters()), dict(copy.named_buffers())
+        params = dict(copy.named_parameters())
         for name, p in model.named_parameters():  # the root's stay whole after a forward until the backward
             params[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
-        for name, b in model.named_buffers():
-            buffers[name].copy_(b)
-    try:
-        yield copy.train(model.training)
-    finally:
-        copy.to("meta")
+    yield copy.train(model.training)
 
 
 def swap_symlink(link: Path, target: str) -> None:
