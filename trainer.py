@@ -93,7 +93,6 @@ class Trainer:
         start = self.parallel.share_model(partial(self._initial_model, args, state))  # FSDP: rank 0 loads it
         check_model_tokenizer(start, self.tokenizer, tokenizer_path)
         self.args, self.sources = with_model_values(args, sources, start, tokenizer_path)
-        self.parallel.check(task, start.model, self.args)
         self.model_source = start.source
         self.model = self.parallel.place(start.model).train()
         task.prepare(self.model, self.args, self.tokenizer, d.device)

@@ -66,10 +66,19 @@ def make_parallel(args: argparse.Namespace, d: DistInfo, dtype: torch.dtype) -> 
     """The strategy --parallel names."""
     if args.cpu_offload and args.parallel != "fsdp":
         raise ValueError("--cpu_offload offloads FSDP's shards: add --parallel fsdp")
-    if args.parallel == "fsdp" and getattr(args, "load_in_4bit", False):
-        raise ValueError("--parallel fsdp: --load_in_4bit's packed 4-bit weights cannot be sharded: use --parallel "
-                         "ddp, or LoRA on 16-bit weights (--dtype bfloat16)")
-    return FullyShardedParallel(d, dtype, args.cpu_offload) if args.parallel == "fsdp" else DataParallel(d)
+    if args.parallel != "fsdp":
+        return DataParallel(d)
+    refusal = None  # checked before any model is loaded
+    if args.optimizer == "muon":
+        refusal = "--optimizer muon orthogonalizes whole matrices, which FSDP shards by rows: use --optimizer adamw"
+    elif dtype == torch.float16:
+        refusal = "--dtype float16 needs GradScaler over sharded gradients, not supported: use --dtype bfloat16"
+    elif getattr(args, "load_in_4bit", False):
+        refusal = ("--load_in_4bit's packed 4-bit weights cannot be sharded: use --parallel ddp, or LoRA on 16-bit "
+                   "weights (--dtype bfloat16)")
+    if refusal:
+        raise ValueError(f"--parallel fsdp: {refusal}")
+    return FullyShardedParallel(d, dtype, args.cpu_offload)
 
 
 class FullyShardedParallel(DataParallel):
@@ -87,15 +96,6 @@ class FullyShardedParallel(DataParallel):
         if not dist.is_initialized():  # a single process (no torchrun): fully_shard needs a process group
             backend = "nccl" if d.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-
-    def check(self, task: Any, model: torch.nn.Module, args: argparse.Namespace) -> None:
-        refusal = None
-        if args.optimizer == "muon":
-            refusal = "--optimizer muon orthogonalizes whole matrices, which FSDP shards by rows: use --optimizer adamw"
-        elif self.dtype == torch.float16:
-            refusal = "--dtype float16 needs GradScaler over sharded gradients, not supported: use --dtype bfloat16"
-        if refusal:
-            raise ValueError(f"--parallel fsdp: {refusal}")
 
     def share_model(self, load: Callable[[], SourcedModel]) -> SourcedModel:
         """With several ranks only rank 0 loads (or builds) the initial model; the others build its outline on
@@ -176,7 +176,7 @@ class FullyShardedParallel(DataParallel):
             dcp.load(shards, checkpoint_id=ckpt_path)
         except (Exception, dcp.api.CheckpointException) as e:  # missing or truncated shards, another shape
             raise ValueError(f"{ckpt_path}: cannot resume: {dcp_failure(e)}") from None
-        set_state_dict(model, optimizers(optimizer), model_state_dict=shards["model"],
+        set_state_dict(model, optimizer.torch_optimizers, model_state_dict=shards["model"],
                        optim_state_dict=shards["optimizer"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))  # LoRA: the base is not
 
@@ -258,14 +258,10 @@ def empty_twin(model: torch.nn.Module, device: torch.device, dtype: torch.dtype 
     return twin
 
 
-def optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
-    return [opt for opt, _ in optimizer.parts.values()]  # optim.py's Optimizers: AdamW, or Muon + AdamW
-
-
 def trained_state(model: torch.nn.Module, optimizer: Any) -> dict[str, dict[str, Any]]:
     """What a DCP checkpoint holds, this rank's shards of it: the weights that train (all of a model, LoRA's
     adapters without their frozen base) and the optimizer state."""
-    weights, moments = get_state_dict(model, optimizers(optimizer), options=StateDictOptions(ignore_frozen_params=True))
+    weights, moments = get_state_dict(model, optimizer.torch_optimizers, options=StateDictOptions(ignore_frozen_params=True))
     frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     # ignore_frozen_params keeps a frozen tied output matrix (torch 2.13): dropped here
     return {"model": {k: v for k, v in weights.items() if k not in frozen}, "optimizer": moments}

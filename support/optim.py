@@ -49,8 +49,12 @@ class Optimizers:
         self.parts = parts
 
     @property
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [optimizer for optimizer, _ in self.parts.values()]
+
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
-        return [group for optimizer, _ in self.parts.values() for group in optimizer.param_groups]
+        return [group for optimizer in self.torch_optimizers for group in optimizer.param_groups]
 
     def set_lr(self, lr_of_peak: Callable[[float], float]) -> dict[str, float]:
         """Each part's learning rate := lr_of_peak(its peak); returns them by part name."""
@@ -71,11 +75,11 @@ class Optimizers:
         return ", ".join(parts)
 
     def step(self) -> None:
-        for optimizer, _ in self.parts.values():
+        for optimizer in self.torch_optimizers:
             optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for optimizer, _ in self.parts.values():
+        for optimizer in self.torch_optimizers:
             optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:

@@ -79,9 +79,6 @@ class DataParallel:
         self.d = d
         self.ddp: DistributedDataParallel | None = None
 
-    def check(self, task: Any, model: torch.nn.Module, args: argparse.Namespace) -> None:
-        """Refuse (ValueError) what this strategy cannot train; DDP trains every task."""
-
     def share_model(self, load: Callable[[], Any]) -> Any:
         """The initial model (a loading.SourcedModel): each rank loads its own copy."""
         return load()
@@ -133,7 +130,7 @@ class DataParallel:
     def memory(self, model: torch.nn.Module, optimizer: Any) -> str:
         """The training state this rank holds: its weights, their gradients (one per trainable weight, as after
         a backward pass) and the optimizer state; under FSDP its shards."""
-        states = [t for opt, _ in optimizer.parts.values() for state in opt.state.values()
+        states = [t for opt in optimizer.torch_optimizers for state in opt.state.values()
                   for t in state.values() if torch.is_tensor(t)]
         sizes = {"params": sum(local_part(p).nbytes for p in model.parameters()),
                  "grads": sum(local_part(p).nbytes for p in model.parameters() if p.requires_grad),
