@@ -144,7 +144,8 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int, num_samp
     mine = list(range(d.rank, n, d.world_size))
     # every rank runs as many forward passes as the busiest one (an FSDP forward is a collective); a rank out
     # of samples reruns sample 0 and counts nothing
-    passes = -(-(-(-n // d.world_size)) // batch_size)
+    busiest = -(-n // d.world_size)  # ceil: the samples of rank 0
+    passes = -(-busiest // batch_size)
     stats = torch.zeros(1 + len(task.metrics), device=d.device)  # loss units, then each metric's sum
     for i in range(0, passes * batch_size, batch_size):
         part = mine[i : i + batch_size]
