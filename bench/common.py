@@ -25,7 +25,7 @@ def cpu_name() -> str:
 
 
 def machine_line(device: str) -> str:
-    from support.loading import cpu_has_native_bf16  # the repo root is on sys.path in every bench script
+    from support.cpu_features import cpu_has_native_bf16  # the repo root is on sys.path in every bench script
 
     bf16 = ", native bf16" if cpu_has_native_bf16() else ""
     cpu = f"cpu ({torch.backends.cpu.get_cpu_capability()}{bf16})"

@@ -19,6 +19,7 @@ import torch
 
 from support.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, build_model, is_dcp_checkpoint, load_checkpoint,
                                 rebuilt, resolve_checkpoint, run_checkpoint)
+from support.cpu_features import cpu_has_native_bf16
 from support.hf_llama import load_hf
 from k_model import Transformer
 from support.tokenizer_spec import BOS, CHAT_TEMPLATE, EOS, tokenizer_fingerprint
@@ -34,15 +35,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512_BF16 or AMX. Elsewhere bf16 matmul is emulated: ~90x slower than fp32 on an AVX2 CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
