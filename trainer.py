@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from support.checkpoint import config_to_dict, load_checkpoint, run_checkpoint
 from support.fsdp import make_parallel
+from support.cpu_matmul import describe_choice
 from support.loading import SourcedModel, check_model_tokenizer, model_from_state, resolve_dtype
 from support.optim import lr_at, make_optimizer
 from support.perf import peak_flops
@@ -173,6 +174,8 @@ class Trainer:
         self.log.info(f"=== {self.task.name}: {d.world_size} process(es) on {d.device.type}, dtype "
                       f"{str(self.dtype).removeprefix('torch.')}, {torch.get_num_threads()} torch threads/process, "
                       f"--parallel {self.parallel.name}")
+        if d.device.type == "cpu":
+            self.log.info(describe_choice())
         params, trainable = self.model.num_params(), sum(p.numel() for p in self.optimizer_params)
         frozen = f" ({trainable:,} trainable: {trainable / params:.2%})" if trainable != params else ""
         self.log.info(f"model: {params / 1e6:.2f}M params{frozen} from {self.model_source}; vocab "

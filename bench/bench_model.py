@@ -41,6 +41,7 @@ sys.path.insert(0, ROOT)
 from common import add_clock_flags, clock_of, interleaved, machine_line, peak_memory, read_bandwidth  # noqa: E402
 from support.hf_llama import to_hf_llama  # noqa: E402
 from k_model import ModelConfig, Transformer  # noqa: E402
+from support import cpu_matmul  # noqa: E402
 from support.cpu_features import cpu_has_native_bf16  # noqa: E402
 
 VARIANTS = ("ours eager", "ours compiled", "HF Llama")
@@ -178,6 +179,15 @@ def decode_row(cfg: ModelConfig, args, device: str, dtype_name: str, batch: int,
                tps, ">= 2x", compile_s, share)
 
 
+def matmul_libraries_line() -> str:
+    """Both float32 matmul libraries timed on this CPU (the measurement cpu_matmul chooses by), and the choice
+    this run uses."""
+    timed = cpu_matmul.time_libraries()
+    shown = "; ".join(f"{shapes}: " + ", ".join(f"{lib} {s * 1e3:.2f} ms" for lib, s in libs.items())
+                      for shapes, libs in timed.items())
+    return f"{cpu_matmul.describe_choice()} | timed now: {shown}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=512)
@@ -215,6 +225,8 @@ def main() -> None:
     table, memory_rows, notes = [], [], []
     for device in devices:
         print(f"# {machine_line(device)}", flush=True)
+        if device == "cpu":
+            print(f"# {matmul_libraries_line()}", flush=True)
         native_bf16 = device == "cuda" or cpu_has_native_bf16()
         dtypes = ["fp32", "bf16"] if native_bf16 else ["fp32"]
         dtypes = dtypes if args.dtypes == "auto" else args.dtypes.split(",")

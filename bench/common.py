@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import platform
 import time
 from collections.abc import Callable
 
@@ -13,19 +12,8 @@ import torch
 import transformers
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_line(device: str) -> str:
-    from support.cpu_features import cpu_has_native_bf16  # the repo root is on sys.path in every bench script
+    from support.cpu_features import cpu_has_native_bf16, cpu_name  # the repo root is on sys.path in every bench
 
     bf16 = ", native bf16" if cpu_has_native_bf16() else ""
     cpu = f"cpu ({torch.backends.cpu.get_cpu_capability()}{bf16})"

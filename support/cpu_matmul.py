@@ -1,23 +1,33 @@
-"""The matmul of every k_model projection on a CPU: float32 products in oneDNN instead of MKL, and one-token
-decode steps that read oneDNN's packed copies of the weights.
+"""The matmul of every k_model projection on a CPU: float32 products in oneDNN or in torch's default BLAS (MKL),
+whichever this machine runs faster, and one-token decode steps that read oneDNN's packed copies of the weights
+where those are faster.
 
-    mm_t(a, b)             a @ b.T; oneDNN for float32 on x86 (2.2x faster than MKL on the AMD EPYC measured)
+    mm_t(a, b)             a @ b.T; float32 on x86 in the library CHOICE["train"] names
     Linear                 nn.Linear without bias whose products go through mm_t (gradients too)
     packed_weights(model)  a context in which decode-sized products read packed weight copies
 
+Which library is faster depends on the CPU: oneDNN's float32 GEMM was 2.2x MKL's on an AMD EPYC Zen 5 and
+0.82x on a Zen 3 (MKL takes a generic path on some non-Intel CPUs, not on others). So the choice is measured
+on the machine, per shape class (many-row training products, few-row decode products), once: cached on disk
+(cpu_features.measured_once). K_MODEL_CPU_MATMUL=torch or =onednn overrides it.
+
 The two oneDNN calls are registered as opaque ops (namespace k_model), so a torch.compile'd graph calls them
-as they are: inductor has no lowering of its own for them. Elsewhere (bf16 / fp16 matmuls, CUDA, builds
-without MKL) every product is torch's own. The same products up to float rounding.
+as they are: inductor has no lowering of its own for them. Elsewhere (bf16 / fp16 training matmuls, CUDA,
+builds without MKL) every product is torch's own. The same products up to float rounding.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from support.cpu_features import measured_once, onednn_packs_bf16
 
 
 # Route float32 matmuls to oneDNN where torch's own float32 GEMM is MKL's (x86 builds); see mm_t.
@@ -30,7 +40,7 @@ def _onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     # float32 only: bf16 / fp16 matmuls already go to oneDNN; under autocast F.linear must do its casting
     float32 = a.dtype == b.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
     # oneDNN refuses empty operands (an SFT micro-batch without one supervised token)
-    return ONEDNN and a.device.type == "cpu" and float32 and a.numel() > 0 and b.numel() > 0
+    return CHOICE["train"] == "onednn" and a.device.type == "cpu" and float32 and a.numel() > 0 and b.numel() > 0
 
 
 def _onednn_mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -56,25 +66,31 @@ onednn_mm_t = _opaque_mm_t("onednn_mm_t", _onednn_mm_t)
 
 def mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T (a: (..., k), b: (n, k)), every matmul of the model. On a CPU in float32 it runs in oneDNN
-    rather than torch's default BLAS (MKL), whose float32 GEMM takes a generic path on non-Intel CPUs:
-    2.2x slower on the AMD EPYC (Zen 5) this was measured on, for training shapes and one-token decoding
-    alike. The same product up to float rounding."""
-    if not _onednn(a, b):
-        return a @ b.t()
+    where that measured faster than torch's default BLAS (CHOICE["train"]). The same product up to float
+    rounding."""
+    return _onednn_product(a, b) if _onednn(a, b) else a @ b.t()
+
+
+def _onednn_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return onednn_mm_t(a, b) if torch.compiler.is_compiling() else _onednn_mm_t(a, b)
 
 
 # Decoding multiplies a few rows by every weight matrix, so a step is bound by reading the weights. In
-# oneDNN's blocked ("packed") layout the product reads them faster: the bench model's projections, one
-# decode step's worth, on the AMD EPYC above: 1.1x in float32 at batch 1, 1.6x at batch 8, 1.7x in bf16.
-# packed_weights() makes the packed copies; decode-sized products read them while they exist.
+# oneDNN's blocked ("packed") layout the product can read them faster: the bench model's projections, one
+# decode step's worth, on a Zen 5 EPYC: 1.1x in float32 at batch 1, 1.6x at batch 8, 1.7x in bf16 (0.67x
+# in float32 at batch 1 on a Zen 3, hence the measured CHOICE["decode"]). packed_weights() makes the packed
+# copies; decode-sized products read them while they exist.
 DECODE_ROWS = 16  # products with at most this many rows (tokens in one step) are decode-sized
 
 
 def _packable(weight: torch.Tensor) -> bool:
-    """On a CPU, float32 or bf16, no autocast (which would cast the weight for every product)."""
-    return (ONEDNN and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_autocast_enabled("cpu"))
+    """On a CPU, no autocast (which would cast the weight for every product), float32 where the packed
+    product measured faster, bf16 where oneDNN computes it natively (elsewhere torch refuses to pack it)."""
+    if not ONEDNN or weight.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return False
+    if weight.dtype == torch.float32:
+        return CHOICE["decode"] == "packed"
+    return weight.dtype == torch.bfloat16 and BF16_PACKED
 
 
 def _decode_sized(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -94,20 +110,20 @@ decode_mm_t = _opaque_mm_t("decode_mm_t", _decode_mm_t)
 
 
 class OneDNNLinear(torch.autograd.Function):
-    """x @ weight.T with its gradients, every product through mm_t (oneDNN has no autograd of its own)."""
+    """x @ weight.T with its gradients, every product in oneDNN (which has no autograd of its own)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return mm_t(x, weight)
+        return _onednn_product(x, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        grad_x = mm_t(grad, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_x = _onednn_product(grad, weight.t()) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = mm_t(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())
+            grad_w = _onednn_product(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())
         return grad_x, grad_w
 
 
@@ -122,7 +138,6 @@ class Linear(nn.Linear):
         if _decode_sized(x, self.weight):
             return decode_mm_t(x, self.weight) if torch.compiler.is_compiling() else _decode_mm_t(x, self.weight)
         return OneDNNLinear.apply(x, self.weight) if _onednn(x, self.weight) else F.linear(x, self.weight)
-
 
 
 @contextlib.contextmanager
@@ -141,3 +156,62 @@ def packed_weights(model: nn.Module) -> Iterator[None]:
     finally:
         for w in fresh:
             del w._onednn_packed
+
+
+def _best_seconds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Each fn's best time: one warm-up call each, then rounds taking turns (A B A B ...), the best round
+    counting (the one least disturbed by other load on the machine)."""
+    best = dict.fromkeys(fns, float("inf"))
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def time_libraries(dim: int = 512, hidden: int = 1024, rows: int = 256) -> dict[str, dict[str, float]]:
+    """Seconds of each float32 path on this machine: for training, one projection's forward and backward
+    (three products of `rows` tokens) through oneDNN or torch; for decoding, products of 1 and 8 rows through
+    the weight's packed copy or torch. Well under a second on 2 cores; fixed seed."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, dim, generator=gen)
+    w = torch.randn(hidden, dim, generator=gen).requires_grad_()
+    train = {name: (lambda product=product: product(x, w).sum().backward())
+             for name, product in (("onednn", OneDNNLinear.apply), ("torch", F.linear))}
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, DECODE_ROWS)
+        inputs = [torch.randn(n, dim, generator=gen) for n in (1, 8)]
+        decode = _best_seconds({"packed": lambda: [_decode_mm_t(a, packed) for a in inputs],
+                                "torch": lambda: [F.linear(a, w) for a in inputs]}, rounds=5)
+    return {"train": _best_seconds(train, rounds=5), "decode": decode}
+
+
+def measure_choice() -> dict[str, str]:
+    """The faster library of each shape class (time_libraries)."""
+    return {shapes: min(seconds, key=seconds.get) for shapes, seconds in time_libraries().items()}
+
+
+def _choose() -> dict[str, str]:
+    forced = os.environ.get("K_MODEL_CPU_MATMUL", "")
+    if not ONEDNN or forced == "torch":
+        return {"train": "torch", "decode": "torch"}
+    if forced == "onednn":
+        return {"train": "onednn", "decode": "packed"}
+    return measured_once("float32 matmul: onednn or torch", measure_choice)
+
+
+def describe_choice() -> str:
+    """One line for the logs: which library multiplies float32 here and why."""
+    if not ONEDNN:
+        return "float32 matmuls: torch's (no oneDNN in this build)"
+    how = "K_MODEL_CPU_MATMUL" if os.environ.get("K_MODEL_CPU_MATMUL") else "measured, cached"
+    decode = "oneDNN packed weights" if CHOICE["decode"] == "packed" else "torch"
+    return f"CPU float32 matmuls: training {'oneDNN' if CHOICE['train'] == 'onednn' else 'torch'}, decoding {decode} ({how})"
+
+
+# decided once per process, at import: a compiled graph reads these as constants
+CHOICE: dict[str, str] = _choose()
+BF16_PACKED = ONEDNN and onednn_packs_bf16()

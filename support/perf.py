@@ -1,12 +1,11 @@
 """Peak FLOP/s for MFU (model FLOPs utilization), and whether other processes compete for the CPU.
 
 GPUs: a datasheet table, matched exactly by model name ("L40" is not "L4", "A10G" is not "A10").
-CPUs: a measured matmul peak, cached on disk per CPU model, thread count, dtype and torch version, so
-only the first run on a machine pays the ~0.5 s measurement. Used by trainer.py and bench/.
+CPUs: a measured matmul peak, cached on disk per CPU model, dtype and torch version
+(cpu_features.measured_once), so only the first run on a machine pays the ~0.5 s measurement. Used by trainer.py and bench/.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from support.cpu_features import CACHE_PATH, measured_once
 from support.cpu_matmul import mm_t
 
 # Dense (no sparsity) 16-bit tensor-core TFLOP/s from NVIDIA's datasheets. Keys are the model name as
@@ -22,7 +22,6 @@ GPU_PEAK_TFLOPS = {
     "H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "A100": 312.0,
     "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10": 125.0, "V100": 125.0, "T4": 65.0,
 }
-CACHE_PATH = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "k_model" / "cpu_peak_flops.json"
 
 
 def gpu_model(device_name: str) -> str:
@@ -59,35 +58,10 @@ def measure_matmul_flops(dtype: torch.dtype, n: int = 512, bursts: int = 10, sec
         torch.set_num_threads(threads)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown cpu"
-
-
-def cpu_thread_peak(dtype: torch.dtype, cache_path: Path = CACHE_PATH) -> float:
-    """One thread's matmul FLOP/s in `dtype`, from the cache file or measured once and cached. A cache that
-    cannot be read or written is ignored: the number is then measured on every call."""
-    key = f"{_cpu_name()} | {str(dtype).removeprefix('torch.')} | torch {torch.__version__} | matmul, mm_t"
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if isinstance(cache.get(key), (int, float)):
-        return float(cache[key])
-    peak = measure_matmul_flops(dtype)
-    try:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({**cache, key: peak}, indent=1))
-        os.replace(tmp, cache_path)
-    except OSError:
-        pass
-    return peak
+def cpu_thread_peak(dtype: torch.dtype, cache_path: Path | None = None) -> float:
+    """One thread's matmul FLOP/s in `dtype`, measured once per machine (cpu_features.measured_once)."""
+    what = f"1-thread matmul peak, {str(dtype).removeprefix('torch.')} (matmul, mm_t)"
+    return float(measured_once(what, lambda: measure_matmul_flops(dtype), cache_path))
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, peak_tflops: float = 0.0) -> tuple[float | None, str]:

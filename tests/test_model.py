@@ -172,7 +172,9 @@ def test_loss_and_gradients_equal_hf_llama():
 
 
 @pytest.mark.skipif(not cpu_matmul.ONEDNN, reason="matmuls go to torch's default BLAS in this build")
-def test_onednn_matmul_and_its_gradients_equal_torch_matmul():
+@pytest.mark.parametrize("library", ["onednn", "torch"])
+def test_float32_matmul_and_its_gradients_equal_torch_matmul_in_either_library(monkeypatch, library):
+    monkeypatch.setitem(cpu_matmul.CHOICE, "train", library)
     x = torch.randn(3, 5, 48, requires_grad=True)
     w = torch.randn(40, 48, requires_grad=True)
     torch.testing.assert_close(mm_t(x, w), x @ w.t())
@@ -186,12 +188,41 @@ def test_onednn_matmul_and_its_gradients_equal_torch_matmul():
     torch.testing.assert_close(layer.weight.grad, grad_w)
 
 
+def test_the_measured_matmul_choice_names_a_library_per_shape_class_and_is_cached(tmp_path):
+    """measure_choice() answers for both shape classes; measured_once keeps the answer on disk per CPU,
+    torch version and thread count, and a second call reads it instead of measuring."""
+    from support.cpu_features import measured_once
+
+    cache = tmp_path / "cache.json"
+    choice = measured_once("matmul", cpu_matmul.measure_choice, cache)
+    assert choice["train"] in ("onednn", "torch") and choice["decode"] in ("packed", "torch")
+    assert measured_once("matmul", lambda: pytest.fail("measured twice"), cache) == choice
+    assert f"{torch.get_num_threads()} threads" in cache.read_text()
+
+
+def test_bf16_decoding_works_where_onednn_cannot_pack_bf16(monkeypatch):
+    """On a CPU without AVX512BW/VL/DQ or AVX_NE_CONVERT torch refuses to pack bf16 weights (the path crashed
+    model_sample.py --dtype bfloat16 there): the decode products then read the weights as they are."""
+    monkeypatch.setattr(cpu_matmul, "BF16_PACKED", False)
+    model = tiny().to(torch.bfloat16)
+    prompt = torch.randint(0, VOCAB, (2, 5))
+    with model.packed_weights():
+        assert not hasattr(model.layers[0].feed_forward.w13.weight, "_onednn_packed")
+        tokens = model.generate(prompt, max_new_tokens=4, temperature=0.0)
+    assert torch.equal(tokens, uncached_greedy(model, prompt, 4))
+
+
+PACKED_DTYPES = [torch.float32] + ([torch.bfloat16] if cpu_matmul.BF16_PACKED else [])
+
+
 @pytest.mark.skipif(not cpu_matmul.ONEDNN, reason="matmuls go to torch's default BLAS in this build")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_weights_equal_the_weights_and_live_only_within_their_scope(dtype):
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_packed_weights_equal_the_weights_and_live_only_within_their_scope(monkeypatch, dtype):
     """Within packed_weights(), a decode-sized product (few rows, no gradient) reads a packed copy of each
     weight and equals F.linear; a nested scope keeps the copies, leaving the outer one drops them, and the
-    next scope packs the weights as they are then (after a fused AdamW step, which no version count sees)."""
+    next scope packs the weights as they are then (after a fused AdamW step, which no version count sees).
+    bf16 only where this CPU packs bf16 (test_bf16_decoding_works_where_onednn_cannot_pack_bf16 elsewhere)."""
+    monkeypatch.setitem(cpu_matmul.CHOICE, "decode", "packed")
     model = tiny().to(dtype)
     layer = model.layers[0].feed_forward.w13
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}
