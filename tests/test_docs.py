@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import importlib
 import re
 import shlex
@@ -43,7 +42,6 @@ def heading_slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
 
 
-@functools.lru_cache(maxsize=None)
 def anchors(page: Path) -> set[str]:
     """Every heading's anchor on the page; a repeated one gets -1, -2, ... as GitHub numbers them."""
     seen: collections.Counter[str] = collections.Counter()
@@ -83,7 +81,7 @@ def test_every_relative_link_and_anchor_resolves(page):
 
 
 def test_heading_slugs_follow_githubs_rules():
-    # the anchors of headings on these pages, as GitHub renders them (checked against the rendered pages)
+    # headings of these pages and their anchors by GitHub's rules (the old README linked the 2nd and 4th so)
     assert heading_slug("Beyond one GPU: FSDP2 (`--parallel fsdp`)") == "beyond-one-gpu-fsdp2---parallel-fsdp"
     assert heading_slug("Scaling up: seq-monkey + BelleGroup, the 215M model, GPUs") == \
         "scaling-up-seq-monkey--bellegroup-the-215m-model-gpus"
