@@ -65,11 +65,12 @@ def cpu_name() -> str:
 
 
 def measured_once(what: str, measure: Callable[[], Any], cache_path: Path | None = None) -> Any:
-    """measure()'s JSON-able result, kept in a file per CPU model, torch version and thread count, so only the
-    first run on a machine pays for it. A cache that cannot be read or written is ignored (then every call
-    measures)."""
+    """measure()'s JSON-able result, kept in a file per CPU model, torch version, the instruction set torch
+    uses (ATEN_CPU_CAPABILITY can narrow it) and thread count, so only the first run on a machine pays for it.
+    A cache that cannot be read or written is ignored (then every call measures)."""
     cache_path = cache_path or CACHE_PATH
-    key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {what}"
+    key = (f"{cpu_name()} | torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()} | "
+           f"{torch.get_num_threads()} threads | {what}")
     try:
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):

@@ -64,6 +64,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.cpu_kind
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_match_hf_llama(name):
     model = tiny(**CONFIGS[name])
@@ -154,6 +155,7 @@ def hf_named_grads(model: Transformer) -> dict[str, torch.Tensor]:
     return to_hf_llama(holder).state_dict()
 
 
+@pytest.mark.cpu_kind
 def test_loss_and_gradients_equal_hf_llama():
     """The whole training backward (our matmuls, the chunked loss) against LlamaForCausalLM's autograd."""
     model = tiny().train()
@@ -171,6 +173,7 @@ def test_loss_and_gradients_equal_hf_llama():
         assert_grad_close(ours[name], p.grad, name)
 
 
+@pytest.mark.cpu_kind
 @pytest.mark.skipif(not cpu_matmul.ONEDNN, reason="matmuls go to torch's default BLAS in this build")
 @pytest.mark.parametrize("library", ["onednn", "torch"])
 def test_float32_matmul_and_its_gradients_equal_torch_matmul_in_either_library(monkeypatch, library):
@@ -188,6 +191,7 @@ def test_float32_matmul_and_its_gradients_equal_torch_matmul_in_either_library(m
     torch.testing.assert_close(layer.weight.grad, grad_w)
 
 
+@pytest.mark.cpu_kind
 def test_the_measured_matmul_choice_names_a_library_per_shape_class_and_is_cached(tmp_path):
     """measure_choice() answers for both shape classes; measured_once keeps the answer on disk per CPU,
     torch version and thread count, and a second call reads it instead of measuring."""
@@ -200,6 +204,7 @@ def test_the_measured_matmul_choice_names_a_library_per_shape_class_and_is_cache
     assert f"{torch.get_num_threads()} threads" in cache.read_text()
 
 
+@pytest.mark.cpu_kind
 def test_bf16_decoding_works_where_onednn_cannot_pack_bf16(monkeypatch):
     """On a CPU without AVX512BW/VL/DQ or AVX_NE_CONVERT torch refuses to pack bf16 weights (the path crashed
     model_sample.py --dtype bfloat16 there): the decode products then read the weights as they are."""
@@ -215,6 +220,7 @@ def test_bf16_decoding_works_where_onednn_cannot_pack_bf16(monkeypatch):
 PACKED_DTYPES = [torch.float32] + ([torch.bfloat16] if cpu_matmul.BF16_PACKED else [])
 
 
+@pytest.mark.cpu_kind
 @pytest.mark.skipif(not cpu_matmul.ONEDNN, reason="matmuls go to torch's default BLAS in this build")
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
 def test_packed_weights_equal_the_weights_and_live_only_within_their_scope(monkeypatch, dtype):
@@ -269,6 +275,7 @@ def test_linear_cross_entropy_equals_full_cross_entropy(monkeypatch, chunk_rows)
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.cpu_kind
 def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_cross_entropy():
     h = torch.randn(24, 64, requires_grad=True)
     w = (0.3 * torch.randn(VOCAB, 64)).requires_grad_()
@@ -368,6 +375,7 @@ def test_loss_mask_without_a_supervised_token_gives_zero_loss_and_gradients():
         assert p.grad is not None and not p.grad.any(), name
 
 
+@pytest.mark.cpu_kind
 def test_bf16_autocast_forward_and_generate():
     model = tiny()
     tokens = torch.randint(0, VOCAB, (2, 16))
