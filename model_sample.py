@@ -5,10 +5,11 @@
     python model_sample.py --prompt "你好" --temperature 0   # one SFT answer, greedy
     python model_sample.py --chat                            # multi-turn chat; /reset clears it, /exit quits
     python model_sample.py --eval        # val perplexity (out/pretrain) and sentiment accuracy (out/sft)
-    python model_sample.py --sft_path out/sft/hf --prompt "你好"   # an HF export works too (its own tokenizer)
-    python model_sample.py --sft_path out/sft/adapter        # a LoRA adapter (peft format) on its base model
+    python model_sample.py --model out/sft/hf --prompt "你好"   # an HF export works too (its own tokenizer)
+    python model_sample.py --model out/sft/adapter           # a LoRA adapter (peft format) on its base model
 
-A model path may be a ckpt.pt (a LoRA run's too: its base with the adapters), a run directory (its ckpt.pt,
+--model names the model for every mode, as in serve.py and eval_model.py; the original design's
+--pretrain_path / --sft_path (the defaults out/pretrain, out/sft) still work. A model path may be a ckpt.pt (a LoRA run's too: its base with the adapters), a run directory (its ckpt.pt,
 else its hf/ export), an HF model directory (any LlamaForCausalLM) or a peft adapter directory. The tokenizer
 is --tokenizer_path, else the one saved with the model (a checkpoint's: the one it was trained with), else
 out/tokenizer; a model whose vocabulary differs from it is refused.
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from dataset import JsonlRecords, PretrainDataset, document_start_ids, encode_chat
 from k_model import Transformer
+from support.cli import ArgumentParser
 from support.context_shift import resolve_shift
 from support.loading import DTYPES, open_model, resolve_device, resolve_dtype
 
@@ -339,7 +341,10 @@ def add_context_shift_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="the model, in every mode (--eval too): a ckpt.pt, run dir, HF export, LoRA adapter dir, "
+                        "ckpt_dcp or any HF Llama; replaces --pretrain_path and --sft_path")
     p.add_argument("--mode", choices=["pretrain", "sft"], default="sft",
                    help="pretrain: continue text with --pretrain_path; sft: answer prompts with --sft_path")
     p.add_argument("--pretrain_path", default="out/pretrain", help="pretrained model (ckpt.pt, run dir or HF export)")
@@ -374,8 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, --model standing for --pretrain_path and --sft_path where it is given."""
     args = build_parser().parse_args(argv)
+    if args.model is not None:
+        args.pretrain_path = args.sft_path = args.model
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
     try:
         if args.eval:

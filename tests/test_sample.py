@@ -239,3 +239,22 @@ def test_missing_or_corrupt_files_are_refused(run, tiny_tokenizer_dir, tmp_path)
     with pytest.raises(SystemExit, match=r"^error: checkpoint not found: .*nowhere"):
         model_sample.main(["--mode", "pretrain", "--pretrain_path", str(tmp_path / "nowhere"),
                            "--tokenizer_path", tiny_tokenizer_dir])
+
+
+def test_model_names_the_model_in_every_mode_as_the_original_flags_do(run, tiny_tokenizer_dir, capsys):
+    """--model is the one model flag of every script; the original design's --sft_path / --pretrain_path say
+    the same thing. A flag of another script names that script."""
+    common = ["--tokenizer_path", tiny_tokenizer_dir, "--device", "cpu", "--dtype", "float32", "--temperature", "0",
+              "--max_new_tokens", "8", "--prompt", PROMPT]
+    outputs = {}
+    for mode in ("sft", "pretrain"):
+        for flags in (["--model", str(run[0])], [f"--{mode}_path", str(run[0])]):
+            model_sample.main(["--mode", mode, *flags, *common])
+            outputs[mode, flags[0]] = capsys.readouterr().out
+        assert outputs[mode, "--model"] == outputs[mode, f"--{mode}_path"] and PROMPT in outputs[mode, "--model"]
+    assert outputs["sft", "--model"] != outputs["pretrain", "--model"]  # the chat template vs plain text
+    args = model_sample.parse_args(["--model", "somewhere", "--eval"])
+    assert args.pretrain_path == args.sft_path == "somewhere"
+    with pytest.raises(SystemExit):
+        model_sample.main(["--model", str(run[0]), "--tasks", "news_ppl"])
+    assert "--tasks is a flag of eval_model.py" in capsys.readouterr().err
