@@ -44,13 +44,13 @@ CASES = {
 }
 
 
-def as_llama32_writes_it(path) -> None:
-    """config.json as Llama 3.x checkpoints store it: rope_scaling and a top-level rope_theta, which
-    transformers 5 maps to rope_parameters itself."""
+def as_written_before_v5(path, rope_scaling: dict | None = None) -> None:
+    """config.json as checkpoints for transformers 4 store it (Llama 3.x among them): rope_scaling (default: the
+    rope_parameters less rope_theta) and a top-level rope_theta, which transformers 5 maps to rope_parameters."""
     config = json.loads((path / "config.json").read_text())
     rope = config.pop("rope_parameters")
     config["rope_theta"] = rope.pop("rope_theta")
-    config["rope_scaling"] = rope
+    config["rope_scaling"] = rope_scaling or rope
     (path / "config.json").write_text(json.dumps(config))
 
 
@@ -59,7 +59,7 @@ def test_logits_equal_transformers_below_and_above_the_original_context_and_the_
     overrides, lengths = CASES[name]
     save_llama(tmp_path / "llama", **overrides)
     if name.startswith("llama3"):
-        as_llama32_writes_it(tmp_path / "llama")
+        as_written_before_v5(tmp_path / "llama")
     ours, _, _ = open_model(tmp_path / "llama", own_tokenizer=False)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "llama").eval()
     export_hf(ours, tmp_path / "export")
@@ -73,6 +73,24 @@ def test_logits_equal_transformers_below_and_above_the_original_context_and_the_
             logits = ours(tokens).logits
             torch.testing.assert_close(logits, theirs(tokens).logits, atol=1e-4, rtol=0, msg=f"length {T}")
             torch.testing.assert_close(again(tokens).logits, logits, atol=1e-4, rtol=0, msg=f"export, length {T}")
+
+
+@pytest.mark.parametrize("rope_scaling, lengths", [
+    # the spelling before transformers 4.45 (LongChat, Vicuna-16k): transformers copies type to rope_type
+    ({"type": "linear", "factor": 2.0}, [20, 32]),
+    # dynamic takes its original context from max_position_embeddings (32), whatever else the config says
+    ({"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16}, [20, 50]),
+])
+def test_rope_scaling_spellings_transformers_accepts_load_with_its_logits(tmp_path, rope_scaling, lengths):
+    save_llama(tmp_path, max_position_embeddings=32, rope_parameters={"rope_type": "default", **THETA})
+    as_written_before_v5(tmp_path, rope_scaling)
+    ours, _, _ = open_model(tmp_path, own_tokenizer=False)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for T in lengths:
+            tokens = torch.randint(0, VOCAB, (2, T))
+            torch.testing.assert_close(ours(tokens).logits, theirs(tokens).logits, atol=1e-4, rtol=0, msg=f"length {T}")
 
 
 @pytest.mark.parametrize("scaling, named", [
