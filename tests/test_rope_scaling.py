@@ -93,6 +93,39 @@ def test_rope_scaling_spellings_transformers_accepts_load_with_its_logits(tmp_pa
             torch.testing.assert_close(ours(tokens).logits, theirs(tokens).logits, atol=1e-4, rtol=0, msg=f"length {T}")
 
 
+def transformers_greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
+    """The n tokens LlamaForCausalLM.generate gives greedily after prompt (T,). A fresh copy each call: its
+    dynamic frequencies carry over from one call to the next."""
+    hf = to_hf_llama(model).eval()
+    out = hf.generate(prompt[None], attention_mask=torch.ones_like(prompt)[None], max_new_tokens=n, do_sample=False,
+                      pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_dynamic_rope_generates_transformers_greedy_tokens_alone_batched_and_served():
+    """transformers' generate keeps the original frequencies up to the original context (16 here) and grows
+    them past it one step at a time: the prompt takes those of its length, each new token those of the sequence
+    it ends, and cached keys keep the ones they were rotated with. Prompts inside the original context, crossing
+    it while generating and longer than it get its greedy tokens from generate alone, from a left-padded batch
+    (each row its own frequencies, as alone; transformers' batched generate would give every row the longest
+    row's) and through serve.py's engine (rows prefilled alone, then decoded side by side)."""
+    from test_context_shift import engine_logits
+    from test_model import left_pad, tiny
+
+    dynamic = {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 16}
+    model = tiny(max_seq_len=64, rope_scaling_params=dynamic, **THETA)
+    torch.manual_seed(1)
+    prompts = [torch.randint(1, model.config.vocab_size, (n,)) for n in (12, 3, 20, 15)]
+    expected = [transformers_greedy(model, p, 24) for p in prompts]
+    for p, tokens in zip(prompts, expected):
+        assert model.generate(p[None], 24, temperature=0)[0].tolist() == tokens, f"prompt of {len(p)}"
+    idx, mask = left_pad(prompts)
+    assert model.generate(idx, 24, temperature=0, attention_mask=mask).tolist() == expected
+    with torch.no_grad():
+        steps = engine_logits(model, [p.tolist() for p in prompts], torch.tensor(expected)[:, :-1], 8, 0)
+    assert torch.stack([logits.argmax(-1) for logits in steps], 1).tolist() == expected
+
+
 @pytest.mark.parametrize("scaling, named", [
     ({"rope_type": "longrope", "factor": 2.0}, "rope_type 'longrope' is not supported"),
     ({"rope_type": "linear", "factor": 0.5}, "factor must be a number >= 1"),
