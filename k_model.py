@@ -37,7 +37,7 @@ from support.chunked_loss import linear_cross_entropy
 from support.compiled_step import compile_step
 from support.context_shift import resolve_shift, right_aligned_mask, shift_caches
 from support.cpu_matmul import Linear, packed_weights
-from support.rope import check_rope_scaling, rope_frequencies
+from support.rope import ORIGINAL, check_rope_scaling, dynamic_frequencies, rope_frequencies
 from support.sampling import check_sampling, sample, stop_list, stop_tensor
 
 
@@ -124,25 +124,47 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (seq_len, head_dim) float32 for positions 0 .. seq_len - 1 (default: max_seq_len), in
-    the rotate-half layout: channel i and i + head_dim/2 form one rotating pair, so both halves of a row repeat
-    the same frequencies. Both are multiplied by the rope scaling's attention factor (1 except for yarn)."""
-    seq_len = seq_len or cfg.max_seq_len
-    inv_freq, attention_factor = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_params, seq_len)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    """cos and sin, each (n, head_dim) float32 for positions 0 .. n - 1, in the rotate-half layout: channel i and
+    i + head_dim/2 form one rotating pair, so both halves of a row repeat the same frequencies. Both are
+    multiplied by the rope scaling's attention factor (1 except for yarn).
+    seq_len given: the tables of a forward of n = seq_len tokens. None: the model's own tables, n = max_seq_len,
+    each position rotated as decoding one token at a time rotates it. The two differ only under dynamic (NTK)
+    scaling, whose frequencies depend on the sequence length: there token p is fed as the last of p + 1 tokens
+    and takes their frequencies (as in transformers' generate, which grows them step by step)."""
+    scaling = cfg.rope_scaling_params
+    if seq_len is None and (scaling or {}).get("rope_type") == "dynamic":
+        n, attention_factor = cfg.max_seq_len, 1.0
+        inv_freq = dynamic_frequencies(cfg.head_dim, cfg.rope_theta, scaling, torch.arange(1, n + 1))
+    else:
+        n = seq_len or cfg.max_seq_len
+        inv_freq, attention_factor = rope_frequencies(cfg.head_dim, cfg.rope_theta, scaling, n)
+    angles = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
-def rope_tables_for(cfg: ModelConfig, cos: torch.Tensor, sin: torch.Tensor,
-                    seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotary tables a forward of seq_len tokens uses: the model's cos, sin (built for max_seq_len). Under
-    dynamic (NTK) scaling the frequencies depend on the sequence length, so a shorter forward computes its own,
-    as transformers does; the cached decode keeps the tables of the whole window."""
-    if (cfg.rope_scaling_params or {}).get("rope_type") != "dynamic" or seq_len == cfg.max_seq_len:
-        return cos, sin
-    own_cos, own_sin = rope_tables(cfg, seq_len)
-    return own_cos.to(cos.device), own_sin.to(sin.device)
+def rope_at(cfg: ModelConfig, cos: torch.Tensor, sin: torch.Tensor, T: int,
+            mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary tables of a forward (or prefill) of T tokens, cut from the model's cos, sin: (T, 1, head_dim),
+    or with a padding mask (B, T; 0 = left padding) (B, T, 1, head_dim) at each row's own positions. Under
+    dynamic scaling a sequence longer than the original context has frequencies of its own (rope_tables(cfg,
+    length)), so such a row gets the ones of its own length: a padded row computes what it computes alone
+    (transformers' batched generate gives every row those of the longest)."""
+    scaling = cfg.rope_scaling_params or {}
+    original = scaling[ORIGINAL] if scaling.get("rope_type") == "dynamic" else None
+    if mask is None:
+        if original is not None and T > original:
+            cos, sin = (t.to(cos.device) for t in rope_tables(cfg, T))
+        return cos[:T, None], sin[:T, None]
+    pos = positions_from_mask(mask)
+    row_cos, row_sin = cos[pos], sin[pos]
+    if original is not None:
+        lengths = mask.sum(1)
+        for n in lengths[lengths > original].unique().tolist():
+            own_cos, own_sin = (t.to(cos.device) for t in rope_tables(cfg, n))
+            rows = lengths == n
+            row_cos[rows], row_sin[rows] = own_cos[pos[rows]], own_sin[pos[rows]]
+    return row_cos[:, :, None], row_sin[:, :, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -448,13 +470,10 @@ class Decoding:
         real token (not padding, not yet written)."""
         n = tokens.shape[1]
         slots = torch.arange(n, device=tokens.device)
-        if bool(mask.all()):
-            cos, sin = self.rope_cos[:n, None], self.rope_sin[:n, None]
-            h = self._hidden(tokens, cos, sin, None, True, caches, slots)
-        else:
-            p = positions_from_mask(mask)
-            cos, sin = self.rope_cos[p][:, :, None], self.rope_sin[p][:, :, None]
-            h = self._hidden(tokens, cos, sin, padded_causal_mask(mask), False, caches, slots)
+        padded = None if bool(mask.all()) else mask
+        cos, sin = rope_at(self.config, self.rope_cos, self.rope_sin, n, padded)
+        attend = None if padded is None else padded_causal_mask(padded)
+        h = self._hidden(tokens, cos, sin, attend, padded is None, caches, slots)
         key_mask = F.pad(mask, (0, caches[0].k.shape[2] - n), value=False)
         return self.output(h[:, -1]), mask.sum(1), key_mask
 
@@ -548,14 +567,8 @@ class Transformer(Decoding, PreTrainedModel):
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         if loss_mask is not None and loss_mask.shape != targets.shape:
             raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != targets shape {tuple(targets.shape)}")
-        rope_cos, rope_sin = rope_tables_for(self.config, self.rope_cos, self.rope_sin, T)
-        if attention_mask is None:
-            cos, sin = rope_cos[:T, None], rope_sin[:T, None]
-            mask = None
-        else:
-            pos = positions_from_mask(attention_mask)
-            cos, sin = rope_cos[pos][:, :, None], rope_sin[pos][:, :, None]
-            mask = padded_causal_mask(attention_mask)
+        cos, sin = rope_at(self.config, self.rope_cos, self.rope_sin, T, attention_mask)
+        mask = None if attention_mask is None else padded_causal_mask(attention_mask)
         h = self._hidden(tokens, cos, sin, mask, causal=True)
         if targets is None:
             return TransformerOutput(logits=self.output(h))

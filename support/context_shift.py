@@ -30,10 +30,12 @@ class MovableCache(Protocol):
 
 class ShiftPlan(NamedTuple):
     """For the first `end - shift` cache slots after the shift: `source` (B, slots) the slot each entry is
-    copied from (padding slots copy anything: they stay masked), `moved` (B, slots) how many positions its
-    key moves back (0 for the kept first tokens and for rows that drop nothing); `lengths` (B,) the tokens
-    each row holds afterwards, right-aligned to end at slot end - shift."""
+    copied from (padding slots copy anything: they stay masked), `position` (B, slots) the position of its
+    token afterwards (0 for padding), `moved` (B, slots) how many positions its key moves back (0 for the
+    kept first tokens and for rows that drop nothing); `lengths` (B,) the tokens each row holds afterwards,
+    right-aligned to end at slot end - shift."""
     source: torch.Tensor
+    position: torch.Tensor
     moved: torch.Tensor
     lengths: torch.Tensor
 
@@ -64,7 +66,7 @@ def plan_shift(lengths: torch.Tensor, end: int, shift: int, keep: int) -> ShiftP
     source = torch.where(in_head, first_slot + rank, slots + shift).clamp(0, end - 1)
     dropped = (lengths - kept)[:, None]
     moved = torch.where(in_head | (rank < 0), 0, dropped).expand_as(source)
-    return ShiftPlan(source, moved, kept)
+    return ShiftPlan(source, rank.clamp(min=0), moved, kept)
 
 
 def right_aligned_mask(lengths: torch.Tensor, end: int, n_slots: int) -> torch.Tensor:
@@ -79,12 +81,18 @@ def shift_caches(caches: list[MovableCache], lengths: torch.Tensor, end: int, sh
     right-aligned before it) by dropping each row's oldest tokens but its first `keep`; the newer ones move
     down and their keys are re-rotated to their new positions. Returns the tokens each row holds now (also its
     next position), right-aligned before slot end - shift. rope_cos, rope_sin: the model's rotary tables
-    (position, head_dim). A key rotated at position p moves to p - s by the angle -s: cos and sin of position
-    s divided by rope_cos[0], the attention factor that some RoPE scalings (YaRN) fold into the tables (1 for
-    plain RoPE) and that the key already carries."""
+    (position, head_dim), the angles decoding rotates each position's key by. A key moves from the angle a of
+    its old position to the angle b of its new one by the angle b - a: cos b cos a + sin b sin a and
+    sin b cos a - cos b sin a, divided by the square of rope_cos[0], the attention factor that some RoPE
+    scalings (YaRN) fold into the tables (1 for plain RoPE). For most scalings b - a is the angle of the
+    distance moved; under dynamic NTK, whose frequencies grow with the position, it is not, and the key lands
+    where decoding its token at the new position would have put it."""
     plan = plan_shift(lengths, end, shift, keep)
-    factor = rope_cos[0]
-    cos, sin = rope_cos[plan.moved] / factor, -rope_sin[plan.moved] / factor
+    scale = rope_cos[0] ** 2
+    new_cos, new_sin = rope_cos[plan.position], rope_sin[plan.position]
+    old_cos, old_sin = rope_cos[plan.position + plan.moved], rope_sin[plan.position + plan.moved]
+    cos = (new_cos * old_cos + new_sin * old_sin) / scale
+    sin = (new_sin * old_cos - new_cos * old_sin) / scale
     for cache in caches:
         cache.move(plan.source, cos, sin)
     return plan.lengths

@@ -60,11 +60,14 @@ def from_rope_parameters(c: LlamaConfig) -> dict:
 
 
 def _rope_scaling(c: LlamaConfig) -> dict:
-    """An HF config's rope_parameters in the shape of our rope_scaling_params."""
-    scaling = {k: v for k, v in (c.rope_parameters or {}).items() if k != "rope_theta"}
-    scaling.setdefault("rope_type", "default")
+    """An HF config's rope_parameters in the shape of our rope_scaling_params, read as transformers reads them:
+    `type` is the spelling of rope_type before transformers 4.45 (LongChat, Vicuna-16k), which transformers
+    copies to rope_type and keeps; dynamic scaling takes its original context from max_position_embeddings
+    and ignores an original_max_position_embeddings key."""
+    scaling = {k: v for k, v in (c.rope_parameters or {}).items() if k not in ("rope_theta", "type")}
+    scaling.setdefault("rope_type", (c.rope_parameters or {}).get("type", "default"))
     if scaling["rope_type"] == "dynamic":
-        scaling.setdefault(ORIGINAL, c.max_position_embeddings)
+        scaling[ORIGINAL] = c.max_position_embeddings
     return scaling
 
 

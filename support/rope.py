@@ -7,13 +7,15 @@ inv_freq); yarn also scales cos and sin by an attention factor, which sharpens a
 
     linear   every frequency / factor: positions are squeezed into the original range (position interpolation)
     dynamic  NTK: a larger base, grown from the current sequence length once it exceeds the original context
+             (so a forward's frequencies depend on its length; decoding, token p takes those of p + 1 tokens)
     yarn     NTK-by-parts: high frequencies (many turns within the original context) stay, low ones / factor,
              a linear ramp between, chosen by beta_fast / beta_slow turns; plus the attention factor
     llama3   the same idea by wavelength: shorter than original / high_freq_factor stays, longer than
              original / low_freq_factor is / factor, smooth in between (Llama 3.1 / 3.2)
 
 The formulas are those of transformers' modeling_rope_utils.py (the tests compare logits with LlamaForCausalLM),
-written out here in the same float32 order of operations.
+written out here in the same float32 order of operations (but dynamic's grown base: float64, see
+dynamic_frequencies).
 """
 from __future__ import annotations
 
@@ -63,8 +65,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None
     sequence the frequencies serve (only `dynamic` depends on it)."""
     rope_type = (scaling or {}).get("rope_type", "default")
     if rope_type == "dynamic":
-        theta = _dynamic_theta(head_dim, theta, scaling["factor"], scaling[ORIGINAL], seq_len)
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        return dynamic_frequencies(head_dim, theta, scaling, torch.tensor([seq_len]))[0], 1.0
+    inv_freq = _plain(head_dim, theta)
     if rope_type == "linear":
         return inv_freq / scaling["factor"], 1.0
     if rope_type == "yarn":
@@ -74,11 +76,22 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None
     return inv_freq, 1.0
 
 
-def _dynamic_theta(head_dim: int, theta: float, factor: float, original: int, seq_len: int) -> float:
-    """NTK-aware base: unchanged up to the original context, then growing so that the lowest frequency
-    stretches over factor x (seq_len / original) - (factor - 1) times the original context."""
-    seq_len = max(seq_len, original)
-    return theta * ((factor * seq_len / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
+def _plain(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
+def dynamic_frequencies(head_dim: int, theta: float, scaling: dict[str, Any], seq_lens: torch.Tensor) -> torch.Tensor:
+    """inv_freq (len(seq_lens), head_dim / 2) of dynamic (NTK-aware) scaling for a sequence of each length: plain
+    RoPE's up to the original context (bit for bit, as transformers keeps them), past it a larger base, grown
+    so that the lowest frequency stretches over factor x (seq_len / original) - (factor - 1) times the original
+    context. The grown ones are computed in float64 for all lengths at once (a decode table holds one per
+    position); transformers' float32 steps land within 3e-7 of them (relative), about as far as the same float32
+    steps land from each other when vectorised."""
+    factor, original = scaling["factor"], scaling[ORIGINAL]
+    ratio = factor * seq_lens.to(torch.float64).clamp(min=original) / original - (factor - 1)
+    base = theta * ratio ** (head_dim / (head_dim - 2))
+    grown = 1.0 / base[:, None] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return torch.where((seq_lens > original)[:, None], grown.float(), _plain(head_dim, theta))
 
 
 def _yarn(head_dim: int, theta: float, s: dict[str, Any]) -> tuple[torch.Tensor, float]:

@@ -7,13 +7,16 @@ written out here and computed by transformers' LlamaForCausalLM without a cache:
     Exact for a 1-layer model (its keys and values come from the embeddings alone); in deeper layers a kept
     entry still carries what attention took from the dropped tokens, which a fresh run cannot see;
   * "masked": for any depth, with keep = 0: LlamaForCausalLM on the whole sequence at its original positions,
-    each token attending only to what was in the cache when it was fed (RoPE depends on distances only).
+    each token attending only to what was in the cache when it was fed (RoPE depends on distances only);
+  * "fed": LlamaForCausalLM fed the kept tokens one at a time with its KV cache, as its generate feeds them.
+    Exact for a 1-layer model, and for dynamic NTK RoPE too, whose angles depend on more than the distance.
 """
 from __future__ import annotations
 
 import openai
 import pytest
 import torch
+from transformers import DynamicCache
 from test_model import VOCAB, left_pad, tiny
 from test_serve import client_for, live
 
@@ -63,6 +66,14 @@ class Kept:
             allowed[i, seen] = True
         mask = torch.zeros(1, 1, n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
         return hf(torch.tensor([self.seqs[b]]), attention_mask=mask).logits[0, -1]
+
+
+    def fed(self, hf, b: int) -> torch.Tensor:
+        """Next-token logits of row b: LlamaForCausalLM fed its cached tokens one at a time, from position 0."""
+        cache = DynamicCache(config=hf.config)
+        for i in self.cached[b]:
+            logits = hf(torch.tensor([[self.seqs[b][i]]]), cache=cache, use_cache=True).logits
+        return logits[0, -1]
 
 
 def batch(lengths: list[int], seed: int = 0) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
@@ -178,6 +189,25 @@ def test_compiled_step_shifts_without_a_recompile():
     with torch._dynamo.config.patch(error_on_recompile=True):
         out = model.generate(idx, 30, temperature=0, attention_mask=mask, shift=5, keep=2)
     assert out.tolist() == greedy_reference(model, prompts, 30, shift=5, keep=2, reference="fresh")
+
+
+def test_dynamic_rope_keys_move_to_the_angle_decoding_gives_their_new_position():
+    """Under dynamic NTK scaling the frequencies grow with the sequence (transformers' generate rotates token p
+    with those of p + 1 tokens, once past the original context of 8 here), so a moved key is not turned back
+    by the distance it moved but to the angle decoding gives its new position: every step's logits equal
+    LlamaForCausalLM fed the kept tokens one at a time (prompts within the original context prefill alike)."""
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": WINDOW // 2}
+    model = tiny(n_layers=1, max_seq_len=WINDOW, rope_scaling_params=dynamic, rope_theta=500.0)
+    hf = to_hf_llama(model).eval()
+    prompts, idx, mask = batch([5, 8])
+    feed = torch.randint(0, VOCAB, (2, 20))
+    kept = Kept(prompts, WINDOW, shift=5, keep=3)
+    with torch.no_grad():
+        for step, logits in enumerate(cached_logits(model, idx, mask, feed, shift=5, keep=3)):
+            for b in range(2):
+                torch.testing.assert_close(logits[b], kept.fed(hf, b), rtol=1e-4, atol=1e-4, msg=f"step {step}")
+            if step < feed.shape[1]:
+                kept.feed(feed[:, step].tolist())
 
 
 @pytest.mark.parametrize("shift, keep", [(0, 0), (16, 0), (10, 6), (3, -1)])

@@ -44,13 +44,13 @@ CASES = {
 }
 
 
-def as_llama32_writes_it(path) -> None:
-    """config.json as Llama 3.x checkpoints store it: rope_scaling and a top-level rope_theta, which
-    transformers 5 maps to rope_parameters itself."""
+def as_written_before_v5(path, rope_scaling: dict | None = None) -> None:
+    """config.json as checkpoints for transformers 4 store it (Llama 3.x among them): rope_scaling (default: the
+    rope_parameters less rope_theta) and a top-level rope_theta, which transformers 5 maps to rope_parameters."""
     config = json.loads((path / "config.json").read_text())
     rope = config.pop("rope_parameters")
     config["rope_theta"] = rope.pop("rope_theta")
-    config["rope_scaling"] = rope
+    config["rope_scaling"] = rope_scaling or rope
     (path / "config.json").write_text(json.dumps(config))
 
 
@@ -59,7 +59,7 @@ def test_logits_equal_transformers_below_and_above_the_original_context_and_the_
     overrides, lengths = CASES[name]
     save_llama(tmp_path / "llama", **overrides)
     if name.startswith("llama3"):
-        as_llama32_writes_it(tmp_path / "llama")
+        as_written_before_v5(tmp_path / "llama")
     ours, _, _ = open_model(tmp_path / "llama", own_tokenizer=False)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "llama").eval()
     export_hf(ours, tmp_path / "export")
@@ -73,6 +73,57 @@ def test_logits_equal_transformers_below_and_above_the_original_context_and_the_
             logits = ours(tokens).logits
             torch.testing.assert_close(logits, theirs(tokens).logits, atol=1e-4, rtol=0, msg=f"length {T}")
             torch.testing.assert_close(again(tokens).logits, logits, atol=1e-4, rtol=0, msg=f"export, length {T}")
+
+
+@pytest.mark.parametrize("rope_scaling, lengths", [
+    # the spelling before transformers 4.45 (LongChat, Vicuna-16k): transformers copies type to rope_type
+    ({"type": "linear", "factor": 2.0}, [20, 32]),
+    # dynamic takes its original context from max_position_embeddings (32), whatever else the config says
+    ({"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16}, [20, 50]),
+])
+def test_rope_scaling_spellings_transformers_accepts_load_with_its_logits(tmp_path, rope_scaling, lengths):
+    save_llama(tmp_path, max_position_embeddings=32, rope_parameters={"rope_type": "default", **THETA})
+    as_written_before_v5(tmp_path, rope_scaling)
+    ours, _, _ = open_model(tmp_path, own_tokenizer=False)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for T in lengths:
+            tokens = torch.randint(0, VOCAB, (2, T))
+            torch.testing.assert_close(ours(tokens).logits, theirs(tokens).logits, atol=1e-4, rtol=0, msg=f"length {T}")
+
+
+def transformers_greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
+    """The n tokens LlamaForCausalLM.generate gives greedily after prompt (T,). A fresh copy each call: its
+    dynamic frequencies carry over from one call to the next."""
+    hf = to_hf_llama(model).eval()
+    out = hf.generate(prompt[None], attention_mask=torch.ones_like(prompt)[None], max_new_tokens=n, do_sample=False,
+                      pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_dynamic_rope_generates_transformers_greedy_tokens_alone_batched_and_served():
+    """transformers' generate keeps the original frequencies up to the original context (16 here) and grows
+    them past it one step at a time: the prompt takes those of its length, each new token those of the sequence
+    it ends, and cached keys keep the ones they were rotated with. Prompts inside the original context, crossing
+    it while generating and longer than it get its greedy tokens from generate alone, from a left-padded batch
+    (each row its own frequencies, as alone; transformers' batched generate would give every row the longest
+    row's) and through serve.py's engine (rows prefilled alone, then decoded side by side)."""
+    from test_context_shift import engine_logits
+    from test_model import left_pad, tiny
+
+    dynamic = {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 16}
+    model = tiny(max_seq_len=64, rope_scaling_params=dynamic, **THETA)
+    torch.manual_seed(1)
+    prompts = [torch.randint(1, model.config.vocab_size, (n,)) for n in (12, 3, 20, 15)]
+    expected = [transformers_greedy(model, p, 24) for p in prompts]
+    for p, tokens in zip(prompts, expected):
+        assert model.generate(p[None], 24, temperature=0)[0].tolist() == tokens, f"prompt of {len(p)}"
+    idx, mask = left_pad(prompts)
+    assert model.generate(idx, 24, temperature=0, attention_mask=mask).tolist() == expected
+    with torch.no_grad():
+        steps = engine_logits(model, [p.tolist() for p in prompts], torch.tensor(expected)[:, :-1], 8, 0)
+    assert torch.stack([logits.argmax(-1) for logits in steps], 1).tolist() == expected
 
 
 @pytest.mark.parametrize("scaling, named", [
