@@ -2,7 +2,7 @@
 
     python data_process.py eval_tasks                     # once: the offline tasks' data -> out/data/eval/
     python eval_model.py --model out/pretrain --tasks news_cloze,news_ppl,sentiment_mc
-    python eval_model.py --model out/sft --tasks kmodel_offline --apply_chat_template --output_path out/eval_sft.json
+    python eval_model.py --model out/sft --tasks kmodel_offline --apply_chat_template --output_path out/eval
     python eval_model.py --model out/sft/hf --tasks arc_easy,hellaswag --limit 200    # downloads the data once
     python eval_model.py --report out/                    # out/report.md: every stage x the offline tasks
 
@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +30,7 @@ import yaml
 
 from support import loading
 from support.checkpoint import CKPT_NAME
+from support.hf_llama import _hf_config
 from k_model import Transformer
 from support.loading import ADAPTER_CONFIG, DTYPES, resolve_device, resolve_dtype
 
@@ -51,14 +53,16 @@ def open_model(path: str, tokenizer_path: str | None = None, device: str = "auto
     return model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval(), tokenizer, info
 
 
-def kmodel_lm(model: Transformer, tokenizer: Any, batch_size: int = 32) -> Any:
-    """Our model as an lm-eval LM (see KModelLM); lm-eval is imported only when something is evaluated."""
+def kmodel_lm(model: Transformer, tokenizer: Any, batch_size: int | str = 32, max_batch_size: int = 64) -> Any:
+    """Our model as an lm-eval LM (see KModelLM); lm-eval is imported only when something is evaluated.
+    batch_size is a count or lm-eval's "auto" / "auto:N" (the largest batch that fits, found again N times as
+    the requests get shorter), at most max_batch_size."""
     from lm_eval.models.huggingface import HFLM
 
     class KModelLM(HFLM):
         """lm-eval's HF adapter around our model, so that tokenization, context truncation, request order,
         batching and the decoding of answers are exactly what `lm_eval --model hf` does on our HF export;
-        only the two model calls are ours."""
+        only the two model calls (and, off CUDA, the batch size search) are ours."""
 
         def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
             with torch.no_grad():
@@ -74,8 +78,32 @@ def kmodel_lm(model: Transformer, tokenizer: Any, batch_size: int = 32) -> Any:
                                       stop_id=self.eot_token_id, attention_mask=generation_kwargs.get("attention_mask"))
             return torch.cat([context, new], dim=1)
 
+        def _detect_batch_size(self, requests: Any = None, pos: int = 0) -> int:
+            if self.device.type == "cuda":
+                return super()._detect_batch_size(requests, pos)
+            # lm-eval runs ever smaller batches until one does not raise out-of-memory, which suits a GPU; on the
+            # CPU an oversized batch swaps or gets the process killed instead of raising. So here the largest
+            # batch is the one whose logits over the whole window (at most three float32 copies: the model's,
+            # ours, lm-eval's log-softmax) fit in half the memory now available, activations and the rest of
+            # the process getting the other half; the window is the longest request, so auto:N finds it again.
+            import psutil
+
+            row_bytes = 3 * 4 * self.max_length * self.model.config.vocab_size
+            return max(1, min(self.max_batch_size, psutil.virtual_memory().available // 2 // row_bytes))
+
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about a passed-in model are expected
-    return KModelLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=model.config.max_seq_len)
+    return KModelLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size,
+                    max_length=context_window(model, tokenizer))
+
+
+def context_window(model: Transformer, tokenizer: Any) -> int:
+    """The context lm-eval's HF adapter gives our HF export: its own rule (resolve_max_length: the config's
+    n_positions, max_position_embeddings or n_ctx, else the tokenizer's model_max_length, else 2048) on the
+    config the export writes. Under dynamic NTK scaling that is the original context, not max_seq_len."""
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils import resolve_max_length
+
+    return resolve_max_length(_hf_config(model.config), tokenizer, default=HFLM._DEFAULT_MAX_LENGTH)
 
 
 # -- tasks ---------------------------------------------------------------------------------------------------
@@ -275,10 +303,11 @@ def write_report(root: Path, tasks: list[str], manager: Any, args: argparse.Name
     for run_dir in stages:
         model, tokenizer, info = open_model(str(run_dir), args.tokenizer_path, args.device, args.dtype)
         chat = run_dir.name not in NO_CHAT_STAGES
-        results, seconds = task_times(kmodel_lm(model, tokenizer, args.batch_size), manager, tasks,
-                                      num_fewshot=args.num_fewshot, limit=args.limit, apply_chat_template=chat)
-        rows[run_dir.name] = {"source": info["source"], "params": model.num_params(), "chat_template": chat,
-                              **training_facts(info, run_dir), "seconds": seconds,
+        lm = kmodel_lm(model, tokenizer, args.batch_size, args.max_batch_size)
+        results, seconds = task_times(lm, manager, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                      apply_chat_template=chat)
+        rows[run_dir.name] = {"source": info["source"], "params": model.num_params(), "dtype": dtype_name(model),
+                              "chat_template": chat, **training_facts(info, run_dir), "seconds": seconds,
                               "main": {t: main_metric(results, t) for t in tasks}, "results": results["results"]}
         print(f"{run_dir.name}: " + ", ".join(f"{t} {seconds[t]:.1f} s" for t in tasks), flush=True)
     first = next(iter(rows.values()))["main"]
@@ -291,7 +320,8 @@ def write_report(root: Path, tasks: list[str], manager: Any, args: argparse.Name
         cells += [f"{row['main'][t][1]:.4f}" if row["main"][t] else "-" for t in tasks]
         lines.append("| " + " | ".join(cells) + " |")
     limit = f", the first {args.limit:g} documents per task" if args.limit else ""
-    lines += ["", f"lm-eval {_lm_eval_version()}, {args.num_fewshot or 0}-shot{limit}. Seconds per task: "
+    dtypes = ", ".join(dict.fromkeys(row["dtype"] for row in rows.values()))
+    lines += ["", f"lm-eval {_lm_eval_version()}, {dtypes}, {args.num_fewshot or 0}-shot{limit}. Seconds per task: "
               + "; ".join(f"{name} " + ", ".join(f"{t} {sec:.1f}" for t, sec in row["seconds"].items())
                           for name, row in rows.items()) + "."]
     report = root / "report.md"
@@ -319,10 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples per prompt (task default: 0)")
     p.add_argument("--limit", type=float, default=None,
                    help="the first N documents of each task (a fraction < 1: that share of them)")
-    p.add_argument("--batch_size", type=int, default=32, help="requests per forward / generation batch")
+    p.add_argument("--batch_size", default="32",
+                   help="requests per forward / generation batch, or auto (the largest that fits) / auto:N (found "
+                        "again N times as the requests get shorter)")
+    p.add_argument("--max_batch_size", type=int, default=64, help="the largest batch auto tries")
     p.add_argument("--apply_chat_template", action="store_true",
                    help="prompt through the tokenizer's chat template (an SFT / DPO model)")
-    p.add_argument("--output_path", default=None, help="write lm-eval's results JSON here")
+    p.add_argument("--output_path", default=None,
+                   help="lm-eval's results JSON, named as lm_eval names it: DIR -> DIR/<model>/results_<date>.json, "
+                        "FILE.json -> FILE_<date>.json")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="evaluate every run dir under DIR (pretrain, sft, dpo, ...) on --tasks -> DIR/report.md")
     p.add_argument("--tokenizer_path", default=None, help="default: the one saved with the model")
@@ -338,10 +373,48 @@ def check_flags(args: argparse.Namespace) -> None:
         raise EvalError(f"--limit must be > 0, got {args.limit:g}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise EvalError(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
-    if args.batch_size < 1:
-        raise EvalError(f"--batch_size must be >= 1, got {args.batch_size}")
+    args.batch_size = batch_size_arg(args.batch_size)
+    if args.max_batch_size < 1:
+        raise EvalError(f"--max_batch_size must be >= 1, got {args.max_batch_size}")
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
+
+
+def batch_size_arg(value: str) -> int | str:
+    """--batch_size as lm-eval takes it: a positive count, "auto" or "auto:N" with N > 0."""
+    auto, colon, schedule = value.partition(":")
+    try:
+        if auto == "auto" and (not colon or float(schedule) > 0):
+            return value
+        if int(value) >= 1:
+            return int(value)
+    except ValueError:
+        pass
+    raise EvalError(f"--batch_size must be a positive integer, auto or auto:N, got {value!r}")
+
+
+def results_path(output_path: str, model: str) -> Path:
+    """The file lm_eval's CLI writes for --output_path, stamped now: a .json path becomes <stem>_<date>.json
+    beside it, any other path is a directory that gets <model>/results_<date>.json, the model named as given
+    with the characters a path cannot hold replaced (lm-eval's sanitize_model_name)."""
+    from lm_eval.utils import sanitize_model_name
+
+    path, date = Path(output_path), datetime.now().isoformat().replace(":", "-")
+    if path.suffix == ".json":
+        return path.with_name(f"{path.stem}_{date}.json")
+    return path / sanitize_model_name(model) / f"results_{date}.json"
+
+
+def make_output_dir(output_path: str, model: str) -> None:
+    """Creates the folder results_path writes into and checks it is writable, before the evaluation rather than
+    after it."""
+    folder = results_path(output_path, model).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvalError(f"--output_path {output_path}: cannot create {folder} ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise EvalError(f"--output_path {output_path}: {folder} is not writable")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | Path:
@@ -355,18 +428,33 @@ def run(args: argparse.Namespace) -> dict[str, Any] | Path:
         return report
     from lm_eval.utils import handle_non_serializable, make_table
 
+    if args.output_path:
+        make_output_dir(args.output_path, args.model)
     model, tokenizer, info = open_model(args.model, args.tokenizer_path, args.device, args.dtype)
-    results = evaluate(kmodel_lm(model, tokenizer, args.batch_size), manager, tasks, args.num_fewshot, args.limit,
-                       args.apply_chat_template)
-    results["config"]["model"] = info["source"]
+    results = evaluate(kmodel_lm(model, tokenizer, args.batch_size, args.max_batch_size), manager, tasks,
+                       args.num_fewshot, args.limit, args.apply_chat_template)
+    results["config"].update(model=info["source"], batch_size=args.batch_size)  # lm-eval's config has model_dtype
+    print(header_line(args, results, model))
     print(make_table(results))
     if args.output_path:
-        out = Path(args.output_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out = results_path(args.output_path, args.model)
         out.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=handle_non_serializable) + "\n",
                        encoding="utf-8")
         print(f"wrote {out}")
     return results
+
+
+def header_line(args: argparse.Namespace, results: dict[str, Any], model: Transformer) -> str:
+    """lm_eval's line above its table, naming the dtype that ran: --dtype auto is bfloat16 on CUDA and on CPUs
+    with native bf16, where `lm_eval --model hf` takes the dtype the export was saved in unless given dtype=."""
+    sizes = results["config"]["batch_sizes"]
+    return (f"{results['config']['model']} (dtype={dtype_name(model)}, device={model.device}), "
+            f"limit: {args.limit}, num_fewshot: {args.num_fewshot}, batch_size: {args.batch_size}"
+            + (f" ({','.join(map(str, sizes))})" if sizes else ""))
+
+
+def dtype_name(model: Transformer) -> str:
+    return str(model.dtype).removeprefix("torch.")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,10 +74,17 @@ def sft_results(work) -> dict:
                          "--batch_size", "8", "--output_path", str(out), *FLOAT32])
     finally:
         os.chdir(cwd)
-    return json.loads(out.read_text(encoding="utf-8"))["results"]
+    return json.loads(next(work.glob("ours_*.json")).read_text(encoding="utf-8"))["results"]
 
 
-def test_offline_tasks_give_lm_eval_clis_numbers_on_the_hf_export(work, sft_results):
+def _undated(folder: Path, pattern: str) -> list[str]:
+    """The paths under folder that match, relative to it, digits (the date) zeroed."""
+    return sorted(re.sub(r"\d", "0", str(p.relative_to(folder))) for p in folder.glob(pattern))
+
+
+def test_offline_tasks_give_lm_eval_clis_numbers_on_the_hf_export(work, sft_results, tmp_path):
+    from lm_eval.loggers import EvaluationTracker
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     cli = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                           f"pretrained={work / 'out/sft/hf'},dtype=float32", "--tasks", ALL_TASKS, "--include_path",
@@ -91,6 +100,9 @@ def test_offline_tasks_give_lm_eval_clis_numbers_on_the_hf_export(work, sft_resu
     assert sft_results["news_ppl"]["bits_per_byte,none"] == pytest.approx(theirs["news_ppl"]["bits_per_byte,none"],
                                                                           rel=1e-6)
     assert sft_results["news_cloze"]["acc,none"] > 0 and sft_results["news_ppl"]["bits_per_byte,none"] > 0
+    # --output_path ours.json wrote ours_<date>.json, as lm_eval's results tracker does for that path
+    EvaluationTracker(output_path=str(tmp_path / "ours.json")).save_results_aggregated(results={})
+    assert _undated(work, "ours*.json") == _undated(tmp_path, "ours*.json") == ["ours_0000-00-00T00-00-00.000000.json"]
 
 
 def test_generative_sentiment_is_model_sample_evals_accuracy(work, sft_results):
@@ -111,6 +123,39 @@ def test_every_model_kind_gives_the_same_numbers(work, sft_results):
             sft_results["news_ppl"]["bits_per_byte,none"], rel=1e-6), path
 
 
+def test_dynamic_ntk_export_auto_batch_size_and_output_dir_as_lm_evals_api(work, tmp_path, capsys):
+    """A dynamic-NTK export (original context 64, factor 2: our window is 128) gives lm-eval's numbers: lm-eval
+    reads max_position_embeddings (64) as its rolling window. --batch_size auto:2 picks lm-eval's batch sizes,
+    and --output_path DIR (existing) gets lm_eval's DIR/<model>/results_<date>.json."""
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+
+    export = tmp_path / "dynamic"
+    shutil.copytree(work / "out/sft/hf", export)
+    config = json.loads((export / "config.json").read_text(encoding="utf-8"))
+    config["max_position_embeddings"] = 64
+    config["rope_parameters"].update(rope_type="dynamic", factor=2.0)
+    (export / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    tasks = ["news_ppl", "sentiment_mc"]
+    (tmp_path / "ours").mkdir()
+    eval_model.main(["--model", str(export), "--tasks", ",".join(tasks), "--batch_size", "auto:2",
+                     "--max_batch_size", "16", "--limit", "12",
+                     "--output_path", str(tmp_path / "ours"), *FLOAT32])
+    header = next(line for line in capsys.readouterr().out.splitlines() if "num_fewshot" in line)
+    assert f"{export} (dtype=float32, device=cpu)" in header  # the dtype that ran, where lm_eval prints its own
+    tracker = EvaluationTracker(output_path=str(tmp_path / "theirs"))
+    theirs = simple_evaluate(model="hf", model_args=f"pretrained={export},dtype=float32", tasks=tasks, device="cpu",
+                             batch_size="auto:2", max_batch_size=16, limit=12, evaluation_tracker=tracker,
+                             task_manager=eval_model.task_manager(tuple(tasks)))
+    tracker.save_results_aggregated(results=theirs)
+    assert _undated(tmp_path / "ours", "**/*") == _undated(tmp_path / "theirs", "**/*")
+    ours = json.loads(next((tmp_path / "ours").rglob("results_*.json")).read_text(encoding="utf-8"))
+    assert ours["config"]["batch_sizes"] == theirs["config"]["batch_sizes"] != []
+    assert ours["results"]["sentiment_mc"]["acc,none"] == theirs["results"]["sentiment_mc"]["acc,none"]
+    assert ours["results"]["news_ppl"]["bits_per_byte,none"] == pytest.approx(
+        theirs["results"]["news_ppl"]["bits_per_byte,none"], rel=1e-6)
+
+
 def test_report_card_has_a_row_per_stage_and_a_column_per_task(work, sft_results, capsys):
     eval_model.main(["--report", "out", "--tasks", "sentiment_mc,news_ppl", *FLOAT32])
     report = (work / "out/report.md").read_text(encoding="utf-8")
@@ -122,6 +167,7 @@ def test_report_card_has_a_row_per_stage_and_a_column_per_task(work, sft_results
     assert cells[5] == f"{sft_results['sentiment_mc']['acc,none']:.4f}"
     assert cells[6] == f"{sft_results['news_ppl']['bits_per_byte,none']:.4f} |"
     assert cells[2] == f"{150 * 16 * 128 / 1e6:.2f}M"  # steps x batch x sequence length
+    assert ", float32, 0-shot." in report  # the dtype that ran
 
 
 def test_eval_tasks_while_training_log_what_eval_model_gives(work, tmp_path):
@@ -135,7 +181,7 @@ def test_eval_tasks_while_training_log_what_eval_model_gives(work, tmp_path):
     assert [r["step"] for r in logged] == [1, 2]
     eval_model.main(["--model", str(out / "adapter"), "--tasks", "sentiment_mc,news_ppl", "--limit", "6",
                      "--apply_chat_template", "--output_path", str(tmp_path / "after.json"), *FLOAT32])
-    after = json.loads((tmp_path / "after.json").read_text(encoding="utf-8"))["results"]
+    after = json.loads(next(tmp_path.glob("after_*.json")).read_text(encoding="utf-8"))["results"]
     assert logged[-1]["eval/sentiment_mc/acc"] == after["sentiment_mc"]["acc,none"]
     assert logged[-1]["eval/news_ppl/bits_per_byte"] == pytest.approx(after["news_ppl"]["bits_per_byte,none"],
                                                                       rel=1e-5)  # LoRA unmerged vs merged
@@ -149,14 +195,17 @@ def _bad_task_folder(root: Path, yaml_text: str, jsonl_text: str | None = None) 
     return str(root)
 
 
-@pytest.mark.parametrize("case", ["unknown task", "malformed yaml", "malformed jsonl", "limit 0", "not a model"])
-def test_bad_input_is_one_line(work, tmp_path, case):
+@pytest.mark.parametrize("case", ["unknown task", "malformed yaml", "malformed jsonl", "limit 0", "not a model",
+                                  "batch size", "output path"])
+def test_bad_input_is_one_line(work, tmp_path, capsys, case):
     args = ["--model", str(work / "out/sft"), "--tasks", "sentiment_mc", *FLOAT32]
     task = "task: bad\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\noutput_type: " \
            "loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{{{text}}}}'\n"
     expected = {"unknown task": "unknown task 'no_such_task'", "malformed yaml": "bad.yaml: malformed YAML",
                 "malformed jsonl": "bad.jsonl:2: task bad: malformed JSONL", "limit 0": "--limit must be > 0",
-                "not a model": "no ckpt.pt, config.json"}[case]
+                "not a model": "no ckpt.pt, config.json",
+                "batch size": "--batch_size must be a positive integer, auto or auto:N, got 'auto:0'",
+                "output path": f"--output_path {tmp_path / 'file' / 'out'}: cannot create"}[case]
     if case == "unknown task":
         args[3] = "news_ppl,no_such_task"
     elif case == "malformed yaml":
@@ -168,6 +217,11 @@ def test_bad_input_is_one_line(work, tmp_path, case):
         args += ["--include_path", folder]
     elif case == "limit 0":
         args += ["--limit", "0"]
+    elif case == "batch size":
+        args += ["--batch_size", "auto:0"]
+    elif case == "output path":  # refused before the evaluation, not after it
+        (tmp_path / "file").write_text("", encoding="utf-8")
+        args += ["--output_path", str(tmp_path / "file" / "out")]
     else:
         (tmp_path / "empty").mkdir()
         args[1] = str(tmp_path / "empty")
@@ -175,3 +229,4 @@ def test_bad_input_is_one_line(work, tmp_path, case):
         eval_model.main(args)
     message = str(exit_.value.code)
     assert message.startswith("error: ") and expected in message and "\n" not in message
+    assert "sentiment_mc" not in capsys.readouterr().out  # nothing was evaluated
