@@ -17,8 +17,12 @@ iteration. torch runs it in bfloat16, which is fast only where bf16 is native: o
 AdamW's 3 ms on an AVX2 Zen 3 (30 ms in float32). `auto` picks bfloat16 where the device computes it natively,
 float32 elsewhere. In bfloat16 the update equals torch.optim.Muon's bit for bit; in float32 it is closer to the
 exact orthogonalization, and 2 DDP processes agree with 1 as with AdamW (in bf16 the ~1e-7 difference between
-their gradients flips roundings of the update by a bf16 ulp). Hyperparameters, param_groups and state (a momentum buffer per
-matrix) are torch.optim.Muon's, so checkpoints of either load into the other.
+their gradients flips roundings of the update by a bf16 ulp). Hyperparameters, param_groups and state (a
+momentum buffer per matrix) are torch.optim.Muon's, so checkpoints of either load into the other.
+
+Under --parallel fsdp each matrix is a DTensor of row shards, and its momentum stays sharded (it is
+elementwise); only the Newton-Schulz input is gathered whole, each matrix on one rank (matrix i on rank
+i mod N, so the ranks share the work), orthogonalized there and its rows scattered back (sharded_orthogonalized).
 
 Schedules (--lr_schedule). Both warm up linearly over --warmup_iters. `cosine` then decays to a tenth of the
 peak at the last step. `wsd` (warmup-stable-decay) holds the peak, then decays linearly to zero over the last
@@ -36,7 +40,8 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 
 from support.cpu_features import cpu_has_native_bf16
 from support.hf_llama import LAYER_WEIGHTS
@@ -87,7 +92,8 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon with the Newton-Schulz iteration in `ns_dtype` (module docstring). Same constructor defaults, param_groups and state as torch's; the dtype is a choice of the
+    """torch.optim.Muon with the Newton-Schulz iteration in `ns_dtype`, on whole matrices under FSDP2 (module
+    docstring). Same constructor defaults, param_groups and state as torch's; the dtype is a choice of the
     launch (of its device), not saved."""
 
     def __init__(self, params: list[torch.nn.Parameter], lr: float, weight_decay: float, ns_dtype: torch.dtype):
@@ -106,7 +112,10 @@ class Muon(torch.optim.Muon):
             inputs = [self._momentum_step(p, group["momentum"], group["nesterov"]) for p in params]
             ns = partial(newton_schulz, coefficients=group["ns_coefficients"], steps=group["ns_steps"],
                          eps=group["eps"], dtype=self.ns_dtype)
-            updates = [ns(g) for g in inputs]
+            if any(isinstance(p, DTensor) for p in params):  # --parallel fsdp
+                updates = sharded_orthogonalized(params, [g.to(self.ns_dtype) for g in inputs], ns)
+            else:
+                updates = [ns(g) for g in inputs]
             lr, decay = group["lr"], group["weight_decay"]
             for p, update in zip(params, updates):
                 rows, cols = p.shape  # the whole matrix's, also for a DTensor shard
@@ -122,6 +131,48 @@ class Muon(torch.optim.Muon):
         buf, grad = local(state["momentum_buffer"]), local(p.grad)
         buf.lerp_(grad, 1 - momentum)
         return grad.lerp(buf, momentum) if nesterov else buf
+
+
+def sharded_orthogonalized(params: list[DTensor], shards: list[torch.Tensor],
+                           ns: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """ns of each whole matrix, for matrices held as row shards over the ranks of one mesh (FSDP2's Shard(0)):
+    `shards` holds this rank's rows of each ns input, in the dtype ns returns (in bf16 that halves the bytes
+    moved, and is exact: ns casts first anyway); returns this rank's rows of each result. In rounds of N
+    matrices (N ranks), rank j gathers the round's j-th matrix, orthogonalizes it and scatters its rows back,
+    while the other ranks do the same with theirs: a rank holds one whole matrix at a time. Shards are padded
+    to equal rows for the collectives (FSDP2 splits as torch.chunk: the last ranks may hold fewer, or none)."""
+    mesh = params[0].device_mesh
+    if mesh.ndim != 1 or any(p.device_mesh != mesh or tuple(p.placements) != (Shard(0),) for p in params):
+        raise ValueError("Muon under FSDP needs every matrix sharded by rows over one 1-D mesh")
+    group, me, n = mesh.get_group(), mesh.get_local_rank(), mesh.size()
+    device = torch.device(mesh.device_type)  # the collectives' (--cpu_offload keeps the shards on the CPU)
+    results = []
+    for start in range(0, len(params), n):
+        batch = range(start, min(start + n, len(params)))
+        mine = start + me  # the matrix this rank orthogonalizes, if the round has one for it
+        rows = {i: -(-params[i].shape[0] // n) for i in batch}  # per rank, rounded up
+        whole = [torch.empty(rows[mine], params[mine].shape[1], dtype=shards[mine].dtype, device=device)
+                 for _ in range(n)] if mine in batch else None
+        pending = [dist.gather(pad_rows(shards[i].to(device), rows[i]), whole if i == mine else None, group=group,
+                               group_dst=i - start, async_op=True) for i in batch]
+        for work in pending:
+            work.wait()
+        pieces = None
+        if mine in batch:
+            result = ns(torch.cat(whole)[: params[mine].shape[0]])
+            pieces = list(pad_rows(result, n * rows[mine]).split(rows[mine]))
+        received = {i: torch.empty(rows[i], params[i].shape[1], dtype=shards[i].dtype, device=device) for i in batch}
+        pending = [dist.scatter(received[i], pieces if i == mine else None, group=group, group_src=i - start,
+                                async_op=True) for i in batch]
+        for work in pending:
+            work.wait()
+        results += [received[i][: len(shards[i])].to(shards[i].device) for i in batch]
+    return results
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with zero rows appended up to `rows`, contiguous (as collectives need)."""
+    return torch.nn.functional.pad(x, (0, 0, 0, rows - len(x))).contiguous()
 
 
 class Optimizers:
