@@ -32,11 +32,15 @@ from common import interleaved, machine_line  # noqa: E402
 from k_model import ModelConfig, Transformer  # noqa: E402
 
 
-def step_fn(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, batches: list, seed: int):
-    """A closure running one train_step on its own model + AdamW (same initial weights for every variant)."""
+ADAMW = argparse.Namespace(optimizer="adamw", learning_rate=1e-3, weight_decay=0.1)
+
+
+def step_fn(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, batches: list, seed: int,
+            hp: argparse.Namespace = ADAMW):
+    """A closure running one train_step on its own model and optimizer (`hp`: optim.make_optimizer's flags);
+    the same initial weights for every variant."""
     torch.manual_seed(seed)
     model = Transformer(cfg).to(device)
-    hp = argparse.Namespace(optimizer="adamw", learning_rate=1e-3, weight_decay=0.1)
     optimizer = optim.make_optimizer(model, list(model.parameters()), hp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = trainer.autocast_factory(device, dtype)

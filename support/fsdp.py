@@ -1,5 +1,5 @@
 """--parallel fsdp: PyTorch's FSDP2 (`fully_shard`) with Distributed Checkpoint (torch.distributed.checkpoint),
-for models whose weights, gradients and AdamW state (16 bytes per parameter) do not fit one device.
+for models whose weights, gradients and optimizer state (AdamW: 16 bytes per parameter) do not fit one device.
 
 Each rank holds 1/N of every weight, gradient and optimizer state (N = processes): `fully_shard` is applied
 to each transformer block and then to the root (embeddings, the final norm, the tied output head). A block's
@@ -32,9 +32,12 @@ freed after; gradients and optimizer state stay sharded). DPO's and GRPO's froze
 copy on every rank, without gradients or optimizer state (2 or 4 bytes per parameter); DPO's
 --precompute_ref_logps holds none.
 
-What does not run under fsdp (one-line refusal): Muon (it orthogonalizes whole matrices, FSDP holds row
-shards), float16 (GradScaler with sharded gradients: use bfloat16) and QLoRA's 4-bit weights (bitsandbytes'
-packed blocks are not sharded by rows).
+Muon: its momentum stays sharded like AdamW's moments; each step gathers every matrix's Newton-Schulz input
+whole on one rank (the ranks take turns, so the work is shared), and scatters the orthogonalized rows back
+(optim.sharded_orthogonalized).
+
+What does not run under fsdp (one-line refusal): float16 (GradScaler with sharded gradients: use bfloat16) and
+QLoRA's 4-bit weights (bitsandbytes' packed blocks are not sharded by rows).
 """
 from __future__ import annotations
 
@@ -69,9 +72,7 @@ def make_parallel(args: argparse.Namespace, d: DistInfo, dtype: torch.dtype) -> 
     if args.parallel != "fsdp":
         return DataParallel(d)
     refusal = None  # checked before any model is loaded
-    if args.optimizer == "muon":
-        refusal = "--optimizer muon orthogonalizes whole matrices, which FSDP shards by rows: use --optimizer adamw"
-    elif dtype == torch.float16:
+    if dtype == torch.float16:
         refusal = "--dtype float16 needs GradScaler over sharded gradients, not supported: use --dtype bfloat16"
     elif getattr(args, "load_in_4bit", False):
         refusal = ("--load_in_4bit's packed 4-bit weights cannot be sharded: use --parallel ddp, or LoRA on 16-bit "

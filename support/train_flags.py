@@ -14,7 +14,7 @@ from typing import Any
 
 from k_model import rope_tables
 from support.loading import DEFAULT_TOKENIZER, DTYPES, SourcedModel
-from support.optim import OPTIMIZERS, SCHEDULES
+from support.optim import MUON_DTYPES, OPTIMIZERS, SCHEDULES
 from support.rope import ORIGINAL
 
 # Model shape and per-process batch (and a schedule, where the preset has one) for scripts that build a new model.
@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 COMMON_DEFAULTS: dict[str, Any] = dict(
     epochs=1, max_steps=0, accumulation_steps=1, weight_decay=0.1, grad_clip=1.0,
-    optimizer="adamw", muon_learning_rate=0.02, lr_schedule="cosine", decay_fraction=0.2,
+    optimizer="adamw", muon_learning_rate=0.02, muon_dtype="auto", lr_schedule="cosine", decay_fraction=0.2,
     seed=1337, device="auto", dtype="auto", parallel="ddp", cpu_offload=False, num_threads=0, num_workers=0,
     compile=False, log_interval=10,
     eval_interval=200, eval_samples=512, save_interval=200, sample_tokens=32, resume=False, overwrite=False,
@@ -91,6 +91,9 @@ def build_parser(task: Any) -> argparse.ArgumentParser:
                         "the rest (optim.py)", choices=OPTIMIZERS)
     add(g, "learning_rate", "AdamW's peak learning rate", type=float)
     add(g, "muon_learning_rate", "Muon's peak learning rate (--optimizer muon)", type=float)
+    add(g, "muon_dtype", "dtype of Muon's Newton-Schulz iteration; auto = bfloat16 where the device computes it "
+                         "natively (CUDA from Ampere on, CPUs with AVX512_BF16/AMX), else float32 (optim.py)",
+        choices=["auto", *MUON_DTYPES])
     add(g, "lr_schedule", "after the warmup: cosine to a tenth of the peak, or wsd: the peak, then linear to 0 over "
                           "the last --decay_fraction of the steps", choices=SCHEDULES)
     add(g, "decay_fraction", "wsd: the share of the steps that decays", type=float)

@@ -1,8 +1,13 @@
 """--parallel fsdp (support/fsdp.py): 2 gloo processes with FSDP2 train exactly like 1 plain process reading the
 same global batch (weights within 1e-5, the same losses and the same hf/ export); a run resumed from its
 distributed checkpoint with another number of processes (1 -> 2 -> 2 -> 1) ends where the uninterrupted run
-does; every tool opens the DCP checkpoint through open_model; what FSDP cannot train is one clear line."""
+does, with AdamW and with Muon; every tool opens the DCP checkpoint through open_model; what FSDP cannot train
+is one clear line."""
 from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -74,20 +79,24 @@ def test_two_fsdp_processes_train_like_one(tmp_path, pretrain_args, reference):
     assert [s for s, _ in read_metrics(run, "samples")] == [2, 4, 6]
 
 
-def test_resume_with_other_process_counts(tmp_path, pretrain_args, reference):
-    """1 process to step 2, 2 processes to step 4 (1 -> 2), 2 to step 5 (2 -> 2), 1 to step 6 (2 -> 1): the
-    per-process batch follows the process count so that the global batch stays 8."""
-    run = tmp_path / "chain"
-    chain = [(1, 8, 2), (2, 4, 4), (2, 4, 5), (1, 8, 6)]
-    for i, (nproc, batch, steps) in enumerate(chain):
-        args = pretrain_args + FSDP + ["--resume"] * bool(i) + [
-            "--out_dir", str(run), "--batch_size", str(batch), "--max_steps", str(steps)]
+def train_in_turns(args: list[str], run: Path, turns: list[tuple[int, int]]) -> None:
+    """--parallel fsdp runs into `run`, each (processes, last step) resuming the one before; the per-process
+    batch follows the process count so that the global batch stays 8."""
+    for i, (nproc, steps) in enumerate(turns):
+        turn = args + FSDP + ["--resume"] * bool(i) + [
+            "--out_dir", str(run), "--batch_size", str(8 // nproc), "--max_steps", str(steps)]
         if nproc == 1:  # in this process: a process group of one, created and destroyed by the run
-            ddp_pretrain.main(args)
+            ddp_pretrain.main(turn)
             continue
-        proc = run_script("ddp_pretrain.py", args, nproc=nproc)
+        proc = run_script("ddp_pretrain.py", turn, nproc=nproc)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert f"resumed from {run / DCP_NAME} at step {chain[i - 1][2]}" in proc.stdout
+        assert f"resumed from {run / DCP_NAME} at step {turns[i - 1][1]}" in proc.stdout
+
+
+def test_resume_with_other_process_counts(tmp_path, pretrain_args, reference):
+    """1 process to step 2, 2 processes to step 4 (1 -> 2), 2 to step 5 (2 -> 2), 1 to step 6 (2 -> 1)."""
+    run = tmp_path / "chain"
+    train_in_turns(pretrain_args, run, [(1, 2), (2, 4), (2, 5), (1, 6)])
     state = load_checkpoint(run)
     assert state["step"] == 6 and state["world_size"] == 1
     assert_same_weights(load_checkpoint(reference)["model"], state["model"])
@@ -130,14 +139,24 @@ def test_ddp_checkpoint_is_not_resumed_as_fsdp(tmp_path, pretrain_args, referenc
     assert load_checkpoint(reference)["step"] == 6
 
 
-@pytest.mark.parametrize("flags, refusal", [
-    (["--optimizer", "muon"], "--optimizer muon orthogonalizes whole matrices"),
-    (["--dtype", "float16"], "--dtype float16 needs GradScaler"),
-])
-def test_what_fsdp_cannot_train_is_refused(tmp_path, pretrain_args, flags, refusal):
-    with pytest.raises(SystemExit, match=f"^error: --parallel fsdp: {refusal}"):
-        ddp_pretrain.main(pretrain_args + FSDP + flags + ["--out_dir", str(tmp_path / "run"), "--max_steps", "1"])
+def test_float16_is_refused(tmp_path, pretrain_args):
+    with pytest.raises(SystemExit, match="^error: --parallel fsdp: --dtype float16 needs GradScaler"):
+        ddp_pretrain.main(pretrain_args + FSDP + ["--dtype", "float16", "--out_dir", str(tmp_path / "run"),
+                                                  "--max_steps", "1"])
     assert not (tmp_path / "run" / DCP_NAME).exists()
+
+
+def test_muon_under_fsdp_trains_like_one_plain_process(tmp_path, pretrain_args):
+    """Muon (Newton-Schulz in float32) with its momentum sharded and each matrix gathered whole on one rank:
+    1 FSDP process to step 2, 2 processes to step 4, 1 to step 6, each resuming the distributed checkpoint
+    (the Muon and AdamW states resharded 1 -> 2 -> 1), end where one plain process's uninterrupted run does."""
+    muon = pretrain_args + ["--optimizer", "muon", "--muon_learning_rate", "1e-2", "--muon_dtype", "float32"]
+    ddp_pretrain.main(muon + ["--out_dir", str(tmp_path / "plain"), "--batch_size", "8", "--max_steps", "6"])
+    train_in_turns(muon, tmp_path / "fsdp", [(1, 2), (2, 4), (1, 6)])
+    plain, fsdp = load_checkpoint(tmp_path / "plain"), load_checkpoint(tmp_path / "fsdp")
+    assert fsdp["step"] == 6 and "Newton-Schulz in float32" in (tmp_path / "fsdp" / "train.log").read_text()
+    assert_same_weights(plain["model"], fsdp["model"])
+    assert_same_losses(tmp_path / "plain", tmp_path / "fsdp", ["loss"])
 
 
 def test_cpu_offload_needs_fsdp(tmp_path, pretrain_args):
@@ -174,9 +193,27 @@ def test_cpu_offload_trains_like_one_process(tmp_path, pretrain_args, reference)
 LORA_SPEC = dict(r=4, alpha=8.0, dropout=0.0, targets=["wqkv", "wo", "w13", "w2"], load_in_4bit=False, base="test")
 
 
-def rank0_only_loading(rank: int, init_file: str, out_dir: str) -> None:
-    """One of 2 gloo processes (torch.multiprocessing): share_model then wrap, as the trainer calls them."""
+def two_gloo_ranks(rank: int, init_file: str, out_dir: str) -> None:
+    """One of 2 gloo processes (torch.multiprocessing) running each check below; what they find is saved to
+    out_dir/<check>_rank<rank>.pt for the tests."""
     import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    for check in (rank0_only_loading, muon_on_row_shards):
+        torch.save(check(rank), f"{out_dir}/{check.__name__}_rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks_found(tmp_path_factory) -> Callable[[str], tuple[Any, Any]]:
+    """Spawns two_gloo_ranks once; returns check name -> (rank 0's findings, rank 1's)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    torch.multiprocessing.spawn(two_gloo_ranks, args=(str(out / "init"), str(out)), nprocs=2)
+    return lambda check: tuple(torch.load(out / f"{check}_rank{r}.pt", weights_only=False) for r in (0, 1))
+
+
+def rank0_only_loading(rank: int) -> dict[str, Any]:
+    """share_model then wrap, as the trainer calls them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from k_model import ModelConfig, Transformer
@@ -185,7 +222,6 @@ def rank0_only_loading(rank: int, init_file: str, out_dir: str) -> None:
     from support.loading import SourcedModel
     from support.trainer_utils import DistInfo
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     parallel = FullyShardedParallel(DistInfo(rank, rank, 2, torch.device("cpu"), None), torch.bfloat16, False)
     found: dict = {}
 
@@ -214,16 +250,14 @@ def rank0_only_loading(rank: int, init_file: str, out_dir: str) -> None:
     model = parallel.wrap(start.model, compiled=False)
     found["weights"] = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # every rank
     found["rope"] = model.rope_cos.clone()
-    torch.save(found, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return found
 
 
-def test_only_rank_0_loads_the_initial_model(tmp_path):
+def test_only_rank_0_loads_the_initial_model(two_ranks_found):
     """With 2 FSDP processes rank 1 never loads the model: it builds the outline rank 0 sends (shapes, dtypes,
     which weights train, LoRA) on the meta device, and wrap fills its shards from rank 0's weights. A failure
     to load on rank 0 stops rank 1 too, with the same message."""
-    torch.multiprocessing.spawn(rank0_only_loading, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    zero, one = two_ranks_found("rank0_only_loading")
     message = "model.pt: not a readable checkpoint (loaded by rank 0)"
     assert zero["error"] == one["error"] == message
     assert zero.get("loaded") and not one.get("loaded")
@@ -233,3 +267,41 @@ def test_only_rank_0_loads_the_initial_model(tmp_path):
     for key, weight in zero["original"].items():  # on both ranks, gathered from the shards
         assert torch.equal(zero["weights"][key], weight) and torch.equal(one["weights"][key], weight), key
     assert torch.equal(one["rope"], zero["rope"])
+
+
+ROW_SHARDED = [(5, 3), (1, 4), (4, 6)]  # on 2 ranks: 3 + 2 rows, 1 + 0, 2 + 2; two rounds, the second of one
+
+
+def muon_on_row_shards(rank: int) -> list[torch.Tensor]:
+    """Two Muon steps on the ROW_SHARDED matrices as DTensors of row shards (FSDP2's layout, torch.chunk's
+    uneven split), every rank drawing the same whole gradients; the matrices after them, gathered."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from support.optim import Muon
+
+    mesh = init_device_mesh("cpu", (2,))
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(distribute_tensor(torch.randn(shape, generator=generator), mesh, [Shard(0)]))
+              for shape in ROW_SHARDED]
+    optimizer = Muon(params, lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16)
+    for _ in range(2):
+        for p in params:
+            p.grad = distribute_tensor(torch.randn(p.shape, generator=generator), mesh, [Shard(0)])
+        optimizer.step()
+    return [p.full_tensor().detach() for p in params]
+
+
+def test_muon_on_uneven_row_shards_equals_torch_muon_on_whole_matrices(two_ranks_found):
+    """FSDP2 gives the last ranks fewer rows (or none) when a matrix's rows do not divide evenly, and a step's
+    matrices are not always a multiple of the ranks: Muon (in bfloat16) on such shards takes exactly the steps
+    of torch.optim.Muon on the whole matrices, bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in ROW_SHARDED]
+    reference = torch.optim.Muon(params, lr=0.02, weight_decay=0.1)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        reference.step()
+    for got in two_ranks_found("muon_on_row_shards"):
+        assert all(torch.equal(g, p.detach()) for g, p in zip(got, params))
