@@ -53,7 +53,7 @@ def run(parallel: str, nproc: int, data: str, tokenizer: str, out_dir: Path, arg
                       "--n_layers", str(args.n_layers), "--n_heads", "8", "--n_kv_heads", "4", "--max_seq_len", "64",
                       "--batch_size", str(8 // nproc), "--max_steps", str(args.steps), "--device", args.device,
                       "--dtype", "float32", "--num_threads", "1", "--peak_tflops", "1", "--log_interval", "1",
-                      "--optimizer", "adamw"]  # the demo preset trains with Muon, which FSDP refuses
+                      "--optimizer", "adamw"]  # AdamW's two moments per weight: the state FSDP shards
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
