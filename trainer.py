@@ -20,7 +20,10 @@ one without carrying RNG states in the checkpoint.
 Flags. train_flags.py defines them and resolves each value: the command line; on --resume, the flags saved in
 the checkpoint (except per-launch ones); the --preset; the script's Task.defaults; the shared defaults. Flags
 left unset by all of them (SFT's --max_seq_len, --dropout) are the initial model's. train.log lists each
-value with where it came from.
+value with where it came from. A resumed run takes the optimizer's state (moments, step counts) from the
+checkpoint and its settings from this launch, as a fresh run would set them: --learning_rate and --weight_decay
+given again apply, and so do betas, eps or Muon's momentum that the code now sets otherwise (train.log notes each
+change).
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ from support.train_flags import (build_parser, check_args, check_resume_flags, r
 from support.train_progress import Progress
 from support.train_steps import autocast_factory, dtype_names, greedy_samples, peak_memory, step_seed, train_step
 from support.train_task import Task, check_targets
-from support.trainer_utils import (DistInfo, RunLogger, StopRequest, iterate_steps, local_part, setup_distributed,
-                                   steps_left)
+from support.trainer_utils import (DistInfo, RunLogger, StopRequest, apply_settings, iterate_steps, local_part,
+                                   optimizer_settings, setup_distributed, steps_left)
 
 
 class TrainingError(RuntimeError):
@@ -149,7 +152,11 @@ class Trainer:
         return start
 
     def _restore(self, state: dict[str, Any]) -> None:
+        launch = optimizer_settings(self.optimizer)  # from this launch's flags (--weight_decay) and code
         self.parallel.restore(state, self.ckpt_path, self.model, self.optimizer)
+        changed = apply_settings(self.optimizer, launch)
+        if changed:
+            self.log.info(f"note: optimizer settings of this launch, not the checkpoint's: {', '.join(changed)}")
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.position = state["step"], dict(state["data_position"])
