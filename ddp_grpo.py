@@ -11,7 +11,9 @@ rewards.py). Each step takes batch_size prompts per process and accumulation ste
 completions of each with the model as it is (KV-cache decoding, batched), scores them, and trains on them:
 
     advantage of completion i of a group: A_i = r_i - mean(r_group), divided by (std(r_group) + 1e-4) with
-        --scale_rewards group (std with Bessel's correction, as TRL); r = sum of the weighted rewards
+        --scale_rewards group (std with Bessel's correction, as TRL); r = sum of the weighted rewards, a None
+        counting as 0; a completion that no function judged (all None) is left out of its group's mean and std
+        and gets A = 0 (TRL's nanmean / nanstd)
     per token: -min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A) + beta KL, rho = pi / pi_old and
         KL = exp(ref - logp) - (ref - logp) - 1 (k3 estimator) against the frozen --init_from model
     --loss_type grpo: mean over completions of each one's token mean; dr_grpo: token sum / (completions x
@@ -27,6 +29,7 @@ the rollouts decode with a whole copy of the policy gathered on each process (su
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -53,12 +56,22 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str) -> torch.Tensor:
-    """rewards (N,), groups of group_size consecutive completions of one prompt -> advantages (N,)."""
+    """rewards (N,), groups of group_size consecutive completions of one prompt -> advantages (N,). A NaN reward
+    (no function judged the completion) is left out of its group's mean and std, and its advantage is 0; so is
+    that of a group's only judged completion, whose std is undefined."""
     grouped = rewards.view(-1, group_size)
-    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    advantages = grouped - grouped.nanmean(dim=1, keepdim=True)
     if scale_rewards == "group":
-        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
-    return advantages.reshape(-1)
+        advantages = advantages / (nan_std(grouped) + 1e-4)
+    return advantages.nan_to_num(0.0).reshape(-1)
+
+
+def nan_std(grouped: torch.Tensor) -> torch.Tensor:
+    """(groups, G) -> (groups, 1): each row's std over its non-NaN values, with Bessel's correction (torch has no
+    nanstd); NaN where fewer than two values are."""
+    count = (~grouped.isnan()).sum(dim=1, keepdim=True)
+    squares = ((grouped - grouped.nanmean(dim=1, keepdim=True)) ** 2).nansum(dim=1, keepdim=True)
+    return (squares / (count - 1)).sqrt()
 
 
 class TokenTerms(NamedTuple):
@@ -388,14 +401,16 @@ class GRPO(SFT):
         lengths = torch.tensor([float(len(c)) for _, completions, _ in done for c in completions])
         truncated = torch.tensor([float(c[-1] != self.tokenizer.eos_token_id)
                                   for _, completions, _ in done for c in completions])
-        total = weighted(per_function, self.rewards).view(-1, G)
+        total = weighted(per_function, self.rewards).view(-1, G)  # NaN: judged by no function
+        group_stds = nan_std(total)  # NaN: fewer than two judged
         judged = ~per_function.isnan()
         values = per_function.nan_to_num(0.0)
         rows = torch.tensor(float(len(lengths)))
         units = {"grpo": rows, "dr_grpo": rows * a.max_completion_length, "dapo": lengths.sum()}[a.loss_type]
         stats = dict(rows=rows, tokens=lengths.sum(), units=units, truncated=truncated.sum(),
-                     reward=total.sum(), group_std=total.std(dim=1).sum(),
-                     zero_std=(total.std(dim=1) == 0).float().sum(), groups=torch.tensor(float(total.shape[0])),
+                     reward=total.nansum(), judged_rows=(~total.isnan()).float().sum(),
+                     group_std=group_stds.nansum(), std_groups=(~group_stds.isnan()).float().sum(),
+                     zero_std=(group_stds == 0).float().sum(), groups=torch.tensor(float(total.shape[0])),
                      judged=judged.float().sum(0), sums=values.sum(0), squares=(values**2).sum(0))
         if dist.is_initialized():
             flat = torch.cat([v.reshape(-1) for v in stats.values()]).to(self.device)
@@ -405,10 +420,11 @@ class GRPO(SFT):
         return stats
 
     def _rollout_metrics(self, s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The step's rollout metrics (the same on every process: the loop averages the processes' values)."""
+        """The step's rollout metrics (the same on every process: the loop averages the processes' values): reward
+        over the completions some function judged, reward_std the mean std of the groups with two of them."""
         means = s["sums"] / s["judged"].clamp(min=1)
         stds = (s["squares"] / s["judged"].clamp(min=1) - means**2).clamp(min=0).sqrt()
-        m = {"reward": s["reward"] / s["rows"], "reward_std": s["group_std"] / s["groups"]}
+        m = {"reward": s["reward"] / s["judged_rows"], "reward_std": s["group_std"] / s["std_groups"]}
         for j, r in enumerate(self.rewards):
             m[f"reward_{r.short_name}"], m[f"reward_{r.short_name}_std"] = means[j], stds[j]
         m.update(completion_len=s["tokens"] / s["rows"], truncated=s["truncated"] / s["rows"],
@@ -437,12 +453,13 @@ class GRPO(SFT):
 
     def validate(self, model: torch.nn.Module, dataset: PromptDataset, args: argparse.Namespace,
                  d: trainer.DistInfo, autocast: Any) -> dict[str, float]:
-        """Greedy completions of the first --eval_samples held-out prompts, scored: the mean of each reward
-        (an exact-answer reward's is the accuracy) and of the completion length."""
+        """Greedy completions of the first --eval_samples held-out prompts, scored: the mean of each reward over
+        the completions it judged (an exact-answer reward's is the accuracy), of the weighted sum over those some
+        function judged, and of the completion length."""
         n = min(len(dataset), args.eval_samples)
         mine = [dataset[i] for i in range(d.rank, n, d.world_size)]
         F = len(self.rewards)
-        sums = torch.zeros(2 * F + 2)  # per function: judged count, sum; then weighted total, length
+        sums = torch.zeros(2 * F + 3)  # per function: judged count, sum; then weighted total, judged rows, length
         model.eval()
         with whole_model(model, self.dtype) as policy:
             for i in range(0, len(mine), args.batch_size * args.num_generations):
@@ -451,16 +468,17 @@ class GRPO(SFT):
                     completions = sample_completions(policy, [p.ids for p in rows], args.max_completion_length,
                                                      self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
                 per_function = self._score(rows, completions)
+                total = weighted(per_function, self.rewards)
                 sums += torch.cat([(~per_function.isnan()).float().sum(0), per_function.nan_to_num(0.0).sum(0),
-                                   weighted(per_function, self.rewards).sum()[None],
+                                   torch.stack([total.nansum(), (~total.isnan()).float().sum()]),
                                    torch.tensor([float(sum(map(len, completions)))])])
         model.train()
         if d.world_size > 1:
             sums = sums.to(d.device)
             dist.all_reduce(sums)
             sums = sums.cpu()
-        judged, totals, (reward, length) = sums[:F], sums[F : 2 * F], sums[2 * F :].tolist()
-        out = {"val_reward": reward / n}
+        judged, totals, (reward, judged_rows, length) = sums[:F], sums[F : 2 * F], sums[2 * F :].tolist()
+        out = {"val_reward": reward / judged_rows if judged_rows else float("nan")}
         for r, c, t in zip(self.rewards, judged.tolist(), totals.tolist()):
             out[f"val_reward_{r.short_name}"] = t / c if c else float("nan")
         out["val_completion_len"] = length / n
@@ -468,9 +486,10 @@ class GRPO(SFT):
 
 
 def weighted(per_function: torch.Tensor, rewards: list[Reward]) -> torch.Tensor:
-    """(N, F) rewards, NaN = not judged -> (N,) weighted sums, a NaN counting as 0 (TRL's nansum)."""
+    """(N, F) rewards, NaN = not judged -> (N,) weighted sums, a NaN counting as 0 (TRL's nansum); NaN where no
+    function judged the completion (TRL: an unscorable one)."""
     weights = torch.tensor([r.weight for r in rewards])
-    return (per_function * weights).nansum(dim=1)
+    return (per_function * weights).nansum(dim=1).masked_fill(per_function.isnan().all(dim=1), math.nan)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,8 @@ A reward function follows TRL's convention:
 It gets the completions of a batch and, by name, every other column of the prompts' JSONL records (one value
 per completion, repeated for the completions of the same prompt), plus `prompts`. It returns one float per
 completion; None means "this function does not judge this completion" (it is left out of that function's
-mean, and counts as 0 in the weighted sum), as when a reward applies to some tasks only.
+mean, and counts as 0 in the weighted sum), as when a reward applies to some tasks only. A completion that no
+function judges is left out of its group's mean and std and gets advantage 0 (TRL's "unscorable").
 
 `--reward FILE.py:FUNCTION` names one; this file's own are `rewards.py:exact_answer` (the final answer equals
 the record's `answer`, checked by math-verify, which reads numbers and LaTeX in their many forms) and

@@ -13,8 +13,10 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,10 +154,45 @@ def test_reward_files_that_are_not_there_are_refused(tmp_path):
         rewards.check_columns([rewards.load_reward(f"{file}:needs_label")], {"answer"}, "d.jsonl")
 
 
-def test_none_skips_a_function_and_weights_combine():
-    values = torch.tensor([[1.0, math.nan], [0.0, 1.0]])
-    both = [rewards.Reward("a.py:a", None, 1.0), rewards.Reward("b.py:b", None, 0.5)]
-    torch.testing.assert_close(ddp_grpo.weighted(values, both), torch.tensor([1.0, 0.5]))
+def trl_advantages(per_function: np.ndarray, weights: list[float], G: int, scale: str) -> np.ndarray:
+    """TRL's advantages (GRPOTrainer, sum_then_normalize) as its source states them: None is NaN, the weighted
+    rewards are a nansum, a row that every function left NaN is NaN (unscorable), group mean and std (Bessel) are
+    nan-aware, and a NaN advantage becomes 0."""
+    r = np.nansum(per_function * np.array(weights), axis=1)
+    r[np.isnan(per_function).all(axis=1)] = np.nan
+    grouped = r.reshape(-1, G)
+    with warnings.catch_warnings():  # empty or one-value groups: NaN, by design
+        warnings.simplefilter("ignore", RuntimeWarning)
+        adv = grouped - np.nanmean(grouped, axis=1, keepdims=True)
+        if scale == "group":
+            adv = adv / (np.nanstd(grouped, axis=1, ddof=1, keepdims=True) + 1e-4)
+    return np.nan_to_num(adv.reshape(-1), nan=0.0)
+
+
+NONE_REWARDS = '''
+def half(completions, **kw):  # judges some completions only
+    table = {"a": 1.0, "b": 0.5, "c": None, "d": 0.5, "e": None, "f": None, "g": 2.0, "h": None,
+             "i": None, "j": None, "k": None, "l": 1.0}
+    return [table[c] for c in completions]
+def other(completions, **kw):  # judges some of those
+    return [1.0 if c in "eg" else None for c in completions]
+'''
+
+
+@pytest.mark.parametrize("scale", ["group", "none"])
+def test_a_completion_no_function_judged_is_left_out_of_its_group(tmp_path, scale):
+    """Rewards [1.0, 0.5, None, 0.5] give TRL's advantages [1.15, -0.58, 0, -0.58], not [1.22, 0, -1.22, 0]; with
+    two weighted functions, a None counts as 0 while another function judges the completion."""
+    file = tmp_path / "mine.py"
+    file.write_text(NONE_REWARDS)
+    funcs = [rewards.load_reward(f"{file}:half", 1.0), rewards.load_reward(f"{file}:other", 0.5)]
+    completions = list("abcdefghijkl")  # 3 groups of 4: one with a lone judged completion, one judged twice
+    per_function = rewards.score(funcs, completions, ["p"] * 12, {}, ["d.jsonl:1"] * 12)
+    got = ddp_grpo.group_advantages(ddp_grpo.weighted(per_function, funcs), 4, scale)
+    want = trl_advantages(per_function.double().numpy(), [1.0, 0.5], 4, scale)
+    torch.testing.assert_close(got, torch.from_numpy(want).float())
+    if scale == "group":
+        torch.testing.assert_close(got[:4], torch.tensor([1.1543, -0.5772, 0.0, -0.5772]), atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
