@@ -15,7 +15,8 @@ completions of each with the model as it is (KV-cache decoding, batched), scores
         counting as 0; a completion that no function judged (all None) is left out of its group's mean and std
         and gets A = 0 (TRL's nanmean / nanstd)
     per token: -min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A) + beta KL, rho = pi / pi_old and
-        KL = exp(ref - logp) - (ref - logp) - 1 (k3 estimator) against the frozen --init_from model
+        KL = exp(ref - logp) - (ref - logp) - 1 (k3 estimator) against the frozen --init_from model; pi and ref
+        are softmax(logits / --temperature), the distribution the completions are sampled from (as TRL)
     --loss_type grpo: mean over completions of each one's token mean; dr_grpo: token sum / (completions x
         --max_completion_length); dapo: token sum / completion tokens, over the whole step on every process
 
@@ -254,6 +255,29 @@ def token_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: 
     return -model(x, y, loss_mask=mask).last_loss.view_as(mask)
 
 
+class Tempered:
+    """Inside `with tempered:` the models' logits are divided by the temperature: the forward passes that score
+    completions (the loss's, the reference's) then give log softmax(logits / T), the distribution the rollouts
+    sample from, as TRL computes both. A forward hook divides each model's final norm output, which only the
+    vocabulary projection reads, a linear map without bias: so the logits are divided, and the chunked
+    cross-entropy, which never holds all the logits, needs no change. The hooks stay registered (a compiled
+    model keeps its graphs) and pass the output through outside the block; at T = 1 there are none."""
+
+    def __init__(self, temperature: float, models: list[Transformer]):
+        self.temperature, self.active = temperature, False
+        for model in models if temperature != 1 else []:
+            model.norm.register_forward_hook(self._divide)
+
+    def _divide(self, norm: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        return out / self.temperature if self.active else out
+
+    def __enter__(self) -> None:
+        self.active = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.active = False
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The task
 
@@ -300,7 +324,8 @@ class GRPO(SFT):
                        f"the baseline (default: {d['num_generations']})")
         g.add_argument("--max_completion_length", type=int, help="tokens per completion at most "
                        f"(default: {d['max_completion_length']})")
-        g.add_argument("--temperature", type=float, help=f"sampling temperature (default: {d['temperature']})")
+        g.add_argument("--temperature", type=float, help="sampling temperature; the loss's log-probs are of "
+                       f"softmax(logits / temperature) too (default: {d['temperature']})")
         g.add_argument("--scale_rewards", choices=["group", "none"], help="group: divide advantages by the group's "
                        f"reward std; none: Dr. GRPO's unscaled r - mean (default: {d['scale_rewards']})")
         g.add_argument("--loss_type", choices=LOSS_TYPES, help="token normalisation (module docstring) "
@@ -334,6 +359,7 @@ class GRPO(SFT):
         self.dtype = resolve_dtype(args.dtype, device)
         self.autocast = trainer.autocast_factory(device, self.dtype)
         self.reference = self._load_reference(args, tokenizer) if args.beta > 0 else None
+        self.tempered = Tempered(args.temperature, [model] + ([self.reference] if self.reference is not None else []))
         names = [f"reward_{r.short_name}" for r in self.rewards]
         self.metrics = ("loss", "reward", "reward_std", *(f"{n}{s}" for n in names for s in ("", "_std")),
                         "completion_len", "truncated", "zero_std_groups", "clipped", "kl", "rollout_s")
@@ -390,7 +416,7 @@ class GRPO(SFT):
         advantages = group_advantages(weighted(per_function, self.rewards), a.num_generations, a.scale_rewards)
         ref = None
         if self.reference is not None:
-            with torch.no_grad(), self.autocast():
+            with torch.no_grad(), self.autocast(), self.tempered:
                 ref = token_logps(self.reference, x.to(self.device), y.to(self.device), mask.to(self.device))
         return Rollouts(x, y, mask, advantages, ref, units_per_token)
 
@@ -442,7 +468,8 @@ class GRPO(SFT):
     def loss_sums(self, model: torch.nn.Module, batch: Rollouts, device: torch.device) -> dict[str, torch.Tensor]:
         a = self.args
         x, y, mask, advantages = (t.to(device, non_blocking=True) for t in batch[:4])
-        logps = token_logps(model, x, y, mask)
+        with self.tempered:
+            logps = token_logps(model, x, y, mask)
         terms = token_terms(logps, logps.detach(), advantages, a.epsilon, a.epsilon_high or a.epsilon, a.beta,
                             batch.ref_logps)
         per_token = {k: (v * mask).sum() * batch.units_per_token for k, v in (("clipped", terms.clipped),

@@ -24,6 +24,7 @@ import ddp_grpo
 import ddp_pretrain
 import rewards
 from support.loading import open_model
+from support.train_flags import build_parser, resolve_args
 from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, read_metrics, run_script, write_jsonl
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,6 +248,40 @@ def assert_same_run(a: Path, b: Path, steps: int) -> None:
         ref, got = read_metrics(a, metric), read_metrics(b, metric)
         assert [s for s, _ in got] == [s for s, _ in ref] and ref, metric
         assert [v for _, v in got] == pytest.approx([v for _, v in ref], abs=1e-5), metric
+
+
+def test_log_probs_are_of_the_sampling_temperature(grpo_setup, tmp_path):
+    """Completions are sampled from softmax(logits / T); TRL divides the logits by T for the policy's and the
+    reference's log-probs too, so with --temperature 0.5 the loss and its gradient are TRL's formulas on
+    log_softmax(logits / 0.5), computed here from the whole logits of the policy and of the --init_from model."""
+    task = ddp_grpo.GRPO()
+    given = build_parser(task).parse_args(grpo_args(grpo_setup, "--temperature", "0.5", "--beta", "0.1"))
+    args = resolve_args(given, task)[0]
+    tokenizer, _ = task.tokenizer(args)
+    policy = task.initial_model(args, tokenizer).model
+    with torch.no_grad():  # the policy a few steps on: no longer the reference
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    task.prepare(policy, args, tokenizer, torch.device("cpu"))
+    prompts = [task.dataset(args.data_path, tokenizer, args)[i] for i in (0, 1) for _ in range(4)]
+    completions = [[5 + 7 * i + t for t in range(1 + i % 4)] + [tokenizer.eos_token_id] for i in range(8)]
+    rewards_ = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.0, 1.0, 1.0, 0.3])
+    batch = task._rollouts(prompts, completions, torch.stack([rewards_, torch.zeros(8)], 1), 1.0)  # 2nd: weight 0.5
+    ours = task.loss_sums(policy, batch, torch.device("cpu"))["loss"] / task.loss_units(batch)
+    grads = torch.autograd.grad(ours, list(policy.parameters()))
+
+    reference = open_model(grpo_setup["init"], own_tokenizer=False).model
+
+    def logps(model):  # TRL: log_softmax(logits / temperature) of the sampled tokens
+        return (model(batch.x).logits / 0.5).log_softmax(-1).gather(-1, batch.y[..., None]).squeeze(-1)
+
+    lp = logps(policy)
+    with torch.no_grad():
+        ref = logps(reference)
+    expected = trl_loss(lp, lp.detach(), ref, rewards_, batch.mask, 4, "dapo", "group", 0.2, 0.2, 0.1, 8)
+    torch.testing.assert_close(ours, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected, list(policy.parameters()))):
+        torch.testing.assert_close(got, want)
 
 
 def test_grpo_trains_and_logs_its_metrics(grpo_setup, tmp_path):
