@@ -6,9 +6,10 @@
     torchrun --nproc_per_node=8 ddp_grpo.py --reward rewards.py:exact_answer --batch_size 4
 
 Data: one JSON object per line with a "prompt" (a string: the user's message; or a list of {"role",
-"content"} messages) and any other columns, which the reward functions get by name (TRL's convention,
-rewards.py). Each step takes batch_size prompts per process and accumulation step, samples --num_generations
-completions of each with the model as it is (KV-cache decoding, batched), scores them, and trains on them:
+"content"} messages, whose completions the reward functions then get as messages too) and any other columns,
+which the reward functions get by name (TRL's convention, rewards.py: a reward file written for TRL runs).
+Each step takes batch_size prompts per process and accumulation step, samples --num_generations completions
+of each with the model as it is (KV-cache decoding, batched), scores them, and trains on them:
 
     advantage of completion i of a group: A_i = r_i - mean(r_group), divided by (std(r_group) + 1e-4) with
         --scale_rewards group (std with Bessel's correction, as TRL); r = sum of the weighted rewards, a None
@@ -31,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 from tqdm import tqdm
+from transformers import TrainerState
 
 import trainer
 from dataset import decode_json, encode_chat
@@ -287,6 +291,7 @@ class GRPO(SFT):
     description = __doc__
     may_lack_targets = False  # a prompt with no room for a completion is skipped by PromptDataset
     eval_at_start = True  # RL's baseline is the model it starts from: evaluate it before the first step
+    total_steps, steps_per_epoch = 0, 1  # the run's, which the loop sets once the data is read (trainer.py)
     defaults = dict(
         SFT.defaults,
         init_from="out/sft",
@@ -359,6 +364,8 @@ class GRPO(SFT):
         self.dtype = resolve_dtype(args.dtype, device)
         self.autocast = trainer.autocast_factory(device, self.dtype)
         self.reference = self._load_reference(args, tokenizer) if args.beta > 0 else None
+        self.steps_done, self.noted = 0, set()
+        self.log_extra, self.log_metric = self._unrecorded("log_extra"), self._unrecorded("log_metric")
         self.tempered = Tempered(args.temperature, [model] + ([self.reference] if self.reference is not None else []))
         names = [f"reward_{r.short_name}" for r in self.rewards]
         self.metrics = ("loss", "reward", "reward_std", *(f"{n}{s}" for n in names for s in ("", "_std")),
@@ -395,19 +402,47 @@ class GRPO(SFT):
                     completions = sample_completions(policy, [p.ids for p in rows], a.max_completion_length,
                                                      self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
                                                      a.temperature, generators)
-                done.append((rows, completions, self._score(rows, completions)))
+                done.append((rows, completions, self._score(rows, completions, step)))
         model.train()
         stats = self._rollout_stats(done)
         units_per_token = float(stats["units"] / stats["tokens"])
         batches = [self._rollouts(rows, completions, rewards, units_per_token) for rows, completions, rewards in done]
         extra = self._rollout_metrics(stats)
         extra["rollout_s"] = torch.tensor(time.perf_counter() - began, device=self.device)  # the loop averages ranks
+        self.steps_done = step + 1  # what an evaluation after this step tells the reward functions
         return batches, extra
 
-    def _score(self, rows: list[Prompt], completions: list[list[int]]) -> torch.Tensor:
+    def _score(self, rows: list[Prompt], completions: list[list[int]], steps_done: int) -> torch.Tensor:
+        """Each function's reward of each completion, the function called as TRL's GRPOTrainer calls it."""
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        # a prompt given as messages gets its completion as one, TRL's conversational format
+        shown = [[{"role": "assistant", "content": t}] if isinstance(p.prompt, list) else t
+                 for p, t in zip(rows, texts)]
         columns = {k: [p.columns.get(k) for p in rows] for k in rows[0].columns}
-        return score(self.rewards, texts, [p.prompt for p in rows], columns, [p.row for p in rows])
+        return score(self.rewards, shown, [p.prompt for p in rows], columns, [p.row for p in rows],
+                     completion_ids=completions, trainer_state=self._trainer_state(steps_done),
+                     log_extra=self.log_extra, log_metric=self.log_metric)
+
+    def _trainer_state(self, steps_done: int) -> TrainerState:
+        """What TRL passes reward functions as trainer_state (a curriculum reads global_step / max_steps)."""
+        a, rank = self.args, dist.get_rank() if dist.is_initialized() else 0
+        return TrainerState(epoch=steps_done / self.steps_per_epoch, global_step=steps_done, max_steps=self.total_steps,
+                            num_train_epochs=math.ceil(self.total_steps / self.steps_per_epoch),
+                            train_batch_size=a.batch_size, logging_steps=a.log_interval, eval_steps=a.eval_interval,
+                            save_steps=a.save_interval, is_world_process_zero=rank == 0,
+                            is_local_process_zero=int(os.environ.get("LOCAL_RANK", 0)) == 0)
+
+    def _unrecorded(self, kind: str) -> Callable[[str, Any], None]:
+        """TRL's log_extra(column, values) / log_metric(name, value) for reward functions: accepted, so that TRL's
+        reward files run, but not recorded (the progress lines and metrics.jsonl keep the columns a run starts
+        with); rank 0 says so once per name."""
+        def log(name: str, value: Any) -> None:
+            if (kind, name) not in self.noted and (not dist.is_initialized() or dist.get_rank() == 0):
+                tqdm.write(f"note: a reward function's {kind}({name!r}, ...) is not recorded by ddp_grpo.py",
+                           file=sys.stderr)
+            self.noted.add((kind, name))
+
+        return log
 
     def _rollouts(self, rows: list[Prompt], completions: list[list[int]], per_function: torch.Tensor,
                   units_per_token: float) -> Rollouts:
@@ -494,7 +529,7 @@ class GRPO(SFT):
                 with autocast():
                     completions = sample_completions(policy, [p.ids for p in rows], args.max_completion_length,
                                                      self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
-                per_function = self._score(rows, completions)
+                per_function = self._score(rows, completions, self.steps_done)
                 total = weighted(per_function, self.rewards)
                 sums += torch.cat([(~per_function.isnan()).float().sum(0), per_function.nan_to_num(0.0).sum(0),
                                    torch.stack([total.nansum(), (~total.isnan()).float().sum()]),

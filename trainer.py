@@ -119,6 +119,8 @@ class Trainer:
         # count still reads exactly the rest of the data
         self.total_steps = self.args.max_steps or self.step + steps_left(
             len(self.train_set), self.step_samples, self.position, self.args.epochs)
+        # the run's length, for a task that tells user code (GRPO's reward functions get it in trainer_state)
+        task.total_steps, task.steps_per_epoch = self.total_steps, self.steps_per_epoch
         self.flops_per_token = self.model.flops_per_token(self.args.max_seq_len)
         self.peak, self.peak_source = (peak_flops(d.device, self.dtype, self.args.peak_tflops) if d.is_main
                                        else (None, ""))

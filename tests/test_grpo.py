@@ -109,6 +109,14 @@ def test_answer_format_wants_an_answer_a_verifier_can_read():
     assert rewards.answer_format(["42+17=59", "\\boxed{3}", "59", "=59 apples", "42+17="]) == [1.0, 1.0, 0.0, 0.0, 0.0]
 
 
+
+def test_built_in_rewards_read_conversational_completions():
+    as_messages = [[{"role": "assistant", "content": c}] for c in ("42+17=59", "58")]  # a message-list prompt's
+    assert rewards.answer_format(as_messages) == [1.0, 0.0]
+    assert rewards.exact_answer(as_messages, answer=["59", "59"]) == [1.0, 0.0]
+    assert rewards.numeric_closeness(as_messages, answer=["59", "59"]) == pytest.approx([1.0, 1 - 1 / 59])
+
+
 BAD_REWARDS = '''
 import math
 import re
@@ -346,6 +354,52 @@ def test_resumed_run_samples_and_trains_like_an_uninterrupted_one(grpo_setup, tm
     assert 3 <= stopped_at < 8
     ddp_grpo.main(common + ["--out_dir", str(cut), "--resume"])
     assert_same_run(tmp_path / "whole", cut, 8)
+
+
+TRL_REWARD_FILE = '''
+import json
+
+
+def shorter_later(prompts, completions, completion_ids, trainer_state, log_extra=None, log_metric=None, **kwargs):
+    """Written for TRL's GRPOTrainer: conversational completions, their token ids, a curriculum on the trainer
+    state, and the logging hooks. It also writes down what it was given, for the test."""
+    contents = [completion[0]["content"] for completion in completions]
+    progress = trainer_state.global_step / trainer_state.max_steps
+    if log_extra:
+        log_extra("answer", list(kwargs["answer"]))
+    if log_metric:
+        log_metric("progress", progress)
+    with open(kwargs["seen"][0], "a", encoding="utf-8") as f:
+        state = [trainer_state.global_step, trainer_state.max_steps, trainer_state.epoch]
+        f.write(json.dumps(dict(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                                state=state)) + "\\n")
+    return [len(c) * (1 - progress) for c in contents]
+'''
+
+
+def test_a_reward_file_written_for_trl_runs_unchanged(grpo_setup, tmp_path, tiny_tokenizer, capsys):
+    """Prompts given as messages: TRL passes each completion as [{"role": "assistant", "content": ...}], and
+    always completion_ids, trainer_state, log_extra and log_metric; so does ddp_grpo.py."""
+    (tmp_path / "trl_rewards.py").write_text(TRL_REWARD_FILE)
+    seen = tmp_path / "seen.jsonl"
+    records = [{"prompt": [{"role": "system", "content": "简短回答。"},
+                           {"role": "user", "content": f"{a}加{a % 7}等于多少?"}],
+                "answer": str(a + a % 7), "seen": str(seen)} for a in range(10, 18)]
+    ddp_grpo.main(["--init_from", grpo_setup["init"], "--data_path", str(write_jsonl(tmp_path / "chat.jsonl", records)),
+                   "--val_data_path", "", "--reward", f"{tmp_path / 'trl_rewards.py'}:shorter_later", *QUIET,
+                   "--max_seq_len", "64", "--max_completion_length", "8", "--num_generations", "4", "--batch_size", "2",
+                   "--max_steps", "2", "--out_dir", str(tmp_path / "run")])
+    calls = [json.loads(line) for line in seen.read_text(encoding="utf-8").splitlines()]
+    assert [c["state"] for c in calls] == [[0, 2, 0.0], [1, 2, 0.25]]  # 8 prompts, 2 a step: 4 steps an epoch
+    for call in calls:
+        assert all(p in [r["prompt"] for r in records] for p in call["prompts"])
+        for completion, ids in zip(call["completions"], call["completion_ids"]):
+            text = tiny_tokenizer.decode(ids, skip_special_tokens=True)
+            assert completion == [{"role": "assistant", "content": text}]
+    err = capsys.readouterr().err
+    assert err.count("note: a reward function's log_metric('progress', ...) is not recorded") == 1
+    with pytest.raises(ValueError, match=r"d.jsonl: column\(s\) \['completion_ids'\] take the name of what every"):
+        rewards.check_columns([], {"answer", "completion_ids"}, "d.jsonl")
 
 
 def test_a_bad_reward_stops_the_first_rollout_with_one_line_and_keeps_the_checkpoint(grpo_setup, tmp_path):
