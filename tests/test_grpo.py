@@ -447,13 +447,13 @@ def test_a_bad_reward_stops_the_first_rollout_with_one_line_and_keeps_the_checkp
         ddp_grpo.main(args + ["--overwrite", "--reward", f"{bad}:nothing", "--reward_weights", "1", "1", "1"])
 
 
-def test_prompts_longer_than_the_context_are_counted_and_skipped(grpo_setup, tmp_path, capsys):
+def test_prompts_longer_than_the_context_are_counted_and_skipped(grpo_setup, tmp_path, tiny_tokenizer, capsys):
     long_prompt = {"prompt": "加" * 80, "answer": "1"}
     data = write_jsonl(tmp_path / "data.jsonl", [*[json.loads(line) for line in
                                                    Path(grpo_setup["train"]).read_text().splitlines()[:16]],
                                                  long_prompt, long_prompt])
-    ddp_grpo.main(grpo_args(grpo_setup, "--data_path", str(data), "--out_dir", str(tmp_path / "run"),
-                            "--batch_size", "4", "--max_steps", "1", "--val_data_path", ""))
+    prompts = ddp_grpo.PromptDataset(str(data), tiny_tokenizer, 64 - 8)  # --max_seq_len - --max_completion_length
+    assert len(prompts) == 16 and all(len(p.ids) <= 56 for p in prompts)
     assert f"{data}: skipped 2 prompt(s) longer than 56 tokens" in capsys.readouterr().err
 
 
