@@ -6,14 +6,18 @@
     torchrun --nproc_per_node=8 ddp_grpo.py --reward rewards.py:exact_answer --batch_size 4
 
 Data: one JSON object per line with a "prompt" (a string: the user's message; or a list of {"role",
-"content"} messages) and any other columns, which the reward functions get by name (TRL's convention,
-rewards.py). Each step takes batch_size prompts per process and accumulation step, samples --num_generations
-completions of each with the model as it is (KV-cache decoding, batched), scores them, and trains on them:
+"content"} messages, whose completions the reward functions then get as messages too) and any other columns,
+which the reward functions get by name (TRL's convention, rewards.py: a reward file written for TRL runs).
+Each step takes batch_size prompts per process and accumulation step, samples --num_generations completions
+of each with the model as it is (KV-cache decoding, batched), scores them, and trains on them:
 
     advantage of completion i of a group: A_i = r_i - mean(r_group), divided by (std(r_group) + 1e-4) with
-        --scale_rewards group (std with Bessel's correction, as TRL); r = sum of the weighted rewards
+        --scale_rewards group (std with Bessel's correction, as TRL); r = sum of the weighted rewards, a None
+        counting as 0; a completion that no function judged (all None) is left out of its group's mean and std
+        and gets A = 0 (TRL's nanmean / nanstd)
     per token: -min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A) + beta KL, rho = pi / pi_old and
-        KL = exp(ref - logp) - (ref - logp) - 1 (k3 estimator) against the frozen --init_from model
+        KL = exp(ref - logp) - (ref - logp) - 1 (k3 estimator) against the frozen --init_from model; pi and ref
+        are softmax(logits / --temperature), the distribution the completions are sampled from (as TRL)
     --loss_type grpo: mean over completions of each one's token mean; dr_grpo: token sum / (completions x
         --max_completion_length); dapo: token sum / completion tokens, over the whole step on every process
 
@@ -27,8 +31,11 @@ the rollouts decode with a whole copy of the policy gathered on each process (su
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 from tqdm import tqdm
+from transformers import TrainerState
 
 import trainer
 from dataset import decode_json, encode_chat
@@ -53,12 +61,22 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str) -> torch.Tensor:
-    """rewards (N,), groups of group_size consecutive completions of one prompt -> advantages (N,)."""
+    """rewards (N,), groups of group_size consecutive completions of one prompt -> advantages (N,). A NaN reward
+    (no function judged the completion) is left out of its group's mean and std, and its advantage is 0; so is
+    that of a group's only judged completion, whose std is undefined."""
     grouped = rewards.view(-1, group_size)
-    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    advantages = grouped - grouped.nanmean(dim=1, keepdim=True)
     if scale_rewards == "group":
-        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
-    return advantages.reshape(-1)
+        advantages = advantages / (nan_std(grouped) + 1e-4)
+    return advantages.nan_to_num(0.0).reshape(-1)
+
+
+def nan_std(grouped: torch.Tensor) -> torch.Tensor:
+    """(groups, G) -> (groups, 1): each row's std over its non-NaN values, with Bessel's correction (torch has no
+    nanstd); NaN where fewer than two values are."""
+    count = (~grouped.isnan()).sum(dim=1, keepdim=True)
+    squares = ((grouped - grouped.nanmean(dim=1, keepdim=True)) ** 2).nansum(dim=1, keepdim=True)
+    return (squares / (count - 1)).sqrt()
 
 
 class TokenTerms(NamedTuple):
@@ -241,6 +259,29 @@ def token_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: 
     return -model(x, y, loss_mask=mask).last_loss.view_as(mask)
 
 
+class Tempered:
+    """Inside `with tempered:` the models' logits are divided by the temperature: the forward passes that score
+    completions (the loss's, the reference's) then give log softmax(logits / T), the distribution the rollouts
+    sample from, as TRL computes both. A forward hook divides each model's final norm output, which only the
+    vocabulary projection reads, a linear map without bias: so the logits are divided, and the chunked
+    cross-entropy, which never holds all the logits, needs no change. The hooks stay registered (a compiled
+    model keeps its graphs) and pass the output through outside the block; at T = 1 there are none."""
+
+    def __init__(self, temperature: float, models: list[Transformer]):
+        self.temperature, self.active = temperature, False
+        for model in models if temperature != 1 else []:
+            model.norm.register_forward_hook(self._divide)
+
+    def _divide(self, norm: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        return out / self.temperature if self.active else out
+
+    def __enter__(self) -> None:
+        self.active = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.active = False
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The task
 
@@ -250,6 +291,7 @@ class GRPO(SFT):
     description = __doc__
     may_lack_targets = False  # a prompt with no room for a completion is skipped by PromptDataset
     eval_at_start = True  # RL's baseline is the model it starts from: evaluate it before the first step
+    total_steps, steps_per_epoch = 0, 1  # the run's, which the loop sets once the data is read (trainer.py)
     defaults = dict(
         SFT.defaults,
         init_from="out/sft",
@@ -287,7 +329,8 @@ class GRPO(SFT):
                        f"the baseline (default: {d['num_generations']})")
         g.add_argument("--max_completion_length", type=int, help="tokens per completion at most "
                        f"(default: {d['max_completion_length']})")
-        g.add_argument("--temperature", type=float, help=f"sampling temperature (default: {d['temperature']})")
+        g.add_argument("--temperature", type=float, help="sampling temperature; the loss's log-probs are of "
+                       f"softmax(logits / temperature) too (default: {d['temperature']})")
         g.add_argument("--scale_rewards", choices=["group", "none"], help="group: divide advantages by the group's "
                        f"reward std; none: Dr. GRPO's unscaled r - mean (default: {d['scale_rewards']})")
         g.add_argument("--loss_type", choices=LOSS_TYPES, help="token normalisation (module docstring) "
@@ -321,6 +364,9 @@ class GRPO(SFT):
         self.dtype = resolve_dtype(args.dtype, device)
         self.autocast = trainer.autocast_factory(device, self.dtype)
         self.reference = self._load_reference(args, tokenizer) if args.beta > 0 else None
+        self.steps_done, self.noted = 0, set()
+        self.log_extra, self.log_metric = self._unrecorded("log_extra"), self._unrecorded("log_metric")
+        self.tempered = Tempered(args.temperature, [model] + ([self.reference] if self.reference is not None else []))
         names = [f"reward_{r.short_name}" for r in self.rewards]
         self.metrics = ("loss", "reward", "reward_std", *(f"{n}{s}" for n in names for s in ("", "_std")),
                         "completion_len", "truncated", "zero_std_groups", "clipped", "kl", "rollout_s")
@@ -356,19 +402,47 @@ class GRPO(SFT):
                     completions = sample_completions(policy, [p.ids for p in rows], a.max_completion_length,
                                                      self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
                                                      a.temperature, generators)
-                done.append((rows, completions, self._score(rows, completions)))
+                done.append((rows, completions, self._score(rows, completions, step)))
         model.train()
         stats = self._rollout_stats(done)
         units_per_token = float(stats["units"] / stats["tokens"])
         batches = [self._rollouts(rows, completions, rewards, units_per_token) for rows, completions, rewards in done]
         extra = self._rollout_metrics(stats)
         extra["rollout_s"] = torch.tensor(time.perf_counter() - began, device=self.device)  # the loop averages ranks
+        self.steps_done = step + 1  # what an evaluation after this step tells the reward functions
         return batches, extra
 
-    def _score(self, rows: list[Prompt], completions: list[list[int]]) -> torch.Tensor:
+    def _score(self, rows: list[Prompt], completions: list[list[int]], steps_done: int) -> torch.Tensor:
+        """Each function's reward of each completion, the function called as TRL's GRPOTrainer calls it."""
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        # a prompt given as messages gets its completion as one, TRL's conversational format
+        shown = [[{"role": "assistant", "content": t}] if isinstance(p.prompt, list) else t
+                 for p, t in zip(rows, texts)]
         columns = {k: [p.columns.get(k) for p in rows] for k in rows[0].columns}
-        return score(self.rewards, texts, [p.prompt for p in rows], columns, [p.row for p in rows])
+        return score(self.rewards, shown, [p.prompt for p in rows], columns, [p.row for p in rows],
+                     completion_ids=completions, trainer_state=self._trainer_state(steps_done),
+                     log_extra=self.log_extra, log_metric=self.log_metric)
+
+    def _trainer_state(self, steps_done: int) -> TrainerState:
+        """What TRL passes reward functions as trainer_state (a curriculum reads global_step / max_steps)."""
+        a, rank = self.args, dist.get_rank() if dist.is_initialized() else 0
+        return TrainerState(epoch=steps_done / self.steps_per_epoch, global_step=steps_done, max_steps=self.total_steps,
+                            num_train_epochs=math.ceil(self.total_steps / self.steps_per_epoch),
+                            train_batch_size=a.batch_size, logging_steps=a.log_interval, eval_steps=a.eval_interval,
+                            save_steps=a.save_interval, is_world_process_zero=rank == 0,
+                            is_local_process_zero=int(os.environ.get("LOCAL_RANK", 0)) == 0)
+
+    def _unrecorded(self, kind: str) -> Callable[[str, Any], None]:
+        """TRL's log_extra(column, values) / log_metric(name, value) for reward functions: accepted, so that TRL's
+        reward files run, but not recorded (the progress lines and metrics.jsonl keep the columns a run starts
+        with); rank 0 says so once per name."""
+        def log(name: str, value: Any) -> None:
+            if (kind, name) not in self.noted and (not dist.is_initialized() or dist.get_rank() == 0):
+                tqdm.write(f"note: a reward function's {kind}({name!r}, ...) is not recorded by ddp_grpo.py",
+                           file=sys.stderr)
+            self.noted.add((kind, name))
+
+        return log
 
     def _rollouts(self, rows: list[Prompt], completions: list[list[int]], per_function: torch.Tensor,
                   units_per_token: float) -> Rollouts:
@@ -377,7 +451,7 @@ class GRPO(SFT):
         advantages = group_advantages(weighted(per_function, self.rewards), a.num_generations, a.scale_rewards)
         ref = None
         if self.reference is not None:
-            with torch.no_grad(), self.autocast():
+            with torch.no_grad(), self.autocast(), self.tempered:
                 ref = token_logps(self.reference, x.to(self.device), y.to(self.device), mask.to(self.device))
         return Rollouts(x, y, mask, advantages, ref, units_per_token)
 
@@ -388,14 +462,16 @@ class GRPO(SFT):
         lengths = torch.tensor([float(len(c)) for _, completions, _ in done for c in completions])
         truncated = torch.tensor([float(c[-1] != self.tokenizer.eos_token_id)
                                   for _, completions, _ in done for c in completions])
-        total = weighted(per_function, self.rewards).view(-1, G)
+        total = weighted(per_function, self.rewards).view(-1, G)  # NaN: judged by no function
+        group_stds = nan_std(total)  # NaN: fewer than two judged
         judged = ~per_function.isnan()
         values = per_function.nan_to_num(0.0)
         rows = torch.tensor(float(len(lengths)))
         units = {"grpo": rows, "dr_grpo": rows * a.max_completion_length, "dapo": lengths.sum()}[a.loss_type]
         stats = dict(rows=rows, tokens=lengths.sum(), units=units, truncated=truncated.sum(),
-                     reward=total.sum(), group_std=total.std(dim=1).sum(),
-                     zero_std=(total.std(dim=1) == 0).float().sum(), groups=torch.tensor(float(total.shape[0])),
+                     reward=total.nansum(), judged_rows=(~total.isnan()).float().sum(),
+                     group_std=group_stds.nansum(), std_groups=(~group_stds.isnan()).float().sum(),
+                     zero_std=(group_stds == 0).float().sum(), groups=torch.tensor(float(total.shape[0])),
                      judged=judged.float().sum(0), sums=values.sum(0), squares=(values**2).sum(0))
         if dist.is_initialized():
             flat = torch.cat([v.reshape(-1) for v in stats.values()]).to(self.device)
@@ -405,10 +481,11 @@ class GRPO(SFT):
         return stats
 
     def _rollout_metrics(self, s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The step's rollout metrics (the same on every process: the loop averages the processes' values)."""
+        """The step's rollout metrics (the same on every process: the loop averages the processes' values): reward
+        over the completions some function judged, reward_std the mean std of the groups with two of them."""
         means = s["sums"] / s["judged"].clamp(min=1)
         stds = (s["squares"] / s["judged"].clamp(min=1) - means**2).clamp(min=0).sqrt()
-        m = {"reward": s["reward"] / s["rows"], "reward_std": s["group_std"] / s["groups"]}
+        m = {"reward": s["reward"] / s["judged_rows"], "reward_std": s["group_std"] / s["std_groups"]}
         for j, r in enumerate(self.rewards):
             m[f"reward_{r.short_name}"], m[f"reward_{r.short_name}_std"] = means[j], stds[j]
         m.update(completion_len=s["tokens"] / s["rows"], truncated=s["truncated"] / s["rows"],
@@ -426,7 +503,8 @@ class GRPO(SFT):
     def loss_sums(self, model: torch.nn.Module, batch: Rollouts, device: torch.device) -> dict[str, torch.Tensor]:
         a = self.args
         x, y, mask, advantages = (t.to(device, non_blocking=True) for t in batch[:4])
-        logps = token_logps(model, x, y, mask)
+        with self.tempered:
+            logps = token_logps(model, x, y, mask)
         terms = token_terms(logps, logps.detach(), advantages, a.epsilon, a.epsilon_high or a.epsilon, a.beta,
                             batch.ref_logps)
         per_token = {k: (v * mask).sum() * batch.units_per_token for k, v in (("clipped", terms.clipped),
@@ -437,12 +515,13 @@ class GRPO(SFT):
 
     def validate(self, model: torch.nn.Module, dataset: PromptDataset, args: argparse.Namespace,
                  d: trainer.DistInfo, autocast: Any) -> dict[str, float]:
-        """Greedy completions of the first --eval_samples held-out prompts, scored: the mean of each reward
-        (an exact-answer reward's is the accuracy) and of the completion length."""
+        """Greedy completions of the first --eval_samples held-out prompts, scored: the mean of each reward over
+        the completions it judged (an exact-answer reward's is the accuracy), of the weighted sum over those some
+        function judged, and of the completion length."""
         n = min(len(dataset), args.eval_samples)
         mine = [dataset[i] for i in range(d.rank, n, d.world_size)]
         F = len(self.rewards)
-        sums = torch.zeros(2 * F + 2)  # per function: judged count, sum; then weighted total, length
+        sums = torch.zeros(2 * F + 3)  # per function: judged count, sum; then weighted total, judged rows, length
         model.eval()
         with whole_model(model, self.dtype) as policy:
             for i in range(0, len(mine), args.batch_size * args.num_generations):
@@ -450,17 +529,18 @@ class GRPO(SFT):
                 with autocast():
                     completions = sample_completions(policy, [p.ids for p in rows], args.max_completion_length,
                                                      self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
-                per_function = self._score(rows, completions)
+                per_function = self._score(rows, completions, self.steps_done)
+                total = weighted(per_function, self.rewards)
                 sums += torch.cat([(~per_function.isnan()).float().sum(0), per_function.nan_to_num(0.0).sum(0),
-                                   weighted(per_function, self.rewards).sum()[None],
+                                   torch.stack([total.nansum(), (~total.isnan()).float().sum()]),
                                    torch.tensor([float(sum(map(len, completions)))])])
         model.train()
         if d.world_size > 1:
             sums = sums.to(d.device)
             dist.all_reduce(sums)
             sums = sums.cpu()
-        judged, totals, (reward, length) = sums[:F], sums[F : 2 * F], sums[2 * F :].tolist()
-        out = {"val_reward": reward / n}
+        judged, totals, (reward, judged_rows, length) = sums[:F], sums[F : 2 * F], sums[2 * F :].tolist()
+        out = {"val_reward": reward / judged_rows if judged_rows else float("nan")}
         for r, c, t in zip(self.rewards, judged.tolist(), totals.tolist()):
             out[f"val_reward_{r.short_name}"] = t / c if c else float("nan")
         out["val_completion_len"] = length / n
@@ -468,9 +548,10 @@ class GRPO(SFT):
 
 
 def weighted(per_function: torch.Tensor, rewards: list[Reward]) -> torch.Tensor:
-    """(N, F) rewards, NaN = not judged -> (N,) weighted sums, a NaN counting as 0 (TRL's nansum)."""
+    """(N, F) rewards, NaN = not judged -> (N,) weighted sums, a NaN counting as 0 (TRL's nansum); NaN where no
+    function judged the completion (TRL: an unscorable one)."""
     weights = torch.tensor([r.weight for r in rewards])
-    return (per_function * weights).nansum(dim=1)
+    return (per_function * weights).nansum(dim=1).masked_fill(per_function.isnan().all(dim=1), math.nan)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,13 +1,19 @@
 """Reward functions for RL with verifiable rewards (ddp_grpo.py), and loading the user's own.
 
-A reward function follows TRL's convention:
+A reward function follows TRL's convention (GRPOTrainer's), so a reward file written for TRL runs unchanged:
 
-    def reward(completions: list[str], **columns) -> list[float | None]
+    def reward(completions: list, **kwargs) -> list[float | None]
 
-It gets the completions of a batch and, by name, every other column of the prompts' JSONL records (one value
-per completion, repeated for the completions of the same prompt), plus `prompts`. It returns one float per
-completion; None means "this function does not judge this completion" (it is left out of that function's
-mean, and counts as 0 in the weighted sum), as when a reward applies to some tasks only.
+It is called with one value per completion of a batch, by keyword: `completions` (a string, or for a prompt
+given as a list of messages, the list [{"role": "assistant", "content": text}]), `prompts` (each record's
+"prompt" as given), `completion_ids` (the sampled token ids, the closing EOS included), every other column of
+the prompts' JSONL records (repeated for the completions of one prompt), and `trainer_state` (transformers'
+TrainerState: global_step, max_steps, epoch...), `log_extra` and `log_metric` (accepted so that TRL's
+reward files run; what they log is not recorded here, which the run notes once per name). The simplest
+signature takes what it uses and **kwargs. It returns one float per completion; None means "this function
+does not judge this completion" (it is left out of that function's mean, and counts as 0 in the weighted sum),
+as when a reward applies to some tasks only. A completion that no function judges is left out of its group's
+mean and std and gets advantage 0 (TRL's "unscorable").
 
 `--reward FILE.py:FUNCTION` names one; this file's own are `rewards.py:exact_answer` (the final answer equals
 the record's `answer`, checked by math-verify, which reads numbers and LaTeX in their many forms) and
@@ -29,8 +35,17 @@ import torch
 RewardFn = Callable[..., Sequence[float | None]]
 
 
+# what every reward function is called with besides the records' columns, which therefore may not use these names
+PASSED = ("completions", "prompts", "completion_ids", "trainer_state", "log_extra", "log_metric")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Built-in rewards
+
+
+def completion_text(completion: str | list[dict[str, str]]) -> str:
+    """A completion as text: a conversational prompt's completion comes as [{"role": "assistant", "content": ...}]."""
+    return completion if isinstance(completion, str) else completion[0]["content"]
 
 
 def _gold(answer: Any) -> str:
@@ -39,7 +54,7 @@ def _gold(answer: Any) -> str:
     return text.rsplit("####", 1)[-1].strip() if "####" in text else text
 
 
-def exact_answer(completions: list[str], answer: list[Any], **_: Any) -> list[float | None]:
+def exact_answer(completions: list[Any], answer: list[Any], **_: Any) -> list[float | None]:
     """1.0 when the completion's final answer equals the record's `answer` (math-verify: '1,059', '1059',
     '$1059$', '\\boxed{1059}' and '3+1056=1059' all answer 1059), else 0.0; None where `answer` itself cannot be
     read as a number or expression."""
@@ -51,16 +66,16 @@ def exact_answer(completions: list[str], answer: list[Any], **_: Any) -> list[fl
         if not gold:
             scores.append(None)
             continue
-        scores.append(float(verify(gold, parse(completion))))
+        scores.append(float(verify(gold, parse(completion_text(completion)))))
     return scores
 
 
-def numeric_closeness(completions: list[str], answer: list[Any], **_: Any) -> list[float | None]:
+def numeric_closeness(completions: list[Any], answer: list[Any], **_: Any) -> list[float | None]:
     """Partial credit for numeric answers: max(0, 1 - |x - gold| / max(|gold|, 1)) for the completion's final
     number x (0.0 without one), so a near miss scores more than a far one; None where `answer` is not a number."""
     scores: list[float | None] = []
     for completion, gold_text in zip(completions, answer):
-        gold, found = _number(_gold(gold_text)), _NUMBERS.findall(completion)
+        gold, found = _number(_gold(gold_text)), _NUMBERS.findall(completion_text(completion))
         if gold is None:
             scores.append(None)
             continue
@@ -83,10 +98,10 @@ def _number(text: str) -> float | None:
 _STATED_ANSWER = re.compile(r"\\boxed\{[^{}]+\}|=\s*-?[\d,]+(\.\d+)?\s*$")
 
 
-def answer_format(completions: list[str], **_: Any) -> list[float]:
+def answer_format(completions: list[Any], **_: Any) -> list[float]:
     """1.0 when the completion states its answer as \\boxed{...} or ends with '= <number>' (as in '42+17=59'),
     else 0.0: a small push towards replies whose answer can be checked."""
-    return [1.0 if _STATED_ANSWER.search(c.strip()) else 0.0 for c in completions]
+    return [1.0 if _STATED_ANSWER.search(completion_text(c).strip()) else 0.0 for c in completions]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,9 +151,13 @@ def load_rewards(specs: list[str], weights: list[float] | None) -> list[Reward]:
 
 
 def check_columns(rewards: list[Reward], columns: set[str], data_path: str) -> None:
-    """Before any rollout: each function's parameters without a default must be columns of the data (or
-    `completions` / `prompts`), unless it takes **kwargs only."""
-    given = columns | {"completions", "prompts"}
+    """Before any rollout: no column may take a name of PASSED, and each function's parameters without a default
+    must be columns of the data or in PASSED."""
+    clash = sorted(columns & set(PASSED))
+    if clash:
+        raise ValueError(f"{data_path}: column(s) {clash} take the name of what every reward function is passed "
+                         f"({', '.join(PASSED)}): rename them")
+    given = columns | set(PASSED)
     for r in rewards:
         params = inspect.signature(r.fn).parameters.values()
         needed = [p.name for p in params if p.default is inspect.Parameter.empty
@@ -153,16 +172,17 @@ def check_columns(rewards: list[Reward], columns: set[str], data_path: str) -> N
 # Scoring
 
 
-def score(rewards: list[Reward], completions: list[str], prompts: list[Any], columns: dict[str, list[Any]],
-          rows: list[str]) -> torch.Tensor:
-    """(N, F) float32: each function's reward of each completion, NaN where it returned None. `rows` says where
-    each completion's prompt comes from ('data.jsonl:12'); a function that raises, returns the wrong number of
-    values, or a value that is not a finite number, fails with one line naming it and the row."""
+def score(rewards: list[Reward], completions: list[Any], prompts: list[Any], columns: dict[str, list[Any]],
+          rows: list[str], **passed: Any) -> torch.Tensor:
+    """(N, F) float32: each function's reward of each completion, NaN where it returned None; `passed`: the rest
+    of PASSED. `rows` says where each completion's prompt comes from ('data.jsonl:12'); a function that raises,
+    returns the wrong number of values, or a value that is not a finite number, fails with one line naming it
+    and the row."""
     out = torch.empty(len(completions), len(rewards))
     for j, r in enumerate(rewards):
         where = _rows_text(rows)
         try:
-            values = r.fn(completions=completions, prompts=prompts, **columns)
+            values = r.fn(completions=completions, prompts=prompts, **passed, **columns)
         except Exception as e:  # the user's code: one line naming it, not a traceback through ours
             raise ValueError(f"reward {r.name} raised {type(e).__name__}: {e} (scoring {where})") from None
         try:

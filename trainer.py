@@ -20,7 +20,10 @@ one without carrying RNG states in the checkpoint.
 Flags. train_flags.py defines them and resolves each value: the command line; on --resume, the flags saved in
 the checkpoint (except per-launch ones); the --preset; the script's Task.defaults; the shared defaults. Flags
 left unset by all of them (SFT's --max_seq_len, --dropout) are the initial model's. train.log lists each
-value with where it came from.
+value with where it came from. A resumed run takes the optimizer's state (moments, step counts) from the
+checkpoint and its settings from this launch, as a fresh run would set them: --learning_rate and --weight_decay
+given again apply, and so do betas, eps or Muon's momentum that the code now sets otherwise (train.log notes each
+change).
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ from support.train_flags import (build_parser, check_args, check_resume_flags, r
 from support.train_progress import Progress
 from support.train_steps import autocast_factory, dtype_names, greedy_samples, peak_memory, step_seed, train_step
 from support.train_task import Task, check_targets
-from support.trainer_utils import (DistInfo, RunLogger, StopRequest, iterate_steps, local_part, setup_distributed,
-                                   steps_left)
+from support.trainer_utils import (DistInfo, RunLogger, StopRequest, apply_settings, iterate_steps, local_part,
+                                   optimizer_settings, setup_distributed, steps_left)
 
 
 class TrainingError(RuntimeError):
@@ -117,6 +120,8 @@ class Trainer:
         # count still reads exactly the rest of the data
         self.total_steps = self.args.max_steps or self.step + steps_left(
             len(self.train_set), self.step_samples, self.position, self.args.epochs)
+        # the run's length, for a task that tells user code (GRPO's reward functions get it in trainer_state)
+        task.total_steps, task.steps_per_epoch = self.total_steps, self.steps_per_epoch
         self.flops_per_token = self.model.flops_per_token(self.args.max_seq_len)
         self.peak, self.peak_source = (peak_flops(d.device, self.dtype, self.args.peak_tflops) if d.is_main
                                        else (None, ""))
@@ -150,7 +155,11 @@ class Trainer:
         return start
 
     def _restore(self, state: dict[str, Any]) -> None:
+        launch = optimizer_settings(self.optimizer)  # from this launch's flags (--weight_decay) and code
         self.parallel.restore(state, self.ckpt_path, self.model, self.optimizer)
+        changed = apply_settings(self.optimizer, launch)
+        if changed:
+            self.log.info(f"note: optimizer settings of this launch, not the checkpoint's: {', '.join(changed)}")
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.position = state["step"], dict(state["data_position"])

@@ -140,6 +140,36 @@ class DataParallel:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Optimizer settings at --resume
+
+# how torch computes a step, not what it computes; the restored state (AdamW's step counts) was placed for the
+# saved values, so these stay as restored
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def optimizer_settings(optimizer: Any) -> dict[tuple[str, int, str], Any]:
+    """Every hyperparameter of every param group of an optim.Optimizers, by (optimizer, group, key): weight
+    decay, betas, eps, Muon's momentum... Not the learning rate, which the schedule sets at every step."""
+    return {(type(opt).__name__, i, key): value for opt in optimizer.torch_optimizers
+            for i, group in enumerate(opt.param_groups) for key, value in group.items()
+            if key not in ("params", "lr", *IMPLEMENTATION_KEYS)}
+
+
+def apply_settings(optimizer: Any, settings: dict[tuple[str, int, str], Any]) -> list[str]:
+    """Set each (optimizer, group, key) value `settings` holds; returns "Optimizer key old -> new" for each change.
+    A resumed run restores the checkpoint's param groups whole; this puts back the values this launch's flags
+    and code give (--weight_decay at --resume applies, as --learning_rate does)."""
+    groups = {type(opt).__name__: opt.param_groups for opt in optimizer.torch_optimizers}
+    changes = []
+    for (name, i, key), value in settings.items():
+        old = groups[name][i].get(key)
+        if old != value:
+            groups[name][i][key] = value
+            changes.append(f"{name} {key} {old} -> {value}")
+    return list(dict.fromkeys(changes))  # a change to several groups is said once
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Data order (the layout is in trainer.py's docstring)
 
 

@@ -5,6 +5,7 @@ interrupted run resumes to exactly the uninterrupted one (the rollouts' sampling
 are counted and skipped."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -13,15 +14,20 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import ddp_grpo
 import ddp_pretrain
 import rewards
-from support.loading import open_model
+from support.checkpoint import load_checkpoint
+from support.loading import model_from_state, open_model
+from support.optim import make_optimizer
+from support.train_flags import build_parser, resolve_args
 from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, read_metrics, run_script, write_jsonl
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,6 +112,14 @@ def test_answer_format_wants_an_answer_a_verifier_can_read():
     assert rewards.answer_format(["42+17=59", "\\boxed{3}", "59", "=59 apples", "42+17="]) == [1.0, 1.0, 0.0, 0.0, 0.0]
 
 
+
+def test_built_in_rewards_read_conversational_completions():
+    as_messages = [[{"role": "assistant", "content": c}] for c in ("42+17=59", "58")]  # a message-list prompt's
+    assert rewards.answer_format(as_messages) == [1.0, 0.0]
+    assert rewards.exact_answer(as_messages, answer=["59", "59"]) == [1.0, 0.0]
+    assert rewards.numeric_closeness(as_messages, answer=["59", "59"]) == pytest.approx([1.0, 1 - 1 / 59])
+
+
 BAD_REWARDS = '''
 import math
 import re
@@ -152,10 +166,45 @@ def test_reward_files_that_are_not_there_are_refused(tmp_path):
         rewards.check_columns([rewards.load_reward(f"{file}:needs_label")], {"answer"}, "d.jsonl")
 
 
-def test_none_skips_a_function_and_weights_combine():
-    values = torch.tensor([[1.0, math.nan], [0.0, 1.0]])
-    both = [rewards.Reward("a.py:a", None, 1.0), rewards.Reward("b.py:b", None, 0.5)]
-    torch.testing.assert_close(ddp_grpo.weighted(values, both), torch.tensor([1.0, 0.5]))
+def trl_advantages(per_function: np.ndarray, weights: list[float], G: int, scale: str) -> np.ndarray:
+    """TRL's advantages (GRPOTrainer, sum_then_normalize) as its source states them: None is NaN, the weighted
+    rewards are a nansum, a row that every function left NaN is NaN (unscorable), group mean and std (Bessel) are
+    nan-aware, and a NaN advantage becomes 0."""
+    r = np.nansum(per_function * np.array(weights), axis=1)
+    r[np.isnan(per_function).all(axis=1)] = np.nan
+    grouped = r.reshape(-1, G)
+    with warnings.catch_warnings():  # empty or one-value groups: NaN, by design
+        warnings.simplefilter("ignore", RuntimeWarning)
+        adv = grouped - np.nanmean(grouped, axis=1, keepdims=True)
+        if scale == "group":
+            adv = adv / (np.nanstd(grouped, axis=1, ddof=1, keepdims=True) + 1e-4)
+    return np.nan_to_num(adv.reshape(-1), nan=0.0)
+
+
+NONE_REWARDS = '''
+def half(completions, **kw):  # judges some completions only
+    table = {"a": 1.0, "b": 0.5, "c": None, "d": 0.5, "e": None, "f": None, "g": 2.0, "h": None,
+             "i": None, "j": None, "k": None, "l": 1.0}
+    return [table[c] for c in completions]
+def other(completions, **kw):  # judges some of those
+    return [1.0 if c in "eg" else None for c in completions]
+'''
+
+
+@pytest.mark.parametrize("scale", ["group", "none"])
+def test_a_completion_no_function_judged_is_left_out_of_its_group(tmp_path, scale):
+    """Rewards [1.0, 0.5, None, 0.5] give TRL's advantages [1.15, -0.58, 0, -0.58], not [1.22, 0, -1.22, 0]; with
+    two weighted functions, a None counts as 0 while another function judges the completion."""
+    file = tmp_path / "mine.py"
+    file.write_text(NONE_REWARDS)
+    funcs = [rewards.load_reward(f"{file}:half", 1.0), rewards.load_reward(f"{file}:other", 0.5)]
+    completions = list("abcdefghijkl")  # 3 groups of 4: one with a lone judged completion, one judged twice
+    per_function = rewards.score(funcs, completions, ["p"] * 12, {}, ["d.jsonl:1"] * 12)
+    got = ddp_grpo.group_advantages(ddp_grpo.weighted(per_function, funcs), 4, scale)
+    want = trl_advantages(per_function.double().numpy(), [1.0, 0.5], 4, scale)
+    torch.testing.assert_close(got, torch.from_numpy(want).float())
+    if scale == "group":
+        torch.testing.assert_close(got[:4], torch.tensor([1.1543, -0.5772, 0.0, -0.5772]), atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,16 +249,72 @@ def grpo_args(s: dict, *extra: str) -> list[str]:
             "--save_interval", "100", "--sample_tokens", "0", *extra]
 
 
+def rounding_through_adamw(run: Path, state: dict, model: torch.nn.Module) -> dict[str, float]:
+    """How far apart each trained weight of `run` (a ckpt.pt: `state`, rebuilt as `model`) and of a run that sums
+    the same float32 gradient terms in another order (other micro-batches, two ranks and an all-reduce) may be.
+    The gradients differ by about one rounding of the tensor's largest entries, u G (u = 2^-24). AdamW's step
+    lr m/(sqrt(v) + eps) has slope up to lr / eps at a zero gradient, and GRPO's gradient entries are differences
+    (a group's advantages sum to 0), some within a few eps of 0: such an entry moves up to lr u G / eps further in
+    one run, so by the end sum_s lr_s u G / eps. G bounds the tensor's entries at every step s of t, from AdamW's
+    second moments: v >= (1 - beta2) beta2^(t-s) g_s^2. (This file's runs stay within 0.26 of it.)"""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = make_optimizer(model, list(params.values()), argparse.Namespace(**state["args"]), torch.device("cpu"))
+    optimizer.load_state_dict(state["optimizer"])
+    adamw = optimizer.torch_optimizers[0]
+    (_, beta2), eps = adamw.param_groups[0]["betas"], adamw.param_groups[0]["eps"]
+    lrs, t, u = sum(v for _, v in read_metrics(run, "lr")), state["step"], torch.finfo(torch.float32).eps / 2
+    bound = {name: adamw.state[p]["exp_avg_sq"].div((1 - beta2) * beta2 ** (t - 1)).sqrt().max() for name, p in
+             params.items()}
+    return {name: lrs * u * float(g) / eps for name, g in bound.items()}
+
+
 def assert_same_run(a: Path, b: Path, steps: int) -> None:
-    """The same weights (either checkpoint kind; LoRA adapters merged) and the same metrics at every step."""
-    sa, sb = open_model(a, own_tokenizer=False), open_model(b, own_tokenizer=False)
-    assert sa.origin["step"] == sb.origin["step"] == steps
-    for key, weight in sa.model.state_dict().items():
-        torch.testing.assert_close(sb.model.state_dict()[key], weight, atol=1e-5, rtol=0, msg=key)
+    """The same trained weights (a LoRA run's adapters; `b` of either checkpoint kind) within what float32 rounding
+    makes of them through AdamW (rounding_through_adamw), frozen ones equal, the same metrics at every step."""
+    sa, sb = load_checkpoint(a), load_checkpoint(b)
+    ma, mb = model_from_state(sa, a), model_from_state(sb, b)
+    assert sa["step"] == sb["step"] == steps
+    tolerance, weights = rounding_through_adamw(a, sa, ma), dict(mb.named_parameters())
+    for name, weight in ma.named_parameters():
+        torch.testing.assert_close(weights[name], weight, atol=tolerance.get(name, 0.0), rtol=0, msg=name)
     for metric in ("loss", "reward", "reward_digits", "completion_len", "clipped", "val_reward"):
         ref, got = read_metrics(a, metric), read_metrics(b, metric)
         assert [s for s, _ in got] == [s for s, _ in ref] and ref, metric
         assert [v for _, v in got] == pytest.approx([v for _, v in ref], abs=1e-5), metric
+
+
+def test_log_probs_are_of_the_sampling_temperature(grpo_setup, tmp_path):
+    """Completions are sampled from softmax(logits / T); TRL divides the logits by T for the policy's and the
+    reference's log-probs too, so with --temperature 0.5 the loss and its gradient are TRL's formulas on
+    log_softmax(logits / 0.5), computed here from the whole logits of the policy and of the --init_from model."""
+    task = ddp_grpo.GRPO()
+    given = build_parser(task).parse_args(grpo_args(grpo_setup, "--temperature", "0.5", "--beta", "0.1"))
+    args = resolve_args(given, task)[0]
+    tokenizer, _ = task.tokenizer(args)
+    policy = task.initial_model(args, tokenizer).model
+    with torch.no_grad():  # the policy a few steps on: no longer the reference
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    task.prepare(policy, args, tokenizer, torch.device("cpu"))
+    prompts = [task.dataset(args.data_path, tokenizer, args)[i] for i in (0, 1) for _ in range(4)]
+    completions = [[5 + 7 * i + t for t in range(1 + i % 4)] + [tokenizer.eos_token_id] for i in range(8)]
+    rewards_ = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.0, 1.0, 1.0, 0.3])
+    batch = task._rollouts(prompts, completions, torch.stack([rewards_, torch.zeros(8)], 1), 1.0)  # 2nd: weight 0.5
+    ours = task.loss_sums(policy, batch, torch.device("cpu"))["loss"] / task.loss_units(batch)
+    grads = torch.autograd.grad(ours, list(policy.parameters()))
+
+    reference = open_model(grpo_setup["init"], own_tokenizer=False).model
+
+    def logps(model):  # TRL: log_softmax(logits / temperature) of the sampled tokens
+        return (model(batch.x).logits / 0.5).log_softmax(-1).gather(-1, batch.y[..., None]).squeeze(-1)
+
+    lp = logps(policy)
+    with torch.no_grad():
+        ref = logps(reference)
+    expected = trl_loss(lp, lp.detach(), ref, rewards_, batch.mask, 4, "dapo", "group", 0.2, 0.2, 0.1, 8)
+    torch.testing.assert_close(ours, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected, list(policy.parameters()))):
+        torch.testing.assert_close(got, want)
 
 
 def test_grpo_trains_and_logs_its_metrics(grpo_setup, tmp_path):
@@ -276,6 +381,52 @@ def test_resumed_run_samples_and_trains_like_an_uninterrupted_one(grpo_setup, tm
     assert_same_run(tmp_path / "whole", cut, 8)
 
 
+TRL_REWARD_FILE = '''
+import json
+
+
+def shorter_later(prompts, completions, completion_ids, trainer_state, log_extra=None, log_metric=None, **kwargs):
+    """Written for TRL's GRPOTrainer: conversational completions, their token ids, a curriculum on the trainer
+    state, and the logging hooks. It also writes down what it was given, for the test."""
+    contents = [completion[0]["content"] for completion in completions]
+    progress = trainer_state.global_step / trainer_state.max_steps
+    if log_extra:
+        log_extra("answer", list(kwargs["answer"]))
+    if log_metric:
+        log_metric("progress", progress)
+    with open(kwargs["seen"][0], "a", encoding="utf-8") as f:
+        state = [trainer_state.global_step, trainer_state.max_steps, trainer_state.epoch]
+        f.write(json.dumps(dict(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                                state=state)) + "\\n")
+    return [len(c) * (1 - progress) for c in contents]
+'''
+
+
+def test_a_reward_file_written_for_trl_runs_unchanged(grpo_setup, tmp_path, tiny_tokenizer, capsys):
+    """Prompts given as messages: TRL passes each completion as [{"role": "assistant", "content": ...}], and
+    always completion_ids, trainer_state, log_extra and log_metric; so does ddp_grpo.py."""
+    (tmp_path / "trl_rewards.py").write_text(TRL_REWARD_FILE)
+    seen = tmp_path / "seen.jsonl"
+    records = [{"prompt": [{"role": "system", "content": "简短回答。"},
+                           {"role": "user", "content": f"{a}加{a % 7}等于多少?"}],
+                "answer": str(a + a % 7), "seen": str(seen)} for a in range(10, 18)]
+    ddp_grpo.main(["--init_from", grpo_setup["init"], "--data_path", str(write_jsonl(tmp_path / "chat.jsonl", records)),
+                   "--val_data_path", "", "--reward", f"{tmp_path / 'trl_rewards.py'}:shorter_later", *QUIET,
+                   "--max_seq_len", "64", "--max_completion_length", "8", "--num_generations", "4", "--batch_size", "2",
+                   "--max_steps", "2", "--out_dir", str(tmp_path / "run")])
+    calls = [json.loads(line) for line in seen.read_text(encoding="utf-8").splitlines()]
+    assert [c["state"] for c in calls] == [[0, 2, 0.0], [1, 2, 0.25]]  # 8 prompts, 2 a step: 4 steps an epoch
+    for call in calls:
+        assert all(p in [r["prompt"] for r in records] for p in call["prompts"])
+        for completion, ids in zip(call["completions"], call["completion_ids"]):
+            text = tiny_tokenizer.decode(ids, skip_special_tokens=True)
+            assert completion == [{"role": "assistant", "content": text}]
+    err = capsys.readouterr().err
+    assert err.count("note: a reward function's log_metric('progress', ...) is not recorded") == 1
+    with pytest.raises(ValueError, match=r"d.jsonl: column\(s\) \['completion_ids'\] take the name of what every"):
+        rewards.check_columns([], {"answer", "completion_ids"}, "d.jsonl")
+
+
 def test_a_bad_reward_stops_the_first_rollout_with_one_line_and_keeps_the_checkpoint(grpo_setup, tmp_path):
     out = tmp_path / "run"
     args = grpo_args(grpo_setup, "--out_dir", str(out), "--batch_size", "4", "--val_data_path", "")
@@ -296,13 +447,13 @@ def test_a_bad_reward_stops_the_first_rollout_with_one_line_and_keeps_the_checkp
         ddp_grpo.main(args + ["--overwrite", "--reward", f"{bad}:nothing", "--reward_weights", "1", "1", "1"])
 
 
-def test_prompts_longer_than_the_context_are_counted_and_skipped(grpo_setup, tmp_path, capsys):
+def test_prompts_longer_than_the_context_are_counted_and_skipped(grpo_setup, tmp_path, tiny_tokenizer, capsys):
     long_prompt = {"prompt": "加" * 80, "answer": "1"}
     data = write_jsonl(tmp_path / "data.jsonl", [*[json.loads(line) for line in
                                                    Path(grpo_setup["train"]).read_text().splitlines()[:16]],
                                                  long_prompt, long_prompt])
-    ddp_grpo.main(grpo_args(grpo_setup, "--data_path", str(data), "--out_dir", str(tmp_path / "run"),
-                            "--batch_size", "4", "--max_steps", "1", "--val_data_path", ""))
+    prompts = ddp_grpo.PromptDataset(str(data), tiny_tokenizer, 64 - 8)  # --max_seq_len - --max_completion_length
+    assert len(prompts) == 16 and all(len(p.ids) <= 56 for p in prompts)
     assert f"{data}: skipped 2 prompt(s) longer than 56 tokens" in capsys.readouterr().err
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import ddp_pretrain
+from support.optim import is_hidden_matrix
 from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, read_metrics
 
 TOTAL = 40
@@ -105,3 +106,38 @@ def test_ctrl_c_with_dataloader_workers_saves_once(tmp_path, tiny_tokenizer_dir)
     output = log.read_text()
     assert output.count("SIGINT: saving a checkpoint after this step") == 1, output[-3000:]
     assert output.count("saved ") == 1 and saved_step(run) >= 3
+
+
+def test_resume_takes_the_optimizer_settings_of_this_launch(tmp_path, tiny_tokenizer_dir):
+    """--weight_decay given at --resume applies, as --learning_rate does; settings the code fixes (AdamW's betas,
+    Muon's momentum) are the code's, whatever the checkpoint stored. Two runs resumed from one checkpoint, one
+    with --weight_decay 0.5 instead of the saved 0.1, then take the same step but for the decoupled decay:
+    w <- w (1 - lr wd) - lr u in AdamW and in Muon, so the decayed weights differ by exactly lr (0.5 - 0.1) w."""
+    train_bin, _ = make_pretrain_data(tmp_path, tiny_tokenizer_dir, n_train=100, n_val=10)
+    lrs = {"adamw": 0.01, "muon": 0.02}
+    args = ["--data_path", train_bin, "--val_data_path", "", "--tokenizer_path", tiny_tokenizer_dir, *TINY_MODEL,
+            *QUIET, "--optimizer", "muon", "--batch_size", "4", "--learning_rate", str(lrs["adamw"]),
+            "--muon_learning_rate", str(lrs["muon"]), "--lr_schedule", "wsd", "--warmup_iters", "0",
+            "--decay_fraction", "0", "--weight_decay", "0.1", "--sample_tokens", "0"]  # constant lr
+    saved, other = tmp_path / "saved", tmp_path / "other"
+    ddp_pretrain.main(args + ["--out_dir", str(saved), "--max_steps", "2"])
+    other.mkdir()
+    state = torch.load(saved / "ckpt.pt", weights_only=True)
+    # as a checkpoint written by code with other settings would hold them
+    state["optimizer"]["adamw"]["param_groups"][0]["betas"] = (0.5, 0.5)
+    state["optimizer"]["muon"]["param_groups"][0]["momentum"] = 0.5
+    torch.save(state, other / "ckpt.pt")
+    resume = [*args[: args.index("--weight_decay")], "--resume", "--max_steps", "3"]
+    ddp_pretrain.main(resume + ["--out_dir", str(saved)])
+    ddp_pretrain.main(resume + ["--out_dir", str(other), "--weight_decay", "0.5"])
+
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (saved, other))
+    assert b["optimizer"]["adamw"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    assert b["optimizer"]["muon"]["param_groups"][0]["momentum"] == 0.95
+    log = (other / "train.log").read_text(encoding="utf-8")
+    assert "weight_decay=0.5 (command line)" in log and "AdamW weight_decay 0.1 -> 0.5" in log
+    for name, w in state["model"].items():
+        lr = lrs["muon" if is_hidden_matrix(name, w) else "adamw"]
+        expected = -lr * (0.5 - 0.1) * w if w.dim() >= 2 else torch.zeros_like(w)  # gains are not decayed
+        ulps = 4 * torch.finfo(torch.float32).eps * float(a["model"][name].abs().max())
+        torch.testing.assert_close(b["model"][name] - a["model"][name], expected, rtol=0, atol=ulps, msg=name)
