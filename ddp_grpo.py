@@ -291,7 +291,6 @@ class GRPO(SFT):
     description = __doc__
     may_lack_targets = False  # a prompt with no room for a completion is skipped by PromptDataset
     eval_at_start = True  # RL's baseline is the model it starts from: evaluate it before the first step
-    total_steps, steps_per_epoch = 0, 1  # the run's, which the loop sets once the data is read (trainer.py)
     defaults = dict(
         SFT.defaults,
         init_from="out/sft",

@@ -56,6 +56,7 @@ class Task:
     may_lack_targets = False
     metrics = ("loss",)  # the keys of loss_sums and prepare_step's extra metrics
     eval_at_start = False  # True: a fresh run also evaluates the model it starts from, as step 0
+    total_steps, steps_per_epoch = 0, 1  # the run's length, which the loop sets once the data is read
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
         """Flags of this script only."""
