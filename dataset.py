@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from support.tokenizer_spec import tokenizer_fingerprint
+from support.data.tokenizer_spec import tokenizer_fingerprint
 
 
 # ---------------------------------------------------------------------------------------------------------

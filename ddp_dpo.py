@@ -24,9 +24,9 @@ import trainer
 from dataset import PreferenceDataset
 from ddp_sft_full import SFT
 from k_model import Transformer
-from support.loading import check_model_tokenizer, resolve_dtype
-from support.train_steps import autocast_factory
-from support.train_task import collate_trimmed
+from support.loading.sources import check_model_tokenizer, resolve_dtype
+from support.training.train_steps import autocast_factory
+from support.training.train_task import collate_trimmed
 
 METRICS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
 

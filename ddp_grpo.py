@@ -26,7 +26,7 @@ inactive, as TRL with num_iterations=1). A group's completions stay on one proce
 local; step metrics are summed over processes. Every completion draws its tokens from a generator seeded by
 (seed, step, prompt, completion): a resumed run, or one with another process count or batch split, samples
 the same completions. The loop (checkpoints, DDP or FSDP, bf16, logs) is trainer.py's; under --parallel fsdp
-the rollouts decode with a whole copy of the policy gathered on each process (support/fsdp.py whole_model).
+the rollouts decode with a whole copy of the policy gathered on each process (support/training/fsdp.py whole_model).
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ import trainer
 from dataset import decode_json, encode_chat
 from ddp_sft_full import SFT
 from k_model import Transformer
-from support.fsdp import whole_model
-from support.loading import check_model_tokenizer, resolve_dtype
+from support.training.fsdp import whole_model
+from support.loading.sources import check_model_tokenizer, resolve_dtype
 from rewards import Reward, check_columns, load_rewards, score
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")

@@ -18,8 +18,8 @@ from typing import Any
 import trainer
 from dataset import PretrainDataset
 from k_model import ModelConfig, Transformer
-from support.loading import SourcedModel, initial_model, load_tokenizer, tokenizer_dir_for
-from support.train_task import Task
+from support.loading.sources import SourcedModel, initial_model, load_tokenizer, tokenizer_dir_for
+from support.training.train_task import Task
 
 SHAPE_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads")
 

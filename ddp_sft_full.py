@@ -16,11 +16,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from support import lora
+from support.loading import lora
 import trainer
 from dataset import SFTDataset, encode_chat
-from support.loading import SourcedModel, initial_model, load_tokenizer, tokenizer_dir_for, with_chat_template
-from support.train_task import Task
+from support.loading.sources import SourcedModel, initial_model, load_tokenizer, tokenizer_dir_for, with_chat_template
+from support.training.train_task import Task
 
 
 class SFT(Task):

@@ -33,12 +33,12 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from support.chunked_loss import linear_cross_entropy
-from support.compiled_step import compile_step
-from support.context_shift import resolve_shift, right_aligned_mask, shift_caches
-from support.cpu_matmul import Linear, packed_weights
-from support.rope import ORIGINAL, check_rope_scaling, dynamic_frequencies, rope_frequencies
-from support.sampling import check_sampling, sample, stop_list, stop_tensor
+from support.model.chunked_loss import linear_cross_entropy
+from support.model.compiled_step import compile_step
+from support.model.context_shift import resolve_shift, right_aligned_mask, shift_caches
+from support.model.cpu_matmul import Linear, packed_weights
+from support.model.rope import ORIGINAL, check_rope_scaling, dynamic_frequencies, rope_frequencies
+from support.model.sampling import check_sampling, sample, stop_list, stop_tensor
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ class ModelConfig(PretrainedConfig):
     `head_dim=None` is dim / n_heads (the resolved numbers are stored, so a saved config never depends on the
     rules). An explicit head_dim (some HF Llama checkpoints) makes attention n_heads * head_dim wide, not dim.
     `tie_word_embeddings=False` gives the output layer its own matrix (most HF Llama checkpoints).
-    `rope_scaling_params` stretches the rotary positions to a longer context (support/rope.py: linear, dynamic,
+    `rope_scaling_params` stretches the rotary positions to a longer context (support/model/rope.py: linear, dynamic,
     yarn, llama3; HF's rope_parameters less rope_theta); None is plain RoPE."""
 
     model_type = "k_model"

@@ -9,7 +9,7 @@
 Endpoints: GET / (chat page), GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions.
 The official `openai` client works unchanged: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
 
-The model is loaded by model_sample.TextGenerator (any ckpt.pt, run dir or HF export, its tokenizer) and
+The model is loaded by support.inference.text_generator.TextGenerator (any ckpt.pt, run dir or HF export, its tokenizer) and
 decoded by one engine thread (generation_engine.Engine). Requests that arrive while others are generating
 join the running batch at the next token (continuous batching, up to --max_batch rows). A row leaves as soon
 as it finishes or its client goes away (streamed or not), so a slow client never holds a fast one back. The
@@ -47,9 +47,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from support.generation_engine import Engine, EngineUnavailable, Event, Job, QueueFull, Sampling
-from support.loading import DTYPES
-from model_sample import TextGenerator, add_context_shift_flags
+from support.inference.generation_engine import Engine, EngineUnavailable, Event, Job, QueueFull, Sampling
+from support.loading.sources import DTYPES
+from model_sample import add_context_shift_flags
+from support.inference.text_generator import TextGenerator
 
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 

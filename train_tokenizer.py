@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tqdm import tqdm
 
 from dataset import JsonlRecords
-from support.tokenizer_spec import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, UNK
+from support.data.tokenizer_spec import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, UNK
 
 DEFAULT_DATA = ["out/data/pretrain.jsonl", "out/data/sft_train.jsonl"]
 

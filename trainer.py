@@ -43,19 +43,19 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from support.checkpoint import config_to_dict, load_checkpoint, run_checkpoint
-from support.fsdp import make_parallel
-from support.cpu_matmul import describe_choice
-from support.loading import SourcedModel, check_model_tokenizer, model_from_state, resolve_dtype
-from support.optim import lr_at, make_optimizer
-from support.perf import peak_flops
-from support.tokenizer_spec import tokenizer_fingerprint
-from support.train_flags import (build_parser, check_args, check_resume_flags, resolve_args, with_model_values,
+from support.loading.checkpoint import config_to_dict, load_checkpoint, run_checkpoint
+from support.training.fsdp import make_parallel
+from support.model.cpu_matmul import describe_choice
+from support.loading.sources import SourcedModel, check_model_tokenizer, model_from_state, resolve_dtype
+from support.training.optim import lr_at, make_optimizer
+from support.training.perf import peak_flops
+from support.data.tokenizer_spec import tokenizer_fingerprint
+from support.training.train_flags import (build_parser, check_args, check_resume_flags, resolve_args, with_model_values,
                                  with_rope_scaling)
-from support.train_progress import Progress
-from support.train_steps import autocast_factory, dtype_names, greedy_samples, peak_memory, step_seed, train_step
-from support.train_task import Task, check_targets
-from support.trainer_utils import (DistInfo, RunLogger, StopRequest, apply_settings, iterate_steps, local_part,
+from support.training.train_progress import Progress
+from support.training.train_steps import autocast_factory, dtype_names, greedy_samples, peak_memory, step_seed, train_step
+from support.training.train_task import Task, check_targets
+from support.training.trainer_utils import (DistInfo, RunLogger, StopRequest, apply_settings, iterate_steps, local_part,
                                    optimizer_settings, setup_distributed, steps_left)
 
 
@@ -82,9 +82,9 @@ class Trainer:
             args, sources = resolve_args(given, task, state["args"])
         check_args(args)
         if args.eval_tasks:  # an unknown task or bad task data stops the run now, not at its first evaluation
-            import eval_model  # lm-eval is imported only by runs that ask for its tasks
+            from support.inference import evaluation  # lm-eval is imported only by runs that ask for its tasks
 
-            eval_model.task_names(args.eval_tasks)
+            evaluation.task_names(args.eval_tasks)
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         torch.manual_seed(args.seed)
@@ -291,9 +291,9 @@ class Trainer:
         sampled = self.args.sample_tokens and self.args.sample_prompt
         whole = self.parallel.full_model(self.model, self.d.device) if self.args.eval_tasks or sampled else None
         if self.d.is_main and self.args.eval_tasks:
-            import eval_model
+            from support.inference import evaluation
 
-            values.update(eval_model.in_training(whole, self.tokenizer, self.args.eval_tasks,
+            values.update(evaluation.in_training(whole, self.tokenizer, self.args.eval_tasks,
                                                  self.args.eval_tasks_limit or None, self.task.name != "pretrain",
                                                  self.autocast, self.log.info))
         if self.d.is_main and sampled:

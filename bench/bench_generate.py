@@ -9,7 +9,7 @@ Greedy generation at batch 1, three ways, each timed eager and with the compiled
   re-prefill  a prompt that fills the window, then --new-tokens more the way generate went past the window
               before the context shift: every token re-prefills the last max_seq_len tokens (rebuilt here from
               the step-wise API: new_caches, prefill);
-  shift       the same prompt through model.generate: the context shift (support/context_shift.py) frees
+  shift       the same prompt through model.generate: the context shift (support/model/context_shift.py) frees
               half the window at a time and decoding goes on with the cache.
 Decode tokens/s leaves the prompt out: (n - 1) / (time for n new tokens - time for 1). Rounds alternate the
 variants in one process; the table shows medians and each way's speed against inside the window.

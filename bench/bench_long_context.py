@@ -27,8 +27,8 @@ sys.path.insert(0, ROOT)
 
 from common import machine_line  # noqa: E402
 from dataset import PretrainDataset  # noqa: E402
-from support.checkpoint import rebuilt  # noqa: E402
-from support.loading import open_model  # noqa: E402
+from support.loading.checkpoint import rebuilt  # noqa: E402
+from support.loading.sources import open_model  # noqa: E402
 
 
 def position_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, piece: int) -> torch.Tensor:

@@ -39,10 +39,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from common import add_clock_flags, clock_of, interleaved, machine_line, peak_memory, read_bandwidth  # noqa: E402
-from support.hf_llama import to_hf_llama  # noqa: E402
+from support.model.hf_llama import to_hf_llama  # noqa: E402
 from k_model import ModelConfig, Transformer  # noqa: E402
-from support import cpu_matmul  # noqa: E402
-from support.cpu_features import cpu_has_native_bf16  # noqa: E402
+from support.model import cpu_matmul  # noqa: E402
+from support.model.cpu_features import cpu_has_native_bf16  # noqa: E402
 
 VARIANTS = ("ours eager", "ours compiled", "HF Llama")
 

@@ -23,9 +23,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from support import optim  # noqa: E402
-from support.loading import resolve_dtype  # noqa: E402
-from support.train_flags import PRESETS  # noqa: E402
+from support.training import optim  # noqa: E402
+from support.loading.sources import resolve_dtype  # noqa: E402
+from support.training.train_flags import PRESETS  # noqa: E402
 from bench_train import packed_batch, step_fn  # noqa: E402
 from common import add_clock_flags, clock_of, interleaved, machine_line  # noqa: E402
 from k_model import ModelConfig, Transformer  # noqa: E402

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from common import machine_line  # noqa: E402
-from support.loading import resolve_device  # noqa: E402
+from support.loading.sources import resolve_device  # noqa: E402
 
 PROMPTS = [
     "你好",

@@ -32,7 +32,7 @@ from openai import AsyncOpenAI
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import PROMPTS, percentile, start_server, wait_healthy  # noqa: E402
 from common import machine_line  # noqa: E402
-from support.loading import resolve_device  # noqa: E402
+from support.loading.sources import resolve_device  # noqa: E402
 
 KEY = "bench-key"
 

@@ -35,15 +35,15 @@ import transformers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from support import optim  # noqa: E402
-from support import train_task  # noqa: E402
+from support.training import optim  # noqa: E402
+from support.training import train_task  # noqa: E402
 import trainer  # noqa: E402
 from common import machine_line  # noqa: E402
 from dataset import PretrainDataset  # noqa: E402
-from support.hf_llama import to_hf_llama  # noqa: E402
+from support.model.hf_llama import to_hf_llama  # noqa: E402
 from k_model import ModelConfig, Transformer  # noqa: E402
-from support.loading import resolve_dtype  # noqa: E402
-from support.train_flags import PRESETS  # noqa: E402
+from support.loading.sources import resolve_dtype  # noqa: E402
+from support.training.train_flags import PRESETS  # noqa: E402
 
 VARIANTS = ("hf", "adamw", "muon", "muon_wsd")
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

@@ -24,9 +24,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from support import optim  # noqa: E402
-from support import perf  # noqa: E402
-from support import train_task  # noqa: E402
+from support.training import optim  # noqa: E402
+from support.training import perf  # noqa: E402
+from support.training import train_task  # noqa: E402
 import trainer  # noqa: E402
 from common import interleaved, machine_line  # noqa: E402
 from k_model import ModelConfig, Transformer  # noqa: E402

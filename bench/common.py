@@ -13,7 +13,7 @@ import transformers
 
 
 def machine_line(device: str) -> str:
-    from support.cpu_features import cpu_has_native_bf16, cpu_name  # the repo root is on sys.path in every bench
+    from support.model.cpu_features import cpu_has_native_bf16, cpu_name  # the repo root is on sys.path in every bench
 
     bf16 = ", native bf16" if cpu_has_native_bf16() else ""
     cpu = f"cpu ({torch.backends.cpu.get_cpu_capability()}{bf16})"

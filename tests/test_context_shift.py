@@ -1,4 +1,4 @@
-"""Generation past the context window by the context shift (support/context_shift.py), against references
+"""Generation past the context window by the context shift (support/model/context_shift.py), against references
 written out here and computed by transformers' LlamaForCausalLM without a cache:
 
   * the rule: when the longest row fills the window, every row keeps its first `keep` tokens and its newest
@@ -23,11 +23,11 @@ from test_serve import client_for, live
 from k_model import Transformer
 import model_sample
 import serve
-from model_sample import TextGenerator
+from support.inference.text_generator import TextGenerator
 from serve import create_app
-from support.context_shift import shift_caches
-from support.generation_engine import DecodeBatch
-from support.hf_llama import export_hf, to_hf_llama
+from support.model.context_shift import shift_caches
+from support.inference.generation_engine import DecodeBatch
+from support.model.hf_llama import export_hf, to_hf_llama
 
 WINDOW = 16
 

@@ -14,7 +14,7 @@ import torch
 import data_process
 import train_tokenizer
 from dataset import PretrainDataset, SFTDataset, encode_chat, token_dtype
-from support.loading import tokenizer_fingerprint
+from support.loading.sources import tokenizer_fingerprint
 
 
 def write_lines(path, lines):

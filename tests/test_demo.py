@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from support.checkpoint import load_checkpoint
-from model_sample import TextGenerator
+from support.loading.checkpoint import load_checkpoint
+from support.inference.text_generator import TextGenerator
 from train_helpers import ROOT, read_metrics
 
 STAGES = ["data", "eval_tasks", "tokenizer", "pretokenize", "pretrain", "sft", "samples", "chat", "eval", "lm-eval",

@@ -14,8 +14,8 @@ from types import ModuleType
 
 import pytest
 
-from support.train_task import Task
-from support.train_flags import build_parser as training_parser
+from support.training.train_task import Task
+from support.training.train_flags import build_parser as training_parser
 from train_helpers import ROOT
 
 README = ROOT / "README.md"

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 
 import data_process
 import ddp_dpo
-from support import train_flags
+from support.training import train_flags
 import trainer
 from dataset import PreferenceDataset
-from support.hf_llama import LAYER_WEIGHTS, TOP_WEIGHTS, export_hf
+from support.model.hf_llama import LAYER_WEIGHTS, TOP_WEIGHTS, export_hf
 from k_model import ModelConfig, Transformer
-from support.loading import open_model
+from support.loading.sources import open_model
 from train_helpers import QUIET, read_metrics, run_script, write_jsonl
 
 CPU = torch.device("cpu")

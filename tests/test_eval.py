@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 
 import data_process
-from support import task_data
+from support.data import task_data
 import ddp_pretrain
 import ddp_sft_full
 import eval_model
-from model_sample import TextGenerator, sentiment_accuracy
+from support.inference import evaluation
+from model_sample import sentiment_accuracy
+from support.inference.text_generator import TextGenerator
 from train_helpers import QUIET, write_jsonl
 
 SEQ = ["--dim", "32", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "128"]
@@ -88,7 +90,7 @@ def test_offline_tasks_give_lm_eval_clis_numbers_on_the_hf_export(work, sft_resu
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     cli = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                           f"pretrained={work / 'out/sft/hf'},dtype=float32", "--tasks", ALL_TASKS, "--include_path",
-                          str(eval_model.TASKS_DIR), "--apply_chat_template", "--device", "cpu", "--batch_size", "8",
+                          str(evaluation.TASKS_DIR), "--apply_chat_template", "--device", "cpu", "--batch_size", "8",
                           "--output_path", str(work / "cli")], cwd=work, env=env, capture_output=True, text=True,
                          timeout=600)
     assert cli.returncode == 0, cli.stderr[-3000:]
@@ -115,8 +117,8 @@ def test_generative_sentiment_is_model_sample_evals_accuracy(work, sft_results):
 def test_every_model_kind_gives_the_same_numbers(work, sft_results):
     for path in ("out/sft", "out/sft/hf"):
         model, tokenizer, _ = eval_model.open_model(str(work / path), device="cpu", dtype="float32")
-        manager = eval_model.task_manager(("sentiment_mc", "news_ppl"))
-        got = eval_model.evaluate(eval_model.kmodel_lm(model, tokenizer, 8), manager, ["sentiment_mc", "news_ppl"],
+        manager = evaluation.task_manager(("sentiment_mc", "news_ppl"))
+        got = evaluation.evaluate(evaluation.kmodel_lm(model, tokenizer, 8), manager, ["sentiment_mc", "news_ppl"],
                                   apply_chat_template=True)["results"]
         assert got["sentiment_mc"]["acc,none"] == sft_results["sentiment_mc"]["acc,none"], path
         assert got["news_ppl"]["bits_per_byte,none"] == pytest.approx(
@@ -146,7 +148,7 @@ def test_dynamic_ntk_export_auto_batch_size_and_output_dir_as_lm_evals_api(work,
     tracker = EvaluationTracker(output_path=str(tmp_path / "theirs"))
     theirs = simple_evaluate(model="hf", model_args=f"pretrained={export},dtype=float32", tasks=tasks, device="cpu",
                              batch_size="auto:2", max_batch_size=16, limit=12, evaluation_tracker=tracker,
-                             task_manager=eval_model.task_manager(tuple(tasks)))
+                             task_manager=evaluation.task_manager(tuple(tasks)))
     tracker.save_results_aggregated(results=theirs)
     assert _undated(tmp_path / "ours", "**/*") == _undated(tmp_path / "theirs", "**/*")
     ours = json.loads(next((tmp_path / "ours").rglob("results_*.json")).read_text(encoding="utf-8"))

@@ -1,4 +1,4 @@
-"""--parallel fsdp (support/fsdp.py): 2 gloo processes with FSDP2 train exactly like 1 plain process reading the
+"""--parallel fsdp (support/training/fsdp.py): 2 gloo processes with FSDP2 train exactly like 1 plain process reading the
 same global batch (weights within 1e-5, the same losses and the same hf/ export); a run resumed from its
 distributed checkpoint with another number of processes (1 -> 2 -> 2 -> 1) ends where the uninterrupted run
 does, with AdamW and with Muon; every tool opens the DCP checkpoint through open_model; what FSDP cannot train
@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 import ddp_dpo
 import ddp_pretrain
 import ddp_sft_full
-from support.checkpoint import DCP_NAME, DCP_SLOTS, load_checkpoint
-from support.loading import open_model
+from support.loading.checkpoint import DCP_NAME, DCP_SLOTS, load_checkpoint
+from support.loading.sources import open_model
 from test_dpo import run_files, train_args  # noqa: F401 (run_files is a fixture: the DPO init model and pairs)
 from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, run_script
 
@@ -217,10 +217,10 @@ def rank0_only_loading(rank: int) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from k_model import ModelConfig, Transformer
-    from support import lora
-    from support.fsdp import FullyShardedParallel
-    from support.loading import SourcedModel
-    from support.trainer_utils import DistInfo
+    from support.loading import lora
+    from support.training.fsdp import FullyShardedParallel
+    from support.loading.sources import SourcedModel
+    from support.training.trainer_utils import DistInfo
 
     parallel = FullyShardedParallel(DistInfo(rank, rank, 2, torch.device("cpu"), None), torch.bfloat16, False)
     found: dict = {}
@@ -278,7 +278,7 @@ def muon_on_row_shards(rank: int) -> list[torch.Tensor]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from support.optim import Muon
+    from support.training.optim import Muon
 
     mesh = init_device_mesh("cpu", (2,))
     generator = torch.Generator().manual_seed(0)

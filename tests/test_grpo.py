@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import os
 import signal
@@ -24,10 +23,10 @@ import torch
 import ddp_grpo
 import ddp_pretrain
 import rewards
-from support.checkpoint import load_checkpoint
-from support.loading import model_from_state, open_model
-from support.optim import make_optimizer
-from support.train_flags import build_parser, resolve_args
+from support.loading.checkpoint import load_checkpoint
+from support.loading.sources import model_from_state, open_model
+from support.training.optim import make_optimizer
+from support.training.train_flags import build_parser, resolve_args
 from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, read_metrics, run_script, write_jsonl
 
 # ----------------------------------------------------------------------------------------------------------
@@ -458,7 +457,7 @@ def test_prompts_longer_than_the_context_are_counted_and_skipped(grpo_setup, tmp
 
 
 def test_arithmetic_task_holds_out_its_test_problems_and_its_answers_verify(tmp_path):
-    from support import task_data
+    from support.data import task_data
 
     files = task_data.build_arith(str(tmp_path), sft_size=300, rl_size=200, test_size=100)
     sft, rl, test = ([json.loads(line) for line in Path(f).read_text(encoding="utf-8").splitlines()] for f in files)
@@ -484,7 +483,7 @@ def test_arithmetic_task_holds_out_its_test_problems_and_its_answers_verify(tmp_
 
 
 def test_arithmetic_replies_work_the_columns_units_first():
-    from support import task_data
+    from support.data import task_data
 
     assert task_data.arith_columns(37, "+", 48) == "7+8=15;3+4+1=8"
     assert task_data.arith_columns(12, "+", 988) == "2+8=10;1+8+1=10;0+9+1=10"
@@ -495,7 +494,7 @@ def test_arithmetic_replies_work_the_columns_units_first():
 def test_arithmetic_task_mix_follows_three_digit_share(tmp_path):
     """The mix a user asks for: share 0 gives two-digit problems only (and says when there are too few of them),
     share 1 three-digit operands only."""
-    from support import task_data
+    from support.data import task_data
 
     def prompt_numbers(share: float) -> list[int]:
         files = task_data.build_arith(str(tmp_path / str(share)), sft_size=200, rl_size=50, test_size=50,
@@ -512,7 +511,7 @@ def test_arithmetic_task_mix_follows_three_digit_share(tmp_path):
 
 
 def test_gsm8k_rows_become_prompts_that_exact_answer_scores(tmp_path):
-    from support import task_data
+    from support.data import task_data
     rows = [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"}]
     records = list(task_data.gsm8k_records(rows, "gsm8k test"))
     assert records == [{"prompt": rows[0]["question"], "answer": rows[0]["answer"]}]

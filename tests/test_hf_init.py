@@ -21,10 +21,10 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 import data_process
 import ddp_pretrain
 import ddp_sft_full
-from support.checkpoint import rebuilt
+from support.loading.checkpoint import rebuilt
 from dataset import PretrainDataset, document_start_ids, encode_chat
-from support.hf_llama import export_hf
-from support.loading import initial_model, open_model, with_chat_template
+from support.model.hf_llama import export_hf
+from support.loading.sources import initial_model, open_model, with_chat_template
 from test_data import CONVERSATIONS, oracle
 from train_helpers import QUIET, make_pretrain_data, make_sft_data, read_metrics, write_jsonl
 from train_tokenizer import CHAT_TEMPLATE

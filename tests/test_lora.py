@@ -22,10 +22,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import ddp_pretrain
 import ddp_sft_full
 import trainer
-from support.checkpoint import DCP_NAME, read_dcp_weights
-from support.loading import model_from_state, open_model
-from model_sample import TextGenerator
-from support.trainer_utils import DistInfo, StopRequest
+from support.loading.checkpoint import DCP_NAME, read_dcp_weights
+from support.loading.sources import model_from_state, open_model
+from support.inference.text_generator import TextGenerator
+from support.training.trainer_utils import DistInfo, StopRequest
 from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, run_script
 
 LORA = ["--lora_r", "4", "--lora_alpha", "8"]

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM
 
-from support import chunked_loss
-from support import cpu_matmul
-from support.chunked_loss import linear_cross_entropy
-from support.cpu_matmul import mm_t
-from support.hf_llama import export_hf, from_hf_llama, load_hf, to_hf_llama
+from support.model import chunked_loss
+from support.model import cpu_matmul
+from support.model.chunked_loss import linear_cross_entropy
+from support.model.cpu_matmul import mm_t
+from support.model.hf_llama import export_hf, from_hf_llama, load_hf, to_hf_llama
 from k_model import ModelConfig, Transformer
-from support.sampling import sample
+from support.model.sampling import sample
 
 VOCAB = 97
 
@@ -195,7 +195,7 @@ def test_float32_matmul_and_its_gradients_equal_torch_matmul_in_either_library(m
 def test_the_measured_matmul_choice_names_a_library_per_shape_class_and_is_cached(tmp_path):
     """measure_choice() answers for both shape classes; measured_once keeps the answer on disk per CPU,
     torch version and thread count, and a second call reads it instead of measuring."""
-    from support.cpu_features import measured_once
+    from support.model.cpu_features import measured_once
 
     cache = tmp_path / "cache.json"
     choice = measured_once("matmul", cpu_matmul.measure_choice, cache)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import ddp_pretrain
-from support import lora
-from support import optim
+from support.loading import lora
+from support.training import optim
 from k_model import ModelConfig, Transformer
 from test_train_ddp import STEPS
 from test_train_resume import last_logged_step, saved_step, start, wait_for

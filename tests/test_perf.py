@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from support import perf
+from support.training import perf
 
 
 @pytest.mark.parametrize("device_name, tflops", [

@@ -16,8 +16,8 @@ import ddp_pretrain
 import ddp_sft_full
 from dataset import PretrainDataset
 from k_model import ModelConfig
-from support.hf_llama import export_hf, to_hf_llama
-from support.loading import open_model
+from support.model.hf_llama import export_hf, to_hf_llama
+from support.loading.sources import open_model
 from test_bench import run_bench
 from test_hf_init import VOCAB, save_llama
 from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data

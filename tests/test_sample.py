@@ -18,15 +18,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import ddp_pretrain
 import model_sample
 import train_tokenizer
-from support import train_task
-from support.checkpoint import save_checkpoint
+from support.training import train_task
+from support.loading.checkpoint import save_checkpoint
 from dataset import PretrainDataset
-from support.hf_llama import export_hf
-from support.loading import model_from_state
-from model_sample import TextGenerator, build_messages, build_parser, chat_repl, sentiment_accuracy
+from support.model.hf_llama import export_hf
+from support.loading.sources import model_from_state
+from model_sample import build_parser, chat_repl, sentiment_accuracy
+from support.inference.text_generator import TextGenerator, build_messages
 from test_data import FORGED, chatml_reference
 from train_helpers import QUIET, ROOT, make_pretrain_data, write_jsonl
-from support.trainer_utils import DistInfo
+from support.training.trainer_utils import DistInfo
 
 SYSTEM = "你是一个有帮助的助手。"
 PROMPT = "人民日报今天报道了什么新闻?"

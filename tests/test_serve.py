@@ -1,5 +1,5 @@
 """serve.py against real clients: the official `openai` client and a headless Chromium talk to a live server
-on 127.0.0.1, and every answer is compared with model_sample.TextGenerator answering the same prompt alone.
+on 127.0.0.1, and every answer is compared with support.inference.text_generator.TextGenerator answering the same prompt alone.
 
 The model has random weights, drawn wide enough (std 0.2) that replies depend on the prompt, with the EOS
 embedding scaled up so that some greedy replies end at EOS within a few dozen tokens and others run to
@@ -26,9 +26,9 @@ import pytest
 import torch
 import uvicorn
 
-from support.hf_llama import export_hf
+from support.model.hf_llama import export_hf
 from k_model import ModelConfig, Transformer
-from model_sample import TextGenerator
+from support.inference.text_generator import TextGenerator
 from serve import create_app
 from train_helpers import ROOT
 

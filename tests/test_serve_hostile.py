@@ -18,7 +18,7 @@ import openai
 import pytest
 import torch
 
-from model_sample import TextGenerator
+from support.inference.text_generator import TextGenerator
 from serve import Limits, create_app
 from test_serve import CONTEXT, MODEL, ask, chat, client_for, http, live, model_dir, reference  # noqa: F401
 from train_helpers import ROOT
@@ -98,7 +98,7 @@ def test_a_row_whose_sampling_fails_ends_alone(gen, monkeypatch):
     """Whatever goes wrong while sampling one row's token in a running batch (here the marked request's third
     draw raises as torch does for NaN probabilities), that row ends with a server error and the greedy row
     beside it is answered in full."""
-    from support import generation_engine
+    from support.inference import generation_engine
 
     real = generation_engine.sample
     draws = []

@@ -19,15 +19,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ddp_pretrain
 import ddp_sft_full
-from support import optim
+from support.training import optim
 import train_tokenizer
-from support import train_task
+from support.training import train_task
 import trainer
-from support import trainer_utils
-from support.checkpoint import load_checkpoint
+from support.training import trainer_utils
+from support.loading.checkpoint import load_checkpoint
 from dataset import SFTDataset
 from k_model import ModelConfig, Transformer
-from support.loading import open_model, tokenizer_fingerprint
+from support.loading.sources import open_model, tokenizer_fingerprint
 from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, write_jsonl
 
 

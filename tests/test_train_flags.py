@@ -11,8 +11,8 @@ import pytest
 
 import ddp_pretrain
 import ddp_sft_full
-from support import train_flags
-from support.checkpoint import load_checkpoint
+from support.training import train_flags
+from support.loading.checkpoint import load_checkpoint
 from dataset import PretrainDataset
 from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, make_sft_data
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import ddp_pretrain
-from support.optim import is_hidden_matrix
+from support.training.optim import is_hidden_matrix
 from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, read_metrics
 
 TOTAL = 40

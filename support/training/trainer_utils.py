@@ -2,7 +2,7 @@
 logs, Ctrl-C handling.
 
 Launch: `python ddp_pretrain.py ...` is one process; `torchrun --nproc_per_node=N ddp_pretrain.py ...` is DDP
-(NCCL on CUDA, gloo on CPU), or with --parallel fsdp FSDP2 (support/fsdp.py). Only rank 0 prints and logs.
+(NCCL on CUDA, gloo on CPU), or with --parallel fsdp FSDP2 (support/training/fsdp.py). Only rank 0 prints and logs.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from support.checkpoint import CKPT_NAME, remove_dcp_checkpoint, save_checkpoint
-from support.loading import resolve_device
+from support.loading.checkpoint import CKPT_NAME, remove_dcp_checkpoint, save_checkpoint
+from support.loading.sources import resolve_device
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def local_part(t: torch.Tensor) -> torch.Tensor:
 
 class DataParallel:
     """--parallel ddp: every rank holds the whole model, gradients are all-reduced (DDP, with 2+ processes) and
-    rank 0 saves everything in out_dir/ckpt.pt. support/fsdp.py's FullyShardedParallel answers the same calls."""
+    rank 0 saves everything in out_dir/ckpt.pt. support/training/fsdp.py's FullyShardedParallel answers the same calls."""
 
     name = "ddp"
 

@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from dataset import document_start_ids
-from support.hf_llama import copy_token_ids, export_hf
-from support.loading import DEFAULT_TOKENIZER, SourcedModel, load_tokenizer
-from support.trainer_utils import DistInfo
+from support.model.hf_llama import copy_token_ids, export_hf
+from support.loading.sources import DEFAULT_TOKENIZER, SourcedModel, load_tokenizer
+from support.training.trainer_utils import DistInfo
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # X, Y (B, T) int64; loss mask (B, T) float32
 

@@ -48,8 +48,8 @@ from peft import set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import cast_adapter_dtype
 
-from support.checkpoint import CKPT_NAME, rebuilt
-from support.hf_llama import LAYER_WEIGHTS, copy_token_ids, from_hf_llama, save_quietly, to_hf_llama
+from support.loading.checkpoint import CKPT_NAME, rebuilt
+from support.model.hf_llama import LAYER_WEIGHTS, copy_token_ids, from_hf_llama, save_quietly, to_hf_llama
 from k_model import Transformer
 
 ADAPTER = "default"  # peft's name for a model's one adapter

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from support.cpu_features import CACHE_PATH, measured_once
-from support.cpu_matmul import mm_t
+from support.model.cpu_features import CACHE_PATH, measured_once
+from support.model.cpu_matmul import mm_t
 
 # Dense (no sparsity) 16-bit tensor-core TFLOP/s from NVIDIA's datasheets. Keys are the model name as
 # gpu_model() reads it from the CUDA device name, with the form factor where it changes the peak.

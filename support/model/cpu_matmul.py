@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from support.cpu_features import measured_once, onednn_packs_bf16
+from support.model.cpu_features import measured_once, onednn_packs_bf16
 
 
 # Route float32 matmuls to oneDNN where torch's own float32 GEMM is MKL's (x86 builds); see mm_t.

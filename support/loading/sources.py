@@ -17,12 +17,12 @@ from typing import Any, NamedTuple, TypedDict
 
 import torch
 
-from support.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, build_model, is_dcp_checkpoint, load_checkpoint,
+from support.loading.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, build_model, is_dcp_checkpoint, load_checkpoint,
                                 rebuilt, resolve_checkpoint, run_checkpoint)
-from support.cpu_features import cpu_has_native_bf16
-from support.hf_llama import load_hf
+from support.model.cpu_features import cpu_has_native_bf16
+from support.model.hf_llama import load_hf
 from k_model import Transformer
-from support.tokenizer_spec import BOS, CHAT_TEMPLATE, EOS, tokenizer_fingerprint
+from support.data.tokenizer_spec import BOS, CHAT_TEMPLATE, EOS, tokenizer_fingerprint
 
 DEFAULT_TOKENIZER = "out/tokenizer"
 ADAPTER_CONFIG = "adapter_config.json"  # what marks a peft adapter directory
@@ -169,7 +169,7 @@ def _open_checkpoint(path: Path) -> tuple[Transformer, ModelOrigin]:
     state = load_checkpoint(ckpt)
     model = model_from_state(state, ckpt)
     if "lora" in state:  # for inference, adapters folded into the weights: a plain model, as fast as any
-        from support import lora  # peft is imported for LoRA artifacts only
+        from support.loading import lora  # peft is imported for LoRA artifacts only
 
         model = lora.merged(model)
     return model, ModelOrigin(source=str(ckpt), format="ckpt", step=state["step"], args=state.get("args"),
@@ -188,7 +188,7 @@ def _open_hf_dir(hf_dir: Path) -> tuple[Transformer, ModelOrigin]:
 
 
 def _open_adapter_dir(path: Path) -> tuple[Transformer, ModelOrigin]:
-    from support import lora  # peft is imported for LoRA artifacts only
+    from support.loading import lora  # peft is imported for LoRA artifacts only
 
     model = lora.load_adapter_dir(path)
     return model, _directory_origin(path, "adapter", model)
@@ -220,7 +220,7 @@ def model_from_state(state: dict[str, Any], source: str | os.PathLike) -> Transf
     is its base, opened from where the checkpoint says, with the adapters attached (lora.restore)."""
     if "lora" not in state:
         return build_model(state, source)
-    from support import lora  # peft is imported for LoRA checkpoints only
+    from support.loading import lora  # peft is imported for LoRA checkpoints only
 
     base = state["lora"]["base"]
     if not Path(base).exists():

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from k_model import KVCache, Transformer
-from model_sample import TextGenerator
-from support.context_shift import right_aligned_mask, shift_caches
-from support.sampling import sample
+from support.inference.text_generator import TextGenerator
+from support.model.context_shift import right_aligned_mask, shift_caches
+from support.model.sampling import sample
 
 log = logging.getLogger("serve")
 

@@ -16,7 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 from k_model import ModelConfig, Transformer
-from support.rope import ORIGINAL, check_rope_scaling
+from support.model.rope import ORIGINAL, check_rope_scaling
 
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -116,7 +116,7 @@ def to_hf_llama(model: Transformer) -> LlamaForCausalLM:
 def unsupported_config(c: PretrainedConfig) -> str | None:
     """What in an HF config our model cannot express, named by config key; None when it is a Llama we can.
     Any dtype, tied or untied embeddings, head_dim, rope_theta, rms_norm_eps, max_position_embeddings and
-    GQA are fine, and so are the rope scalings of support/rope.py (linear, dynamic, yarn, llama3); another
+    GQA are fine, and so are the rope scalings of support/model/rope.py (linear, dynamic, yarn, llama3); another
     architecture, biases, another activation or another rope scaling (longrope, partial rotary) are not."""
     if c.model_type != "llama":
         return f"model_type {c.model_type!r} (architectures {c.architectures}): not a Llama model"

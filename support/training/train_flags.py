@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from k_model import rope_tables
-from support.loading import DEFAULT_TOKENIZER, DTYPES, SourcedModel
-from support.optim import MUON_DTYPES, OPTIMIZERS, SCHEDULES
-from support.rope import ORIGINAL
+from support.loading.sources import DEFAULT_TOKENIZER, DTYPES, SourcedModel
+from support.training.optim import MUON_DTYPES, OPTIMIZERS, SCHEDULES
+from support.model.rope import ORIGINAL
 
 # Model shape and per-process batch (and a schedule, where the preset has one) for scripts that build a new model.
 # Explicit flags override them.
@@ -107,7 +107,7 @@ def build_parser(task: Any) -> argparse.ArgumentParser:
     add(g, "dtype", "autocast dtype; auto = bfloat16 on CUDA (float16 without bf16 support) and on CPUs with "
                     "native bf16 (AVX512_BF16/AMX), else float32", choices=["auto", *DTYPES])
     add(g, "parallel", "ddp: every process holds the whole model (DDP); fsdp: weights, gradients and optimizer "
-                       "state sharded over the processes (FSDP2, support/fsdp.py), saved as a distributed checkpoint "
+                       "state sharded over the processes (FSDP2, support/training/fsdp.py), saved as a distributed checkpoint "
                        "out_dir/ckpt_dcp", choices=["ddp", "fsdp"])
     add(g, "cpu_offload", "--parallel fsdp: keep the shards and the optimizer step on the CPU (a base too large for "
                           "the GPU; several times slower)", action="store_true", default=None)

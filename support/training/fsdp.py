@@ -59,10 +59,10 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from k_model import ModelConfig, Transformer
-from support.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, DCP_SLOTS, config_to_dict, dcp_failure, fsync_dir,
+from support.loading.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, DCP_SLOTS, config_to_dict, dcp_failure, fsync_dir,
                                 save_checkpoint)
-from support.loading import SourcedModel
-from support.trainer_utils import DataParallel, DistInfo
+from support.loading.sources import SourcedModel
+from support.training.trainer_utils import DataParallel, DistInfo
 
 
 def make_parallel(args: argparse.Namespace, d: DistInfo, dtype: torch.dtype) -> DataParallel:
@@ -228,7 +228,7 @@ def meta_model(config: ModelConfig, lora_spec: dict[str, Any] | None) -> Transfo
     with torch.device("meta"):
         model = Transformer(config)
         if lora_spec is not None:
-            from support import lora  # peft is imported for LoRA runs only
+            from support.loading import lora  # peft is imported for LoRA runs only
 
             model = lora.add_adapters(model, lora_spec)
             model.lora_spec = lora_spec  # the base's digest: what a checkpoint and the exports record

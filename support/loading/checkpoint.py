@@ -2,7 +2,7 @@
 of a save leaves the previous file intact. It is read back with `torch.load(weights_only=True)`: tensors,
 dicts, lists and primitives only, never arbitrary pickled objects.
 
-A --parallel fsdp run saves a Distributed Checkpoint instead (support/fsdp.py writes it): `ckpt_dcp`, a symlink
+A --parallel fsdp run saves a Distributed Checkpoint instead (support/training/fsdp.py writes it): `ckpt_dcp`, a symlink
 to a directory holding each rank's shards of "model" and "optimizer" (torch.distributed.checkpoint files) and
 DCP_META, the rest of the ckpt.pt dict. `load_checkpoint` reads either kind as the same dict: from a DCP
 directory it gathers the full weights in this one process, so every tool that opens ckpt.pt opens it too.

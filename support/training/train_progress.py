@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from support.perf import CpuShare
+from support.training.perf import CpuShare
 from plot_runs import draw_curves
-from support.trainer_utils import DistInfo, RunLogger
+from support.training.trainer_utils import DistInfo, RunLogger
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from support.cpu_matmul import mm_t
+from support.model.cpu_matmul import mm_t
 
 
 CE_CHUNK_LOGITS = 2**22  # logits per chunk of linear_cross_entropy: 16 MB in float32

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from support.train_task import Task
+from support.training.train_task import Task
 
 
 def peak_memory(device: torch.device) -> str:

@@ -46,8 +46,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from support.cpu_features import cpu_has_native_bf16
-from support.hf_llama import LAYER_WEIGHTS
+from support.model.cpu_features import cpu_has_native_bf16
+from support.model.hf_llama import LAYER_WEIGHTS
 
 OPTIMIZERS = ("adamw", "muon")
 MUON_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # --muon_dtype, besides auto

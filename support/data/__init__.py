@@ -1,0 +1,1 @@
+"""The data layer (docs/layout.md)."""

@@ -1,0 +1,1 @@
+"""The loading layer (docs/layout.md)."""
