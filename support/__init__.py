@@ -1,13 +1,11 @@
-"""The support layers under the stage scripts: nobody runs these files, the scripts at the top level import them.
+"""The layers under the stage scripts, one folder each (docs/layout.md): nobody runs these files, the scripts at
+the top level import them. Lowest first; a module imports only from its own layer and those below
+(tests/test_layers.py):
 
-By layer, lowest first (a module imports only from its own layer and the ones below):
-- model: cpu_matmul, compiled_step, chunked_loss, sampling, rope (RoPE frequencies and scaling), context_shift (used
-  by k_model.py), hf_llama (k_model <-> transformers)
-- data: tokenizer_spec (special tokens, chat template, fingerprint), task_data (arithmetic, GSM8K and evaluation task
-  files, built by data_process.py; dataset.py is at the top level)
-- loading: checkpoint (ckpt.pt and DCP checkpoints), lora, loading (open_model: any model source -> model + tokenizer
-  + origin)
-- training: train_task, train_steps, train_progress, train_flags, trainer_utils (DDP), fsdp (FSDP2 + DCP), optim, perf
-  (trainer.py is at the top)
-- inference: generation_engine (serve.py's continuous batching)
+- cli.py (here): the argument parser every script uses; imports nothing of ours
+- model/: k_model.py's fast paths and conversions (k_model.py is at the top level)
+- data/: tokenizer constants and task files (dataset.py is at the top level)
+- loading/: checkpoints, LoRA, open_model (any model source -> model + tokenizer + origin)
+- inference/: TextGenerator, serve.py's generation engine, lm-eval on our model
+- training/: the trainer's parts (trainer.py is at the top level)
 """
