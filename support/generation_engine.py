@@ -204,7 +204,11 @@ class DecodeBatch:
                 source = row.caches[layer]
                 cache.k[b, :, width - row.length : width] = source.k[row.index, :, row.end - row.length : row.end]
                 cache.v[b, :, width - row.length : width] = source.v[row.index, :, row.end - row.length : row.end]
-        key_mask = right_aligned_mask(torch.tensor(lengths, device=device), width, self.model.context_len)
+        # as wide as the caches (a slot more than the window), so that the step's view of its first width + 1
+        # slots never spans a whole row: a view that did (at the window's end) has another memory layout,
+        # which the compiled step would meet in the middle of a reply and compile a new graph for
+        n_slots = caches[0].k.shape[2] if caches else 0
+        key_mask = right_aligned_mask(torch.tensor(lengths, device=device), width, n_slots)
         self.caches, self.lengths, self.key_mask = caches, lengths, key_mask
 
     def step(self, tokens: list[int]) -> torch.Tensor:
@@ -216,7 +220,7 @@ class DecodeBatch:
             lengths = shift_caches(self.caches, lengths, window, self.shift, self.keep, self.model.rope_cos,
                                    self.model.rope_sin)
             self.lengths = lengths.tolist()
-            self.key_mask = right_aligned_mask(lengths, self.width, window)
+            self.key_mask = right_aligned_mask(lengths, self.width, self.key_mask.shape[1])
         device, width = self.model.device, self.width
         self.key_mask[:, width] = True
         logits = self.model.decode_step(torch.tensor(tokens, device=device),
