@@ -175,7 +175,7 @@ class Limits:
     """What one client may ask of the server (each a serve.py flag of the same name)."""
     max_body_bytes: int = 1_000_000  # a full 2,048-token context is ~10 KB of text; 1 MB leaves room for JSON
     max_messages: int = 1000  # messages in one conversation (the oldest are trimmed to fit the context anyway)
-    max_waiting: int = 256  # requests queued behind a full batch; more get 429 with Retry-After
+    max_waiting: int = 256  # requests waiting for a row or to be tokenized; more get 429 with Retry-After
     max_tokens_limit: int = 4096  # a reply's tokens; past the context window it goes on by the context shift
 
 
@@ -186,6 +186,7 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
     limits = limits or Limits()
     engine = Engine(gen, max_batch, limits.max_waiting)
     tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # off the event loop, one at a time
+    in_tokenizer = 0  # requests handed to the tokenizing thread and not back yet: one is tokenized, the rest wait
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -219,9 +220,22 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
 
+    def busy(reason: str) -> APIError:
+        return APIError(429, f"the server is busy: {reason}; retry later", code="queue_full", kind="rate_limit_error",
+                        headers={"Retry-After": "1"})
+
     async def off_loop(fn: Callable[..., Result], *args: Any) -> Result:
-        """fn(*args) in the tokenizing thread: a long prompt must not stall the other clients' requests."""
-        return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
+        """fn(*args) in the tokenizing thread: a long prompt must not stall the other clients' requests. The
+        requests waiting for that thread count toward --max_waiting with those waiting for a row: a few huge
+        conversations cannot queue unseen in front of everyone else's."""
+        nonlocal in_tokenizer
+        if engine.waiting() + max(0, in_tokenizer - 1) >= limits.max_waiting:
+            raise busy(f"{limits.max_waiting} requests are waiting already")
+        in_tokenizer += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
+        finally:
+            in_tokenizer -= 1
 
     def new_job(req: GenerationRequest, prompt: list[int], wanted: int, what: str) -> Job:
         if len(prompt) >= gen.context_len:  # the reply may outgrow the window (context shift); the prompt may not
@@ -236,8 +250,7 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
         try:
             engine.submit(job)
         except QueueFull as e:
-            raise APIError(429, f"the server is busy: {e}; retry later", code="queue_full", kind="rate_limit_error",
-                           headers={"Retry-After": "1"}) from None
+            raise busy(str(e)) from None
         except EngineUnavailable as e:
             raise APIError(503, str(e), kind="server_error") from None
         return job
@@ -248,7 +261,7 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        stats = {"model": model_name, **engine.stats()}
+        stats = {"model": model_name, **engine.stats(), "tokenizing": in_tokenizer}
         if engine.failure:
             return JSONResponse({"status": "failed", "error": engine.failure.message, **stats}, status_code=503)
         return JSONResponse({"status": "ok", **stats})

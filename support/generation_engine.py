@@ -11,10 +11,10 @@ last Event in every case, so no client is ever left waiting.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
-import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -281,13 +281,15 @@ class Engine:
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.batch = DecodeBatch(gen.model, gen.context_shift, gen.context_keep)
         self.rows: list[Row] = []
-        self.waiting: queue.Queue[Job | None] = queue.Queue()  # None wakes the thread to see a stop request
+        self._waiting: collections.deque[Job] = collections.deque()  # in arrival order
         self._stop_asked = threading.Event()
         self.state = EngineState.STARTING
         self.failure: Failure | None = None  # why it FAILED
         self.on_failure: Callable[[], None] = lambda: None
         self.counts = {state.value: 0 for state in RowState if state is not RowState.DECODING}
-        self._lock = threading.Lock()  # a job is queued only while the engine accepts jobs
+        # guards the waiting line and the state: a job is queued only while the engine accepts jobs
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # a job was queued, or a stop asked for
         # k_model.sample draws from torch's default generator of the model's device
         if gen.device.type == "cuda":
             self._get_rng = lambda: torch.cuda.get_rng_state(gen.device)
@@ -303,20 +305,27 @@ class Engine:
 
     def stop(self) -> None:
         """Ends every running and waiting job with SHUTTING_DOWN (at the next step), then the thread."""
-        self._stop_asked.set()
-        self.waiting.put(None)
+        with self._arrived:
+            self._stop_asked.set()
+            self._arrived.notify()
         self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
-        with self._lock:
+        with self._arrived:
             if self.state in (EngineState.STOPPED, EngineState.FAILED):
                 raise EngineUnavailable(self.failure.message if self.failure else SHUTTING_DOWN.message)
-            if self.waiting.qsize() >= self.max_waiting:
+            if self.waiting() >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are waiting already")
-            self.waiting.put(job)
+            self._waiting.append(job)
+            self._arrived.notify()
+
+    def waiting(self) -> int:
+        """Jobs waiting for a row whose clients are still there: one that hung up holds no place, though it
+        leaves the line only at the engine's next step."""
+        return sum(not job.cancelled for job in list(self._waiting))
 
     def stats(self) -> dict[str, int | str]:
-        return {"state": self.state.value, "running": len(self.rows), "waiting": self.waiting.qsize(),
+        return {"state": self.state.value, "running": len(self.rows), "waiting": self.waiting(),
                 "max_batch": self.max_batch, "max_waiting": self.max_waiting, **self.counts}
 
     # -- the engine thread ------------------------------------------------------------------------------------
@@ -344,23 +353,18 @@ class Engine:
             for row in self.rows:
                 row.job.fail(failure, row.generated)
             self.rows = []
-            while not self.waiting.empty():
-                if job := self.waiting.get_nowait():
-                    job.fail(failure)
+            while self._waiting:
+                self._waiting.popleft().fail(failure)
 
     def _admit(self) -> None:
         """Moves waiting jobs into the batch while there is room; blocks while there is nothing to decode."""
         joining: list[tuple[Row, Prefilled]] = []
+        with self._lock:  # also while the batch is full: hung-up clients must not pile up in the line
+            self._drop_cancelled()
         while len(self.rows) + len(joining) < self.max_batch:
-            try:
-                job = self.waiting.get(block=not (self.rows or joining))
-            except queue.Empty:
+            job = self._next_job(block=not (self.rows or joining))
+            if job is None:
                 break
-            if job is None:  # stop() woke the thread
-                break
-            if job.cancelled:
-                self.counts[RowState.CANCELLED.value] += 1
-                continue
             if admitted := self._prefill(job):
                 joining.append(admitted)
         if not joining:
@@ -373,6 +377,21 @@ class Engine:
                 self._end(row, RowState.FAILED, failure=Failure.of(e))
             return
         self.rows += [row for row, _ in joining]
+
+    def _next_job(self, block: bool) -> Job | None:
+        """The first waiting job whose client is still there, or None: none waits (after waiting for one if
+        `block`), or a stop is asked for."""
+        with self._arrived:
+            while block and not self._waiting and not self._stop_asked.is_set():
+                self._arrived.wait()
+            self._drop_cancelled()
+            return None if self._stop_asked.is_set() or not self._waiting else self._waiting.popleft()
+
+    def _drop_cancelled(self) -> None:
+        """Jobs whose clients hung up while they waited leave the line (call with the lock held)."""
+        live = [job for job in self._waiting if not job.cancelled]
+        self.counts[RowState.CANCELLED.value] += len(self._waiting) - len(live)
+        self._waiting = collections.deque(live)
 
     def _prefill(self, job: Job) -> tuple[Row, Prefilled] | None:
         """The job's prompt run alone and its first token drawn; None if it failed or already ended."""
