@@ -44,6 +44,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -97,7 +98,8 @@ class StreamOptions(BaseModel):
 
 
 class GenerationRequest(BaseModel):
-    """The fields both endpoints take. Other OpenAI fields (logprobs, tools, user, ...) are ignored."""
+    """The fields both endpoints take; null stands for "the default" wherever OpenAI allows it. Other OpenAI
+    fields (logprobs, tools, user, ...) are ignored."""
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -106,9 +108,9 @@ class GenerationRequest(BaseModel):
     top_p: float | None = Field(None, ge=0, le=1)
     stop: list[Annotated[str, Field(min_length=1)]] = Field([], max_length=4)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int | None = Field(None, ge=1, le=1)
     top_k: int | None = Field(None, ge=1)  # not OpenAI's; vLLM's name for it
     ignore_eos: bool = False  # not OpenAI's; vLLM's: generate exactly max_tokens (benchmarks)
 
@@ -151,6 +153,8 @@ async def parse_body(request: Request, schema: type[Body], limit: int) -> Body:
         data = json.loads(await read_body(request, limit))
     except ValueError as e:  # includes bytes that are not UTF-8
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise APIError(400, "the request body is nested too deeply to parse") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     try:
@@ -206,6 +210,10 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:  # unknown path, wrong method
         return APIError(e.status_code, str(e.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception) -> JSONResponse:  # a bug: still an answer clients can parse
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").response()
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -296,7 +304,10 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
                                 "(serve.py --max_messages)", param="messages")
         wanted = req.max_completion_tokens or req.max_tokens or defaults.max_tokens
         messages = [m.model_dump() for m in req.messages]
-        kept, prompt = await off_loop(trimmed_chat, messages, wanted)
+        try:
+            kept, prompt = await off_loop(trimmed_chat, messages, wanted)
+        except TemplateError as e:  # e.g. a Llama 2 / Mistral template's raise_exception for a system prompt
+            raise APIError(400, f"the model's chat template refuses these messages: {e}", param="messages") from None
         job = new_job(req, prompt, wanted, "messages")
         trimmed = {"trimmed_messages": len(messages) - len(kept)} if len(kept) < len(messages) else {}
         return await respond(request, job, req, chat=True, extra=trimmed)

@@ -309,6 +309,8 @@ BAD_REQUESTS = {
     "image content": ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages.0.content"),
     "unknown model": ({"model": "gpt-4"}, 404, "model"),
     "prompt longer than the context": ({"messages": [{"role": "user", "content": "好" * 3 * CONTEXT}]}, 400, "messages"),
+    "nested 100k deep": ("[" * 100_000 + "]" * 100_000, 400, None),
+    "nested 100k deep in a field": ('{"model": "tiny", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),
 }
 
 
@@ -327,6 +329,16 @@ def test_bad_requests_get_openai_shaped_4xx(gen, url, case):
     # and the server goes on serving
     assert http(f"{url}/v1/chat/completions", json.dumps({"model": MODEL, "messages": chat("你好"),
                                                           "max_tokens": 3}))[0] == 200
+
+
+def test_null_stands_for_the_default(url):
+    """OpenAI types n, stream, temperature, ... as "X or null": null is the default."""
+    nulls = dict.fromkeys(["n", "stream", "temperature", "top_p", "stop", "seed"])
+    code, answer = http(f"{url}/v1/chat/completions", json.dumps({"model": MODEL, "messages": chat("你好"),
+                                                                  "max_tokens": 3, **nulls}))
+    assert code == 200 and answer["object"] == "chat.completion", answer
+    code, answer = http(f"{url}/v1/completions", json.dumps({"model": MODEL, "prompt": "中国", "max_tokens": 3, **nulls}))
+    assert code == 200 and answer["object"] == "text_completion", answer
 
 
 def test_errors_reach_the_openai_client_and_unknown_paths_are_json(client, url):

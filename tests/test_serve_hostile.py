@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -361,7 +362,7 @@ def test_sigterm_ends_running_and_queued_requests_then_exits(model_dir, tmp_path
 
 
 # ----------------------------------------------------------------------------------------------------------
-# issue 31, item 6: places in the queue and in the tokenizing thread's queue
+# issue 31, item 6: places in the queue, chat templates that refuse, the tokenizing thread's queue
 
 
 def test_clients_that_hang_up_while_queued_give_their_places_back(gen):
@@ -381,6 +382,36 @@ def test_clients_that_hang_up_while_queued_give_their_places_back(gen):
             stream.close()
             assert answer.result(timeout=30)[0] == reference(gen, chat("中国"), 5)[0]
         assert wait_for(base, running=0)["cancelled"] == 3
+
+
+def with_template(model_dir: str, path, template: str) -> TextGenerator:  # noqa: F811
+    """The model of model_dir, its chat template replaced by `template` ({original}: the template it had)."""
+    path = shutil.copytree(model_dir, path)
+    file = path / "chat_template.jinja"
+    file.write_text(template.replace("{original}", file.read_text(encoding="utf-8")), encoding="utf-8")
+    return TextGenerator(str(path), device="cpu", dtype="float32")
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(model_dir, tmp_path):  # noqa: F811
+    """A Llama 2 / Mistral style template raises for a system prompt: an OpenAI-shaped 400 with its message
+    (a 500 would have the openai client retry it in vain); without a system prompt the server answers. A
+    template the server cannot use for a conversation (it does not close an assistant reply with EOS) is a
+    server error, still in OpenAI's shape with the reason."""
+    refusing = with_template(model_dir, tmp_path / "refusing", "{% if messages[0]['role'] == 'system' %}"
+                             "{{ raise_exception('System role not supported') }}{% endif %}{original}")
+    with live(create_app(refusing, MODEL)) as base:
+        client = client_for(base)
+        with pytest.raises(openai.BadRequestError, match="System role not supported") as refused:
+            client.chat.completions.create(model=MODEL, max_tokens=3, messages=[{"role": "system", "content": "x"},
+                                                                                *chat("你好")])
+        assert refused.value.body["param"] == "messages"
+        assert ask(client, chat("你好"), 3, False, temperature=0)[0] == reference(refusing, chat("你好"), 3)[0]
+    unclosed = with_template(model_dir, tmp_path / "unclosed", "{% for m in messages %}{{ '<|im_start|>' + m['role'] "
+                             "+ '\\n' + m['content'] + '\\n' }}{% endfor %}{{ '<|im_start|>assistant\\n' }}")
+    with live(create_app(unclosed, MODEL)) as base:
+        with pytest.raises(openai.InternalServerError, match="does not close an assistant reply with EOS"):
+            client_for(base).chat.completions.create(model=MODEL, max_tokens=3, messages=[
+                *chat("你好"), {"role": "assistant", "content": "你好"}, *chat("再见")])
 
 
 def test_requests_waiting_to_be_tokenized_count_toward_max_waiting(gen):
