@@ -8,6 +8,9 @@
 
 Endpoints: GET / (chat page), GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions.
 The official `openai` client works unchanged: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
+Both endpoints answer logprobs (chat: logprobs, top_logprobs; completions: logprobs N, with echo the prompt's
+too, and prompts of token ids: what `lm_eval --model local-completions` scores a model with) and take OpenAI's
+presence and frequency penalties; OpenAI fields not built here (response_format, tools, ...) get a 400.
 
 The model is loaded by support.inference.text_generator.TextGenerator (any ckpt.pt, run dir or HF export, its tokenizer) and
 decoded by one engine thread (generation_engine.Engine). Requests that arrive while others are generating
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
+import dataclasses
 import hmac
 import json
 import os
@@ -44,10 +49,12 @@ from typing import Annotated, Any, Literal, TypeVar
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from tokenizers import decoders, pre_tokenizers
 
-from support.inference.generation_engine import Engine, EngineUnavailable, Event, Job, QueueFull, Sampling
+from support.inference.generation_engine import Engine, EngineUnavailable, Event, Job, QueueFull, Sampling, TokenLogprob
 from support.loading.sources import DTYPES
 from model_sample import add_context_shift_flags
 from support.inference.text_generator import TextGenerator
@@ -74,8 +81,28 @@ class APIError(Exception):
 
 
 def one_or_many(value: Any) -> Any:
-    """OpenAI takes "x" for ["x"] (and null for []) in stop and prompt; a list from here on keeps errors simple."""
+    """OpenAI takes "x" for ["x"] (and null for []) in stop; a list from here on keeps errors simple."""
     return [value] if isinstance(value, str) else [] if value is None else value
+
+
+def one_prompt(value: Any) -> Any:
+    """OpenAI's prompt is a string, a list of token ids, or a list of several of either; this server takes one
+    (a list of several is refused). Token ids are checked against the vocabulary later, where it is known."""
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        if len(value) > 1:
+            raise ValueError(f"{len(value)} prompts; this server takes one per request")
+        value = value[0]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(type(t) is int and t >= 0 for t in value):
+        return value
+    raise ValueError("a prompt is a string or a non-empty list of token ids (integers >= 0)")
+
+
+# OpenAI request fields this server has not built, with the value that asks for nothing: another value is
+# refused (400), not ignored, or a client asking for JSON output or tool calls would silently get neither
+UNSUPPORTED = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "functions": [],
+               "function_call": "none", "logit_bias": {}, "suffix": "", "best_of": 1}
 
 
 class Message(BaseModel):
@@ -98,7 +125,9 @@ class StreamOptions(BaseModel):
 
 
 class GenerationRequest(BaseModel):
-    """The fields both endpoints take. Other OpenAI fields (logprobs, tools, user, ...) are ignored."""
+    """The fields both endpoints take. OpenAI fields this server has not built are refused (UNSUPPORTED) and
+    the ones that change nothing in the answer (user, metadata, ...) ignored. null stands for "the default"
+    wherever OpenAI allows it."""
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -107,9 +136,11 @@ class GenerationRequest(BaseModel):
     top_p: float | None = Field(None, ge=0, le=1)
     stop: list[Annotated[str, Field(min_length=1)]] = Field([], max_length=4)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int | None = Field(None, ge=1, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     top_k: int | None = Field(None, ge=1)  # not OpenAI's; vLLM's name for it
     ignore_eos: bool = False  # not OpenAI's; vLLM's: generate exactly max_tokens (benchmarks)
 
@@ -119,12 +150,16 @@ class GenerationRequest(BaseModel):
 class ChatRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: list[str] = Field(min_length=1, max_length=1)  # one prompt: "text", or ["text"]
+    prompt: str | list[int]
+    logprobs: int | None = Field(None, ge=0, le=5)  # the chosen token's and this many most likely tokens'
+    echo: bool | None = None  # the reply starts with the prompt (and, with logprobs, the prompt tokens' logprobs)
 
-    _prompt_list = field_validator("prompt", mode="before")(one_or_many)
+    _one_prompt = field_validator("prompt", mode="before")(one_prompt)
 
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -152,8 +187,14 @@ async def parse_body(request: Request, schema: type[Body], limit: int) -> Body:
         data = json.loads(await read_body(request, limit))
     except ValueError as e:  # includes bytes that are not UTF-8
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise APIError(400, "the request body is nested too deeply to parse") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    for key, nothing in UNSUPPORTED.items():
+        if data.get(key) not in (None, nothing):
+            raise APIError(400, f"'{key}' is not supported by this server (only {json.dumps(nothing)} or null)",
+                           param=key, code="unsupported_parameter")
     try:
         return schema.model_validate(data)
     except ValidationError as e:
@@ -176,7 +217,7 @@ class Limits:
     """What one client may ask of the server (each a serve.py flag of the same name)."""
     max_body_bytes: int = 1_000_000  # a full 2,048-token context is ~10 KB of text; 1 MB leaves room for JSON
     max_messages: int = 1000  # messages in one conversation (the oldest are trimmed to fit the context anyway)
-    max_waiting: int = 256  # requests queued behind a full batch; more get 429 with Retry-After
+    max_waiting: int = 256  # requests waiting for a row or to be tokenized; more get 429 with Retry-After
     max_tokens_limit: int = 4096  # a reply's tokens; past the context window it goes on by the context shift
 
 
@@ -187,6 +228,11 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
     limits = limits or Limits()
     engine = Engine(gen, max_batch, limits.max_waiting)
     tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # off the event loop, one at a time
+    in_tokenizer = 0  # requests handed to the tokenizing thread and not back yet: one is tokenized, the rest wait
+    pieces = TokenPieces(gen.tokenizer)
+    # a text prompt starts a new document, after an EOS, exactly as model_sample.py --mode pretrain begins one:
+    # the ids before the text's own
+    document_start = len(gen.document_ids(""))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -207,6 +253,10 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:  # unknown path, wrong method
         return APIError(e.status_code, str(e.detail)).response()
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception) -> JSONResponse:  # a bug: still an answer clients can parse
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").response()
+
     def check_key(request: Request) -> None:
         if api_key is None:
             return
@@ -220,11 +270,25 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
 
-    async def off_loop(fn: Callable[..., Result], *args: Any) -> Result:
-        """fn(*args) in the tokenizing thread: a long prompt must not stall the other clients' requests."""
-        return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
+    def busy(reason: str) -> APIError:
+        return APIError(429, f"the server is busy: {reason}; retry later", code="queue_full", kind="rate_limit_error",
+                        headers={"Retry-After": "1"})
 
-    def new_job(req: GenerationRequest, prompt: list[int], wanted: int, what: str) -> Job:
+    async def off_loop(fn: Callable[..., Result], *args: Any) -> Result:
+        """fn(*args) in the tokenizing thread: a long prompt must not stall the other clients' requests. The
+        requests waiting for that thread count toward --max_waiting with those waiting for a row: a few huge
+        conversations cannot queue unseen in front of everyone else's."""
+        nonlocal in_tokenizer
+        if engine.waiting() + max(0, in_tokenizer - 1) >= limits.max_waiting:
+            raise busy(f"{limits.max_waiting} requests are waiting already")
+        in_tokenizer += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
+        finally:
+            in_tokenizer -= 1
+
+    def new_job(req: GenerationRequest, prompt: list[int], wanted: int, what: str, logprobs: int | None = None,
+                score_from: int | None = None) -> Job:
         if len(prompt) >= gen.context_len:  # the reply may outgrow the window (context shift); the prompt may not
             raise APIError(400, f"the {what} is {len(prompt)} tokens; the model's context is {gen.context_len} "
                                 "tokens, which must also hold the reply", param=what, code="context_length_exceeded")
@@ -232,13 +296,14 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
         top_p = defaults.top_p if req.top_p is None else req.top_p
         sampling = Sampling(max_tokens=min(wanted, limits.max_tokens_limit),
                             temperature=0.0 if top_p == 0 else temperature, top_p=top_p, top_k=req.top_k,
-                            stop=req.stop, seed=req.seed, ignore_eos=req.ignore_eos)
-        job = Job(prompt, sampling)
+                            stop=req.stop, seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                            presence_penalty=req.presence_penalty or 0.0,
+                            frequency_penalty=req.frequency_penalty or 0.0)
+        job = Job(prompt, sampling, score_from)
         try:
             engine.submit(job)
         except QueueFull as e:
-            raise APIError(429, f"the server is busy: {e}; retry later", code="queue_full", kind="rate_limit_error",
-                           headers={"Retry-After": "1"}) from None
+            raise busy(str(e)) from None
         except EngineUnavailable as e:
             raise APIError(503, str(e), kind="server_error") from None
         return job
@@ -249,7 +314,7 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        stats = {"model": model_name, **engine.stats()}
+        stats = {"model": model_name, **engine.stats(), "tokenizing": in_tokenizer}
         if engine.failure:
             return JSONResponse({"status": "failed", "error": engine.failure.message, **stats}, status_code=503)
         return JSONResponse({"status": "ok", **stats})
@@ -282,34 +347,49 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
         if len(req.messages) > limits.max_messages:
             raise APIError(400, f"{len(req.messages)} messages; this server takes at most {limits.max_messages} "
                                 "(serve.py --max_messages)", param="messages")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         wanted = req.max_completion_tokens or req.max_tokens or defaults.max_tokens
         messages = [m.model_dump() for m in req.messages]
-        kept, prompt = await off_loop(trimmed_chat, messages, wanted)
-        job = new_job(req, prompt, wanted, "messages")
+        try:
+            kept, prompt = await off_loop(trimmed_chat, messages, wanted)
+        except TemplateError as e:  # e.g. a Llama 2 / Mistral template's raise_exception for a system prompt
+            raise APIError(400, f"the model's chat template refuses these messages: {e}", param="messages") from None
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        job = new_job(req, prompt, wanted, "messages", logprobs)
         trimmed = {"trimmed_messages": len(messages) - len(kept)} if len(kept) < len(messages) else {}
-        return await respond(request, job, req, chat=True, extra=trimmed)
+        return await respond(request, job, req, Reply(chat=True, logprobs=logprobs, pieces=pieces), trimmed)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         check_key(request)
         req = await parse_body(request, CompletionRequest, limits.max_body_bytes)
         check_model(req.model)
-        # the text starts a new document, after an EOS, exactly as model_sample.py --mode pretrain begins one
-        prompt = await off_loop(gen.document_ids, req.prompt[0])
-        job = new_job(req, prompt, req.max_tokens or defaults.max_tokens, "prompt")
-        return await respond(request, job, req, chat=False, extra={})
+        if isinstance(req.prompt, str):
+            prompt, text_from, echo = await off_loop(gen.document_ids, req.prompt), document_start, req.prompt
+        else:  # token ids are the client's own: taken as they are (what lm-eval's local-completions sends)
+            if (bad := max(req.prompt)) >= gen.model.config.vocab_size:
+                raise APIError(400, f"token id {bad} is outside the model's vocabulary of "
+                                    f"{gen.model.config.vocab_size}", param="prompt")
+            prompt, text_from = req.prompt, 0
+            echo = await off_loop(gen.decode, prompt) if req.echo else ""
+        job = new_job(req, prompt, req.max_tokens or defaults.max_tokens, "prompt", req.logprobs,
+                      text_from if req.echo else None)
+        reply = Reply(chat=False, logprobs=req.logprobs, pieces=pieces, echo=echo if req.echo else "")
+        return await respond(request, job, req, reply, {})
 
-    async def respond(request: Request, job: Job, req: GenerationRequest, chat: bool, extra: dict[str, Any]) -> Any:
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+    async def respond(request: Request, job: Job, req: GenerationRequest, reply: Reply, extra: dict[str, Any]) -> Any:
+        head = {"id": f"{'chatcmpl' if reply.chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": model_name, **extra}
         if req.stream:  # StreamingResponse itself stops the stream (and so frees the row) on a disconnect
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(sse(job, head, chat, include_usage), media_type="text/event-stream")
+            return StreamingResponse(sse(job, head, reply, include_usage), media_type="text/event-stream")
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
-        text, last = "", Event("")
+        text, entries, last = "", [], Event("")
         try:
-            async for last in job.events():
+            async for last in reply.events(job):
                 text += last.text
+                entries += last.logprobs
         finally:
             watcher.cancel()
             job.cancelled = True  # a no-op once it finished; frees the row if this handler is cancelled
@@ -318,29 +398,29 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
         if last.failure:
             failure = last.failure
             raise APIError(failure.status, f"generation failed: {failure.message}", kind="server_error")
-        return {**head, "object": "chat.completion" if chat else "text_completion",
-                "choices": [choice(chat, text, last.finish_reason, stream=False)], "usage": usage(job, last)}
+        return {**head, "object": "chat.completion" if reply.chat else "text_completion",
+                "choices": [reply.choice(text, entries, last.finish_reason, stream=False)], "usage": usage(job, last)}
 
-    async def sse(job: Job, head: dict[str, Any], chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def sse(job: Job, head: dict[str, Any], reply: Reply, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events: a chunk per piece of text, the finish_reason, optionally usage, [DONE]."""
-        kind = "chat.completion.chunk" if chat else "text_completion"
+        kind = "chat.completion.chunk" if reply.chat else "text_completion"
 
         def event(body: dict[str, Any]) -> str:
             return f"data: {json.dumps({**head, 'object': kind, **body}, ensure_ascii=False)}\n\n"
 
         try:
-            if chat:  # OpenAI's first chunk names the role
+            if reply.chat:  # OpenAI's first chunk names the role
                 yield event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}]})
-            async for ev in job.events():
+            async for ev in reply.events(job):
                 if ev.failure:
                     error = {"message": ev.failure.message, "type": "server_error", "code": ev.failure.status}
                     yield f"data: {json.dumps({'error': error})}\n\n"
                     return
-                if ev.text:
-                    yield event({"choices": [choice(chat, ev.text, None, stream=True)]})
+                if ev.text or ev.logprobs:
+                    yield event({"choices": [reply.choice(ev.text, ev.logprobs, None, stream=True)]})
                 if ev.finish_reason:
-                    yield event({"choices": [choice(chat, "", ev.finish_reason, stream=True)]})
+                    yield event({"choices": [reply.choice("", [], ev.finish_reason, stream=True)]})
                     if include_usage:
                         yield event({"choices": [], "usage": usage(job, ev)})
             yield "data: [DONE]\n\n"
@@ -350,22 +430,112 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
     return app
 
 
+class TokenPieces:
+    """How the API shows a token: its text (special tokens by name) and its bytes. A byte-level BPE token's
+    bytes are exact, also where it holds part of a character (its text then shows U+FFFD); other tokenizers'
+    tokens show their text's UTF-8."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.special = set(tokenizer.all_special_ids)
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_of = byte_level_bytes() if isinstance(decoder, decoders.ByteLevel) else {}
+        self.known: dict[int, tuple[str, bytes]] = {}
+
+    def __call__(self, token: int) -> tuple[str, bytes]:
+        if token not in self.known:
+            text, piece = self.tokenizer.decode([token]), self.tokenizer.convert_ids_to_tokens(token)
+            exact = self.byte_of and all(c in self.byte_of for c in piece)
+            self.known[token] = text, bytes(self.byte_of[c] for c in piece) if exact else text.encode()
+        return self.known[token]
+
+    def shown(self, token: int, logprob: float | None) -> dict[str, Any]:
+        """One token of chat's logprobs."""
+        text, raw = self(token)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+    def offsets(self, tokens: list[int], start: int) -> list[int]:
+        """Where each token's text begins in a text that reaches `start` characters before them: their bytes
+        decoded one token at a time, so a token that goes on with a character split across tokens begins where
+        the character does; special tokens, which the decoded text leaves out, add nothing."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        offsets, chars = [], start
+        for token in tokens:
+            raw = b"" if token in self.special else self(token)[1]
+            # the decoder holds the start of a character back; unless this token goes on with it, it becomes a
+            # U+FFFD before this token's text
+            held = decoder.getstate()[0]
+            offsets.append(chars + (bool(held) and not (raw and 0x80 <= raw[0] < 0xC0)))
+            chars += len(decoder.decode(raw))
+        return offsets
+
+
+def byte_level_bytes() -> dict[str, int]:
+    """The byte each character of byte-level BPE's alphabet stands for: the printable Latin-1 bytes for
+    themselves, the other 68 (control bytes, space, NBSP, soft hyphen) for U+0100 on, in byte order."""
+    themselves = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in themselves]
+    byte_of = {chr(b): b for b in themselves} | {chr(0x100 + n): b for n, b in enumerate(others)}
+    assert set(byte_of) == set(pre_tokenizers.ByteLevel.alphabet())  # the tokenizers library's own alphabet
+    return byte_of
+
+
+@dataclass
+class Reply:
+    """How a job's events reach its client: as chat or as a completion, with OpenAI's logprobs of either kind
+    when asked for (`logprobs`: how many most likely tokens to show beside each), and an echoed prompt in front."""
+    chat: bool
+    logprobs: int | None
+    pieces: TokenPieces
+    echo: str = ""
+    chars: int = 0  # characters of the completion's text before the next event's (its text offsets)
+
+    async def events(self, job: Job) -> AsyncIterator[Event]:
+        """The job's events, the echoed prompt in front of the first one's text."""
+        echo = self.echo
+        async for event in job.events():
+            if echo:
+                event, echo = dataclasses.replace(event, text=echo + event.text), ""
+            yield event
+
+    def choice(self, text: str, entries: list[TokenLogprob], finish_reason: str | None,
+               stream: bool) -> dict[str, Any]:
+        if not self.chat:
+            body: dict[str, Any] = {"text": text}
+        elif stream:
+            body = {"delta": {"content": text} if text else {}}
+        else:
+            body = {"message": {"role": "assistant", "content": text}}
+        logprobs = None
+        if self.logprobs is not None and (entries or not stream):
+            logprobs = self.chat_logprobs(entries) if self.chat else self.completion_logprobs(entries, text)
+        return {"index": 0, **body, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def chat_logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        shown = self.pieces.shown
+        return {"content": [{**shown(e.token, e.logprob), "top_logprobs": [shown(t, lp) for t, lp in e.top]}
+                            for e in entries], "refusal": None}
+
+    def completion_logprobs(self, entries: list[TokenLogprob], text: str) -> dict[str, Any]:
+        """The legacy shape: parallel lists; each top_logprobs dict also holds the chosen token, as OpenAI's does
+        (a prompt's first token has null for both)."""
+        def top(e: TokenLogprob) -> dict[str, float] | None:
+            text_of = lambda t: self.pieces(t)[0]  # noqa: E731
+            return None if e.logprob is None else {**{text_of(t): lp for t, lp in e.top}, text_of(e.token): e.logprob}
+
+        tokens = [e.token for e in entries]
+        offsets = self.pieces.offsets(tokens, self.chars)
+        self.chars += len(text)
+        return {"tokens": [self.pieces(t)[0] for t in tokens], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [top(e) for e in entries], "text_offset": offsets}
+
+
 async def cancel_on_disconnect(request: Request, job: Job) -> None:
     """Cancels the job once its client hangs up (its body has been read, so the next message the server
     receives for it is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
     job.cancel()
-
-
-def choice(chat: bool, text: str, finish_reason: str | None, stream: bool) -> dict[str, Any]:
-    if not chat:
-        body: dict[str, Any] = {"text": text}
-    elif stream:
-        body = {"delta": {"content": text} if text else {}}
-    else:
-        body = {"message": {"role": "assistant", "content": text}}
-    return {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason}
 
 
 def usage(job: Job, last: Event) -> dict[str, int]:

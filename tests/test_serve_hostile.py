@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -187,13 +188,19 @@ def test_serve_exits_non_zero_when_its_engine_fails(model_dir):  # noqa: F811
 # item 3: a non-streaming client that hangs up frees its row
 
 
-def hang_up_while_running(base: str) -> None:
-    """A non-streaming request of a long reply whose client hangs up once it is being decoded."""
+def send_long_request(base: str) -> socket.socket:
+    """A connection that has sent a non-streaming request of a long reply, and reads nothing."""
     host, port = base.removeprefix("http://").split(":")
     body = json.dumps({"model": MODEL, "messages": chat("你好"), "max_tokens": CONTEXT - 20, "temperature": 0,
                        "ignore_eos": True}).encode()
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(post_head("/v1/chat/completions", len(body)).encode() + b"\r\n\r\n" + body)
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(post_head("/v1/chat/completions", len(body)).encode() + b"\r\n\r\n" + body)
+    return s
+
+
+def hang_up_while_running(base: str) -> None:
+    """A non-streaming request of a long reply whose client hangs up once it is being decoded."""
+    with send_long_request(base):
         wait_for(base, running=1)
     wait_for(base, running=0)
 
@@ -349,6 +356,79 @@ def test_sigterm_ends_running_and_queued_requests_then_exits(model_dir, tmp_path
             server.kill()
         output = server.communicate()[0]
     assert "Traceback" not in output, output
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------
+# issue 31, item 6: places in the queue, chat templates that refuse, the tokenizing thread's queue
+
+
+def test_clients_that_hang_up_while_queued_give_their_places_back(gen):
+    """--max_batch 1 --max_waiting 2: two queued clients time out and hang up; the next client is queued (not
+    refused with 429 while nobody waits) and answered once the row frees."""
+    with live(create_app(gen, MODEL, max_batch=1, limits=Limits(max_waiting=2))) as base:
+        client = client_for(base)
+        stream, _ = long_stream(client, 4000)  # seconds of decoding: it holds the row until closed
+        queued = [send_long_request(base) for _ in range(2)]
+        wait_for(base, running=1, waiting=2)
+        for s in queued:
+            s.close()
+        wait_for(base, waiting=0)
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(ask, client, chat("中国"), 5, False, temperature=0)
+            wait_for(base, waiting=1)
+            stream.close()
+            assert answer.result(timeout=30)[0] == reference(gen, chat("中国"), 5)[0]
+        assert wait_for(base, running=0)["cancelled"] == 3
+
+
+def with_template(model_dir: str, path, template: str) -> TextGenerator:  # noqa: F811
+    """The model of model_dir, its chat template replaced by `template` ({original}: the template it had)."""
+    path = shutil.copytree(model_dir, path)
+    file = path / "chat_template.jinja"
+    file.write_text(template.replace("{original}", file.read_text(encoding="utf-8")), encoding="utf-8")
+    return TextGenerator(str(path), device="cpu", dtype="float32")
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(model_dir, tmp_path):  # noqa: F811
+    """A Llama 2 / Mistral style template raises for a system prompt: an OpenAI-shaped 400 with its message
+    (a 500 would have the openai client retry it in vain); without a system prompt the server answers. A
+    template the server cannot use for a conversation (it does not close an assistant reply with EOS) is a
+    server error, still in OpenAI's shape with the reason."""
+    refusing = with_template(model_dir, tmp_path / "refusing", "{% if messages[0]['role'] == 'system' %}"
+                             "{{ raise_exception('System role not supported') }}{% endif %}{original}")
+    with live(create_app(refusing, MODEL)) as base:
+        client = client_for(base)
+        with pytest.raises(openai.BadRequestError, match="System role not supported") as refused:
+            client.chat.completions.create(model=MODEL, max_tokens=3, messages=[{"role": "system", "content": "x"},
+                                                                                *chat("你好")])
+        assert refused.value.body["param"] == "messages"
+        assert ask(client, chat("你好"), 3, False, temperature=0)[0] == reference(refusing, chat("你好"), 3)[0]
+    unclosed = with_template(model_dir, tmp_path / "unclosed", "{% for m in messages %}{{ '<|im_start|>' + m['role'] "
+                             "+ '\\n' + m['content'] + '\\n' }}{% endfor %}{{ '<|im_start|>assistant\\n' }}")
+    with live(create_app(unclosed, MODEL)) as base:
+        with pytest.raises(openai.InternalServerError, match="does not close an assistant reply with EOS"):
+            client_for(base).chat.completions.create(model=MODEL, max_tokens=3, messages=[
+                *chat("你好"), {"role": "assistant", "content": "你好"}, *chat("再见")])
+
+
+def test_requests_waiting_to_be_tokenized_count_toward_max_waiting(gen):
+    """Conversations of ~0.5 MB take the tokenizing thread seconds each: with --max_waiting 1, while one is
+    tokenized and one waits for the thread, a small request gets 429 at once instead of waiting behind them."""
+    turn = "今天天气很好,我们去公园散步吧。" * 30
+    messages = [{"role": ("user", "assistant")[i % 2], "content": f"{i} {turn}"} for i in range(399)]
+    huge = json.dumps({"model": MODEL, "messages": messages, "max_tokens": 1}, ensure_ascii=False).encode()
+    small = json.dumps({"model": MODEL, "messages": chat("你好"), "max_tokens": 1}).encode()
+    with live(create_app(gen, MODEL, limits=Limits(max_waiting=1))) as base:
+        with ThreadPoolExecutor(2) as pool:
+            big = [pool.submit(raw_request, base, post_head("/v1/chat/completions", len(huge)), huge, 60)
+                   for _ in range(2)]
+            wait_for(base, tokenizing=2)
+            status, headers, answer = raw_request(base, post_head("/v1/chat/completions", len(small)), small)
+            assert status == 429 and answer["error"]["type"] == "rate_limit_error" and int(headers["retry-after"]) >= 1
+            assert [b.result()[0] for b in big] == [200, 200]
 
 
 # ----------------------------------------------------------------------------------------------------------

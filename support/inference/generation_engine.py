@@ -11,10 +11,11 @@ last Event in every case, so no client is ever left waiting.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import contextlib
 import enum
 import logging
-import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import torch
 from k_model import KVCache, Transformer
 from support.inference.text_generator import TextGenerator
 from support.model.context_shift import right_aligned_mask, shift_caches
-from support.model.sampling import sample
+from support.model.sampling import logprobs_of, penalize, sample
 
 log = logging.getLogger("serve")
 
@@ -46,10 +47,17 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely tokens' at its place
+    presence_penalty: float = 0.0  # OpenAI's penalties on tokens already generated in this reply (penalize)
+    frequency_penalty: float = 0.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 @dataclass
@@ -67,22 +75,35 @@ SHUTTING_DOWN = Failure("the server is shutting down", 503)
 
 
 @dataclass
+class TokenLogprob:
+    """A token and its log-probability where it stands, log-softmax of the model's raw logits (before any
+    temperature or penalty, as OpenAI reports them), with the most likely tokens there, best first."""
+    token: int
+    logprob: float | None  # None: a prompt's first token, which nothing precedes
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Event:
     """What the engine tells a job: more text, and on the last event why it ended and how many tokens were
-    generated (the end-of-sequence token included)."""
+    generated (the end-of-sequence token included). With Sampling.logprobs, `logprobs` holds the tokens this
+    text came from (a token whose text was held back comes with the next event; an ending EOS and the tokens
+    from a stop string on have none); the prompt's, when the job scores it, come in a first event of their own."""
     text: str
     finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled" (nobody reads it)
     completion_tokens: int = 0
     failure: Failure | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Job:
     """A request between its HTTP handler (on the event loop) and the engine thread, which sends it events
     with call_soon_threadsafe. `cancelled` is set by the handler when its client goes away."""
 
-    def __init__(self, prompt: list[int], sampling: Sampling):
+    def __init__(self, prompt: list[int], sampling: Sampling, score_from: int | None = None):
         self.prompt = prompt
         self.sampling = sampling
+        self.score_from = score_from  # with sampling.logprobs: the prompt's logprobs from this token on (echo)
         self.cancelled = False
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
@@ -117,12 +138,14 @@ class TextStream:
         self.decode = decode
         self.stop = stop
         self.tokens: list[int] = []
+        self.starts: list[int] = []  # where each token's text begins (a character split across tokens: its start)
         self.text = ""
         self.sent = 0  # characters of self.text already handed out
 
     def push(self, token: int) -> tuple[str, bool]:
         """Adds a token; returns (new text that is safe to send, whether a stop string was reached)."""
         self.tokens.append(token)
+        self.starts.append(len(self.text.rstrip("\ufffd")))
         self.text = self.decode(self.tokens)
         hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
         if hits:
@@ -134,6 +157,10 @@ class TextStream:
     def flush(self) -> str:
         """Whatever is held back, once no token will follow."""
         return self._release(len(self.text))
+
+    def tokens_sent(self) -> int:
+        """How many tokens the text handed out comes from: once a stop string is reached, the tokens before it."""
+        return bisect.bisect_left(self.starts, self.sent)
 
     def _stop_prefix_len(self) -> int:
         tail = self.text[self.sent :]
@@ -191,6 +218,13 @@ class DecodeBatch:
         logits, _, _ = self.model.prefill(tokens, torch.ones_like(tokens, dtype=torch.bool), caches)
         return logits[0], Prefilled(caches, len(prompt))
 
+    def score(self, prompt: list[int], top: int) -> list[TokenLogprob]:
+        """Each prompt token's logprob given the tokens before it, by the model's forward over the whole
+        prompt (the logits eval_model.py scores with); the first token has none."""
+        tokens = torch.tensor(prompt, device=self.model.device)
+        logits = self.model(tokens[None]).logits[0, :-1]
+        return [TokenLogprob(prompt[0], None, []), *logprob_entries(logits, tokens[1:], top)]
+
     def regroup(self, keep: list[int], joining: list[Prefilled]) -> None:
         """The new batch: the kept rows (indices into the current one, in order), then the joining ones. All
         or nothing: if the new caches cannot be made (out of memory), the batch stays as it was."""
@@ -204,7 +238,11 @@ class DecodeBatch:
                 source = row.caches[layer]
                 cache.k[b, :, width - row.length : width] = source.k[row.index, :, row.end - row.length : row.end]
                 cache.v[b, :, width - row.length : width] = source.v[row.index, :, row.end - row.length : row.end]
-        key_mask = right_aligned_mask(torch.tensor(lengths, device=device), width, self.model.context_len)
+        # as wide as the caches (a slot more than the window), so that the step's view of its first width + 1
+        # slots never spans a whole row: a view that did (at the window's end) has another memory layout,
+        # which the compiled step would meet in the middle of a reply and compile a new graph for
+        n_slots = caches[0].k.shape[2] if caches else 0
+        key_mask = right_aligned_mask(torch.tensor(lengths, device=device), width, n_slots)
         self.caches, self.lengths, self.key_mask = caches, lengths, key_mask
 
     def step(self, tokens: list[int]) -> torch.Tensor:
@@ -216,7 +254,7 @@ class DecodeBatch:
             lengths = shift_caches(self.caches, lengths, window, self.shift, self.keep, self.model.rope_cos,
                                    self.model.rope_sin)
             self.lengths = lengths.tolist()
-            self.key_mask = right_aligned_mask(lengths, self.width, window)
+            self.key_mask = right_aligned_mask(lengths, self.width, self.key_mask.shape[1])
         device, width = self.model.device, self.width
         self.key_mask[:, width] = True
         logits = self.model.decode_step(torch.tensor(tokens, device=device),
@@ -225,6 +263,13 @@ class DecodeBatch:
                                         self.caches)
         self.lengths = [n + 1 for n in self.lengths]
         return logits
+
+
+def logprob_entries(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """logits (N, V) at N places, tokens (N,) the tokens there -> their TokenLogprobs, with `top` alternatives."""
+    chosen, best, best_ids = (t.tolist() for t in logprobs_of(logits, tokens, top))
+    return [TokenLogprob(token, logprob, list(zip(ids, values)))
+            for token, logprob, ids, values in zip(tokens.tolist(), chosen, best_ids, best)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,6 +292,13 @@ class Row:
     state: RowState = RowState.DECODING
     generated: int = 0
     next_token: int = -1
+    counts: torch.Tensor | None = None  # (V,) how often each token was generated, for the penalties
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens generated so far (Sampling.logprobs)
+    logprobs_sent: int = 0
+
+    def unsent_logprobs(self) -> list[TokenLogprob]:
+        entries, self.logprobs_sent = self.logprobs[self.logprobs_sent :], len(self.logprobs)
+        return entries
 
 
 class EngineState(enum.Enum):
@@ -277,13 +329,15 @@ class Engine:
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.batch = DecodeBatch(gen.model, gen.context_shift, gen.context_keep)
         self.rows: list[Row] = []
-        self.waiting: queue.Queue[Job | None] = queue.Queue()  # None wakes the thread to see a stop request
+        self._waiting: collections.deque[Job] = collections.deque()  # in arrival order
         self._stop_asked = threading.Event()
         self.state = EngineState.STARTING
         self.failure: Failure | None = None  # why it FAILED
         self.on_failure: Callable[[], None] = lambda: None
         self.counts = {state.value: 0 for state in RowState if state is not RowState.DECODING}
-        self._lock = threading.Lock()  # a job is queued only while the engine accepts jobs
+        # guards the waiting line and the state: a job is queued only while the engine accepts jobs
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # a job was queued, or a stop asked for
         # k_model.sample draws from torch's default generator of the model's device
         if gen.device.type == "cuda":
             self._get_rng = lambda: torch.cuda.get_rng_state(gen.device)
@@ -299,20 +353,27 @@ class Engine:
 
     def stop(self) -> None:
         """Ends every running and waiting job with SHUTTING_DOWN (at the next step), then the thread."""
-        self._stop_asked.set()
-        self.waiting.put(None)
+        with self._arrived:
+            self._stop_asked.set()
+            self._arrived.notify()
         self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
-        with self._lock:
+        with self._arrived:
             if self.state in (EngineState.STOPPED, EngineState.FAILED):
                 raise EngineUnavailable(self.failure.message if self.failure else SHUTTING_DOWN.message)
-            if self.waiting.qsize() >= self.max_waiting:
+            if self.waiting() >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are waiting already")
-            self.waiting.put(job)
+            self._waiting.append(job)
+            self._arrived.notify()
+
+    def waiting(self) -> int:
+        """Jobs waiting for a row whose clients are still there: one that hung up holds no place, though it
+        leaves the line only at the engine's next step."""
+        return sum(not job.cancelled for job in list(self._waiting))
 
     def stats(self) -> dict[str, int | str]:
-        return {"state": self.state.value, "running": len(self.rows), "waiting": self.waiting.qsize(),
+        return {"state": self.state.value, "running": len(self.rows), "waiting": self.waiting(),
                 "max_batch": self.max_batch, "max_waiting": self.max_waiting, **self.counts}
 
     # -- the engine thread ------------------------------------------------------------------------------------
@@ -340,23 +401,18 @@ class Engine:
             for row in self.rows:
                 row.job.fail(failure, row.generated)
             self.rows = []
-            while not self.waiting.empty():
-                if job := self.waiting.get_nowait():
-                    job.fail(failure)
+            while self._waiting:
+                self._waiting.popleft().fail(failure)
 
     def _admit(self) -> None:
         """Moves waiting jobs into the batch while there is room; blocks while there is nothing to decode."""
         joining: list[tuple[Row, Prefilled]] = []
+        with self._lock:  # also while the batch is full: hung-up clients must not pile up in the line
+            self._drop_cancelled()
         while len(self.rows) + len(joining) < self.max_batch:
-            try:
-                job = self.waiting.get(block=not (self.rows or joining))
-            except queue.Empty:
+            job = self._next_job(block=not (self.rows or joining))
+            if job is None:
                 break
-            if job is None:  # stop() woke the thread
-                break
-            if job.cancelled:
-                self.counts[RowState.CANCELLED.value] += 1
-                continue
             if admitted := self._prefill(job):
                 joining.append(admitted)
         if not joining:
@@ -370,10 +426,28 @@ class Engine:
             return
         self.rows += [row for row, _ in joining]
 
+    def _next_job(self, block: bool) -> Job | None:
+        """The first waiting job whose client is still there, or None: none waits (after waiting for one if
+        `block`), or a stop is asked for."""
+        with self._arrived:
+            while block and not self._waiting and not self._stop_asked.is_set():
+                self._arrived.wait()
+            self._drop_cancelled()
+            return None if self._stop_asked.is_set() or not self._waiting else self._waiting.popleft()
+
+    def _drop_cancelled(self) -> None:
+        """Jobs whose clients hung up while they waited leave the line (call with the lock held)."""
+        live = [job for job in self._waiting if not job.cancelled]
+        self.counts[RowState.CANCELLED.value] += len(self._waiting) - len(live)
+        self._waiting = collections.deque(live)
+
     def _prefill(self, job: Job) -> tuple[Row, Prefilled] | None:
-        """The job's prompt run alone and its first token drawn; None if it failed or already ended."""
+        """The job's prompt run alone (and scored, for an echo with logprobs) and its first token drawn; None if
+        it failed or already ended."""
         row = Row(job, TextStream(self.gen.decode, job.sampling.stop), self._seeded_state(job.sampling.seed))
         try:
+            if job.score_from is not None and job.sampling.logprobs is not None:
+                job.emit(Event("", logprobs=self.batch.score(job.prompt, job.sampling.logprobs)[job.score_from :]))
             logits, prefilled = self.batch.prefill(job.prompt)
         except Exception as e:  # noqa: BLE001 - this request alone fails
             log.exception("prefill failed")
@@ -412,19 +486,24 @@ class Engine:
         s = row.job.sampling
         try:
             token = self._draw(row, logits)
+            if s.logprobs is not None:
+                entry = logprob_entries(logits[None], torch.tensor([token], device=logits.device), s.logprobs)[0]
         except Exception as e:  # noqa: BLE001 - this row alone fails
             log.exception("sampling failed")
             return self._end(row, RowState.FAILED, failure=Failure.of(e))
         row.generated += 1
         if token == self.gen.eos_id and not s.ignore_eos:
             return self._end(row, RowState.FINISHED, row.text.flush(), "stop")
+        if s.logprobs is not None:
+            row.logprobs.append(entry)
         piece, stopped = row.text.push(token)
         if stopped:
+            del row.logprobs[row.text.tokens_sent() :]  # the tokens of the stop string and after it
             return self._end(row, RowState.FINISHED, piece, "stop")
         if row.generated >= s.max_tokens:
             return self._end(row, RowState.FINISHED, piece + row.text.flush(), "length")
         if piece:
-            row.job.emit(Event(piece))
+            row.job.emit(Event(piece, logprobs=row.unsent_logprobs()))
         row.next_token = token
 
     def _end(self, row: Row, state: RowState, piece: str = "", reason: str = "error",
@@ -433,7 +512,7 @@ class Engine:
         row.state = state
         self.counts[state.value] += 1
         if state is RowState.FINISHED:
-            row.job.emit(Event(piece, reason, row.generated))
+            row.job.emit(Event(piece, reason, row.generated, logprobs=row.unsent_logprobs()))
         elif state is RowState.FAILED:
             row.job.fail(failure or Failure("unknown failure"), row.generated)
 
@@ -441,17 +520,24 @@ class Engine:
         """Greedy, or one draw from the row's own random stream: k_model.sample draws from the default
         generator, so the row's state is swapped in for the draw (and the default's put back after, also
         when the draw fails). A seeded request thus gets the tokens it gets alone after
-        torch.manual_seed(seed), whoever shares its batch."""
+        torch.manual_seed(seed), whoever shares its batch. Penalties, if any, apply before either."""
         s = row.job.sampling
+        if s.penalized:
+            if row.counts is None:
+                row.counts = torch.zeros(logits.shape[-1], device=logits.device)
+            logits = penalize(logits, row.counts, s.presence_penalty, s.frequency_penalty)
         if s.greedy:
-            return int(logits.argmax())
-        saved = self._get_rng()
-        self._set_rng(row.rng_state)
-        try:
-            token = int(sample(logits[None], s.temperature, s.top_k, s.top_p)[0])
-            row.rng_state = self._get_rng()
-        finally:
-            self._set_rng(saved)
+            token = int(logits.argmax())
+        else:
+            saved = self._get_rng()
+            self._set_rng(row.rng_state)
+            try:
+                token = int(sample(logits[None], s.temperature, s.top_k, s.top_p)[0])
+                row.rng_state = self._get_rng()
+            finally:
+                self._set_rng(saved)
+        if row.counts is not None:
+            row.counts[token] += 1
         return token
 
     def _seeded_state(self, seed: int | None) -> torch.Tensor:

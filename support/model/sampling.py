@@ -1,5 +1,5 @@
 """Picking the next token from logits (temperature, top-k, top-p) and reading stop ids: what Transformer.generate
-and serve.py's batched engine share."""
+and serve.py's batched engine share; the penalties and log-probabilities serve.py's requests may ask for."""
 
 from __future__ import annotations
 
@@ -41,3 +41,17 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+
+
+def penalize(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: logit_j - counts_j * frequency - (counts_j > 0) * presence,
+    counts_j the times token j was generated so far (the prompt does not count); float32."""
+    return logits.float() - counts * frequency - (counts > 0).float() * presence
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """logits (N, V), tokens (N,) -> each token's log-probability (N,) and the `top` largest log-probabilities
+    (N, top) with their token ids: log-softmax in float32."""
+    logprobs = logits.float().log_softmax(-1)
+    best = logprobs.topk(top, dim=-1)
+    return logprobs.gather(-1, tokens[:, None])[:, 0], best.values, best.indices
