@@ -221,7 +221,8 @@ class DecodeBatch:
 
     def score(self, prompt: list[int], top: int) -> list[TokenLogprob]:
         """Each prompt token's logprob given the tokens before it, by the model's forward over the whole
-        prompt (the logits eval_model.py scores with); the first token has none."""
+        prompt (the logits eval_model.py scores with; all of them at once, prompt length x vocabulary floats);
+        the first token has none."""
         tokens = torch.tensor(prompt, device=self.model.device)
         logits = self.model(tokens[None]).logits[0, :-1]
         return [TokenLogprob(prompt[0], None, []), *logprob_entries(logits, tokens[1:], top)]
