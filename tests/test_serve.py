@@ -278,9 +278,9 @@ def hf_logprobs(hf, ids: list[int]) -> torch.Tensor:
 
 
 def greedy_reply(gen: TextGenerator, prompt: list[int], max_tokens: int) -> list[int]:
-    """model_sample's greedy reply ids, alone; a closing EOS left out (it is not in the text)."""
+    """model_sample's greedy reply ids, alone, up to its closing EOS (included: a generated token, not text)."""
     new = gen.model.generate(torch.tensor([prompt]), max_tokens, temperature=0.0, stop_id=gen.eos_id)[0].tolist()
-    return new[: new.index(gen.eos_id)] if gen.eos_id in new else new
+    return new[: new.index(gen.eos_id) + 1] if gen.eos_id in new else new
 
 
 def spelled(entries) -> str:
@@ -303,7 +303,7 @@ def test_chat_logprobs_are_the_log_softmax_of_the_exports_logits(gen, client, hf
     assert [e for c in chunks if c.logprobs for e in c.logprobs.content] == entries
     assert "".join(c.delta.content or "" for c in chunks) == text
     assert [e.token for e in entries] == [tiny_tokenizer.decode([t]) for t in reply]
-    assert spelled(entries) == text
+    assert spelled(e for e in entries if e.token != tiny_tokenizer.eos_token) == text
     for e, token, logprobs in zip(entries, reply, expected):
         best = logprobs.topk(3)
         assert e.logprob == pytest.approx(logprobs[token].item(), abs=1e-4)
@@ -321,25 +321,28 @@ def test_completion_echo_with_logprobs_scores_the_prompt_as_the_export_does(gen,
     come back first, each with its log-probability given the tokens before it, then the reply's; each
     top_logprobs dict holds the 2 most likely tokens and the chosen one; text_offset points into the text. A
     prompt of token ids is taken as it is (its first token has no logprob); a text prompt starts a document,
-    after an EOS, so its first token has one."""
+    after an EOS, so its first token has one. A closing EOS is the last token (lm-eval reads the logprobs of the
+    prompt's tokens as all but the last)."""
     def decoded(ids: list[int]) -> list[str]:
         return [tiny_tokenizer.decode([t]) for t in ids]
 
-    ids = gen.encode("今天天气很好,我们去公园散步吧。")
-    for prompt, stream in ((ids, False), ("今天天气很好,我们去公园散步吧。", True)):
-        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2, echo=True,
-                                      stream=stream)
-        choices = [c.choices[0] for c in r] if stream else r.choices
-        text = "".join(c.text for c in choices)
+    # token ids, not streamed, whose greedy reply ends with EOS within 5 tokens; text, streamed
+    for text, as_ids in (("谢谢你的帮助,再见", True), ("今天天气很好,我们去公园散步吧。", False)):
+        ids = gen.encode(text)
+        r = client.completions.create(model=MODEL, prompt=ids if as_ids else text, max_tokens=5, temperature=0,
+                                      logprobs=2, echo=True, stream=not as_ids)
+        choices = r.choices if as_ids else [c.choices[0] for c in r]
         lists = [c.logprobs for c in choices if c.logprobs]
         tokens, offsets = sum((p.tokens for p in lists), []), sum((p.text_offset for p in lists), [])
         values, tops = sum((p.token_logprobs for p in lists), []), sum((p.top_logprobs for p in lists), [])
-        context = ids if stream is False else gen.document_ids(prompt)
+        context = ids if as_ids else gen.document_ids(text)
         reply = greedy_reply(gen, context, 5)
         expected = hf_logprobs(hf, context + reply)
         scored = list(range(1, len(context) + len(reply)))
-        assert text == gen.decode(ids + reply) and tokens == decoded(ids + reply)
-        if not stream:
+        whole = "".join(c.text for c in choices)
+        assert whole == gen.decode(ids + reply) and tokens == decoded(ids + reply)
+        if as_ids:
+            assert tokens[-1] == tiny_tokenizer.eos_token
             assert values[0] is None and tops[0] is None
             values, tops = values[1:], tops[1:]
         assert values == pytest.approx([expected[k - 1, t].item() for k, t in zip(scored, (context + reply)[1:])],
@@ -349,7 +352,8 @@ def test_completion_echo_with_logprobs_scores_the_prompt_as_the_export_does(gen,
             best = expected[k - 1].topk(2)
             want = dict(zip(decoded(best.indices.tolist()), best.values.tolist()))
             assert top == pytest.approx({**want, decoded([token])[0]: expected[k - 1, token].item()}, abs=1e-4)
-        assert all(text[offset:].startswith(token) for token, offset in zip(tokens, offsets) if "\ufffd" not in token)
+        assert all(whole[offset:].startswith(token) for token, offset in zip(tokens, offsets)
+                   if "\ufffd" not in token and token != tiny_tokenizer.eos_token)
 
 
 def test_presence_and_frequency_penalties_follow_openais_formula(gen, client, hf):

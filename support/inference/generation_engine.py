@@ -87,8 +87,9 @@ class TokenLogprob:
 class Event:
     """What the engine tells a job: more text, and on the last event why it ended and how many tokens were
     generated (the end-of-sequence token included). With Sampling.logprobs, `logprobs` holds the tokens this
-    text came from (a token whose text was held back comes with the next event; an ending EOS and the tokens
-    from a stop string on have none); the prompt's, when the job scores it, come in a first event of their own."""
+    text came from (a token whose text was held back comes with the next event; the closing EOS, generated
+    but not text, with the last; the tokens from a stop string on have none); the prompt's, when the job
+    scores it, come in a first event of their own."""
     text: str
     finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled" (nobody reads it)
     completion_tokens: int = 0
@@ -220,7 +221,8 @@ class DecodeBatch:
 
     def score(self, prompt: list[int], top: int) -> list[TokenLogprob]:
         """Each prompt token's logprob given the tokens before it, by the model's forward over the whole
-        prompt (the logits eval_model.py scores with); the first token has none."""
+        prompt (the logits eval_model.py scores with; all of them at once, prompt length x vocabulary floats);
+        the first token has none."""
         tokens = torch.tensor(prompt, device=self.model.device)
         logits = self.model(tokens[None]).logits[0, :-1]
         return [TokenLogprob(prompt[0], None, []), *logprob_entries(logits, tokens[1:], top)]
@@ -492,10 +494,10 @@ class Engine:
             log.exception("sampling failed")
             return self._end(row, RowState.FAILED, failure=Failure.of(e))
         row.generated += 1
-        if token == self.gen.eos_id and not s.ignore_eos:
-            return self._end(row, RowState.FINISHED, row.text.flush(), "stop")
         if s.logprobs is not None:
             row.logprobs.append(entry)
+        if token == self.gen.eos_id and not s.ignore_eos:
+            return self._end(row, RowState.FINISHED, row.text.flush(), "stop")
         piece, stopped = row.text.push(token)
         if stopped:
             del row.logprobs[row.text.tokens_sent() :]  # the tokens of the stop string and after it
