@@ -107,8 +107,8 @@ def build_parser(task: Any) -> argparse.ArgumentParser:
     add(g, "dtype", "autocast dtype; auto = bfloat16 on CUDA (float16 without bf16 support) and on CPUs with "
                     "native bf16 (AVX512_BF16/AMX), else float32", choices=["auto", *DTYPES])
     add(g, "parallel", "ddp: every process holds the whole model (DDP); fsdp: weights, gradients and optimizer "
-                       "state sharded over the processes (FSDP2, support/training/fsdp.py), saved as a distributed checkpoint "
-                       "out_dir/ckpt_dcp", choices=["ddp", "fsdp"])
+                       "state sharded over the processes (FSDP2, support/training/fsdp.py), saved as a distributed "
+                       "checkpoint out_dir/ckpt_dcp", choices=["ddp", "fsdp"])
     add(g, "cpu_offload", "--parallel fsdp: keep the shards and the optimizer step on the CPU (a base too large for "
                           "the GPU; several times slower)", action="store_true", default=None)
     add(g, "num_threads", "torch CPU threads per process; 0 = torch default", type=int)
