@@ -9,7 +9,8 @@
     python model_sample.py --model out/sft/adapter           # a LoRA adapter (peft format) on its base model
 
 --model names the model for every mode, as in serve.py and eval_model.py; the original design's
---pretrain_path / --sft_path (the defaults out/pretrain, out/sft) still work. A model path may be a ckpt.pt (a LoRA run's too: its base with the adapters), a run directory (its ckpt.pt,
+--pretrain_path / --sft_path (the defaults out/pretrain, out/sft) still work. A model path may be a ckpt.pt
+(a LoRA run's too: its base with the adapters), a run directory (its ckpt.pt,
 else its hf/ export), an HF model directory (any LlamaForCausalLM) or a peft adapter directory. The tokenizer
 is --tokenizer_path, else the one saved with the model (a checkpoint's: the one it was trained with), else
 out/tokenizer; a model whose vocabulary differs from it is refused.

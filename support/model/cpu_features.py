@@ -50,7 +50,8 @@ def onednn_packs_bf16() -> bool:
     """Whether oneDNN's packed bf16 weights run here: torch refuses them without AVX512BW/VL/DQ or
     AVX_NE_CONVERT ("bf16 path needs the cpu support ..."). Off too where bf16 is not native (or is said not
     to be), where they would only speed up an emulated product."""
-    return cpu_has_native_bf16() and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (cpu_has_native_bf16() and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def cpu_name() -> str:

@@ -214,7 +214,8 @@ def describe_choice() -> str:
         return "float32 matmuls: torch's (no oneDNN in this build)"
     how = "K_MODEL_CPU_MATMUL" if os.environ.get("K_MODEL_CPU_MATMUL") else "measured, cached"
     decode = "oneDNN packed weights" if CHOICE["decode"] == "packed" else "torch"
-    return f"CPU float32 matmuls: training {'oneDNN' if CHOICE['train'] == 'onednn' else 'torch'}, decoding {decode} ({how})"
+    train = "oneDNN" if CHOICE["train"] == "onednn" else "torch"
+    return f"CPU float32 matmuls: training {train}, decoding {decode} ({how})"
 
 
 # decided once per process, at import: a compiled graph reads these as constants

@@ -2,7 +2,8 @@
 
 GPUs: a datasheet table, matched exactly by model name ("L40" is not "L4", "A10G" is not "A10").
 CPUs: a measured matmul peak, cached on disk per CPU model, dtype and torch version
-(cpu_features.measured_once), so only the first run on a machine pays the ~0.5 s measurement. Used by trainer.py and bench/.
+(cpu_features.measured_once), so only the first run on a machine pays the ~0.5 s measurement. Used by trainer.py
+and bench/.
 """
 from __future__ import annotations
 
