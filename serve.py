@@ -13,8 +13,7 @@ too, and prompts of token ids: what `lm_eval --model local-completions` scores a
 presence and frequency penalties; OpenAI fields not built here (response_format, tools, ...) get a 400.
 
 The model is loaded by TextGenerator (support/inference/text_generator.py: any ckpt.pt, run dir or HF export,
-its tokenizer) and
-decoded by one engine thread (generation_engine.Engine). Requests that arrive while others are generating
+its tokenizer) and decoded by one engine thread (generation_engine.Engine). Requests that arrive while others are generating
 join the running batch at the next token (continuous batching, up to --max_batch rows). A row leaves as soon
 as it finishes or its client goes away (streamed or not), so a slow client never holds a fast one back. The
 step is compiled before the server starts, for every batch size up to --max_batch (TextGenerator.
