@@ -65,7 +65,7 @@ def our_run(variant: str, seed: int, cfg: ModelConfig, a: argparse.Namespace, au
     torch.manual_seed(seed)
     model = Transformer(cfg).train()
     hp = argparse.Namespace(optimizer="adamw" if variant == "adamw" else "muon", learning_rate=a.lr,
-                            muon_learning_rate=a.muon_lr, weight_decay=0.1)
+                            muon_learning_rate=a.muon_lr, muon_dtype="auto", weight_decay=0.1)
     optimizer = optim.make_optimizer(model, list(model.parameters()), hp, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     schedule = "wsd" if variant.endswith("_wsd") else "cosine"
