@@ -43,20 +43,21 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from support.data.tokenizer_spec import tokenizer_fingerprint
 from support.loading.checkpoint import config_to_dict, load_checkpoint, run_checkpoint
-from support.training.fsdp import make_parallel
-from support.model.cpu_matmul import describe_choice
 from support.loading.sources import SourcedModel, check_model_tokenizer, model_from_state, resolve_dtype
+from support.model.cpu_matmul import describe_choice
+from support.training.fsdp import make_parallel
 from support.training.optim import lr_at, make_optimizer
 from support.training.perf import peak_flops
-from support.data.tokenizer_spec import tokenizer_fingerprint
-from support.training.train_flags import (build_parser, check_args, check_resume_flags, resolve_args, with_model_values,
-                                 with_rope_scaling)
+from support.training.train_flags import (build_parser, check_args, check_resume_flags, resolve_args,
+                                          with_model_values, with_rope_scaling)
 from support.training.train_progress import Progress
-from support.training.train_steps import autocast_factory, dtype_names, greedy_samples, peak_memory, step_seed, train_step
+from support.training.train_steps import (autocast_factory, dtype_names, greedy_samples, peak_memory, step_seed,
+                                          train_step)
 from support.training.train_task import Task, check_targets
-from support.training.trainer_utils import (DistInfo, RunLogger, StopRequest, apply_settings, iterate_steps, local_part,
-                                   optimizer_settings, setup_distributed, steps_left)
+from support.training.trainer_utils import (DistInfo, RunLogger, StopRequest, apply_settings, iterate_steps,
+                                            local_part, optimizer_settings, setup_distributed, steps_left)
 
 
 class TrainingError(RuntimeError):
