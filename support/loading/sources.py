@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, TypedDict
 import torch
 
 from support.loading.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, build_model, is_dcp_checkpoint, load_checkpoint,
-                                rebuilt, resolve_checkpoint, run_checkpoint)
+                                        rebuilt, resolve_checkpoint, run_checkpoint)
 from support.model.cpu_features import cpu_has_native_bf16
 from support.model.hf_llama import load_hf
 from k_model import Transformer

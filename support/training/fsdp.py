@@ -59,8 +59,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from k_model import ModelConfig, Transformer
-from support.loading.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, DCP_SLOTS, config_to_dict, dcp_failure, fsync_dir,
-                                save_checkpoint)
+from support.loading.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, DCP_SLOTS, config_to_dict, dcp_failure,
+                                        fsync_dir, save_checkpoint)
 from support.loading.sources import SourcedModel
 from support.training.trainer_utils import DataParallel, DistInfo
 
@@ -262,7 +262,8 @@ def empty_twin(model: torch.nn.Module, device: torch.device, dtype: torch.dtype 
 def trained_state(model: torch.nn.Module, optimizer: Any) -> dict[str, dict[str, Any]]:
     """What a DCP checkpoint holds, this rank's shards of it: the weights that train (all of a model, LoRA's
     adapters without their frozen base) and the optimizer state."""
-    weights, moments = get_state_dict(model, optimizer.torch_optimizers, options=StateDictOptions(ignore_frozen_params=True))
+    weights, moments = get_state_dict(model, optimizer.torch_optimizers,
+                                      options=StateDictOptions(ignore_frozen_params=True))
     frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     # ignore_frozen_params keeps a frozen tied output matrix (torch 2.13): dropped here
     return {"model": {k: v for k, v in weights.items() if k not in frozen}, "optimizer": moments}
