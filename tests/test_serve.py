@@ -382,6 +382,7 @@ def test_lm_evals_local_completions_scores_the_server_as_eval_model_scores_the_m
     import eval_model
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     from support.data import task_data
+    from support.inference import evaluation
     from train_helpers import write_jsonl
 
     data = tmp_path / "out" / "data"
@@ -394,13 +395,13 @@ def test_lm_evals_local_completions_scores_the_server_as_eval_model_scores_the_m
     task_data.build_eval_tasks(str(data), str(data / "eval"))
     monkeypatch.chdir(tmp_path)  # the task YAML files read out/data/eval/ relative to the working directory
     tasks = ["news_cloze", "news_ppl", "sentiment_mc"]
-    manager = eval_model.task_manager(tuple(tasks))
+    manager = evaluation.task_manager(tuple(tasks))
     model, tokenizer, _ = eval_model.open_model(model_dir, device="cpu", dtype="float32")
-    ours = eval_model.evaluate(eval_model.kmodel_lm(model, tokenizer), manager, tasks, limit=3)
+    ours = evaluation.evaluate(evaluation.kmodel_lm(model, tokenizer), manager, tasks, limit=3)
     served = LocalCompletionsAPI(base_url=f"{url}/v1/completions", model=MODEL, tokenizer=model_dir,
                                  tokenizer_backend="huggingface", max_retries=1)
-    theirs = eval_model.flat_metrics(eval_model.evaluate(served, manager, tasks, limit=3))
-    ours = eval_model.flat_metrics(ours)
+    theirs = evaluation.flat_metrics(evaluation.evaluate(served, manager, tasks, limit=3))
+    ours = evaluation.flat_metrics(ours)
     assert {"eval/news_cloze/acc_norm", "eval/news_ppl/bits_per_byte", "eval/sentiment_mc/acc"} <= set(ours)
     assert theirs == pytest.approx(ours, rel=1e-5)
 
