@@ -110,6 +110,17 @@ def engine_logits(model: Transformer, prompts: list[list[int]], feed: torch.Tens
     return [torch.stack([logits for logits, _ in prefilled])] + [rows.step(tok.tolist()) for tok in feed.T]
 
 
+def assert_steps_follow(steps, hf, kept: Kept, feed: torch.Tensor, reference: str) -> None:
+    """Every step's logits equal LlamaForCausalLM's `reference` (a Kept method: what each row's cache holds),
+    the fed tokens joining the bookkeeping after each step."""
+    for step, logits in enumerate(steps):
+        for b in range(len(kept.seqs)):
+            ref = getattr(kept, reference)(hf, b)
+            torch.testing.assert_close(logits[b], ref, rtol=1e-4, atol=1e-4, msg=f"step {step}, row {b}")
+        if step < feed.shape[1]:
+            kept.feed(feed[:, step].tolist())
+
+
 @pytest.mark.parametrize("layers, keep, reference", [(1, 3, "fresh"), (2, 0, "masked")])
 @pytest.mark.parametrize("driver", ["generate's", "serve's engine"])
 def test_logits_after_shifts_equal_transformers_on_what_the_cache_holds(layers, keep, reference, driver):
@@ -124,12 +135,7 @@ def test_logits_after_shifts_equal_transformers_on_what_the_cache_holds(layers, 
     with torch.no_grad():
         steps = (cached_logits(model, idx, mask, feed, shift=5, keep=keep) if driver == "generate's"
                  else engine_logits(model, prompts, feed, shift=5, keep=keep))
-        for step, logits in enumerate(steps):
-            for b in range(2):
-                ref = getattr(kept, reference)(hf, b)
-                torch.testing.assert_close(logits[b], ref, rtol=1e-4, atol=1e-4, msg=f"step {step}, row {b}")
-            if step < feed.shape[1]:
-                kept.feed(feed[:, step].tolist())
+        assert_steps_follow(steps, hf, kept, feed, reference)
     assert kept.cached[0][:keep] == list(range(keep))  # the kept first tokens are still there
     assert len(kept.seqs[1]) > 2 * WINDOW  # the long row went far past the window
 
@@ -203,11 +209,7 @@ def test_dynamic_rope_keys_move_to_the_angle_decoding_gives_their_new_position()
     feed = torch.randint(0, VOCAB, (2, 20))
     kept = Kept(prompts, WINDOW, shift=5, keep=3)
     with torch.no_grad():
-        for step, logits in enumerate(cached_logits(model, idx, mask, feed, shift=5, keep=3)):
-            for b in range(2):
-                torch.testing.assert_close(logits[b], kept.fed(hf, b), rtol=1e-4, atol=1e-4, msg=f"step {step}")
-            if step < feed.shape[1]:
-                kept.feed(feed[:, step].tolist())
+        assert_steps_follow(cached_logits(model, idx, mask, feed, shift=5, keep=3), hf, kept, feed, "fed")
 
 
 @pytest.mark.parametrize("shift, keep", [(0, 0), (16, 0), (10, 6), (3, -1)])

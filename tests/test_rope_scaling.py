@@ -239,7 +239,7 @@ def test_the_context_shift_re_rotates_yarn_keys_where_transformers_puts_them():
     """Past the window, cached keys are re-rotated with the model's own tables, which under yarn carry the
     attention factor (rope_cos[0] != 1): every step equals LlamaForCausalLM on the whole sequence, each token
     attending to what the cache held when it was fed."""
-    from test_context_shift import WINDOW, Kept, batch, cached_logits
+    from test_context_shift import WINDOW, Kept, assert_steps_follow, batch, cached_logits
     from test_model import tiny
 
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": WINDOW // 4}
@@ -250,9 +250,5 @@ def test_the_context_shift_re_rotates_yarn_keys_where_transformers_puts_them():
     feed = torch.randint(0, model.config.vocab_size, (2, 24))
     kept = Kept(prompts, WINDOW, shift=5, keep=0)
     with torch.no_grad():
-        for step, logits in enumerate(cached_logits(model, idx, mask, feed, shift=5, keep=0)):
-            for b in range(2):
-                torch.testing.assert_close(logits[b], kept.masked(hf, b), rtol=1e-4, atol=1e-4, msg=f"step {step}")
-            if step < feed.shape[1]:
-                kept.feed(feed[:, step].tolist())
+        assert_steps_follow(cached_logits(model, idx, mask, feed, shift=5, keep=0), hf, kept, feed, "masked")
     assert len(kept.seqs[1]) > 2 * WINDOW
