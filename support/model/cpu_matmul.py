@@ -30,7 +30,7 @@ from torch import nn
 from support.model.cpu_features import measured_once, onednn_packs_bf16
 
 
-# Route float32 matmuls to oneDNN where torch's own float32 GEMM is MKL's (x86 builds); see mm_t.
+# Whether oneDNN's float32 product is there to choose (x86 builds, where torch's own float32 GEMM is MKL's).
 ONEDNN = torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_linear_pointwise"
 )
