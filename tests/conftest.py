@@ -12,6 +12,12 @@ import sys
 
 import pytest
 
+# pytest-xdist (pytest.ini: -n auto) runs the suite in one worker per core: each worker, and every process its
+# tests start, gets its share of the cores, so that no worker's OpenMP threads spin against another's
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import data_process
-from train_helpers import ROOT, make_pretrain_data
+from train_helpers import make_pretrain_data, run_script
 
 
-def run_bench(script: str, *args: str, cwd=ROOT) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=240)
+def run_bench(script: str, *args: str) -> str:
+    proc = run_script(f"bench/{script}", list(args), timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout
 
@@ -41,7 +38,7 @@ def test_bench_model_prints_every_variant_and_row():
 
 def test_bench_train_prints_every_table():
     out = run_bench("bench_train.py", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1",
-                    "--vocab-size", "64", "--seq", "16", "--batch-size", "2", "--rounds", "1")
+                    "--vocab-size", "64", "--seq", "16", "--batch-size", "2", "--rounds", "1", "--threads", "2")
     for name in ("cpu float32", "cpu bfloat16 autocast", "full padding", "collate_trimmed", "1 thread(s)"):
         assert name in out, name
     assert "machine: " in out

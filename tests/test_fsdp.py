@@ -164,7 +164,7 @@ def test_cpu_offload_needs_fsdp(tmp_path, pretrain_args):
         ddp_pretrain.main(pretrain_args + ["--cpu_offload", "--out_dir", str(tmp_path / "run")])
 
 
-def test_sft_and_dpo_under_fsdp_train_like_one_process(tmp_path, tiny_tokenizer_dir, reference, run_files):
+def test_sft_and_dpo_under_fsdp_train_like_one_process(tmp_path, tiny_tokenizer_dir, reference, run_files):  # noqa: F811 (the imported fixture)
     """SFT (answers-only loss: micro-batches hold different numbers of target tokens) and DPO with its frozen
     reference held whole on every rank: 2 FSDP processes equal 1 plain process."""
     sft_train, sft_val = make_sft_data(tmp_path)

@@ -8,10 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import os
 import signal
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,7 +24,7 @@ from support.loading.checkpoint import load_checkpoint
 from support.loading.sources import model_from_state, open_model
 from support.training.optim import make_optimizer
 from support.training.train_flags import build_parser, resolve_args
-from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, read_metrics, run_script, write_jsonl
+from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, read_metrics, run_script, start_script, write_jsonl
 
 # ----------------------------------------------------------------------------------------------------------
 # The loss against TRL's formulas (GRPOTrainer._compute_loss), written out independently
@@ -364,10 +361,7 @@ def test_resumed_run_samples_and_trains_like_an_uninterrupted_one(grpo_setup, tm
     ddp_grpo.main(common + ["--out_dir", str(tmp_path / "whole")])
     cut = tmp_path / "cut"
     log = tmp_path / "cut.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "ddp_grpo.py"), *common, "--out_dir", str(cut)],
-                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = start_script("ddp_grpo.py", common + ["--out_dir", str(cut)], log)
     deadline = time.monotonic() + 120
     while not (cut / "metrics.jsonl").exists() or len(read_metrics(cut)) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]

@@ -8,8 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +24,8 @@ from support.loading.checkpoint import DCP_NAME, read_dcp_weights
 from support.loading.sources import model_from_state, open_model
 from support.inference.text_generator import TextGenerator
 from support.training.trainer_utils import DistInfo, StopRequest
-from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, run_script
+from train_helpers import (QUIET, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, run_script,
+                           start_script)
 
 LORA = ["--lora_r", "4", "--lora_alpha", "8"]
 STEPS = ["--max_steps", "6", "--learning_rate", "1e-2", "--warmup_iters", "2", "--log_interval", "1",
@@ -160,9 +159,7 @@ def test_interrupted_run_resumes_exactly(data, tmp_path):
     ddp_sft_full.main(args + ["--out_dir", str(tmp_path / "ref")])
     run = tmp_path / "run"
     log = tmp_path / "run.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "ddp_sft_full.py"), *args, "--out_dir", str(run)],
-                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    proc = start_script("ddp_sft_full.py", args + ["--out_dir", str(run)], log)
     try:
         while not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < 3:
             assert proc.poll() is None, log.read_text()[-3000:]

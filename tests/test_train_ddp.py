@@ -8,7 +8,7 @@ import torch
 
 import ddp_pretrain
 import ddp_sft_full
-from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, run_script
+from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, make_sft_data, read_metrics, run_script, run_torchrun
 
 STEPS = ["--max_steps", "6", "--learning_rate", "1e-3", "--warmup_iters", "2", "--log_interval", "1",
          "--eval_interval", "3", "--save_interval", "100"]
@@ -31,8 +31,9 @@ def test_ddp_pretraining_matches_one_process(tmp_path, tiny_tokenizer_dir):
     common = ["--data_path", train_bin, "--val_data_path", val_bin, "--tokenizer_path", tiny_tokenizer_dir,
               *TINY_MODEL, *QUIET, *STEPS]
     # global batch 8: 2 processes x 2 samples x 2 accumulation steps, or 1 process x 8 samples
-    ddp = run_script("ddp_pretrain.py", common + ["--out_dir", str(tmp_path / "ddp"), "--batch_size", "2",
-                                                  "--accumulation_steps", "2"], nproc=2)
+    # torchrun itself here (the other multi-process tests give each rank torchrun's environment: run_script)
+    ddp = run_torchrun("ddp_pretrain.py", common + ["--out_dir", str(tmp_path / "ddp"), "--batch_size", "2",
+                                                    "--accumulation_steps", "2"], nproc=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "=== pretrain: 2 process(es) on cpu" in ddp.stdout
     ddp_pretrain.main(common + ["--out_dir", str(tmp_path / "one"), "--batch_size", "8"])

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import torch
 
 import ddp_pretrain
 from support.training.optim import is_hidden_matrix
-from train_helpers import QUIET, ROOT, TINY_MODEL, make_pretrain_data, read_metrics
+from train_helpers import QUIET, TINY_MODEL, Started, make_pretrain_data, read_metrics, start_script
 
 TOTAL = 40
 
@@ -35,13 +33,11 @@ def saved_step(out_dir: Path) -> int:
         return 0
 
 
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    with open(log, "w") as f:  # a file, not a pipe: a full pipe would stall the trainer
-        return subprocess.Popen([sys.executable, str(ROOT / "ddp_pretrain.py"), *args], cwd=ROOT, stdout=f,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+def start(args: list[str], log: Path) -> Started:
+    return start_script("ddp_pretrain.py", args, log)
 
 
-def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+def wait_for(condition, proc: Started, log: Path, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, f"trainer exited early ({proc.returncode}):\n{log.read_text()[-3000:]}"
@@ -96,10 +92,7 @@ def test_ctrl_c_with_dataloader_workers_saves_once(tmp_path, tiny_tokenizer_dir)
             *QUIET, "--batch_size", "8", "--max_steps", "100000", "--log_interval", "1", "--save_interval", "100000",
             "--num_workers", "2", "--out_dir", str(run)]
     log = tmp_path / "run.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "ddp_pretrain.py"), *args], cwd=ROOT, stdout=f,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                start_new_session=True)
+    proc = start_script("ddp_pretrain.py", args, log, new_session=True)
     wait_for(lambda: last_logged_step(run) >= 3, proc, log)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     assert proc.wait(timeout=60) == 128 + signal.SIGINT

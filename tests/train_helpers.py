@@ -1,11 +1,18 @@
 """Shared by the training tests: tiny real corpora, a tiny model's flags, and running the scripts."""
 from __future__ import annotations
 
+import atexit
 import json
+import multiprocessing
 import os
+import runpy
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import data_process
@@ -48,13 +55,100 @@ def make_sft_data(root: Path, n_train: int = 160, n_val: int = 32) -> tuple[str,
     return str(train), str(val)
 
 
-def run_script(script: str, args: list[str], timeout: float = 120, nproc: int = 1) -> subprocess.CompletedProcess:
-    """Run a training script in a fresh process (torchrun with nproc > 1). A hang fails the test with the
-    script's output, and kills the whole process group, so no worker outlives the test."""
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = launcher + [str(ROOT / script), *args]
+# Scripts run in processes forked from a server that has imported torch and transformers once (the standard
+# library's forkserver), so a run pays for its own work, not for 5-10 s of imports; it is still a fresh process
+# with its own argv, environment, signals, exit status and, for nproc > 1, the environment torchrun gives each
+# rank (tests/test_train_ddp.py keeps one real torchrun launch). The server imports nothing that computes, so
+# that no thread pool exists before a fork.
+_FORKS = multiprocessing.get_context("forkserver")
+_FORKS.set_forkserver_preload(["torch", "torch.distributed.checkpoint", "torch.distributed.fsdp", "transformers",
+                               "transformers.modeling_utils", "tokenizers", "safetensors.torch", "numpy"])
+
+
+def _exec_script(script: str, args: list[str], env: dict[str, str], stdout: str, stderr: str,
+                 new_session: bool) -> None:
+    """In the forked process: what `python script args...` does, with stdout and stderr sent to files, up to its
+    exit: the exit status of its SystemExit (or 1 after an exception's traceback), and its atexit handlers run
+    once its frames are gone (so that, as in a fresh interpreter, DataLoader workers are shut down first)."""
+    if new_session:
+        os.setsid()
+    for fd, path in ((1, stdout), (2, stderr)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), fd)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(ROOT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    multiprocessing.set_start_method(None, force=True)  # the script's own processes start as in a fresh Python
+    sys.argv = [script, *args]
+    sys.path[:0] = [str(Path(script).parent), str(ROOT)]
+    code = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        if isinstance(e.code, int) or e.code is None:
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class Started:
+    """A script started by start_script, with the part of subprocess.Popen's interface the tests use: pid, poll(),
+    wait(timeout), send_signal(), kill(), returncode (128 + N after `sys.exit(128 + N)`, -N when killed by N)."""
+
+    def __init__(self, script: str, args: list[str], stdout: Path, stderr: Path, env: dict[str, str] | None = None,
+                 new_session: bool = False):
+        for path in {stdout, stderr}:
+            Path(path).write_text("")
+        env = {**os.environ, **(env or {})}
+        self.process = _FORKS.Process(target=_exec_script, args=(str(ROOT / script), args, env, str(stdout),
+                                                                 str(stderr), new_session))
+        self.process.start()
+        self.pid = self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.process.name, timeout)
+        return self.process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.process.kill()
+
+
+def start_script(script: str, args: list[str], log: Path, new_session: bool = False) -> Started:
+    """Start `python script args...` (stdout and stderr both to `log`) and return at once."""
+    return Started(script, args, log, log, new_session=new_session)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script: str, args: list[str], nproc: int, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=nproc script args...` itself, as README launches a run; a hang kills
+    the whole process group."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -64,6 +158,28 @@ def run_script(script: str, args: list[str], timeout: float = 120, nproc: int = 
         out, err = proc.communicate()
         raise AssertionError(f"{script} did not finish in {timeout} s:\n{out[-2000:]}\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_script(script: str, args: list[str], timeout: float = 120, nproc: int = 1) -> subprocess.CompletedProcess:
+    """Run a training script to its end in a fresh process, or nproc > 1 of them as torchrun's ranks on this host.
+    stdout and stderr are the ranks' outputs one after the other. A hang fails the test with the script's output,
+    and kills every rank, so none outlives the test."""
+    logs = Path(tempfile.mkdtemp(prefix="run_script_"))
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
+                  "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "OMP_NUM_THREADS": "1"}
+    ranks = [Started(script, args, logs / f"out{rank}", logs / f"err{rank}",
+                     env={**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)} if nproc > 1 else None)
+             for rank in range(nproc)]
+    deadline = time.monotonic() + timeout
+    for rank in ranks:
+        rank.process.join(max(0.0, deadline - time.monotonic()))
+    out, err = ("".join((logs / f"{name}{rank}").read_text() for rank in range(nproc)) for name in ("out", "err"))
+    if any(rank.returncode is None for rank in ranks):
+        for rank in ranks:
+            rank.kill()
+        raise AssertionError(f"{script} did not finish in {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    code = next((rank.returncode for rank in ranks if rank.returncode), 0)
+    return subprocess.CompletedProcess([script, *args], code, out, err)
 
 
 def read_metrics(out_dir: str | Path, key: str = "loss") -> list[tuple[int, float]]:
