@@ -27,7 +27,7 @@ def tiny_model(vocab: int, seed: int = 0, **cfg) -> Transformer:
     """A random model whose logits are far from uniform (weights 3x the usual init), so that greedy choices
     are clear and a wrong layout cannot pass by luck."""
     torch.manual_seed(seed)
-    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, max_seq_len=128)
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, max_seq_len=256)
     model = Transformer(ModelConfig(**{**base, **cfg})).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -60,6 +60,9 @@ class Llama:
         params.n_parallel = 1
         params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
         params.warmup = False
+        # keys and values cached in float32 (llama.cpp's default is f16), so that an f32 file computes in f32
+        params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
+        params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.server = xllamacpp.Server(params)
         self.url = self.server.listening_address
 
@@ -120,4 +123,85 @@ def test_f32_greedy_and_logprobs_equal_ours(tmp_path, tiny_tokenizer):
             ours = model.generate(torch.tensor([ids]), 16, temperature=0, stop_id=tiny_tokenizer.eos_token_id)
             ours = ours[0].tolist()
             assert server.greedy(ids, 16) == [t for t in ours if t != tiny_tokenizer.eos_token_id]
-            assert_top_matches(server, model, ids + ours, range(len(ids) - 1, len(ids) + len(ours) - 1), 1e-3)
+            assert_top_matches(server, model, ids + ours, range(len(ids) - 1, len(ids) + len(ours) - 1), 1e-4)
+
+
+def rounded(model: Transformer, dtype: torch.dtype) -> Transformer:
+    """Our model with its matrices rounded to dtype as the export stores them (norms stay float32)."""
+    copy = Transformer(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in copy.parameters():
+            if p.dim() == 2:
+                p.copy_(p.to(dtype).float())
+    return copy
+
+
+@pytest.mark.parametrize("outtype, dtype, atol", [("f16", torch.float16, 2e-3), ("bf16", torch.bfloat16, 1e-2)])
+def test_f16_bf16_within_rounding(tmp_path, tiny_tokenizer, outtype, dtype, atol):
+    """Against our model on the same rounded weights; llama.cpp also rounds activations to the weights' type
+    before each product, which the tolerance allows (measured over 200 positions: 9e-4 f16, 6e-3 bf16)."""
+    model = tiny_model(len(tiny_tokenizer))
+    path = export(save_model(model, tiny_tokenizer, tmp_path / "m"), outtype)
+    reference = rounded(model, dtype)
+    with llama(path, tiny_tokenizer) as server:
+        ids = tiny_tokenizer.encode(PROMPTS[0])
+        ours = reference.generate(torch.tensor([ids]), 12, temperature=0)[0].tolist()
+        assert server.greedy(ids, 12) == ours
+        assert_top_matches(server, reference, ids + ours, range(len(ids) - 1, len(ids) + len(ours) - 1), atol)
+
+
+def test_q8_0_agrees_on_teacher_forced_text_and_has_q8_0_size(tmp_path, tiny_tokenizer, tiny_texts):
+    model = tiny_model(len(tiny_tokenizer))
+    model_dir = save_model(model, tiny_tokenizer, tmp_path / "m")
+    q8, f32 = export(model_dir, "q8_0"), export(model_dir, "f32")
+    # q8_0: blocks of 32 values as 32 int8 + one f16 scale = 34 bytes per 128 of float32; norms stay float32
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    assert f32.stat().st_size - q8.stat().st_size == pytest.approx(matrices * (4 - 34 / 32), abs=4096)
+    ids = tiny_tokenizer.encode(" ".join(tiny_texts[:20]))[:201]
+    ours = our_logprobs(model, ids).argmax(-1)
+    with llama(q8, tiny_tokenizer, n_ctx=256) as server:
+        agree = sum(server.top(ids[:p + 1], k=1)[0][0] == int(ours[p]) for p in range(200))
+    assert agree >= 190, f"q8_0 top-1 agreement {agree}/200"  # 95%; measured 193 on this random model
+
+
+def test_tokenizer_equals_ours_on_mixed_text(tmp_path, tiny_tokenizer):
+    """Chinese with full-width punctuation, English, digits, emoji, code, runs of spaces, tabs and newlines."""
+    path = export(save_model(tiny_model(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "m"), "f16")
+    with llama(path, tiny_tokenizer) as server:
+        for text in (MIXED, *PROMPTS, "\n\n", "  a", "a  ", " 🙂 ", "１２３，ＡＢＣ"):
+            assert server.tokenize(text) == tiny_tokenizer.encode(text), repr(text)
+
+
+def test_an_nfkc_tokenizer_exports_with_a_warning(tmp_path, tiny_tokenizer, capsys):
+    """A tokenizer trained before NFKC was dropped: exported, with one line saying where llama.cpp differs."""
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    nfkc = AutoTokenizer.from_pretrained(tiny_tokenizer.name_or_path)
+    nfkc.backend_tokenizer.normalizer = normalizers.NFKC()
+    path = export(save_model(tiny_model(len(nfkc)), nfkc, tmp_path / "m"), "f16")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: the tokenizer applies NFKC")
+    with llama(path, nfkc) as server:  # the warning is true: full-width text splits differently
+        assert server.tokenize("你好，世界") != nfkc.encode("你好，世界")
+        assert server.tokenize("你好, world") == nfkc.encode("你好, world")
+
+
+ROPE = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": 16,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+}
+
+
+@pytest.mark.parametrize("rope_type", ROPE)
+def test_rope_scaling_logits_equal_ours_beyond_the_original_context(tmp_path, tiny_tokenizer, tiny_texts, rope_type):
+    """A 16-token original context stretched 4x; rope_theta 500 puts every kind of frequency (kept, ramped,
+    divided) within these 64 positions."""
+    model = tiny_model(len(tiny_tokenizer), max_seq_len=64, rope_theta=500.0, rope_scaling_params=ROPE[rope_type])
+    path = export(save_model(model, tiny_tokenizer, tmp_path / "m"), "f32")
+    ids = tiny_tokenizer.encode(" ".join(tiny_texts[:5]))[:63]  # with the token it predicts: 64
+    with llama(path, tiny_tokenizer, n_ctx=64) as server:
+        assert_top_matches(server, model, ids, range(15, 63, 6), 1e-4)
