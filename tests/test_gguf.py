@@ -25,9 +25,11 @@ MIXED = ("中文，全角标点！「引号」。？ English words, don't stop; 
 
 def tiny_model(vocab: int, seed: int = 0, **cfg) -> Transformer:
     """A random model whose logits are far from uniform (weights 3x the usual init), so that greedy choices
-    are clear and a wrong layout cannot pass by luck."""
+    are clear and a wrong layout cannot pass by luck. Untied unless asked: a random tied model mostly
+    predicts its input token again, which makes generations degenerate."""
     torch.manual_seed(seed)
-    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, max_seq_len=256)
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, max_seq_len=256,
+                tie_word_embeddings=False)
     model = Transformer(ModelConfig(**{**base, **cfg})).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -115,7 +117,7 @@ def assert_top_matches(server: Llama, model: Transformer, ids: list[int], positi
 
 
 def test_f32_greedy_and_logprobs_equal_ours(tmp_path, tiny_tokenizer):
-    model = tiny_model(len(tiny_tokenizer), tie_word_embeddings=False)
+    model = tiny_model(len(tiny_tokenizer))
     path = export(save_model(model, tiny_tokenizer, tmp_path / "m"), "f32")
     with llama(path, tiny_tokenizer) as server:
         for prompt in PROMPTS:
@@ -199,9 +201,85 @@ ROPE = {
 @pytest.mark.parametrize("rope_type", ROPE)
 def test_rope_scaling_logits_equal_ours_beyond_the_original_context(tmp_path, tiny_tokenizer, tiny_texts, rope_type):
     """A 16-token original context stretched 4x; rope_theta 500 puts every kind of frequency (kept, ramped,
-    divided) within these 64 positions."""
-    model = tiny_model(len(tiny_tokenizer), max_seq_len=64, rope_theta=500.0, rope_scaling_params=ROPE[rope_type])
+    divided) within these 64 positions. Tied embeddings: the file then has no output.weight."""
+    model = tiny_model(len(tiny_tokenizer), max_seq_len=64, rope_theta=500.0, rope_scaling_params=ROPE[rope_type],
+                       tie_word_embeddings=True)
     path = export(save_model(model, tiny_tokenizer, tmp_path / "m"), "f32")
     ids = tiny_tokenizer.encode(" ".join(tiny_texts[:5]))[:63]  # with the token it predicts: 64
     with llama(path, tiny_tokenizer, n_ctx=64) as server:
         assert_top_matches(server, model, ids, range(15, 63, 6), 1e-4)
+
+
+def test_chat_endpoint_answers_as_our_greedy_generation(tmp_path, tiny_tokenizer):
+    """llama.cpp's OpenAI-compatible chat endpoint, spoken to with the official client, formats the
+    conversation with the exported chat template and answers what model_sample.py --temperature 0 answers."""
+    from openai import OpenAI
+
+    from support.inference.text_generator import TextGenerator
+
+    model_dir = save_model(tiny_model(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "m")
+    path = export(model_dir, "f32")
+    question = "房间很干净,服务也很周到。\n这条评论的情感是正面还是负面?"
+    ours = TextGenerator(model_dir, device="cpu", dtype="float32").sft_sample(question, max_new_tokens=12,
+                                                                               temperature=0)
+    with llama(path, tiny_tokenizer) as server:
+        client = OpenAI(base_url=server.url + "/v1", api_key="none")
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": question}],
+                                               temperature=0, max_tokens=12)
+    assert reply.choices[0].message.content == ours
+
+
+def test_a_lora_adapter_exports_merged(tmp_path, tiny_tokenizer):
+    """A peft adapter directory on an HF Llama base: the file computes what peft computes on transformers'
+    LlamaForCausalLM with the adapter attached (unmerged), an independent reference."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base_dir = save_model(tiny_model(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "base")
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                              "o_proj", "gate_proj", "down_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    tiny_tokenizer.save_pretrained(adapter_dir)
+    path = export(adapter_dir, "f32")
+    ids = tiny_tokenizer.encode(PROMPTS[1] + " " + PROMPTS[0])
+    with llama(path, tiny_tokenizer) as server:
+        assert_top_matches(server, peft_model.eval(), ids, range(len(ids)), 1e-4)
+
+
+def dynamic_model_dir(tmp_path, tokenizer) -> Path:
+    scaling = {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 32}
+    return save_model(tiny_model(len(tokenizer), rope_scaling_params=scaling), tokenizer, tmp_path / "dynamic")
+
+
+def gpt2_dir(tmp_path, tokenizer) -> Path:
+    from transformers import GPT2Config
+
+    path = tmp_path / "gpt2"
+    GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2).save_pretrained(path)
+    (path / "model.safetensors").write_bytes(b"")  # never read: the config is refused first
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("outtype", "--outtype 'q4_k' is not supported (choose from f32, f16, bf16, q8_0)"),
+    ("dynamic", "rope_type 'dynamic' has no GGUF form"),
+    ("architecture", "k_model cannot express this model: model_type 'gpt2'"),
+    ("unwritable", "cannot write"),
+])
+def test_bad_input_is_one_line_and_leaves_no_file(tmp_path, tiny_tokenizer, capsys, case, message):
+    model_dir = {"dynamic": dynamic_model_dir, "architecture": gpt2_dir}.get(
+        case, lambda t, tok: save_model(tiny_model(len(tok)), tok, t / "m"))(tmp_path, tiny_tokenizer)
+    out = tmp_path / ("no_such_dir/x.gguf" if case == "unwritable" else "x.gguf")
+    with pytest.raises(SystemExit) as e:
+        export_gguf.main(["--model", str(model_dir), "--outfile", str(out),
+                          "--outtype", "q4_k" if case == "outtype" else "f16"])
+    error = str(e.value.code)
+    assert error.startswith("error: ") and message in error and "\n" not in error, error
+    assert not list(tmp_path.rglob("*.gguf*")) and not list(tmp_path.rglob("Modelfile"))
