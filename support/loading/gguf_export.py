@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,31 +169,31 @@ def _interleave(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _tensors(model: Transformer, rope_freqs: torch.Tensor | None) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(GGUF name, a function giving the tensor in llama.cpp's layout) for every tensor, in file order; each
-    is computed only when written, so no second copy of the model exists."""
+def _tensors(model: Transformer, rope_freqs: torch.Tensor | None) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """(GGUF name, our tensor or a view of it, heads whose rows are interleaved on writing: 0 = none) for every
+    tensor, in file order. Views only: nothing is copied until the tensor is written."""
     cfg = model.config
     sd = model.state_dict()
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    yield "token_embd.weight", lambda: sd["tok_embeddings.weight"]
+    yield "token_embd.weight", sd["tok_embeddings.weight"], 0
     if rope_freqs is not None:
-        yield "rope_freqs.weight", lambda: rope_freqs
+        yield "rope_freqs.weight", rope_freqs, 0
     for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        qkv = lambda p=p: sd[p + "attention.wqkv.weight"].split([q, kv, kv])  # noqa: E731 (views, no copy)
-        w13 = lambda p=p: sd[p + "feed_forward.w13.weight"].split([cfg.hidden_dim, cfg.hidden_dim])  # noqa: E731
-        yield f"blk.{i}.attn_norm.weight", lambda p=p: sd[p + "attention_norm.weight"]
-        yield f"blk.{i}.attn_q.weight", lambda qkv=qkv: _interleave(qkv()[0], cfg.n_heads)
-        yield f"blk.{i}.attn_k.weight", lambda qkv=qkv: _interleave(qkv()[1], cfg.n_kv_heads)
-        yield f"blk.{i}.attn_v.weight", lambda qkv=qkv: qkv()[2]
-        yield f"blk.{i}.attn_output.weight", lambda p=p: sd[p + "attention.wo.weight"]
-        yield f"blk.{i}.ffn_norm.weight", lambda p=p: sd[p + "ffn_norm.weight"]
-        yield f"blk.{i}.ffn_gate.weight", lambda w13=w13: w13()[0]
-        yield f"blk.{i}.ffn_up.weight", lambda w13=w13: w13()[1]
-        yield f"blk.{i}.ffn_down.weight", lambda p=p: sd[p + "feed_forward.w2.weight"]
-    yield "output_norm.weight", lambda: sd["norm.weight"]
+        layer = {k.removeprefix(f"layers.{i}."): v for k, v in sd.items() if k.startswith(f"layers.{i}.")}
+        wq, wk, wv = layer["attention.wqkv.weight"].split([q, kv, kv])
+        gate, up = layer["feed_forward.w13.weight"].split([cfg.hidden_dim, cfg.hidden_dim])
+        yield f"blk.{i}.attn_norm.weight", layer["attention_norm.weight"], 0
+        yield f"blk.{i}.attn_q.weight", wq, cfg.n_heads
+        yield f"blk.{i}.attn_k.weight", wk, cfg.n_kv_heads
+        yield f"blk.{i}.attn_v.weight", wv, 0
+        yield f"blk.{i}.attn_output.weight", layer["attention.wo.weight"], 0
+        yield f"blk.{i}.ffn_norm.weight", layer["ffn_norm.weight"], 0
+        yield f"blk.{i}.ffn_gate.weight", gate, 0
+        yield f"blk.{i}.ffn_up.weight", up, 0
+        yield f"blk.{i}.ffn_down.weight", layer["feed_forward.w2.weight"], 0
+    yield "output_norm.weight", sd["norm.weight"], 0
     if not cfg.tie_word_embeddings:  # tied: llama.cpp reads the output layer from token_embd
-        yield "output.weight", lambda: sd["output.weight"]
+        yield "output.weight", sd["output.weight"], 0
 
 
 def _ggml_type(shape: tuple[int, ...], outtype: str) -> Any:
@@ -237,11 +237,10 @@ def write_gguf(model: Transformer, tokenizer: Any, outfile: str | os.PathLike, o
     rope_freqs = _rope_keys(writer, model)
     _tokenizer_keys(writer, tokenizer, model.config.vocab_size)
     tensors = list(_tensors(model, rope_freqs))
-    for tname, get in tensors:  # shapes and types first: the header precedes the data
-        shape = tuple(get().shape)
-        byte_shape = gguf.quant_shape_to_byte_shape(shape, _ggml_type(shape, outtype))
-        writer.add_tensor_info(tname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
-                               raw_dtype=_ggml_type(shape, outtype))
+    for tname, t, _ in tensors:  # shapes and types first: the header precedes the data
+        qtype = _ggml_type(tuple(t.shape), outtype)
+        byte_shape = gguf.quant_shape_to_byte_shape(tuple(t.shape), qtype)
+        writer.add_tensor_info(tname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
     try:
         writer.write_header_to_file(path=tmp)
     except OSError as e:
@@ -249,9 +248,9 @@ def write_gguf(model: Transformer, tokenizer: Any, outfile: str | os.PathLike, o
     try:
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for tname, get in tensors:
-            t = get()
-            writer.write_tensor_data(_encode(t, _ggml_type(tuple(t.shape), outtype)))
+        for _, t, heads in tensors:
+            qtype = _ggml_type(tuple(t.shape), outtype)
+            writer.write_tensor_data(_encode(_interleave(t, heads) if heads else t, qtype))
         writer.close()
         os.replace(tmp, outfile)
     except BaseException:
