@@ -10,8 +10,9 @@ stop token, so all produce the same count); a call includes the prompt's prefill
   ours eager      k_model's generate as it is (float32);
   ours compiled   after compile_decode() (--compile; compiling takes tens of seconds);
   llama.cpp TYPE  llama.cpp's /completion on the TYPE file (its KV cache f16, flash attention auto: its defaults).
-Rounds alternate the variants (A B C A B C ...) in one process; the table shows medians and each variant's speed
-relative to ours eager. Timings taken on a machine shared with other jobs are not comparable.
+Rounds alternate the variants (A B C A B C ...) in one process; the table shows medians, each variant's speed
+relative to ours eager, and how many of its tokens equal ours up to our first EOS (llama.cpp, told to ignore
+EOS, bans it, so the sequences part there). Timings taken on a machine shared with other jobs are not comparable.
 """
 from __future__ import annotations
 
@@ -91,13 +92,22 @@ def main() -> None:
             fns[f"llama.cpp {outtype} ({path.stat().st_size / 2**20:.1f} MiB)"] = \
                 lambda decode=decode: decode(ids, args.new_tokens)
         times = interleaved(fns, args.rounds, warmup=1, device="cpu")
+        ours = model.generate(x, args.new_tokens, temperature=0)[0].tolist()
+        ours = ours[:ours.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ours else ours
+        equal = {name: _leading_equal(torch.as_tensor(fn()).flatten().tolist(), ours) for name, fn in fns.items()}
     print(f"model: {origin['source']} ({model.num_params() / 1e6:.2f}M params), prompt {len(ids)} tokens, "
           f"{args.new_tokens} new tokens, greedy, {args.threads} threads, {args.rounds} rounds")
     print(f"machine: {machine_line('cpu')}")
     base = statistics.median(times["ours eager"])
-    print("| variant | tokens/s | vs ours eager |\n|---|---|---|")
+    print("| variant | tokens/s | vs ours eager | tokens equal to ours |\n|---|---|---|---|")
     for name, t in times.items():
-        print(f"| {name} | {args.new_tokens / statistics.median(t):,.1f} | {base / statistics.median(t):.2f}x |")
+        print(f"| {name} | {args.new_tokens / statistics.median(t):,.1f} | {base / statistics.median(t):.2f}x | "
+              f"{equal[name]} / {len(ours)} |")
+
+
+def _leading_equal(tokens: list[int], ours: list[int]) -> int:
+    """How many of ours come first in tokens, in order."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, ours)) if a != b), min(len(tokens), len(ours)))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def save_model(model: Transformer, tokenizer, path: Path) -> Path:
     return path
 
 
-def export(model_dir: Path, outtype: str, capsys=None) -> Path:
+def export(model_dir: Path, outtype: str) -> Path:
     out = model_dir.parent / f"{model_dir.name}-{outtype}.gguf"
     export_gguf.main(["--model", str(model_dir), "--outfile", str(out), "--outtype", outtype])
     return out
