@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Iterable, Iterator
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from dataset import JsonlRecords
@@ -45,11 +45,11 @@ def iter_jsonl_texts(paths: list[str], skip_bad: bool = False) -> Iterator[str]:
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 6144) -> Tokenizer:
-    """Train a byte-level BPE (NFKC normalizer, ByteLevel pre-tokenizer and decoder) on `texts`."""
+    """Train a byte-level BPE (ByteLevel pre-tokenizer and decoder) on `texts`. No normalizer: text is tokenized
+    as written, as llama.cpp tokenizes it (it applies none), so an exported model splits text there as here."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size {vocab_size} < 256 byte tokens + {len(SPECIAL_TOKENS)} special tokens")
     tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
