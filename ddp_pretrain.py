@@ -44,7 +44,8 @@ class Pretrain(Task):
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--init_from", help="continue pretraining this model instead of a new one: a ckpt.pt, "
-                            "its run dir or an HF model directory (ours or any LlamaForCausalLM)")
+                            "its run dir or an HF model directory (ours or any LlamaForCausalLM or "
+                            "MixtralForCausalLM)")
 
     def tokenizer(self, args: argparse.Namespace) -> tuple[Any, str]:
         """--tokenizer_path; by default the --init_from model's own tokenizer, or out/tokenizer for a new model."""

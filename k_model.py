@@ -1,12 +1,13 @@
 """A LLaMA2-style decoder-only Transformer, weight-compatible with transformers' LlamaForCausalLM.
 
 Read top to bottom: config -> building blocks (RMSNorm, rotary embeddings, the KV cache, attention, SwiGLU
-MLP) -> Decoding (KV-cache generation, the inference half of the model) -> Transformer (weights, forward).
+MLP, and its mixture-of-experts form, Mixtral's) -> Decoding (KV-cache generation, the inference half of the
+model) -> Transformer (weights, forward).
 RoPE's frequencies (default and scaled) come from rope.py. The fast paths sit in files of their own, which
 this one imports: cpu_matmul.py (every projection's matmul: oneDNN on x86 CPUs, packed weights for decoding),
 compiled_step.py (the torch.compile'd one-token decode step), chunked_loss.py (cross-entropy without the
-(B, T, vocab) logits) and sampling.py (temperature / top-k / top-p). hf_llama.py converts to and from
-Hugging Face Llama.
+(B, T, vocab) logits), sampling.py (temperature / top-k / top-p) and grouped_mm.py (the experts' matmul).
+hf_llama.py converts to and from Hugging Face Llama and Mixtral.
 
 Where the speed comes from, measured against LlamaForCausalLM in bench/bench_model.py:
   * training: the loss never materialises the (B, T, vocab) logits; torch.compile(model) works unchanged;

@@ -83,11 +83,13 @@ def main() -> None:
     args = p.parse_args()
     clock = clock_of(args)
     built = models(args)
-    print(f"machine: {machine_line('cpu')} | torch._grouped_mm: {'yes' if GROUPED_MM else 'no (one matmul per expert)'}")
+    grouped = "yes" if GROUPED_MM else "no (one matmul per expert)"
+    print(f"machine: {machine_line('cpu')} | torch._grouped_mm: {grouped}")
     for name, m in built.items():
+        cfg = m.config
+        experts = f" x {cfg.num_local_experts} experts, top-{cfg.num_experts_per_tok}" if cfg.num_local_experts else ""
         print(f"{name}: {m.num_params() / 1e6:.2f}M params, {m.active_params() / 1e6:.2f}M active per token, "
-              f"feed-forward hidden {m.config.hidden_dim}" + (f" x {m.config.num_local_experts} experts, top-"
-                                                             f"{m.config.num_experts_per_tok}" if name == "MoE" else ""))
+              f"feed-forward hidden {cfg.hidden_dim}{experts}")
     rows = []
     times = interleaved(train_fns(built, args), args.rounds, warmup=2, device="cpu", clock=clock)
     tokens = args.batch_size * args.seq_len

@@ -127,7 +127,8 @@ def test_bad_expert_config_is_refused_by_name(kw, message):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--num_experts", "4", "--num_experts_per_tok", "5"], "--num_experts_per_tok must be between 1 and --num_experts 4"),
+    (["--num_experts", "4", "--num_experts_per_tok", "5"],
+     "--num_experts_per_tok must be between 1 and --num_experts 4"),
     (["--num_experts", "1"], "--num_experts must be 0 (dense) or >= 2, got 1"),
     (["--num_experts", "4", "--router_aux_loss_coef", "-1"], "--router_aux_loss_coef must be >= 0"),
     (["--router_z_loss_coef", "0.1"], "--router_z_loss_coef weighs an MoE model's router loss, and a new model is a "

@@ -150,8 +150,8 @@ def build_parser(task: Any) -> argparse.ArgumentParser:
             add(g, name, "from --preset", type=int)
         add(g, "max_seq_len", "tokens per sample; from --preset", type=int)
         add(g, "dropout", "dropout probability", type=float)
-        add(g, "num_experts", "> 0: every feed-forward is a mixture of this many SwiGLU experts (Mixtral; docs/moe.md); "
-                              "0: dense", type=int)
+        add(g, "num_experts", "> 0: every feed-forward is a mixture of this many SwiGLU experts (Mixtral; "
+                              "docs/moe.md); 0: dense", type=int)
         add(g, "num_experts_per_tok", "--num_experts: the experts each token is routed to (top-k)", type=int)
     else:
         add(g, "max_seq_len", "tokens per sample; default: the initial model's max_seq_len", type=int)
