@@ -113,6 +113,7 @@ class DPO(SFT):
     name = "dpo"
     description = __doc__
     metrics = METRICS
+    router_losses = False  # its own loss_sums: an MoE model's router losses are not added (docs/moe.md)
     defaults = dict(
         SFT.defaults,  # so the flags SFT adds have their defaults here too
         init_from="out/sft",

@@ -288,6 +288,7 @@ class Tempered:
 
 class GRPO(SFT):
     name = "grpo"
+    router_losses = False  # its own loss_sums: an MoE model's router losses are not added (docs/moe.md)
     description = __doc__
     may_lack_targets = False  # a prompt with no room for a completion is skipped by PromptDataset
     eval_at_start = True  # RL's baseline is the model it starts from: evaluate it before the first step

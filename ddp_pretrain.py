@@ -5,6 +5,7 @@ corpus (data_process.py pretokenize).
     torchrun --nproc_per_node=8 ddp_pretrain.py --preset 215M   # DDP on 8 GPUs
     python ddp_pretrain.py --resume                         # continue out/pretrain/ckpt.pt exactly
     python ddp_pretrain.py --init_from llama_dir --data_path corpus.bin   # continue any LlamaForCausalLM
+    python ddp_pretrain.py --num_experts 4 --num_experts_per_tok 1   # a mixture of experts (docs/moe.md)
 
 With --init_from the model (its shape, weights and tokenizer) is that checkpoint's; --preset and the shape
 flags then only set the batch size, and the corpus must be pretokenized with its tokenizer
@@ -43,7 +44,8 @@ class Pretrain(Task):
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--init_from", help="continue pretraining this model instead of a new one: a ckpt.pt, "
-                            "its run dir or an HF model directory (ours or any LlamaForCausalLM)")
+                            "its run dir or an HF model directory (ours or any LlamaForCausalLM or "
+                            "MixtralForCausalLM)")
 
     def tokenizer(self, args: argparse.Namespace) -> tuple[Any, str]:
         """--tokenizer_path; by default the --init_from model's own tokenizer, or out/tokenizer for a new model."""
@@ -61,7 +63,8 @@ class Pretrain(Task):
             note = f" (its own shape: {', '.join(unused)} from the flags or --preset do not apply)" if unused else ""
             return start._replace(source=start.source + note)
         config = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                             vocab_size=len(tokenizer), max_seq_len=args.max_seq_len, dropout=args.dropout)
+                             vocab_size=len(tokenizer), max_seq_len=args.max_seq_len, dropout=args.dropout,
+                             num_local_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_tok)
         return SourcedModel(Transformer(config), "a new model", None)
 
     def dataset(self, path: str, tokenizer: Any, args: argparse.Namespace) -> PretrainDataset:

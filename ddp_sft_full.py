@@ -44,7 +44,7 @@ class SFT(Task):
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--init_from", help="pretraining ckpt.pt, its run dir, an HF model directory (ours or any "
-                            f"LlamaForCausalLM) (default: {self.defaults['init_from']})")
+                            f"LlamaForCausalLM or MixtralForCausalLM) (default: {self.defaults['init_from']})")
         lora.add_flags(parser)
 
     def tokenizer(self, args: argparse.Namespace) -> tuple[Any, str]:

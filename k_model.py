@@ -1,12 +1,13 @@
 """A LLaMA2-style decoder-only Transformer, weight-compatible with transformers' LlamaForCausalLM.
 
 Read top to bottom: config -> building blocks (RMSNorm, rotary embeddings, the KV cache, attention, SwiGLU
-MLP) -> Decoding (KV-cache generation, the inference half of the model) -> Transformer (weights, forward).
+MLP, and its mixture-of-experts form, Mixtral's) -> Decoding (KV-cache generation, the inference half of the
+model) -> Transformer (weights, forward).
 RoPE's frequencies (default and scaled) come from rope.py. The fast paths sit in files of their own, which
 this one imports: cpu_matmul.py (every projection's matmul: oneDNN on x86 CPUs, packed weights for decoding),
 compiled_step.py (the torch.compile'd one-token decode step), chunked_loss.py (cross-entropy without the
-(B, T, vocab) logits) and sampling.py (temperature / top-k / top-p). hf_llama.py converts to and from
-Hugging Face Llama.
+(B, T, vocab) logits), sampling.py (temperature / top-k / top-p) and grouped_mm.py (the experts' matmul).
+hf_llama.py converts to and from Hugging Face Llama and Mixtral.
 
 Where the speed comes from, measured against LlamaForCausalLM in bench/bench_model.py:
   * training: the loss never materialises the (B, T, vocab) logits; torch.compile(model) works unchanged;
@@ -37,6 +38,7 @@ from support.model.chunked_loss import linear_cross_entropy
 from support.model.compiled_step import compile_step
 from support.model.context_shift import resolve_shift, right_aligned_mask, shift_caches
 from support.model.cpu_matmul import Linear, packed_weights
+from support.model.grouped_mm import grouped_mm
 from support.model.rope import ORIGINAL, check_rope_scaling, dynamic_frequencies, rope_frequencies
 from support.model.sampling import check_sampling, sample, stop_list, stop_tensor
 
@@ -70,6 +72,13 @@ class ModelConfig(PretrainedConfig):
     head_dim: int | None = None
     tie_word_embeddings: bool = True
     flash_attn: bool = True  # False: explicit softmax(QK^T)V attention instead of F.scaled_dot_product_attention
+    # Mixture of experts (MixtralConfig's names): num_local_experts > 0 makes every layer's feed-forward a
+    # MoEFeedForward of that many SwiGLU experts of hidden_dim each, a token routed to num_experts_per_tok of
+    # them; 0 is the dense model. The coefficients weigh the router losses a training forward returns.
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.01  # the load-balancing loss (Switch Transformer's alpha)
+    router_z_loss_coef: float = 0.001  # the router z-loss (ST-MoE)
 
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)
@@ -98,6 +107,7 @@ class ModelConfig(PretrainedConfig):
             raise ValueError(f"ModelConfig.rope_scaling_params: {e}") from None
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_experts(self)
         if self.hidden_dim is None:
             hidden = int(2 * (4 * self.dim) / 3)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
@@ -105,9 +115,20 @@ class ModelConfig(PretrainedConfig):
             raise ValueError(f"ModelConfig.hidden_dim must be a positive integer or None, got {self.hidden_dim!r}")
 
 
+def check_experts(cfg: ModelConfig) -> None:
+    """The mixture-of-experts fields make sense: ValueError naming the field."""
+    n, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    if not isinstance(n, int) or n < 0 or n == 1:
+        raise ValueError(f"num_local_experts must be 0 (a dense model) or >= 2 experts, got {n!r}")
+    if n and not (isinstance(k, int) and 1 <= k <= n):
+        raise ValueError(f"num_experts_per_tok must be between 1 and num_local_experts = {n}, got {k!r}")
+    for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks
-
 
 
 class RMSNorm(nn.Module):
@@ -281,13 +302,48 @@ class FeedForward(nn.Module):
         return self.dropout(self.w2(F.silu(gate) * up))
 
 
+class MoEFeedForward(nn.Module):
+    """Mixtral's sparse feed-forward. A linear router (`gate`) scores the experts for each token; the token goes
+    to the k best (softmax over all experts, top k, those k probabilities renormalised to sum to 1) and its
+    output is the so-weighted sum of those k SwiGLU experts. The experts' weights are stacked, (experts, out,
+    in), as transformers' MixtralExperts stores them; the (token, expert) pairs are sorted by expert so that
+    each expert multiplies all its tokens at once (grouped_mm), never a loop over tokens. In training mode
+    the router logits stay on the module for the router losses (Transformer.router_losses)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.num_local_experts, cfg.num_experts_per_tok
+        self.gate = Linear(cfg.dim, self.n_experts)
+        self.w13 = nn.Parameter(torch.empty(self.n_experts, 2 * cfg.hidden_dim, cfg.dim))  # gate, then up rows
+        self.w2 = nn.Parameter(torch.empty(self.n_experts, cfg.dim, cfg.hidden_dim))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.gate(x)  # (tokens, experts)
+        if self.training:
+            self.router_logits = logits
+        weights, experts = logits.float().softmax(-1).topk(self.top_k, dim=-1)  # (tokens, k) each
+        weights = weights / weights.sum(-1, keepdim=True)
+        order = experts.flatten().argsort(stable=True)  # the k * tokens pairs, grouped by expert
+        ends = torch.searchsorted(experts.flatten()[order], torch.arange(self.n_experts, device=x.device),
+                                  right=True)  # where each expert's rows end
+        token = order // self.top_k
+        gate, up = grouped_mm(x[token], self.w13, ends).chunk(2, dim=-1)
+        y = grouped_mm(F.silu(gate) * up, self.w2, ends) * weights.flatten()[order, None].to(gate.dtype)
+        out = torch.zeros(x.shape, dtype=y.dtype, device=x.device).index_add_(0, token, y)
+        return self.dropout(out.reshape(shape))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoEFeedForward(cfg) if cfg.num_local_experts else FeedForward(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, mask, causal, cache=None, slots=None):
@@ -307,6 +363,10 @@ class TransformerOutput(ModelOutput):
 
     logits: torch.Tensor | None = None
     last_loss: torch.Tensor | None = None
+    # an MoE model in training mode, with targets: router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss,
+    # the term training adds to the mean LM loss, and the detached figures behind it (Transformer.router_losses)
+    router_loss: torch.Tensor | None = None
+    router_stats: dict[str, torch.Tensor] | None = None
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -521,6 +581,9 @@ class Transformer(Decoding, PreTrainedModel):
             if getattr(module, "is_residual_proj", False):
                 std /= math.sqrt(2 * self.config.n_layers)
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, MoEFeedForward):  # stacked expert weights: as FeedForward's w13 and w2
+            nn.init.normal_(module.w13, mean=0.0, std=0.02)
+            nn.init.normal_(module.w2, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layers))
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
         elif module is self:
@@ -574,10 +637,38 @@ class Transformer(Decoding, PreTrainedModel):
             return TransformerOutput(logits=self.output(h))
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         if loss_mask is None:
-            return TransformerOutput(last_loss=linear_cross_entropy(h, self.output.weight, targets))
-        keep = loss_mask.reshape(-1) != 0
-        kept_losses = linear_cross_entropy(h[keep], self.output.weight, targets[keep])
-        return TransformerOutput(last_loss=kept_losses.new_zeros(keep.shape).masked_scatter(keep, kept_losses))
+            out = TransformerOutput(last_loss=linear_cross_entropy(h, self.output.weight, targets))
+        else:
+            keep = loss_mask.reshape(-1) != 0
+            kept_losses = linear_cross_entropy(h[keep], self.output.weight, targets[keep])
+            out = TransformerOutput(last_loss=kept_losses.new_zeros(keep.shape).masked_scatter(keep, kept_losses))
+        if self.config.num_local_experts and self.training:
+            out.router_loss, out.router_stats = self.router_losses(attention_mask)
+        return out
+
+    def router_losses(self, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The router losses of the last training forward, each the mean over the MoE layers of the layer's own
+        (padding excluded): aux_loss, the load balancing of Switch Transformer (eq. 4) as Mixtral computes it
+        with top-k, E * sum_e f_e P_e (f_e: the share of the k * tokens assignments that went to expert e, P_e:
+        the mean router probability of e; k when balanced), and z_loss, ST-MoE's mean squared logsumexp of the
+        router logits, which keeps them small. Returns the weighted sum training adds to the LM loss and the
+        detached aux_loss, z_loss and expert_load (layers, experts): each layer's f_e / k, summing to 1."""
+        cfg = self.config
+        keep = None if attention_mask is None else attention_mask.reshape(-1).bool()
+        aux, z, load = [], [], []
+        for layer in self.layers:
+            logits = layer.feed_forward.router_logits.float()
+            if keep is not None:
+                logits = logits[keep]
+            probs = logits.softmax(-1)
+            chosen = F.one_hot(probs.topk(cfg.num_experts_per_tok, dim=-1).indices, cfg.num_local_experts)
+            f = chosen.sum((0, 1)).float() / logits.shape[0]
+            aux.append(cfg.num_local_experts * (f * probs.mean(0)).sum())
+            z.append(logits.logsumexp(-1).square().mean())
+            load.append(f / cfg.num_experts_per_tok)
+        aux_loss, z_loss = torch.stack(aux).mean(), torch.stack(z).mean()
+        stats = {"aux_loss": aux_loss.detach(), "z_loss": z_loss.detach(), "expert_load": torch.stack(load)}
+        return cfg.router_aux_loss_coef * aux_loss + cfg.router_z_loss_coef * z_loss, stats
 
     def _hidden(self, tokens, cos, sin, mask, causal, caches=None, slots=None) -> torch.Tensor:
         h = self.dropout(self.tok_embeddings(tokens))
@@ -589,9 +680,15 @@ class Transformer(Decoding, PreTrainedModel):
         """Number of parameters, the tied embedding / output matrix counted once."""
         return sum(p.numel() for p in self.parameters())
 
+    def active_params(self) -> int:
+        """Parameters one token computes with: num_params less the experts it is not routed to (MoE)."""
+        cfg = self.config
+        idle_experts = cfg.num_local_experts - cfg.num_experts_per_tok if cfg.num_local_experts else 0
+        return self.num_params() - cfg.n_layers * idle_experts * 3 * cfg.dim * cfg.hidden_dim
+
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token (forward + backward), nanoGPT / PaLM style: 6 per parameter (the tied
+        """Training FLOPs per token (forward + backward), nanoGPT / PaLM style: 6 per active parameter (the tied
         matrix counts once, for the output matmul) plus the attention scores and weighted sum, 12 * n_layers *
         dim * seq_len (causal masking not discounted). MFU = tokens/s * this / peak FLOP/s."""
         cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layers * cfg.dim * seq_len
+        return 6 * self.active_params() + 12 * cfg.n_layers * cfg.dim * seq_len

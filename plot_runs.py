@@ -7,7 +7,8 @@
 The trainer calls draw_curves(out_dir) at each evaluation and at the end, so curves.png follows the run
 (and a resumed run, since metrics.jsonl is rewritten to read like an uninterrupted one). Panels: train and
 val loss, learning rate, tokens/s, then one panel per other numeric metric in the file, so a new objective's
-metrics (SFT, DPO rewards, ...) are drawn without code changes; a "val_X" metric shares X's panel.
+metrics (SFT, DPO rewards, ...) are drawn without code changes; a "val_X" metric shares X's panel, and so do
+"X/<number>..." ones (an MoE model's expert_load/<layer>/<expert>: one panel, a line per layer and expert).
 matplotlib is imported only when something is drawn, so training does not pay for it otherwise.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -74,7 +76,7 @@ def panel_layout(metrics: list[str]) -> list[tuple[str, list[str]]]:
     extra: dict[str, list[str]] = {}
     for key in metrics:
         if key not in placed:
-            extra.setdefault(key.removeprefix("val_"), []).append(key)
+            extra.setdefault(re.sub(r"(/\d+)+$", "", key.removeprefix("val_")), []).append(key)
     return panels + list(extra.items())
 
 

@@ -50,12 +50,12 @@ from support.model.cpu_matmul import describe_choice
 from support.training.fsdp import make_parallel
 from support.training.optim import lr_at, make_optimizer
 from support.training.perf import peak_flops
-from support.training.train_flags import (build_parser, check_args, check_resume_flags, resolve_args,
-                                          with_model_values, with_rope_scaling)
+from support.training.train_flags import (build_parser, check_args, check_resume_experts, check_resume_flags,
+                                          resolve_args, with_model_values, with_rope_scaling, with_router_coefs)
 from support.training.train_progress import Progress
 from support.training.train_steps import (autocast_factory, dtype_names, greedy_samples, peak_memory, step_seed,
                                           train_step)
-from support.training.train_task import Task, check_targets
+from support.training.train_task import Task, check_targets, router_metric_names
 from support.training.trainer_utils import (DistInfo, RunLogger, StopRequest, apply_settings, iterate_steps,
                                             local_part, optimizer_settings, setup_distributed, steps_left)
 
@@ -130,7 +130,8 @@ class Trainer:
         if self.args.use_swanlab:
             self.log.start_swanlab(self.args.swanlab_project, self.args.swanlab_mode, self.out_dir, vars(self.args))
         watch_cpu = d.is_main and d.device.type == "cpu" and not self.args.num_workers
-        self.progress = Progress(self.log, d, task.metrics, self.flops_per_token, self.peak, watch_cpu)
+        metrics = task.metrics + router_metric_names(self.model.config) if task.router_losses else task.metrics
+        self.progress = Progress(self.log, d, metrics, self.flops_per_token, self.peak, watch_cpu)
         self._log_header()
 
     # -- set-up --------------------------------------------------------------------------------------------
@@ -141,6 +142,7 @@ class Trainer:
         else:
             start = SourcedModel(model_from_state(state, self.ckpt_path), str(self.ckpt_path),
                                  state["tokenizer_fingerprint"])
+        start = with_router_coefs(start, args)
         stored = {p.dtype for p in start.model.parameters() if p.is_floating_point()} - {torch.float32}
         if stored:
             # master weights and AdamW state in float32 whatever the source stored; autocast does the rest.
@@ -191,6 +193,10 @@ class Trainer:
         self.log.info(f"model: {params / 1e6:.2f}M params{frozen} from {self.model_source}; vocab "
                       f"{cfg.vocab_size}, dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads "
                       f"({cfg.n_kv_heads} kv), dropout {cfg.dropout}")
+        if cfg.num_local_experts:
+            self.log.info(f"mixture of experts: {cfg.num_local_experts} experts per layer, {cfg.num_experts_per_tok} "
+                          f"per token: {self.model.active_params() / 1e6:.2f}M active params; router losses "
+                          f"{cfg.router_aux_loss_coef} x aux + {cfg.router_z_loss_coef} x z")
         decay = f", decay over the last {a.decay_fraction:.0%} of the steps" if a.lr_schedule == "wsd" else ""
         self.log.info(f"optimizer: {self.optimizer.describe()}; {a.lr_schedule} schedule, "
                       f"warmup {a.warmup_iters}{decay}")
@@ -349,6 +355,7 @@ def resume_state(given: argparse.Namespace, args: argparse.Namespace, ckpt_path:
     if missing:
         raise ValueError(f"{ckpt_path}: cannot resume, checkpoint is missing key(s) {missing}")
     check_resume_flags(given, state["args"], ckpt_path)
+    check_resume_experts(given, state["model_config"], ckpt_path)
     return state
 
 

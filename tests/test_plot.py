@@ -85,6 +85,17 @@ def test_unknown_metrics_get_their_own_panel(tmp_path):
     assert with_dpo.shape[0] > plain.shape[0]
 
 
+def test_per_layer_metrics_share_a_panel_and_named_ones_keep_theirs():
+    """An MoE run's expert_load/<layer>/<expert> and expert_entropy/<layer> are one panel each (a line per
+    layer and expert); a name with a word after the "/" (eval/<task>/<metric>) keeps its own panel."""
+    record = {"step": 1, "loss": 5.0, "expert_load/0/0": 0.3, "expert_load/0/1": 0.7, "expert_load/1/0": 0.5,
+              "expert_entropy/0": 0.6, "expert_entropy/1": 0.7, "eval/sentiment/acc": 0.8, "eval/cloze/acc": 0.4}
+    assert plot_runs.panel_layout(list(plot_runs.metric_series([record]))) == [
+        ("loss", ["loss"]), ("expert_load", ["expert_load/0/0", "expert_load/0/1", "expert_load/1/0"]),
+        ("expert_entropy", ["expert_entropy/0", "expert_entropy/1"]), ("eval/sentiment/acc", ["eval/sentiment/acc"]),
+        ("eval/cloze/acc", ["eval/cloze/acc"])]
+
+
 def test_malformed_line_is_reported_with_file_and_line(tmp_path, capsys):
     run = write_run(tmp_path / "run")
     metrics = run / "metrics.jsonl"

@@ -2,10 +2,9 @@
 
 `open_model` opens any model source - a ckpt.pt (a LoRA run's holds only adapters and names its base), a
 --parallel fsdp run's ckpt_dcp directory (its shards gathered here), a run directory holding either (else its
-hf/ export), an HF model directory (`hf_llama.export_hf`'s or any
-LlamaForCausalLM's) or a peft adapter directory (adapter_config.json, on top of its base) - and returns the
-model, its tokenizer and where it came from. It decides the kind once (`model_kind`); each kind has one
-loader. `initial_model` is where a training run starts from (--init_from), `model_from_state` what a resumed
+hf/ export), an HF model directory (`hf_llama.export_hf`'s or any LlamaForCausalLM's or MixtralForCausalLM's)
+or a peft adapter directory (adapter_config.json, on top of its base) - and returns the model, its tokenizer
+and where it came from. It decides the kind once (`model_kind`); each kind has one loader. `initial_model` is where a training run starts from (--init_from), `model_from_state` what a resumed
 run continues. Shared by the trainers, model_sample.py and serve.py; it imports no training code.
 """
 from __future__ import annotations

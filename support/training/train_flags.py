@@ -41,7 +41,10 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
     compile=False, log_interval=10,
     eval_interval=200, eval_samples=512, save_interval=200, sample_tokens=32, resume=False, overwrite=False,
     peak_tflops=0.0, eval_tasks_limit=0, use_swanlab=False, swanlab_project="k-model", swanlab_mode="offline",
+    num_experts=0, num_experts_per_tok=2,
 )
+# flags that set the router losses' weights on an MoE model's config (k_model.ModelConfig); not given: the model's
+ROUTER_COEFS = ("router_aux_loss_coef", "router_z_loss_coef")
 # --rope_scaling's parameters: flag -> (the rope_parameters key it sets, the rope types that read it)
 ROPE_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "rope_factor": ("factor", ("linear", "dynamic", "yarn", "llama3")),
@@ -55,7 +58,7 @@ LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}  # Llama 3.1
 # trained with
 FIXED_AT_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout", "seed", "init_from",
                    "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "load_in_4bit", "optimizer",
-                   "rope_scaling", *ROPE_FLAGS, "parallel")
+                   "rope_scaling", *ROPE_FLAGS, "parallel", "num_experts", "num_experts_per_tok")
 # flags about this launch only, never taken from a checkpoint
 PER_LAUNCH = ("resume", "overwrite", "device", "cpu_offload", "num_threads", "num_workers", "compile",
               "peak_tflops", "use_swanlab", "swanlab_project", "swanlab_mode")
@@ -147,6 +150,9 @@ def build_parser(task: Any) -> argparse.ArgumentParser:
             add(g, name, "from --preset", type=int)
         add(g, "max_seq_len", "tokens per sample; from --preset", type=int)
         add(g, "dropout", "dropout probability", type=float)
+        add(g, "num_experts", "> 0: every feed-forward is a mixture of this many SwiGLU experts (Mixtral; "
+                              "docs/moe.md); 0: dense", type=int)
+        add(g, "num_experts_per_tok", "--num_experts: the experts each token is routed to (top-k)", type=int)
     else:
         add(g, "max_seq_len", "tokens per sample; default: the initial model's max_seq_len", type=int)
         add(g, "dropout", "default: the initial model's dropout", type=float)
@@ -162,6 +168,10 @@ def build_parser(task: Any) -> argparse.ArgumentParser:
                                    f"factor (default {LLAMA3_DEFAULTS['low_freq_factor']})", type=float)
     add(g, "rope_high_freq_factor", "--rope_scaling llama3: waves shorter than context / this are kept "
                                     f"(default {LLAMA3_DEFAULTS['high_freq_factor']})", type=float)
+    add(g, "router_aux_loss_coef", "an MoE model's load-balancing loss weight (default: the model's, 0.01 for a new "
+                                   "one)", type=float)
+    add(g, "router_z_loss_coef", "an MoE model's router z-loss weight (default: the model's, 0.001 for a new one)",
+        type=float)
     task.add_flags(p)
     return p
 
@@ -199,7 +209,19 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--decay_fraction must be in [0, 1], got {args.decay_fraction}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    check_expert_flags(args)
     check_rope_flags(args)
+
+
+def check_expert_flags(args: argparse.Namespace) -> None:
+    n, k = getattr(args, "num_experts", 0), getattr(args, "num_experts_per_tok", 1)
+    if n < 0 or n == 1:
+        raise ValueError(f"--num_experts must be 0 (dense) or >= 2, got {n}")
+    if n and not 1 <= k <= n:
+        raise ValueError(f"--num_experts_per_tok must be between 1 and --num_experts {n}, got {k}")
+    for name in ROUTER_COEFS:
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
 
 
 def check_rope_flags(args: argparse.Namespace) -> None:
@@ -222,14 +244,36 @@ def check_resume_flags(given: argparse.Namespace, saved: dict[str, Any], ckpt_pa
                              f"this run asks for --{name} {asked}; resume with the same value")
 
 
+def check_resume_experts(given: argparse.Namespace, model_config: dict[str, Any], ckpt_path: Path) -> None:
+    """An MoE checkpoint resumed as dense, or a dense one as MoE (checkpoints of any age: the model config says)."""
+    experts = model_config.get("num_local_experts", 0)
+    asked = getattr(given, "num_experts", None)
+    if asked is not None and asked != experts:
+        kind = f"an MoE model with {experts} experts" if experts else "a dense model"
+        raise ValueError(f"{ckpt_path}: checkpoint is {kind}, this run asks for --num_experts {asked}; resume with "
+                         f"--num_experts {experts} or without the flag")
+
+
+def with_router_coefs(start: SourcedModel, args: argparse.Namespace) -> SourcedModel:
+    """The initial (or resumed) model with --router_aux_loss_coef / --router_z_loss_coef set on its config, in
+    place (the training forward reads them there; the checkpoint and the HF export save them)."""
+    given = [name for name in ROUTER_COEFS if getattr(args, name) is not None]
+    if given and not start.model.config.num_local_experts:
+        raise ValueError(f"--{given[0]} weighs an MoE model's router loss, and {start.source} is a dense model")
+    for name in given:
+        setattr(start.model.config, name, getattr(args, name))
+    return start
+
+
 def with_model_values(args: argparse.Namespace, sources: dict[str, str], start: SourcedModel,
                       tokenizer_path: str) -> tuple[argparse.Namespace, dict[str, str]]:
     """The final flags: the tokenizer directory Task.tokenizer chose (the checkpoint records it, so a resumed
-    run reads the same one), and for flags no layer set (SFT's max_seq_len, dropout) the model's values."""
+    run reads the same one), and for flags no layer set (SFT's max_seq_len, dropout; an MoE model's router loss
+    weights) the model's values."""
     config = start.model.config
     values = {**vars(args), "tokenizer_path": tokenizer_path}
     sources = {**sources, "tokenizer_path": sources["tokenizer_path"] if args.tokenizer_path else "the task"}
-    for name in ("max_seq_len", "dropout"):
+    for name in ("max_seq_len", "dropout", *(ROUTER_COEFS if config.num_local_experts else ())):
         if values[name] is None:
             values[name] = getattr(config, name)
     if args.rope_scaling and sources["max_seq_len"] != "command line":

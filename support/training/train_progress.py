@@ -61,7 +61,8 @@ class Progress:
         tok_s = tokens / seconds
         mfu = tok_s * self.flops_per_token / (self.peak * d.world_size) if self.peak else None
         mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
-        shown = " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in means.items())
+        # per-layer metrics (named with a "/": an MoE model's expert load) go to metrics.jsonl only
+        shown = " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in means.items() if "/" not in k)
         lr_values = {"lr": lrs["adamw"], **({"muon_lr": lrs["muon"]} if "muon" in lrs else {})}
         lr_text = " | ".join(f"{k.replace('_', ' ')} {v:.2e}" for k, v in lr_values.items())
         bar.set_postfix_str(f"{shown} {lr_text.replace(' |', '')} {tok_s:,.0f} tok/s mfu {mfu_text}", refresh=False)

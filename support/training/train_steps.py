@@ -67,7 +67,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
         with sync:
             with autocast():
                 sums = {k: v * scale for k, v in task.loss_sums(model, batch, device).items()}
-            scaler.scale(sums["loss"]).backward()
+            # an MoE model's router losses (train_task.router_sums) train with the loss, logged apart from it
+            objective = sums["loss"] + sums["router_loss"] if "router_loss" in sums else sums["loss"]
+            scaler.scale(objective).backward()
         for k, v in sums.items():
             totals[k] = totals.get(k, 0) + v.detach().float()
     if grad_clip > 0:

@@ -33,15 +33,46 @@ def collate_trimmed(items: list[Batch]) -> Batch:
     return x[:, :keep].contiguous(), y[:, :keep].contiguous(), mask[:, :keep].contiguous()
 
 
-def masked_loss_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    """sum(per-token loss * mask) of one host-side batch. A partial mask (SFT: answers only) goes to the
-    model, which then projects only those positions onto the vocabulary; checking it on the host, before
-    the copy, keeps the all-ones pretraining mask free of a device sync."""
+def lm_loss_sums(model: torch.nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """"loss": sum(per-token loss * mask) of one host-side batch. A partial mask (SFT: answers only) goes to
+    the model, which then projects only those positions onto the vocabulary; checking it on the host, before
+    the copy, keeps the all-ones pretraining mask free of a device sync. An MoE model in training adds its
+    router losses and expert load (router_sums)."""
     x, y, mask = batch
     partial_mask = not bool(mask.all())
     x, y, mask = (t.to(device, non_blocking=True) for t in batch)
     out = model(x, y, loss_mask=mask) if partial_mask else model(x, y)
-    return (out.last_loss * mask.reshape(-1)).sum()
+    sums = {"loss": (out.last_loss * mask.reshape(-1)).sum()}
+    if out.router_loss is not None:
+        sums.update(router_sums(out.router_loss, out.router_stats, mask.sum()))
+    return sums
+
+
+def router_sums(router_loss: torch.Tensor, stats: dict[str, torch.Tensor], units: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+    """An MoE batch's router figures as sums over its loss units, like the LM loss, so that train_step and the
+    progress lines weigh micro-batches alike: "router_loss" (what train_step adds to the loss it
+    backpropagates; computed per micro-batch, as Mixtral does, so 1 process equals N processes that read the
+    same micro-batches), aux_loss, z_loss, and per layer l the share of each expert e (expert_load/l/e), its
+    largest share (expert_load_max/l) and the entropy of the shares in nats (expert_entropy/l; ln(experts)
+    when balanced)."""
+    load = stats["expert_load"]
+    entropy = -(load * load.clamp(min=1e-12).log()).sum(-1)
+    figures = {"router_loss": router_loss, "aux_loss": stats["aux_loss"], "z_loss": stats["z_loss"]}
+    for layer, shares in enumerate(load):
+        figures[f"expert_load_max/{layer}"] = shares.max()
+        figures[f"expert_entropy/{layer}"] = entropy[layer]
+        figures.update({f"expert_load/{layer}/{e}": share for e, share in enumerate(shares)})
+    return {k: v * units for k, v in figures.items()}
+
+
+def router_metric_names(config: Any) -> tuple[str, ...]:
+    """The progress metrics router_sums adds for a model with this config (none for a dense model)."""
+    if not config.num_local_experts:
+        return ()
+    per_layer = [(f"expert_load_max/{i}", f"expert_entropy/{i}", *(f"expert_load/{i}/{e}"
+                  for e in range(config.num_local_experts))) for i in range(config.n_layers)]
+    return ("aux_loss", "z_loss", *(name for names in per_layer for name in names))
 
 
 class Task:
@@ -55,6 +86,7 @@ class Task:
     # True when a sample can lack targets (an SFT answer cut off by --max_seq_len): checked at start-up
     may_lack_targets = False
     metrics = ("loss",)  # the keys of loss_sums and prepare_step's extra metrics
+    router_losses = True  # loss_sums is lm_loss_sums: an MoE model trains with its router losses, logs its load
     eval_at_start = False  # True: a fresh run also evaluates the model it starts from, as step 0
     total_steps, steps_per_epoch = 0, 1  # the run's length, which the loop sets once the data is read
 
@@ -99,7 +131,7 @@ class Task:
 
     def loss_sums(self, model: torch.nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
         """Sums over the batch's loss units: "loss" (backpropagated) and any other metric to report as a mean."""
-        return {"loss": masked_loss_sum(model, batch, device)}
+        return lm_loss_sums(model, batch, device)
 
     def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
         """The ids a --sample_prompt continues at each evaluation: a document start (pretraining documents
