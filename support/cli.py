@@ -11,7 +11,7 @@ from typing import NoReturn
 
 # flag -> the scripts that take it (and the flag meant here, where there is one)
 HOMES = {
-    "--model": "model_sample.py, serve.py and eval_model.py (a training run starts from --init_from)",
+    "--model": "model_sample.py, serve.py, eval_model.py and export_gguf.py (a training run starts from --init_from)",
     "--init_from": "the training scripts ddp_*.py (elsewhere the model is --model)",
     "--pretrain_path": "model_sample.py (the original design's name; --model is the same in every script)",
     "--sft_path": "model_sample.py (the original design's name; --model is the same in every script)",

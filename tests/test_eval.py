@@ -7,8 +7,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ import eval_model
 from support.inference import evaluation
 from model_sample import sentiment_accuracy
 from support.inference.text_generator import TextGenerator
-from train_helpers import QUIET, write_jsonl
+from train_helpers import QUIET, run_python, write_jsonl
 
 SEQ = ["--dim", "32", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "128"]
 ALL_TASKS = "sentiment_mc,sentiment_gen,news_cloze,news_ppl"
@@ -87,12 +85,11 @@ def _undated(folder: Path, pattern: str) -> list[str]:
 def test_offline_tasks_give_lm_eval_clis_numbers_on_the_hf_export(work, sft_results, tmp_path):
     from lm_eval.loggers import EvaluationTracker
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    cli = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                          f"pretrained={work / 'out/sft/hf'},dtype=float32", "--tasks", ALL_TASKS, "--include_path",
-                          str(evaluation.TASKS_DIR), "--apply_chat_template", "--device", "cpu", "--batch_size", "8",
-                          "--output_path", str(work / "cli")], cwd=work, env=env, capture_output=True, text=True,
-                         timeout=600)
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    cli = run_python(["-m", "lm_eval", "--model", "hf", "--model_args",
+                      f"pretrained={work / 'out/sft/hf'},dtype=float32", "--tasks", ALL_TASKS, "--include_path",
+                      str(evaluation.TASKS_DIR), "--apply_chat_template", "--device", "cpu", "--batch_size", "8",
+                      "--output_path", str(work / "cli")], cwd=work, env=env, timeout=600)
     assert cli.returncode == 0, cli.stderr[-3000:]
     theirs = json.loads(next((work / "cli").rglob("results_*.json")).read_text(encoding="utf-8"))["results"]
     for task, metric in [("sentiment_mc", "acc"), ("sentiment_mc", "acc_norm"), ("news_cloze", "acc"),

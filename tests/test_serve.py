@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -31,7 +28,7 @@ from support.model.hf_llama import export_hf
 from k_model import ModelConfig, Transformer
 from support.inference.text_generator import TextGenerator
 from serve import create_app
-from train_helpers import ROOT
+from train_helpers import run_script
 
 MODEL = "tiny"
 CONTEXT = 2048
@@ -609,11 +606,8 @@ def test_chat_page_streams_the_api_answer_in_chromium(gen, url, client):
 
 
 def test_bench_serve_prints_the_concurrency_table(model_dir):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_serve.py"), "--model", model_dir,
-                           "--clients", "1", "3", "--rounds", "1", "--max_tokens", "6", "--dtype", "float32",
-                           "--no_compile"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = run_script("bench/bench_serve.py", ["--model", model_dir, "--clients", "1", "3", "--rounds", "1",
+                                               "--max_tokens", "6", "--dtype", "float32", "--no_compile"], timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = re.findall(r"^\|\s*(\d+)\s*\|\s*(queue|batched)\s*\|", proc.stdout, re.M)
     assert rows == [("1", "queue"), ("1", "batched"), ("3", "queue"), ("3", "batched")], proc.stdout

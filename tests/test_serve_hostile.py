@@ -22,7 +22,7 @@ import torch
 from support.inference.text_generator import TextGenerator
 from serve import Limits, create_app
 from test_serve import CONTEXT, MODEL, ask, chat, client_for, http, live, model_dir, reference  # noqa: F401
-from train_helpers import ROOT
+from train_helpers import ROOT, run_script
 
 
 @pytest.fixture(scope="module")
@@ -435,11 +435,9 @@ def test_requests_waiting_to_be_tokenized_count_toward_max_waiting(gen):
 
 
 def test_bench_serve_load_reports_served_requests_and_deserved_errors_only(model_dir):  # noqa: F811
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_serve_load.py"), "--model", model_dir,
-                           "--clients", "2", "--seconds", "4", "--clean_seconds", "2", "--max_tokens", "6",
-                           "--dtype", "float32", "--no_compile"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = run_script("bench/bench_serve_load.py", ["--model", model_dir, "--clients", "2", "--seconds", "4",
+                                                    "--clean_seconds", "2", "--max_tokens", "6", "--dtype", "float32",
+                                                    "--no_compile"], timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     phases = re.findall(r"^\| (clean|mixed), [\d.]+ s \| (\d+) \| (\d+) \| (\d+) ", proc.stdout, re.M)
     assert [p[0] for p in phases] == ["clean", "mixed"], proc.stdout

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import unicodedata
 
 import pytest
 from transformers import AutoTokenizer
@@ -34,7 +33,6 @@ ROUND_TRIP = [
 
 @pytest.mark.parametrize("text", ROUND_TRIP)
 def test_encode_decode_round_trip(tiny_tokenizer, text):
-    assert unicodedata.normalize("NFKC", text) == text  # these strings are already in NFKC form
     ids = tiny_tokenizer.encode(text)
     assert tiny_tokenizer.decode(ids) == text
 

@@ -55,7 +55,7 @@ def make_sft_data(root: Path, n_train: int = 160, n_val: int = 32) -> tuple[str,
     return str(train), str(val)
 
 
-# Scripts run in processes forked from a server that has imported torch and transformers once (the standard
+# Python runs in processes forked from a server that has imported torch and transformers once (the standard
 # library's forkserver), so a run pays for its own work, not for 5-10 s of imports; it is still a fresh process
 # with its own argv, environment, signals, exit status and, for nproc > 1, the environment torchrun gives each
 # rank (tests/test_train_ddp.py keeps one real torchrun launch). The server imports nothing that computes, so
@@ -65,25 +65,33 @@ _FORKS.set_forkserver_preload(["torch", "torch.distributed.checkpoint", "torch.d
                                "transformers.modeling_utils", "tokenizers", "safetensors.torch", "numpy"])
 
 
-def _exec_script(script: str, args: list[str], env: dict[str, str], stdout: str, stderr: str,
+def _exec_python(argv: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str,
                  new_session: bool) -> None:
-    """In the forked process: what `python script args...` does, with stdout and stderr sent to files, up to its
-    exit: the exit status of its SystemExit (or 1 after an exception's traceback), and its atexit handlers run
-    once its frames are gone (so that, as in a fresh interpreter, DataLoader workers are shut down first)."""
+    """In the forked process: what `python *argv` does (a script, -m module or -c code), stdout and stderr sent
+    to files, up to its exit: the status of its SystemExit (1 after an exception's traceback), then its atexit
+    handlers once its frames are gone (so that, as in a fresh interpreter, DataLoader workers shut down first)."""
     if new_session:
         os.setsid()
     for fd, path in ((1, stdout), (2, stderr)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), fd)
     os.environ.clear()
     os.environ.update(env)
-    os.chdir(ROOT)
+    os.chdir(cwd)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     multiprocessing.set_start_method(None, force=True)  # the script's own processes start as in a fresh Python
-    sys.argv = [script, *args]
-    sys.path[:0] = [str(Path(script).parent), str(ROOT)]
+    sys.path[:0] = [str(ROOT)]
     code = 0
     try:
-        runpy.run_path(script, run_name="__main__")
+        if argv[0] == "-c":
+            sys.argv = ["-c", *argv[2:]]
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+        elif argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = argv
+            sys.path.insert(0, str(Path(argv[0]).parent))
+            runpy.run_path(argv[0], run_name="__main__")
     except SystemExit as e:
         if isinstance(e.code, int) or e.code is None:
             code = e.code or 0
@@ -100,16 +108,16 @@ def _exec_script(script: str, args: list[str], env: dict[str, str], stdout: str,
 
 
 class Started:
-    """A script started by start_script, with the part of subprocess.Popen's interface the tests use: pid, poll(),
-    wait(timeout), send_signal(), kill(), returncode (128 + N after `sys.exit(128 + N)`, -N when killed by N)."""
+    """`python *argv` started by start_python, with the part of subprocess.Popen's interface the tests use: pid,
+    poll(), wait(timeout), send_signal(), kill(), returncode (N after `sys.exit(N)`, -N when killed by signal N)."""
 
-    def __init__(self, script: str, args: list[str], stdout: Path, stderr: Path, env: dict[str, str] | None = None,
-                 new_session: bool = False):
+    def __init__(self, argv: list[str], stdout: Path, stderr: Path, env: dict[str, str] | None = None,
+                 cwd: str | Path = ROOT, new_session: bool = False):
         for path in {stdout, stderr}:
             Path(path).write_text("")
         env = {**os.environ, **(env or {})}
-        self.process = _FORKS.Process(target=_exec_script, args=(str(ROOT / script), args, env, str(stdout),
-                                                                 str(stderr), new_session))
+        self.process = _FORKS.Process(target=_exec_python, args=(argv, str(cwd), env, str(stdout), str(stderr),
+                                                                 new_session))
         self.process.start()
         self.pid = self.process.pid
 
@@ -134,8 +142,36 @@ class Started:
 
 
 def start_script(script: str, args: list[str], log: Path, new_session: bool = False) -> Started:
-    """Start `python script args...` (stdout and stderr both to `log`) and return at once."""
-    return Started(script, args, log, log, new_session=new_session)
+    """Start `python script args...` (a path under the repo; stdout and stderr both to `log`) and return at once."""
+    return Started([str(ROOT / script), *args], log, log, new_session=new_session)
+
+
+def run_python(argv: list[str], timeout: float = 120, env: dict[str, str] | None = None, cwd: str | Path = ROOT,
+               nproc: int = 1) -> subprocess.CompletedProcess:
+    """`python *argv` run to its end in a fresh process, or nproc > 1 of them as torchrun's ranks on this host
+    (stdout and stderr: the ranks' outputs one after the other). A hang fails the test with the output, and
+    kills every rank, so none outlives the test."""
+    logs = Path(tempfile.mkdtemp(prefix="run_python_"))
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
+                  "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "OMP_NUM_THREADS": "1"}
+    ranks = [Started(argv, logs / f"out{rank}", logs / f"err{rank}", cwd=cwd, env={**(env or {}), **(
+                {**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)} if nproc > 1 else {})})
+             for rank in range(nproc)]
+    deadline = time.monotonic() + timeout
+    for rank in ranks:
+        rank.process.join(max(0.0, deadline - time.monotonic()))
+    out, err = ("".join((logs / f"{name}{rank}").read_text() for rank in range(nproc)) for name in ("out", "err"))
+    if any(rank.returncode is None for rank in ranks):
+        for rank in ranks:
+            rank.kill()
+        raise AssertionError(f"{argv[0]} did not finish in {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    code = next((rank.returncode for rank in ranks if rank.returncode), 0)
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def run_script(script: str, args: list[str], timeout: float = 120, nproc: int = 1) -> subprocess.CompletedProcess:
+    """run_python of a script under the repo (ddp_pretrain.py, bench/bench_model.py, ...)."""
+    return run_python([str(ROOT / script), *args], timeout=timeout, nproc=nproc)
 
 
 def _free_port() -> int:
@@ -158,28 +194,6 @@ def run_torchrun(script: str, args: list[str], nproc: int, timeout: float = 120)
         out, err = proc.communicate()
         raise AssertionError(f"{script} did not finish in {timeout} s:\n{out[-2000:]}\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def run_script(script: str, args: list[str], timeout: float = 120, nproc: int = 1) -> subprocess.CompletedProcess:
-    """Run a training script to its end in a fresh process, or nproc > 1 of them as torchrun's ranks on this host.
-    stdout and stderr are the ranks' outputs one after the other. A hang fails the test with the script's output,
-    and kills every rank, so none outlives the test."""
-    logs = Path(tempfile.mkdtemp(prefix="run_script_"))
-    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
-                  "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "OMP_NUM_THREADS": "1"}
-    ranks = [Started(script, args, logs / f"out{rank}", logs / f"err{rank}",
-                     env={**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)} if nproc > 1 else None)
-             for rank in range(nproc)]
-    deadline = time.monotonic() + timeout
-    for rank in ranks:
-        rank.process.join(max(0.0, deadline - time.monotonic()))
-    out, err = ("".join((logs / f"{name}{rank}").read_text() for rank in range(nproc)) for name in ("out", "err"))
-    if any(rank.returncode is None for rank in ranks):
-        for rank in ranks:
-            rank.kill()
-        raise AssertionError(f"{script} did not finish in {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
-    code = next((rank.returncode for rank in ranks if rank.returncode), 0)
-    return subprocess.CompletedProcess([script, *args], code, out, err)
 
 
 def read_metrics(out_dir: str | Path, key: str = "loss") -> list[tuple[int, float]]:
