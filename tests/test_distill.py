@@ -14,6 +14,7 @@ import ddp_distill
 from dataset import PretrainDataset
 from support.training import train_flags
 from k_model import ModelConfig, Transformer
+from support.loading.sources import load_tokenizer, open_model
 from support.model.hf_llama import export_hf
 from train_helpers import QUIET, make_pretrain_data, make_sft_data, read_metrics, run_script
 
@@ -128,3 +129,128 @@ def test_loss_sums_mix_kd_and_ce_on_the_masked_tokens(files, tiny_tokenizer_dir,
     assert sums["ce"].item() == pytest.approx((ce * m).sum().item(), rel=1e-5)
     agree = ((s.argmax(-1) == t.argmax(-1)).double() * m).sum().item()
     assert sums["agree"].item() == agree
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training runs
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    for key, weight in a["model"].items():
+        torch.testing.assert_close(b["model"][key], weight, atol=atol, rtol=0, msg=key)
+
+
+def test_a_run_logs_kd_and_exports_a_student_transformers_loads(files, tiny_tokenizer_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ddp_distill.main(args_for(files, tiny_tokenizer_dir, tmp_path / "run", "--max_steps", "4", "--batch_size", "8",
+                              "--eval_interval", "2"))
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss", "kd", "ce", "agree", "teacher_s"} <= first.keys() and 0 <= first["agree"] <= 1
+    assert first["loss"] == pytest.approx(0.5 * first["kd"] + 0.5 * first["ce"], rel=1e-5)
+    assert len(read_metrics(tmp_path / "run", "val_loss")) == 2
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf").eval()
+    x = PretrainDataset(files["val"], None, max_length=32)[0][0][None]
+    ours = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    student = tiny_model(hf.config.vocab_size, 32, seed=0)
+    student.load_state_dict(ours["model"])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, student.eval()(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_ddp_matches_one_process(files, tiny_tokenizer_dir, tmp_path):
+    """Global batch 8: 2 processes x 2 samples x 2 accumulation steps, or 1 process x 8, live teacher."""
+    common = args_for(files, tiny_tokenizer_dir, tmp_path, "--max_steps", "4", "--warmup_iters", "2",
+                      "--eval_interval", "2")
+    ddp = run_script("ddp_distill.py", common + ["--out_dir", str(tmp_path / "ddp"), "--batch_size", "2",
+                                                 "--accumulation_steps", "2"], nproc=2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "=== distill: 2 process(es) on cpu" in ddp.stdout
+    ddp_distill.main(common + ["--out_dir", str(tmp_path / "one"), "--batch_size", "8"])
+    one, two = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "ddp"))
+    assert one["step"] == two["step"] == 4 and two["world_size"] == 2
+    assert_same_weights(one, two, atol=1e-5)
+    for metric in ("loss", "kd", "ce", "agree", "val_loss"):
+        ref, got = read_metrics(tmp_path / "one", metric), read_metrics(tmp_path / "ddp", metric)
+        assert [s for s, _ in got] == [s for s, _ in ref] and len(ref) in (2, 4)
+        assert [v for _, v in got] == pytest.approx([v for _, v in ref], abs=1e-5)
+
+
+def test_resume_matches_uninterrupted(files, tiny_tokenizer_dir, tmp_path):
+    """3 steps, then --resume to step 6, equals 6 steps in one go (dropout on), from a --teacher_topk file
+    that the first run writes and the resumed run reads."""
+    common = args_for(files, tiny_tokenizer_dir, tmp_path, "--dropout", "0.1", "--warmup_iters", "100",
+                      "--eval_interval", "3", "--batch_size", "4", "--teacher_topk", "5", "--kd_loss", "reverse",
+                      "--kd_temperature", "2")
+    ddp_distill.main(common + ["--out_dir", str(tmp_path / "whole"), "--max_steps", "6"])
+    ddp_distill.main(common + ["--out_dir", str(tmp_path / "split"), "--max_steps", "3"])
+    ddp_distill.main(common + ["--out_dir", str(tmp_path / "split"), "--max_steps", "6", "--resume"])
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "split"))
+    assert a["step"] == b["step"] == 6 and a["data_position"] == b["data_position"]
+    assert_same_weights(a, b)
+    for metric in ("loss", "kd", "ce", "agree", "val_loss"):
+        assert read_metrics(tmp_path / "split", metric) == read_metrics(tmp_path / "whole", metric)
+
+
+def test_top_k_file_round_trip(files, tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
+    """The memmaps hold the teacher's top-K log-probs at T, their ids and the tail of every window, as the
+    teacher gives them in float64."""
+    import shutil
+
+    data = str(tmp_path / "train.bin")
+    shutil.copy(files["train"], data)
+    shutil.copy(files["train"].removesuffix(".bin") + ".json", tmp_path / "train.json")
+    ddp_distill.main(args_for(files, tiny_tokenizer_dir, tmp_path / "run", "--data_path", data, "--max_steps", "1",
+                              "--batch_size", "4", "--teacher_topk", "7", "--kd_temperature", "1.5",
+                              "--eval_interval", "0"))
+    logp_path, idx_path, meta_path = ddp_distill.topk_paths(data, 7, 1.5)
+    logp, idx = np.load(logp_path), np.load(idx_path)
+    windows = PretrainDataset(data, None, max_length=32)
+    assert logp.shape == (len(windows), 32, 8) and idx.shape == (len(windows), 32, 7)
+    assert json.loads(meta_path.read_text())["samples"] == len(windows)
+
+    teacher = open_model(files["teacher"]).model
+    x = torch.stack([windows[i][0] for i in (0, len(windows) - 1)])
+    with torch.no_grad():
+        full = torch.log_softmax(teacher(x).logits.double() / 1.5, -1)
+    top, ids = full.topk(7, -1)
+    rows = logp[[0, -1]]
+    assert torch.equal(torch.from_numpy(idx[[0, -1]]).long(), ids)
+    torch.testing.assert_close(torch.from_numpy(rows[..., :7]).double(), top, atol=1e-5, rtol=0)
+    tail = torch.log1p(-top.exp().sum(-1))
+    torch.testing.assert_close(torch.from_numpy(rows[..., 7]).double(), tail, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Refused runs
+
+
+def test_bad_teachers_and_flags_get_one_line(files, tiny_tokenizer_dir, tmp_path, capsys):
+    def error(*flags: str) -> str:
+        with pytest.raises(SystemExit) as err:
+            ddp_distill.main(args_for(files, tiny_tokenizer_dir, tmp_path / "x", "--max_steps", "1", *flags))
+        return str(err.value)
+
+    assert error("--teacher", str(tmp_path / "nowhere")).startswith(f"error: --teacher {tmp_path / 'nowhere'}: ")
+    assert error("--teacher_topk", "0") == "error: --teacher_topk must be >= 1, got 0"
+    assert error("--kd_alpha", "1.5") == "error: --kd_alpha must be in [0, 1], got 1.5"
+    assert error("--kd_temperature", "0") == "error: --kd_temperature must be > 0, got 0.0"
+    # a teacher with another vocabulary, and one with as many tokens but other ones
+    other = tmp_path / "other"
+    export_hf(tiny_model(300, 64, seed=2), other)
+    assert "model vocab_size=300 but the tokenizer" in error("--teacher", str(other))
+    fake = save_model(tiny_model(len(load_tokenizer(tiny_tokenizer_dir)), 64, seed=2), tmp_path / "fake",
+                      tiny_tokenizer_dir)
+    config = json.loads((tmp_path / "fake" / "tokenizer.json").read_text())
+    vocab = config["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tmp_path / "fake" / "tokenizer.json").write_text(json.dumps(config))
+    message = error("--teacher", fake)
+    assert "tokenizer_fingerprint" in message and "same size, different tokens" in message and "\n" not in message
+    # a teacher smaller than the student: a warning, and the run goes on
+    small = save_model(tiny_model(len(load_tokenizer(tiny_tokenizer_dir)), 16, seed=2), tmp_path / "small",
+                       tiny_tokenizer_dir)
+    ddp_distill.main(args_for(files, tiny_tokenizer_dir, tmp_path / "ok", "--max_steps", "1", "--teacher", small,
+                              "--eval_interval", "0", "--batch_size", "4"))
+    assert "warning: the teacher" in capsys.readouterr().out
