@@ -22,11 +22,18 @@ exact, from its full logits). That is a true KL of a coarser view of both distri
 the full KL, equals it when the teacher's tail is empty, and unlike renormalising over the K it still pushes
 the student's mass off the tokens the teacher rules out. Validation reports the student's cross-entropy on the
 validation data (val_loss), the figure that compares distilled and undistilled runs.
+
+--on_policy_fraction F (GKD, Agarwal et al. 2024): on a seeded share F of the steps the student continues each
+sample's prompt (SFT: the conversation up to the reply; pretraining: the window's first half) with the KV-cache
+sampler GRPO uses, and learns the teacher's per-token KL on its own tokens (the KD term alone: a sampled token
+is no target). With --kd_loss reverse this is the on-policy reverse KL of on-policy distillation.
 """
 
 import argparse
 import json
+import random
 import time
+import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,8 +45,11 @@ from torch.utils.data import Dataset
 
 import trainer
 from dataset import SFTDataset
+from ddp_grpo import sample_completions
 from ddp_pretrain import Pretrain
-from support.loading.sources import SourcedModel, check_model_tokenizer, open_model, with_chat_template
+from support.loading.sources import SourcedModel, check_model_tokenizer, open_model, resolve_dtype, with_chat_template
+from support.training.fsdp import whole_model
+from support.training.train_steps import step_seed
 from support.training.train_task import evaluate
 
 METRICS = ("loss", "kd", "ce", "agree", "teacher_s")
@@ -52,6 +62,7 @@ class KDBatch(NamedTuple):
     mask: torch.Tensor  # (B, T) float32: 1 on the tokens that train
     teacher_logp: torch.Tensor | None  # (B, T, V) full log-probs at T, or (B, T, K + 1): top K then the tail
     teacher_idx: torch.Tensor | None  # (B, T, K) int64 token ids of the top K; None with full log-probs
+    on_policy: bool = False  # rows the student generated: the loss is the KD term alone
 
 
 def kd_token_losses(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_idx: torch.Tensor | None,
@@ -140,6 +151,9 @@ class Distill(Pretrain):
         kd_temperature=1.0,
         kd_alpha=0.5,
         teacher_topk=None,
+        on_policy_fraction=0.0,
+        max_completion_length=64,
+        on_policy_temperature=1.0,
     )
 
     def __init__(self) -> None:
@@ -161,6 +175,13 @@ class Distill(Pretrain):
                        f"(default: {d['kd_alpha']})")
         g.add_argument("--teacher_topk", type=int, help="offline: write the teacher's top-K log-probs beside the "
                        "data once and train from them without the teacher in memory (default: full logits, live)")
+        g.add_argument("--on_policy_fraction", type=float, help="on this share of the steps (GKD) the student "
+                       "continues the batch's prompts and learns the teacher's KL on its own tokens "
+                       f"(default: {d['on_policy_fraction']})")
+        g.add_argument("--max_completion_length", type=int, help="on-policy: tokens the student generates at most "
+                       f"(default: {d['max_completion_length']})")
+        g.add_argument("--on_policy_temperature", type=float, help="on-policy: the student's sampling temperature "
+                       f"(default: {d['on_policy_temperature']})")
 
     def tokenizer(self, args: argparse.Namespace) -> tuple[Any, str]:
         """Pretrain's; on SFT data (.jsonl) with a chat template (ours where it has none)."""
@@ -182,6 +203,12 @@ class Distill(Pretrain):
             raise ValueError(f"--kd_temperature must be > 0, got {args.kd_temperature}")
         if args.teacher_topk is not None and args.teacher_topk < 1:
             raise ValueError(f"--teacher_topk must be >= 1, got {args.teacher_topk}")
+        if not 0 <= args.on_policy_fraction <= 1:
+            raise ValueError(f"--on_policy_fraction must be in [0, 1], got {args.on_policy_fraction}")
+        if args.on_policy_fraction and args.teacher_topk:
+            raise ValueError("--on_policy_fraction needs the live teacher to score the student's tokens: "
+                             "drop --teacher_topk")
+        self.tokenizer, self.dtype = tokenizer, resolve_dtype(args.dtype, device)
         self.args, self.device, self.student_params = args, device, sum(p.numel() for p in model.parameters())
         self.teacher = None if args.teacher_topk else self._load_teacher(args, tokenizer)
 
@@ -220,9 +247,42 @@ class Distill(Pretrain):
         columns = [c[:, :keep].contiguous() for c in columns]
         return KDBatch(*columns) if len(columns) == 5 else KDBatch(*columns, None, None)
 
+    def is_on_policy(self, step: int) -> bool:
+        """Whether `step` trains on the student's own completions: the same draw on every rank and on resume."""
+        return random.Random(step_seed(self.args.seed, 0, step)).random() < self.args.on_policy_fraction
+
+    def on_policy_batch(self, model: torch.nn.Module, batch: KDBatch, step: int) -> KDBatch:
+        """The batch's prompts (SFT: up to the first answer token; pretraining: the first half of the window)
+        continued by the student, sampled at --on_policy_temperature with one seeded generator per row; the
+        completion tokens are the ones that train. A row's seed is the step's and its prompt's, so resuming or
+        splitting the batch over processes draws the same tokens."""
+        a = self.args
+        first = batch.mask.float().argmax(dim=1).tolist()  # first trained target of each row
+        prompts = [row[: f + 1 if f else len(row) // 2] for row, f in zip(batch.x.tolist(), first)]
+        budget = min(a.max_completion_length, a.max_seq_len + 1 - max(map(len, prompts)))
+        seed = step_seed(a.seed, 0, step)
+        generators = [torch.Generator().manual_seed(seed ^ zlib.crc32(np.array(p, dtype=np.int64).tobytes()))
+                      for p in prompts]
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id or 0
+        model.eval()
+        with whole_model(model, self.dtype) as student:
+            completions = sample_completions(student, prompts, budget, eos, pad, a.on_policy_temperature, generators)
+        model.train()
+        rows = [p + c for p, c in zip(prompts, completions)]
+        width = max(map(len, rows)) - 1
+        x = torch.full((len(rows), width), pad, dtype=torch.int64)
+        y, mask = x.clone(), torch.zeros(len(rows), width)
+        for i, (p, row) in enumerate(zip(prompts, rows)):
+            x[i, : len(row) - 1], y[i, : len(row) - 1] = torch.tensor(row[:-1]), torch.tensor(row[1:])
+            mask[i, len(p) - 1 : len(row) - 1] = 1
+        return KDBatch(x, y, mask, None, None, on_policy=True)
+
     def prepare_step(self, model: torch.nn.Module, batches: list[KDBatch], step: int
                      ) -> tuple[list[KDBatch], dict[str, torch.Tensor]]:
-        """The teacher's log-probs of each micro-batch (live runs), timed apart from the student's step."""
+        """The student's own completions on an on-policy step, then the teacher's log-probs of each micro-batch
+        (live runs), the teacher timed apart from the student's step."""
+        if self.args.on_policy_fraction and self.is_on_policy(step):
+            batches = [self.on_policy_batch(model, b, step) for b in batches]
         began = time.perf_counter()
         if self.teacher is not None:
             batches = [b._replace(teacher_logp=teacher_targets(self.teacher, b.x.to(self.device),
@@ -244,7 +304,8 @@ class Distill(Pretrain):
         ce = F.cross_entropy(logits.float(), y.reshape(-1)[keep], reduction="none")
         teacher_top1 = teacher_logp.argmax(-1) if teacher_idx is None else teacher_idx[:, 0]
         agree = (logits.argmax(-1) == teacher_top1).float()
-        return {"loss": (a.kd_alpha * kd + (1 - a.kd_alpha) * ce).sum(), "kd": kd.detach().sum(),
+        alpha = 1.0 if batch.on_policy else a.kd_alpha  # a sampled token is no target to imitate
+        return {"loss": (alpha * kd + (1 - alpha) * ce).sum(), "kd": kd.detach().sum(),
                 "ce": ce.detach().sum(), "agree": agree.sum()}
 
     def validate(self, model, dataset, args, d, autocast) -> dict[str, float]:

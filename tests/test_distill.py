@@ -3,6 +3,7 @@ round trip; 2 processes = 1; resume = uninterrupted (live teacher and top-K file
 bad teachers and flags refused with one line."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -159,9 +160,10 @@ def test_a_run_logs_kd_and_exports_a_student_transformers_loads(files, tiny_toke
 
 
 def test_ddp_matches_one_process(files, tiny_tokenizer_dir, tmp_path):
-    """Global batch 8: 2 processes x 2 samples x 2 accumulation steps, or 1 process x 8, live teacher."""
+    """Global batch 8: 2 processes x 2 samples x 2 accumulation steps, or 1 process x 8, live teacher, half
+    the steps on-policy (the student's samples seeded by step and prompt, not by process)."""
     common = args_for(files, tiny_tokenizer_dir, tmp_path, "--max_steps", "4", "--warmup_iters", "2",
-                      "--eval_interval", "2")
+                      "--eval_interval", "2", "--on_policy_fraction", "0.5", "--max_completion_length", "8")
     ddp = run_script("ddp_distill.py", common + ["--out_dir", str(tmp_path / "ddp"), "--batch_size", "2",
                                                  "--accumulation_steps", "2"], nproc=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -170,6 +172,9 @@ def test_ddp_matches_one_process(files, tiny_tokenizer_dir, tmp_path):
     one, two = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "ddp"))
     assert one["step"] == two["step"] == 4 and two["world_size"] == 2
     assert_same_weights(one, two, atol=1e-5)
+    steps = [ddp_distill.Distill.is_on_policy(argparse.Namespace(args=argparse.Namespace(
+        seed=one["args"]["seed"], on_policy_fraction=0.5)), step) for step in range(4)]
+    assert any(steps) and not all(steps)
     for metric in ("loss", "kd", "ce", "agree", "val_loss"):
         ref, got = read_metrics(tmp_path / "one", metric), read_metrics(tmp_path / "ddp", metric)
         assert [s for s, _ in got] == [s for s, _ in ref] and len(ref) in (2, 4)
@@ -190,6 +195,23 @@ def test_resume_matches_uninterrupted(files, tiny_tokenizer_dir, tmp_path):
     assert_same_weights(a, b)
     for metric in ("loss", "kd", "ce", "agree", "val_loss"):
         assert read_metrics(tmp_path / "split", metric) == read_metrics(tmp_path / "whole", metric)
+
+
+def test_on_policy_resume_matches_uninterrupted_and_trains_on_the_students_tokens(files, tiny_tokenizer_dir,
+                                                                                  tmp_path):
+    """SFT data, every step on-policy: 2 + 2 steps equal 4; the loss is the KD term alone."""
+    common = args_for(files, tiny_tokenizer_dir, tmp_path, "--data_path", files["sft_train"], "--val_data_path",
+                      files["sft_val"], "--max_seq_len", "64", "--batch_size", "4", "--warmup_iters", "100",
+                      "--eval_interval", "2", "--on_policy_fraction", "1", "--max_completion_length", "6")
+    ddp_distill.main(common + ["--out_dir", str(tmp_path / "whole"), "--max_steps", "4"])
+    ddp_distill.main(common + ["--out_dir", str(tmp_path / "split"), "--max_steps", "2"])
+    ddp_distill.main(common + ["--out_dir", str(tmp_path / "split"), "--max_steps", "4", "--resume"])
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "split"))
+    assert_same_weights(a, b)
+    for metric in ("loss", "kd", "ce", "val_loss"):
+        assert read_metrics(tmp_path / "split", metric) == read_metrics(tmp_path / "whole", metric)
+    assert [v for _, v in read_metrics(tmp_path / "whole", "loss")] == [v for _, v in read_metrics(tmp_path / "whole",
+                                                                                                  "kd")]
 
 
 def test_top_k_file_round_trip(files, tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
@@ -235,6 +257,8 @@ def test_bad_teachers_and_flags_get_one_line(files, tiny_tokenizer_dir, tmp_path
     assert error("--teacher_topk", "0") == "error: --teacher_topk must be >= 1, got 0"
     assert error("--kd_alpha", "1.5") == "error: --kd_alpha must be in [0, 1], got 1.5"
     assert error("--kd_temperature", "0") == "error: --kd_temperature must be > 0, got 0.0"
+    assert error("--on_policy_fraction", "0.5", "--teacher_topk", "4").startswith(
+        "error: --on_policy_fraction needs the live teacher")
     # a teacher with another vocabulary, and one with as many tokens but other ones
     other = tmp_path / "other"
     export_hf(tiny_model(300, 64, seed=2), other)
