@@ -34,6 +34,8 @@ import json
 import random
 import time
 import zlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,6 +53,7 @@ from support.loading.sources import SourcedModel, check_model_tokenizer, open_mo
 from support.training.fsdp import whole_model
 from support.training.train_steps import step_seed
 from support.training.train_task import evaluate
+from support.training.trainer_utils import DistInfo
 
 METRICS = ("loss", "kd", "ce", "agree", "teacher_s")
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,8 +105,9 @@ class TopKTargets(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int):
-        return (*self.data[i], torch.from_numpy(np.array(self.logp[i])), torch.from_numpy(self.idx[i].astype(np.int64)))
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        logp, idx = torch.from_numpy(np.array(self.logp[i])), torch.from_numpy(self.idx[i].astype(np.int64))
+        return (*self.data[i], logp, idx)
 
 
 def topk_paths(data_path: str, k: int, temperature: float) -> tuple[Path, Path, Path]:
@@ -308,7 +312,8 @@ class Distill(Pretrain):
         return {"loss": (alpha * kd + (1 - alpha) * ce).sum(), "kd": kd.detach().sum(),
                 "ce": ce.detach().sum(), "agree": agree.sum()}
 
-    def validate(self, model, dataset, args, d, autocast) -> dict[str, float]:
+    def validate(self, model: torch.nn.Module, dataset: Dataset, args: argparse.Namespace, d: DistInfo,
+                 autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
         """The student's cross-entropy on the validation data: comparable with any run that trains without KD."""
         return self.val_metrics(evaluate(model, dataset, args.batch_size, args.eval_samples, d, autocast))
 
