@@ -182,16 +182,16 @@ def test_ddp_matches_one_process(files, tiny_tokenizer_dir, tmp_path):
 
 
 def test_resume_matches_uninterrupted(files, tiny_tokenizer_dir, tmp_path):
-    """3 steps, then --resume to step 6, equals 6 steps in one go (dropout on), from a --teacher_topk file
+    """2 steps, then --resume to step 4, equals 4 steps in one go (dropout on), from a --teacher_topk file
     that the first run writes and the resumed run reads."""
     common = args_for(files, tiny_tokenizer_dir, tmp_path, "--dropout", "0.1", "--warmup_iters", "100",
-                      "--eval_interval", "3", "--batch_size", "4", "--teacher_topk", "5", "--kd_loss", "reverse",
+                      "--eval_interval", "2", "--batch_size", "4", "--teacher_topk", "5", "--kd_loss", "reverse",
                       "--kd_temperature", "2")
-    ddp_distill.main(common + ["--out_dir", str(tmp_path / "whole"), "--max_steps", "6"])
-    ddp_distill.main(common + ["--out_dir", str(tmp_path / "split"), "--max_steps", "3"])
-    ddp_distill.main(common + ["--out_dir", str(tmp_path / "split"), "--max_steps", "6", "--resume"])
+    ddp_distill.main(common + ["--out_dir", str(tmp_path / "whole"), "--max_steps", "4"])
+    ddp_distill.main(common + ["--out_dir", str(tmp_path / "split"), "--max_steps", "2"])
+    ddp_distill.main(common + ["--out_dir", str(tmp_path / "split"), "--max_steps", "4", "--resume"])
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "split"))
-    assert a["step"] == b["step"] == 6 and a["data_position"] == b["data_position"]
+    assert a["step"] == b["step"] == 4 and a["data_position"] == b["data_position"]
     assert_same_weights(a, b)
     for metric in ("loss", "kd", "ce", "agree", "val_loss"):
         assert read_metrics(tmp_path / "split", metric) == read_metrics(tmp_path / "whole", metric)
