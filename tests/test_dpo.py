@@ -221,8 +221,11 @@ def test_loss_and_gradients_match_an_independent_computation(tmp_path, tiny_toke
         torch.testing.assert_close(sums[key] / len(pairs), value.detach(), rtol=1e-5, atol=atol, msg=lambda m: f"{key}: {m}")
     hf_grads = {name: p.grad for name, p in hf_policy.named_parameters()}
     for name, p in policy.named_parameters():
-        expected = as_ours(hf_grads, name)  # float32 sums in another order: equal to 1e-5 of the largest entry
-        torch.testing.assert_close(p.grad, expected, rtol=0, atol=1e-5 * float(expected.abs().max()),
+        # each entry sums one float32 product per token of both replies of every pair, in another order than
+        # transformers': the sums part by a random walk of ulps, 4 eps sqrt(tokens) of the largest entry
+        expected = as_ours(hf_grads, name)
+        walk = 4 * torch.finfo(torch.float32).eps * math.sqrt(2 * len(pairs) * max_length)
+        torch.testing.assert_close(p.grad, expected, rtol=0, atol=walk * float(expected.abs().max()),
                                    msg=lambda m: f"{name}: {m}")
     # --precompute_ref_logps scores the pairs with the same reference
     scores = ddp_dpo.score_pairs(task.reference, data, batch_size=4, device=CPU, autocast=nullcontext)
@@ -254,6 +257,8 @@ def test_ddp_matches_one_process(tmp_path, run_files, tiny_tokenizer_dir):
     for metric in ("loss", "reward_margin", "reward_accuracy", "val_loss", "val_reward_accuracy"):
         ref, got = read_metrics(tmp_path / "one", metric), read_metrics(tmp_path / "ddp", metric)
         assert [s for s, _ in got] == [s for s, _ in ref] and len(ref) in (2, 6)
+        if metric == "reward_accuracy":  # at step 1 the policy is the reference: every margin is rounding noise,
+            ref, got = ref[1:], got[1:]  # whose sign (what the accuracy counts) differs with the batch's split
         assert [v for _, v in got] == pytest.approx([v for _, v in ref], abs=1e-5)
 
 

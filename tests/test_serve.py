@@ -280,6 +280,14 @@ def greedy_reply(gen: TextGenerator, prompt: list[int], max_tokens: int) -> list
     return new[: new.index(gen.eos_id) + 1] if gen.eos_id in new else new
 
 
+def prompts(gen: TextGenerator) -> list[list[int]]:
+    """Prompts a test picks from, as token ids: a few texts, then every single token. The tiny random model's
+    replies depend on the tokenizer the tests train, so a test that needs a reply of some shape (whole characters
+    only, an EOS within a few tokens) takes the first prompt that gives one."""
+    texts = ["hello there", "你好", "谢谢你的帮助,再见", "今天天气很好"]
+    return [gen.encode(t) for t in texts] + [[t] for t in range(5, len(gen.tokenizer))]
+
+
 def spelled(entries) -> str:
     """The text that chat logprobs entries' bytes spell."""
     return b"".join(bytes(e.bytes) for e in entries).decode(errors="replace")
@@ -289,9 +297,15 @@ def test_chat_logprobs_are_the_log_softmax_of_the_exports_logits(gen, client, hf
     """logprobs / top_logprobs: each reply token's log-probability and its 3 most likely alternatives, as
     transformers computes them on the HF export (OpenAI reports the model's raw distribution, before the
     temperature); streamed, the chunks carry the same entries; their bytes spell the reply."""
-    messages = chat("hello there")
-    prompt = gen.chat_ids(messages)
-    reply = greedy_reply(gen, prompt, 12)
+    # a reply of whole characters (no token splits one), at least 5 of them: the stop string below cuts it there
+    for ids in prompts(gen):
+        messages = chat(gen.decode(ids))
+        prompt = gen.chat_ids(messages)
+        reply = greedy_reply(gen, prompt, 12)
+        if len(gen.decode(reply)) >= 5 and all("\ufffd" not in gen.decode([t]) for t in reply):
+            break
+    else:
+        raise AssertionError("no prompt gives a reply of whole characters")
     expected = hf_logprobs(hf, prompt + reply)[len(prompt) - 1 : -1]
     kw = dict(model=MODEL, messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
     r = client.chat.completions.create(**kw)
@@ -324,8 +338,10 @@ def test_completion_echo_with_logprobs_scores_the_prompt_as_the_export_does(gen,
         return [tiny_tokenizer.decode([t]) for t in ids]
 
     # token ids, not streamed, whose greedy reply ends with EOS within 5 tokens; text, streamed
-    for text, as_ids in (("谢谢你的帮助,再见", True), ("今天天气很好,我们去公园散步吧。", False)):
-        ids = gen.encode(text)
+    ends = next((ids for ids in prompts(gen) if gen.eos_id in greedy_reply(gen, ids, 5)), None)
+    assert ends is not None, "no prompt's greedy reply ends within 5 tokens"
+    text = "今天天气很好,我们去公园散步吧。"
+    for ids, as_ids in ((ends, True), (gen.encode(text), False)):
         r = client.completions.create(model=MODEL, prompt=ids if as_ids else text, max_tokens=5, temperature=0,
                                       logprobs=2, echo=True, stream=not as_ids)
         choices = r.choices if as_ids else [c.choices[0] for c in r]
