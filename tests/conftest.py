@@ -4,6 +4,7 @@ Fixture names are stable; other test files rely on them:
     tiny_texts           list[str]: the training text (Chinese news and reviews, English Q/A, mixed strings)
     tiny_tokenizer_dir   str: a directory AutoTokenizer.from_pretrained() loads (vocab TINY_VOCAB)
     tiny_tokenizer       the loaded tokenizer (ChatML template, ids 0-4 special, pad=<unk>, eos=<|im_end|>)
+    one_thread           (module) torch on one thread while a module's tests run
 """
 from __future__ import annotations
 
@@ -46,6 +47,18 @@ def tiny_tokenizer_dir(tmp_path_factory, tiny_texts) -> str:
     tok = train_tokenizer.build_tokenizer(iter(tiny_texts), vocab_size=TINY_VOCAB)
     train_tokenizer.save_tokenizer(tok, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`): they run
+    fastest on one, and a busy machine cannot stall them at OpenMP barriers."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -21,15 +21,7 @@ from support.model.sampling import sample
 
 VOCAB = 97
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine cannot stall it at OpenMP barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny(seed: int = 0, **overrides) -> Transformer:
     """A small random model in eval mode. Weights are re-drawn with a larger std than the training init so

@@ -22,15 +22,7 @@ from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, read_metrics, r
 VOCAB = 97
 EXPERTS = ["--num_experts", "4", "--num_experts_per_tok", "2"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine cannot stall it at OpenMP barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def redrawn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Weights re-drawn larger than the training init, so routing and greedy tokens are not decided by float
