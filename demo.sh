@@ -4,7 +4,7 @@
 #   data -> tokenizer -> pretokenize -> pretrain -> SFT -> samples -> evaluation (+ lm-eval report card) -> curves
 #
 #   bash demo.sh            # full demo, no network: 678 s on 2 AVX2 cores (Zen 3, float32)
-#   bash demo.sh --tiny     # (or DEMO_SCALE=tiny) the same stages at toy sizes, about a minute (CI)
+#   bash demo.sh --tiny     # (or DEMO_SCALE=tiny) the same stages at toy sizes, about two minutes (CI)
 #
 # Artifacts go to ./out/ (the scripts' default layout), so any stage can be rerun alone with other flags.
 # On a machine with a GPU the same commands run there (--device auto); see README for the full-scale runs.
