@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import multiprocessing
 import os
@@ -108,7 +109,7 @@ def _exec_python(argv: list[str], cwd: str, env: dict[str, str], stdout: str, st
 
 
 class Started:
-    """`python *argv` started by start_python, with the part of subprocess.Popen's interface the tests use: pid,
+    """`python *argv` started in a forked process (start_script, run_python), with the part of subprocess.Popen's interface the tests use: pid,
     poll(), wait(timeout), send_signal(), kill(), returncode (N after `sys.exit(N)`, -N when killed by signal N)."""
 
     def __init__(self, argv: list[str], stdout: Path, stderr: Path, env: dict[str, str] | None = None,
@@ -119,7 +120,7 @@ class Started:
         self.process = _FORKS.Process(target=_exec_python, args=(argv, str(cwd), env, str(stdout), str(stderr),
                                                                  new_session))
         self.process.start()
-        self.pid = self.process.pid
+        self.pid, self.new_session = self.process.pid, new_session
 
     @property
     def returncode(self) -> int | None:
@@ -138,7 +139,12 @@ class Started:
         os.kill(self.pid, sig)
 
     def kill(self) -> None:
-        self.process.kill()
+        """SIGKILL, to its whole process group where it leads one (DataLoader workers and all)."""
+        if self.new_session:
+            with contextlib.suppress(ProcessLookupError):  # the group has ended already
+                os.killpg(self.pid, signal.SIGKILL)
+        else:
+            self.process.kill()
 
 
 def start_script(script: str, args: list[str], log: Path, new_session: bool = False) -> Started:
@@ -150,17 +156,21 @@ def run_python(argv: list[str], timeout: float = 120, env: dict[str, str] | None
                nproc: int = 1) -> subprocess.CompletedProcess:
     """`python *argv` run to its end in a fresh process, or nproc > 1 of them as torchrun's ranks on this host
     (stdout and stderr: the ranks' outputs one after the other). A hang fails the test with the output, and
-    kills every rank, so none outlives the test."""
-    logs = Path(tempfile.mkdtemp(prefix="run_python_"))
-    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
-                  "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "OMP_NUM_THREADS": "1"}
-    ranks = [Started(argv, logs / f"out{rank}", logs / f"err{rank}", cwd=cwd, env={**(env or {}), **(
-                {**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)} if nproc > 1 else {})})
-             for rank in range(nproc)]
-    deadline = time.monotonic() + timeout
-    for rank in ranks:
-        rank.process.join(max(0.0, deadline - time.monotonic()))
-    out, err = ("".join((logs / f"{name}{rank}").read_text() for rank in range(nproc)) for name in ("out", "err"))
+    kills every rank's process group, so no process outlives the test."""
+    torchrun = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
+                "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "OMP_NUM_THREADS": "1"}
+
+    def rank_env(rank: int) -> dict[str, str]:
+        return {**(env or {}), **({**torchrun, "RANK": str(rank), "LOCAL_RANK": str(rank)} if nproc > 1 else {})}
+
+    with tempfile.TemporaryDirectory(prefix="run_python_") as tmp:
+        logs = Path(tmp)
+        ranks = [Started(argv, logs / f"out{r}", logs / f"err{r}", rank_env(r), cwd, new_session=True)
+                 for r in range(nproc)]
+        deadline = time.monotonic() + timeout
+        for rank in ranks:
+            rank.process.join(max(0.0, deadline - time.monotonic()))
+        out, err = ("".join((logs / f"{name}{r}").read_text() for r in range(nproc)) for name in ("out", "err"))
     if any(rank.returncode is None for rank in ranks):
         for rank in ranks:
             rank.kill()
