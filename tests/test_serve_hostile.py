@@ -97,8 +97,8 @@ def test_vanishing_temperature_is_greedy_and_spares_its_batch(gen):
 
 def test_a_row_whose_sampling_fails_ends_alone(gen, monkeypatch):
     """Whatever goes wrong while sampling one row's token in a running batch (here the marked request's third
-    draw raises as torch does for NaN probabilities), that row ends with a server error and the greedy row
-    beside it is answered in full."""
+    draw raises as torch does for NaN probabilities; it ignores EOS, so a sampled EOS cannot end it earlier),
+    that row ends with a server error and the greedy row beside it is answered in full."""
     from support.inference import generation_engine
 
     real = generation_engine.sample
@@ -117,7 +117,7 @@ def test_a_row_whose_sampling_fails_ends_alone(gen, monkeypatch):
         wait_for(base, running=1)
         with pytest.raises(openai.InternalServerError, match="probability tensor"):
             client.chat.completions.create(model=MODEL, messages=chat("中国"), max_tokens=5, temperature=1,
-                                           extra_body={"top_k": 7})
+                                           extra_body={"top_k": 7, "ignore_eos": True})
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == greedy_ignoring_eos(gen, "你好", 60)
         assert wait_for(base, running=0)["finished"] == 1
