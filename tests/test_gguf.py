@@ -106,11 +106,12 @@ def our_logprobs(model: Transformer, ids: list[int]) -> torch.Tensor:
 
 
 def assert_top_matches(server: Llama, model: Transformer, ids: list[int], positions, atol: float) -> None:
-    """At each position, llama.cpp's top-5 next tokens are ours, with log-probs within atol."""
+    """At each position, llama.cpp's top-5 next tokens have our log-probs within atol (its first is ours, or
+    within atol of ours: a near tie that rounding may order either way)."""
     ours = our_logprobs(model, ids)
     for p in positions:
         theirs = server.top(ids[:p + 1])
-        assert theirs[0][0] == int(ours[p].argmax()), f"position {p}"
+        assert ours[p, theirs[0][0]] >= ours[p].max() - atol, f"position {p}: their top token is not ours"
         got = torch.tensor([lp for _, lp in theirs])
         want = ours[p, [i for i, _ in theirs]]
         assert torch.allclose(got, want, atol=atol), f"position {p}: {got} vs {want}"
@@ -149,7 +150,11 @@ def test_f16_bf16_within_rounding(tmp_path, tiny_tokenizer, outtype, dtype, atol
     with llama(path, tiny_tokenizer) as server:
         ids = tiny_tokenizer.encode(PROMPTS[0])
         ours = reference.generate(torch.tensor([ids]), 12, temperature=0)[0].tolist()
-        assert server.greedy(ids, 12) == ours
+        theirs = server.greedy(ids, 12)
+        same = next((k for k, (a, b) in enumerate(zip(theirs, ours)) if a != b), len(ours))
+        if same < len(ours):  # only a near tie may part the two: both tokens within rounding of the best
+            logprobs = our_logprobs(reference, ids + ours)[len(ids) + same - 1]
+            assert logprobs[theirs[same]] >= logprobs.max() - atol, f"llama.cpp left our greedy path at {same}"
         assert_top_matches(server, reference, ids + ours, range(len(ids) - 1, len(ids) + len(ours) - 1), atol)
 
 

@@ -15,7 +15,7 @@ def test_loads_with_autotokenizer_and_fixed_special_ids(tiny_tokenizer_dir, tiny
         assert os.path.exists(os.path.join(tiny_tokenizer_dir, name))
     tok = tiny_tokenizer
     assert len(tok) == 1000
-    assert [tok.convert_ids_to_tokens(i) for i in range(5)] == train_tokenizer.SPECIAL_TOKENS
+    assert [tok.convert_ids_to_tokens(i) for i in range(len(train_tokenizer.SPECIAL_TOKENS))] == train_tokenizer.SPECIAL_TOKENS
     specials = (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token)
     assert specials == ("<|im_start|>", "<|im_end|>", "<unk>", "<unk>")
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (3, 4, 0)

@@ -8,16 +8,57 @@ import hashlib
 import json
 from typing import Any
 
-# Fixed ids 0..4 (contract): the trainer assigns ids to special tokens in this order.
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+# Fixed ids 0..10 (contract): the trainer assigns ids to special tokens in this order. The last six mark
+# reasoning, tool calls and tool results (the Qwen2.5/Qwen3 ChatML conventions); a tokenizer made before
+# them gains them as added tokens (support/loading/chat_tokens.py).
+THINK_START, THINK_END = "<think>", "</think>"
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+TOOL_RESPONSE_START, TOOL_RESPONSE_END = "<tool_response>", "</tool_response>"
+CHAT_MARKERS = [THINK_START, THINK_END, TOOL_CALL_START, TOOL_CALL_END, TOOL_RESPONSE_START, TOOL_RESPONSE_END]
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", *CHAT_MARKERS]
 BOS, EOS, PAD, UNK = "<|im_start|>", "<|im_end|>", "<unk>", "<unk>"
 
 # ChatML: "<|im_start|>{role}\n{content}<|im_end|>\n" per message, then the assistant header on request.
+# With `tools` (OpenAI function schemas) a system turn lists them, one JSON object a line, after the system
+# message's own text. An assistant message renders as "<think>\n{reasoning_content}\n</think>\n\n" when it has
+# reasoning, then its content, then each call as <tool_call>{"name": ..., "arguments": {...}}</tool_call>
+# (arguments given as a JSON string are written as they are). A `tool` message is its own turn,
+# <tool_response>{content}</tool_response>. enable_thinking=False puts an empty think block after the assistant
+# header, so a model trained to think answers at once. Messages without these fields render as plain ChatML.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\n' }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\n\n' }}{%- endif %}"
+    "{{- 'You can call these tools (JSON schemas, one per line):\n' }}"
+    "{%- for tool in tools %}{{- (tool | tojson) + '\n' }}{%- endfor %}"
+    "{{- 'To call a tool, write <tool_call>{\"name\": NAME, \"arguments\": {...}}</tool_call>; its result comes back"
+    " in a tool turn.<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if tools and loop.first and message['role'] == 'system' %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\n' }}"
+    "{%- if message.get('reasoning_content') is string %}"
+    "{{- '<think>\n' + message['reasoning_content'] + '\n</think>\n\n' }}"
+    "{%- endif %}"
+    "{{- message['content'] or '' }}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{%- set f = call['function'] if call['function'] is defined else call %}"
+    "{{- '<tool_call>{\"name\": ' + (f['name'] | tojson) + ', \"arguments\": ' }}"
+    "{{- f['arguments'] if f['arguments'] is string else (f['arguments'] | tojson) }}"
+    "{{- '}</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>tool\n<tool_response>' + message['content'] + '</tool_response><|im_end|>\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}"
 )
 
 
