@@ -305,35 +305,76 @@ class PretrainDataset(Dataset):
         return torch.from_numpy(w[:-1]), torch.from_numpy(w[1:]), torch.ones(self.max_length, dtype=torch.float32)
 
 
-# Stands in for a message's content while the template renders: private-use characters, which no template
-# or tokenizer gives a meaning, around the message's index.
+# Stands in for a message's text while the template renders: private-use characters, which no template or
+# tokenizer gives a meaning, around a number.
 _PLACEHOLDER = "\ue000{}\ue001"
+# The message fields that hold free text (the writer's, the model's or a tool's): always encoded as text.
+TEXT_FIELDS = ("content", "reasoning_content")
 
 
-def render_chat(tokenizer, messages: list[dict],
-                add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """The chat template's rendering of `messages` and the character span of each message's content in it.
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None,
+            enable_thinking: bool | None) -> str:
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **extra)
 
-    The spans are found by rendering placeholders in place of the contents, so no template layout is
-    assumed; a template that does not render every content verbatim, once and in order, is refused."""
-    def render(msgs: list[dict]) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    marked = render([{**m, "content": _PLACEHOLDER.format(k)} for k, m in enumerate(messages)])
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None,
+                enable_thinking: bool | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The chat template's rendering of `messages` (and `tools`) and the character spans of their free text
+    (TEXT_FIELDS), in order of appearance.
+
+    The spans are found by rendering placeholders in place of the texts, so no template layout is assumed;
+    a template that does not render every text verbatim, once, is refused."""
+    texts, marked_messages = [], []
+    for m in messages:
+        marked = dict(m)
+        for key in TEXT_FIELDS:
+            if isinstance(m.get(key), str):
+                marked[key] = _PLACEHOLDER.format(len(texts))
+                texts.append(m[key])
+        marked_messages.append(marked)
+    marked = _render(tokenizer, marked_messages, add_generation_prompt, tools, enable_thinking)
+    found = sorted((marked.find(_PLACEHOLDER.format(k)), k) for k in range(len(texts)))
     text, spans, pos = "", [], 0
-    for k, m in enumerate(messages):
-        found = marked.find(_PLACEHOLDER.format(k), pos)
-        if found < 0:
+    for at, k in found:
+        if at < pos or marked.count(_PLACEHOLDER.format(k)) != 1:
             break
-        text += marked[pos:found]
-        spans.append((len(text), len(text) + len(m["content"])))
-        text += m["content"]
-        pos = found + len(_PLACEHOLDER.format(k))
+        text += marked[pos:at]
+        spans.append((len(text), len(text) + len(texts[k])))
+        text += texts[k]
+        pos = at + len(_PLACEHOLDER.format(k))
     text += marked[pos:]
-    if len(spans) < len(messages) or text != render(messages):
-        raise ValueError("the chat template does not render each message's content verbatim, once and in order: "
-                         "cannot tell message content from the template's control tokens")
+    if len(spans) < len(texts) or text != _render(tokenizer, messages, add_generation_prompt, tools, enable_thinking):
+        raise ValueError("the chat template does not render each message's text verbatim, once: "
+                         "cannot tell message text from the template's control tokens")
     return text, spans
+
+
+def _assistant_spans(tokenizer, messages: list[dict], text: str, tools: list[dict] | None) -> list[tuple[int, int]]:
+    """The character span of each assistant turn's body and closing EOS: what follows the generation prompt
+    rendered after the messages before it (reasoning, text and tool calls alike), up to that EOS. The template
+    must render a conversation's beginning as the beginning of its rendering (ChatML-family templates do)."""
+    eos = tokenizer.eos_token
+    spans = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        upto = _render(tokenizer, messages[: k + 1], False, tools, None)
+        if k > 0:
+            before = _render(tokenizer, messages[:k], True, tools, None)
+        else:  # nothing to render before a conversation's first message: its header is the generation prompt
+            header = _render(tokenizer, messages[:1], True, tools, None)[len(upto):]
+            before = upto[: upto.find(header) + len(header)] if header else ""
+        if not (before and upto.startswith(before) and text.startswith(upto)):
+            raise ValueError("the chat template does not render a conversation's beginning as the beginning of its "
+                             "rendering, so an assistant turn cannot be told apart from its prompt")
+        end = upto.rfind(eos)
+        if end < len(before):
+            raise ValueError(f"the chat template does not close an assistant reply with EOS ({eos}), so a model "
+                             f"trained on it would never learn to stop")
+        spans.append((len(before), end + len(eos)))
+    return spans
 
 
 def _control_tokens(tokenizer, text: str, content_spans: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
@@ -357,25 +398,22 @@ def _overlap_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], 
     return ((inside[offsets[:, 1]] - inside[offsets[:, 0]]) > 0).astype(np.int64).tolist()
 
 
-def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation in the tokenizer's chat template, and a 0/1 mask that is 1 on every token
-    overlapping an assistant reply or its closing EOS (what SFT learns). For a chat prompt, pass
-    add_generation_prompt=True and ignore the mask.
+def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None,
+                enable_thinking: bool | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation in the tokenizer's chat template (with `tools`, the OpenAI function schemas
+    it lists), and a 0/1 mask that is 1 on every token of an assistant turn after its header: its reasoning,
+    text and tool calls and its closing EOS (what SFT learns); never a tool's result, the tool list or another
+    role's turn. For a chat prompt, pass add_generation_prompt=True (and enable_thinking, which the template
+    reads) and ignore the mask.
 
-    Only the template's own markers become control tokens: message content is always encoded as text, so a
-    user who types "<|im_end|>\\n<|im_start|>system\\n..." cannot forge a turn. The text between two markers
-    is encoded in one piece, so for content without such text the ids equal tokenizing the rendered
-    template; no token id or template layout is hard-coded."""
+    Only the template's own markers become control tokens: message text (TEXT_FIELDS) is always encoded as
+    text, so a user who types "<|im_end|>\\n<|im_start|>system\\n..." or "<think>" cannot forge a turn. The text
+    between two markers is encoded in one piece, so for text without such markers the ids equal tokenizing
+    the rendered template; no token id or template layout is hard-coded."""
     if not tokenizer.is_fast:
         raise ValueError("chat encoding needs a fast tokenizer (character offsets)")
-    text, spans = render_chat(tokenizer, messages, add_generation_prompt)
-    replies = []
-    for m, (start, end) in zip(messages, spans):
-        if m["role"] == "assistant":
-            if not text.startswith(tokenizer.eos_token, end):
-                raise ValueError(f"the chat template does not close an assistant reply with EOS "
-                                 f"({tokenizer.eos_token}), so a model trained on it would never learn to stop")
-            replies.append((start, end + len(tokenizer.eos_token)))
+    text, spans = render_chat(tokenizer, messages, add_generation_prompt, tools, enable_thinking)
+    replies = _assistant_spans(tokenizer, messages, text, tools)
     markers = _control_tokens(tokenizer, text, spans)
     cuts = [0, *(c for start, end, _ in markers for c in (start, end)), len(text)]
     gaps = list(zip(cuts[::2], cuts[1::2]))  # the text before, between and after the markers

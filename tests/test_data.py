@@ -393,7 +393,7 @@ def test_a_template_that_alters_content_is_refused(tiny_tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     tok.chat_template = tok.chat_template.replace("message['content']", "message['content'] | trim")
     conversation = [{"role": "user", "content": " hi "}, {"role": "assistant", "content": "ok"}]
-    with pytest.raises(ValueError, match="does not render each message's content verbatim"):
+    with pytest.raises(ValueError, match="does not render each message's text verbatim"):
         encode_chat(tok, conversation)
 
 

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import PretrainDataset, document_start_ids, encode_chat
+from support.data.tokenizer_spec import CHAT_MARKERS
 from k_model import Transformer
 from support.loading.sources import open_model, resolve_device, resolve_dtype
 from support.model.context_shift import resolve_shift
@@ -58,6 +59,13 @@ class TextGenerator:
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def reply_text(self, ids: Iterable[int]) -> str:
+        """A reply's text with the chat markers it wrote (<think>, <tool_call>, ...: what
+        tool_calls.parse_reply reads); the other special tokens (EOS, padding) left out."""
+        markers = {self.tokenizer.convert_tokens_to_ids(t) for t in CHAT_MARKERS}
+        other = set(self.tokenizer.all_special_ids) - markers
+        return self.tokenizer.decode([i for i in ids if i not in other], skip_special_tokens=False)
+
     def compile_decode(self, max_batch: int = 1) -> None:
         """Compiles the model's one-token step (k_model.compile_decode) now, every graph that batches of up to
         max_batch rows need (CompiledStep.batches_to_trace), instead of in the middle of a reply; a larger
@@ -96,10 +104,13 @@ class TextGenerator:
 
     # -- SFT model: chat template ----------------------------------------------------------------------------
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """The conversation in the chat template, ending with the assistant's generation prompt. Only the
-        template's markers are control tokens: a turn forged inside a message stays text (encode_chat)."""
-        return encode_chat(self.tokenizer, messages, add_generation_prompt=True)[0]
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None,
+                 enable_thinking: bool | None = None) -> list[int]:
+        """The conversation (and the OpenAI function schemas of `tools`) in the chat template, ending with the
+        assistant's generation prompt (enable_thinking=False: and an empty think block). Only the template's
+        markers are control tokens: a turn forged inside a message stays text (encode_chat)."""
+        return encode_chat(self.tokenizer, messages, add_generation_prompt=True, tools=tools,
+                           enable_thinking=enable_thinking)[0]
 
     def sft_sample(self, prompt: str, system_prompt: str | None = None, history: list[dict[str, str]] | None = None,
                    max_new_tokens: int = 128, temperature: float = 0.7, top_k: int | None = None,
