@@ -129,6 +129,28 @@ def test_f32_greedy_and_logprobs_equal_ours(tmp_path, tiny_tokenizer):
             assert_top_matches(server, model, ids + ours, range(len(ids) - 1, len(ids) + len(ours) - 1), 1e-4)
 
 
+def test_moe_greedy_and_logprobs_equal_ours(tmp_path, tiny_tokenizer):
+    """A mixture of experts is written as llama.cpp reads Mixtral (the llama architecture with expert
+    tensors): f32 runs as ours does, and q8_0 keeps the router in float32, so its tokens go where ours do."""
+    model = tiny_model(len(tiny_tokenizer), num_local_experts=4, num_experts_per_tok=2)
+    with torch.no_grad():  # the stacked experts are no matrices for tiny_model's sharpening
+        for layer in model.layers:
+            layer.feed_forward.w13.mul_(3.0)
+            layer.feed_forward.w2.mul_(3.0)
+    model_dir = save_model(model, tiny_tokenizer, tmp_path / "m")
+    ids = tiny_tokenizer.encode(PROMPTS[0])
+    ours = model.generate(torch.tensor([ids]), 16, temperature=0)[0].tolist()
+    with llama(export(model_dir, "f32"), tiny_tokenizer) as server:
+        assert server.greedy(ids, 16) == ours
+        assert_top_matches(server, model, ids + ours, range(len(ids) - 1, len(ids) + len(ours) - 1), 1e-4)
+    import gguf
+
+    q8 = export(model_dir, "q8_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(q8).tensors}
+    assert types["blk.0.ffn_gate_inp.weight"] == gguf.GGMLQuantizationType.F32
+    assert types["blk.0.ffn_up_exps.weight"] == gguf.GGMLQuantizationType.Q8_0
+
+
 def rounded(model: Transformer, dtype: torch.dtype) -> Transformer:
     """Our model with its matrices rounded to dtype as the export stores them (norms stay float32)."""
     copy = Transformer(model.config).eval()

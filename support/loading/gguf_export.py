@@ -105,6 +105,9 @@ def _hyperparameters(writer: Any, model: Transformer, outtype: str) -> None:
     writer.add_rope_freq_base(float(cfg.rope_theta))
     writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
     writer.add_vocab_size(cfg.vocab_size)
+    if cfg.num_local_experts:  # Mixtral in llama.cpp: the llama architecture with expert tensors and these keys
+        writer.add_expert_count(cfg.num_local_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
     writer.add_file_type(_file_type(outtype))
 
 
@@ -181,28 +184,36 @@ def _tensors(model: Transformer, rope_freqs: torch.Tensor | None) -> Iterator[tu
     for i in range(cfg.n_layers):
         layer = {k.removeprefix(f"layers.{i}."): v for k, v in sd.items() if k.startswith(f"layers.{i}.")}
         wq, wk, wv = layer["attention.wqkv.weight"].split([q, kv, kv])
-        gate, up = layer["feed_forward.w13.weight"].split([cfg.hidden_dim, cfg.hidden_dim])
         yield f"blk.{i}.attn_norm.weight", layer["attention_norm.weight"], 0
         yield f"blk.{i}.attn_q.weight", wq, cfg.n_heads
         yield f"blk.{i}.attn_k.weight", wk, cfg.n_kv_heads
         yield f"blk.{i}.attn_v.weight", wv, 0
         yield f"blk.{i}.attn_output.weight", layer["attention.wo.weight"], 0
         yield f"blk.{i}.ffn_norm.weight", layer["ffn_norm.weight"], 0
-        yield f"blk.{i}.ffn_gate.weight", gate, 0
-        yield f"blk.{i}.ffn_up.weight", up, 0
-        yield f"blk.{i}.ffn_down.weight", layer["feed_forward.w2.weight"], 0
+        if cfg.num_local_experts:  # stacked experts: (experts, rows, cols), as llama.cpp's *_exps tensors are
+            gate, up = layer["feed_forward.w13"].split([cfg.hidden_dim, cfg.hidden_dim], dim=1)
+            yield f"blk.{i}.ffn_gate_inp.weight", layer["feed_forward.gate.weight"], 0
+            yield f"blk.{i}.ffn_gate_exps.weight", gate, 0
+            yield f"blk.{i}.ffn_up_exps.weight", up, 0
+            yield f"blk.{i}.ffn_down_exps.weight", layer["feed_forward.w2"], 0
+        else:
+            gate, up = layer["feed_forward.w13.weight"].split([cfg.hidden_dim, cfg.hidden_dim])
+            yield f"blk.{i}.ffn_gate.weight", gate, 0
+            yield f"blk.{i}.ffn_up.weight", up, 0
+            yield f"blk.{i}.ffn_down.weight", layer["feed_forward.w2.weight"], 0
     yield "output_norm.weight", sd["norm.weight"], 0
     if not cfg.tie_word_embeddings:  # tied: llama.cpp reads the output layer from token_embd
         yield "output.weight", sd["output.weight"], 0
 
 
-def _ggml_type(shape: tuple[int, ...], outtype: str) -> Any:
-    """llama.cpp's convention: norms and rope_freqs stay float32; matrices take the outtype, and q8_0 falls
-    back to f16 for a matrix whose rows are not a whole number of 32-value blocks."""
+def _ggml_type(name: str, shape: tuple[int, ...], outtype: str) -> Any:
+    """llama.cpp's convention: norms, rope_freqs and an MoE router stay float32 (a router's rounding would move
+    tokens to other experts); matrices take the outtype, and q8_0 falls back to f16 for a matrix whose rows are
+    not a whole number of 32-value blocks."""
     import gguf
 
     T = gguf.GGMLQuantizationType
-    if len(shape) == 1 or outtype == "f32":
+    if len(shape) == 1 or outtype == "f32" or ".ffn_gate_inp." in name:
         return T.F32
     if outtype == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0]:
         return T.F16
@@ -238,7 +249,7 @@ def write_gguf(model: Transformer, tokenizer: Any, outfile: str | os.PathLike, o
     _tokenizer_keys(writer, tokenizer, model.config.vocab_size)
     tensors = list(_tensors(model, rope_freqs))
     for tname, t, _ in tensors:  # shapes and types first: the header precedes the data
-        qtype = _ggml_type(tuple(t.shape), outtype)
+        qtype = _ggml_type(tname, tuple(t.shape), outtype)
         byte_shape = gguf.quant_shape_to_byte_shape(tuple(t.shape), qtype)
         writer.add_tensor_info(tname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
     try:
@@ -248,8 +259,8 @@ def write_gguf(model: Transformer, tokenizer: Any, outfile: str | os.PathLike, o
     try:
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _, t, heads in tensors:
-            qtype = _ggml_type(tuple(t.shape), outtype)
+        for tname, t, heads in tensors:
+            qtype = _ggml_type(tname, tuple(t.shape), outtype)
             writer.write_tensor_data(_encode(_interleave(t, heads) if heads else t, qtype))
         writer.close()
         os.replace(tmp, outfile)
