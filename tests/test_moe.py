@@ -13,6 +13,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 import ddp_pretrain
 from k_model import ModelConfig, Transformer
+from support.loading.checkpoint import load_checkpoint
 from support.loading.sources import open_model
 from support.model.grouped_mm import grouped_mm
 from support.model.hf_llama import export_hf
@@ -158,23 +159,70 @@ def test_moe_training_resumes_exactly_after_a_kill(tmp_path, tiny_tokenizer_dir)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_moe_ddp_matches_one_process_reading_the_same_micro_batches(tmp_path, tiny_tokenizer_dir):
-    """torchrun with 2 gloo processes x 2 samples x 2 accumulation steps trains like 1 process x 2 samples x 4
-    accumulation steps: the same micro-batches, each with its own router loss (as Mixtral computes it), so the
-    same weights within 1e-5 and the same logged losses and expert loads."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_moe_two_processes_match_one_reading_the_same_micro_batches(tmp_path, tiny_tokenizer_dir, parallel):
+    """2 gloo processes (DDP, or FSDP with the stacked experts sharded along the expert dimension) x 2 samples
+    x 2 accumulation steps train like 1 process x 2 samples x 4 accumulation steps: the same micro-batches,
+    each with its own router loss (as Mixtral computes it), so the same weights within 1e-5 and the same
+    logged losses and expert loads."""
     train_bin, val_bin = make_pretrain_data(tmp_path, tiny_tokenizer_dir, n_train=120, n_val=10)
     common = ["--data_path", train_bin, "--val_data_path", val_bin, "--tokenizer_path", tiny_tokenizer_dir,
               *TINY_MODEL, *QUIET, *EXPERTS, "--max_steps", "4", "--learning_rate", "3e-3", "--warmup_iters", "1",
               "--log_interval", "1", "--eval_interval", "4", "--batch_size", "2", "--sample_tokens", "0"]
-    ddp = run_script("ddp_pretrain.py", common + ["--out_dir", str(tmp_path / "ddp"), "--accumulation_steps", "2"],
-                     nproc=2)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    two = run_script("ddp_pretrain.py", common + ["--out_dir", str(tmp_path / "ddp"), "--accumulation_steps", "2",
+                                                  "--parallel", parallel], nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
     ddp_pretrain.main(common + ["--out_dir", str(tmp_path / "one"), "--accumulation_steps", "4"])
-    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
-    b = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
+    a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "ddp")
     assert b["world_size"] == 2 and a["data_position"] == b["data_position"]
     for key, weight in a["model"].items():
         torch.testing.assert_close(b["model"][key], weight, atol=1e-5, rtol=0, msg=key)
     for metric in ("loss", "aux_loss", "expert_load/0/0", "val_loss"):
         ref, got = read_metrics(tmp_path / "one", metric), read_metrics(tmp_path / "ddp", metric)
         assert [v for _, v in got] == pytest.approx([v for _, v in ref], abs=1e-5), metric
+
+
+def test_every_stage_trains_an_moe_model_and_exports_mixtral(tmp_path, tiny_tokenizer, tiny_tokenizer_dir):
+    """Pretraining, SFT (full and LoRA), DPO and GRPO each train an MoE model (the weights they train move,
+    LoRA's base and experts stay) and leave an hf/ export that transformers opens as MixtralForCausalLM with
+    the logits of the run's own checkpoint."""
+    from test_dpo import dialogue_pairs, write_pairs
+    from test_grpo import REWARD_FILE, arith_prompts
+    from train_helpers import make_sft_data
+
+    import ddp_dpo
+    import ddp_grpo
+    import ddp_sft_full
+
+    train_bin, _ = make_pretrain_data(tmp_path, tiny_tokenizer_dir, n_train=40, n_val=4)
+    sft_train, _ = make_sft_data(tmp_path, n_train=16, n_val=2)
+    common = ["--tokenizer_path", tiny_tokenizer_dir, *QUIET, "--val_data_path", "", "--max_steps", "2",
+              "--batch_size", "4", "--learning_rate", "3e-3", "--log_interval", "1", "--sample_tokens", "0",
+              "--max_seq_len", "32"]
+    stages = {
+        "pretrain": (ddp_pretrain.main, ["--data_path", train_bin, *TINY_MODEL, *EXPERTS]),
+        "sft": (ddp_sft_full.main, ["--init_from", "pretrain", "--data_path", sft_train]),
+        "lora": (ddp_sft_full.main, ["--init_from", "pretrain", "--data_path", sft_train, "--lora_r", "4"]),
+        "dpo": (ddp_dpo.main, ["--init_from", "sft", "--data_path",
+                               write_pairs(tmp_path / "pairs.jsonl", dialogue_pairs(8))]),
+        "grpo": (ddp_grpo.main, ["--init_from", "sft", "--data_path", arith_prompts(tmp_path / "p.jsonl", 8),
+                                 "--reward", f"{tmp_path / 'spread.py'}:digits", "--num_generations", "4",
+                                 "--max_completion_length", "4"]),
+    }
+    (tmp_path / "spread.py").write_text(REWARD_FILE)  # a reward random completions spread over: advantages != 0
+    ids = torch.tensor([tiny_tokenizer.encode("你好, hello")])
+    for name, (main, flags) in stages.items():
+        flags = [str(tmp_path / f) if i and flags[i - 1] == "--init_from" else f for i, f in enumerate(flags)]
+        main(common + flags + ["--out_dir", str(tmp_path / name)])
+        model = open_model(tmp_path / name / "ckpt.pt", own_tokenizer=False).model.eval()
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / name / "hf", dtype=torch.float32)
+        assert isinstance(hf, MixtralForCausalLM), name
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-4, rtol=0, msg=name)
+    state = {n: load_checkpoint(tmp_path / n)["model"] for n in ("pretrain", "sft", "dpo", "grpo")}
+    for before, after in (("pretrain", "sft"), ("sft", "dpo"), ("sft", "grpo")):
+        for key in ("layers.0.feed_forward.w13", "layers.0.feed_forward.gate.weight", "layers.0.attention.wo.weight"):
+            assert not torch.equal(state[before][key], state[after][key]), (after, key)
+    lora = open_model(tmp_path / "lora" / "ckpt.pt", own_tokenizer=False).model
+    merged = {k.replace("base_layer.", ""): v for k, v in lora.state_dict().items()}
+    assert torch.equal(merged["layers.0.feed_forward.w13"], state["pretrain"]["layers.0.feed_forward.w13"])
