@@ -19,8 +19,9 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", *CHAT_MA
 BOS, EOS, PAD, UNK = "<|im_start|>", "<|im_end|>", "<unk>", "<unk>"
 
 # ChatML: "<|im_start|>{role}\n{content}<|im_end|>\n" per message, then the assistant header on request.
-# With `tools` (OpenAI function schemas) a system turn lists them, one JSON object a line, after the system
-# message's own text. An assistant message renders as "<think>\n{reasoning_content}\n</think>\n\n" when it has
+# With `tools` (OpenAI function schemas) a system turn lists them under "# Tools", one JSON object a line,
+# after the system message's own text (no instructions: a small model's context is short, and SFT teaches the
+# call format). An assistant message renders as "<think>\n{reasoning_content}\n</think>\n\n" when it has
 # reasoning, then its content, then each call as <tool_call>{"name": ..., "arguments": {...}}</tool_call>
 # (arguments given as a JSON string are written as they are). A `tool` message is its own turn,
 # <tool_response>{content}</tool_response>. enable_thinking=False puts an empty think block after the assistant
@@ -29,10 +30,9 @@ CHAT_TEMPLATE = (
     "{%- if tools %}"
     "{{- '<|im_start|>system\n' }}"
     "{%- if messages and messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\n\n' }}{%- endif %}"
-    "{{- 'You can call these tools (JSON schemas, one per line):\n' }}"
+    "{{- '# Tools\n' }}"
     "{%- for tool in tools %}{{- (tool | tojson) + '\n' }}{%- endfor %}"
-    "{{- 'To call a tool, write <tool_call>{\"name\": NAME, \"arguments\": {...}}</tool_call>; its result comes back"
-    " in a tool turn.<|im_end|>\n' }}"
+    "{{- '<|im_end|>\n' }}"
     "{%- endif %}"
     "{%- for message in messages %}"
     "{%- if tools and loop.first and message['role'] == 'system' %}"
