@@ -1,16 +1,24 @@
 """Tool calls and reasoning in SFT data: the OpenAI shape (tool_calls, reasoning_content, tool messages, a
 record's tools), xLAM's and ShareGPT's tool layouts read as the same messages; ids and loss masks against
 transformers' assistant-token mask of an independently written template (loss never on tool results, tool
-definitions or the system turn); typed markers stay text; the tokenizer corpus reads the new fields."""
+definitions or the system turn); typed markers stay text; the tokenizer corpus reads the new fields; and a
+model pretrained with a tokenizer from before tools and thinking gains their tokens for SFT on tool data."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import ddp_pretrain
+import ddp_sft_full
 import train_tokenizer
 from dataset import SFTDataset, encode_chat, sft_record
+from support.data.tokenizer_spec import CHAT_MARKERS, CHAT_TEMPLATE, SPECIAL_TOKENS, tokenizer_fingerprint
+from support.loading.sources import open_model, with_chat_template
 from test_data import chatml_reference, jsonl
+from train_helpers import QUIET, TINY_MODEL, make_pretrain_data, read_metrics
 
 CALCULATOR = {"name": "calculator", "description": "Evaluate an arithmetic expression.",
               "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
@@ -181,3 +189,78 @@ def test_tokenizer_corpus_reads_reasoning_calls_and_results(tmp_path):
         "What is 12*7?", "", '{"expression": "12*7"}', json.dumps(TOOLS[0]),
         TOOL_CHAT[1]["content"], "", "I need two tools.", '{"expression":  "12*7"}', '{"city": "北京"}', "84",
         "晴, 25°C", TOOL_CHAT[5]["content"], "Both came back."]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tokenizer from before tools and thinking gains their tokens, and its model the embedding rows for them
+
+# what train_tokenizer.py wrote until the chat format grew: ids 0-4 special, plain ChatML
+OLD_TEMPLATE = ("{% for message in messages %}"
+                "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+                "{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def old_tokenizer_dir(tmp_path_factory, tiny_texts) -> str:
+    path = str(tmp_path_factory.mktemp("old_tokenizer"))
+    with pytest.MonkeyPatch.context() as patch:  # train_tokenizer.py as it was
+        patch.setattr(train_tokenizer, "SPECIAL_TOKENS", SPECIAL_TOKENS[:5])
+        patch.setattr(train_tokenizer, "CHAT_TEMPLATE", OLD_TEMPLATE)
+        train_tokenizer.save_tokenizer(train_tokenizer.build_tokenizer(iter(tiny_texts[:300]), 400), path)
+    return path
+
+
+def test_an_old_tokenizer_gains_the_markers_and_others_are_kept(old_tokenizer_dir, tiny_tokenizer):
+    old = AutoTokenizer.from_pretrained(old_tokenizer_dir)
+    assert len(old) == 400 and old.chat_template == OLD_TEMPLATE
+    grown = with_chat_template(old)
+    assert len(grown) == 406 and grown.chat_template == CHAT_TEMPLATE
+    assert grown.convert_ids_to_tokens(list(range(400, 406))) == CHAT_MARKERS
+    assert tokenizer_fingerprint(grown, below=400) == tokenizer_fingerprint(old)  # old ids unchanged
+    assert (grown.eos_token, grown.pad_token) == (old.eos_token, old.pad_token)
+    assert grown("a<think>b")["input_ids"][1] == 400  # a control token now
+    assert with_chat_template(tiny_tokenizer) is tiny_tokenizer  # already ours
+    foreign = with_chat_template(old)
+    foreign.chat_template = "{{ messages[0]['content'] }}"
+    assert with_chat_template(foreign) is foreign  # another family's template: its own format, left alone
+
+
+# short enough for a 256-token window of a 400-token vocabulary
+SHORT_TOOL_CHAT = {"tools": [{"type": "function", "function": {"name": "add", "parameters": {}}}], "messages": [
+    {"role": "user", "content": "2+3?"},
+    {"role": "assistant", "reasoning_content": "add", "content": None,
+     "tool_calls": [{"id": "a", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+    {"role": "tool", "tool_call_id": "a", "content": "5"},
+    {"role": "assistant", "content": "5"}]}
+
+
+def test_sft_on_tool_data_from_a_model_pretrained_before_the_markers(tmp_path, old_tokenizer_dir):
+    train_bin, val_bin = make_pretrain_data(tmp_path, old_tokenizer_dir, n_train=40, n_val=10)
+    pre = tmp_path / "pretrain"
+    ddp_pretrain.main([*TINY_MODEL, "--max_seq_len", "256", *QUIET, "--tokenizer_path", old_tokenizer_dir, "--data_path", train_bin,
+                       "--val_data_path", val_bin, "--out_dir", str(pre), "--batch_size", "4", "--max_steps", "1"])
+    data = jsonl(tmp_path / "tools.jsonl", [SHORT_TOOL_CHAT] * 6)
+    sft = tmp_path / "sft"
+    args = ["--init_from", str(pre), "--data_path", data, "--val_data_path", "", "--out_dir", str(sft), *QUIET,
+            "--batch_size", "3", "--save_interval", "2", "--eval_interval", "0",
+            "--log_interval", "1"]
+    ddp_sft_full.main([*args, "--max_steps", "2"])
+    log = (sft / "train.log").read_text(encoding="utf-8")
+    assert f"embeddings grown 400 -> 406 for the tokens the tokenizer adds: {' '.join(CHAT_MARKERS)})" in log
+    ddp_sft_full.main([*args, "--max_steps", "3", "--resume"])  # the checkpoint records the grown vocab
+    assert [step for step, _ in read_metrics(sft, "loss")] == [1, 2, 3]
+
+    hf_dir = sft / "hf"
+    exported = AutoTokenizer.from_pretrained(hf_dir)
+    assert len(exported) == 406 and exported.chat_template == CHAT_TEMPLATE
+    assert AutoModelForCausalLM.from_pretrained(hf_dir).config.vocab_size == 406
+    messages, tools = SHORT_TOOL_CHAT["messages"], SHORT_TOOL_CHAT["tools"]
+    training_ids = encode_chat(with_chat_template(AutoTokenizer.from_pretrained(old_tokenizer_dir)), messages,
+                               tools=tools)[0]
+    assert exported.apply_chat_template(messages, tools=tools, tokenize=True)["input_ids"] == training_ids
+    for source in (sft, hf_dir):  # the checkpoint names the old tokenizer, the export holds the grown one
+        model, tok, _ = open_model(source)
+        assert model.config.vocab_size == len(tok) == 406 and tok.chat_template == CHAT_TEMPLATE
+    with torch.no_grad():
+        assert model(torch.tensor([training_ids[:8]])).logits.shape[-1] == 406
