@@ -25,9 +25,10 @@ from support.loading.checkpoint import rebuilt
 from dataset import PretrainDataset, document_start_ids, encode_chat
 from support.model.hf_llama import export_hf
 from support.loading.sources import initial_model, open_model, with_chat_template
-from test_data import CONVERSATIONS, oracle
-from train_helpers import QUIET, make_pretrain_data, make_sft_data, read_metrics, write_jsonl
 from support.data.tokenizer_spec import CHAT_MARKERS, CHAT_TEMPLATE
+from test_data import CONVERSATIONS, oracle
+from test_tool_data import TOOL_CHAT, TOOLS, tool_oracle
+from train_helpers import QUIET, make_pretrain_data, make_sft_data, read_metrics, write_jsonl
 
 VOCAB = 600
 
@@ -200,3 +201,4 @@ def test_a_foreign_base_continues_pretraining_then_learns_to_chat(tmp_path, tiny
     assert AutoModelForCausalLM.from_pretrained(hf_dir).config.vocab_size == VOCAB + 8
     for messages in CONVERSATIONS:
         assert encode_chat(exported_tok, messages) == oracle(exported_tok, messages)
+    assert encode_chat(exported_tok, TOOL_CHAT, tools=TOOLS) == tool_oracle(exported_tok, TOOL_CHAT, TOOLS)
