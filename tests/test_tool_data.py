@@ -156,6 +156,7 @@ def test_each_tool_layout_reads_as_its_openai_messages(tmp_path, tiny_tokenizer,
     ours = sft_record(record)
     assert ours["tools"] == tools and ours.get("id") == record.get("id")
     assert all(isinstance(m["content"], str) for m in ours["conversations"])  # null content read as ""
+    assert sft_record(ours) == ours  # what convert_sft writes reads back as itself
 
 
 def test_openai_record_keeps_its_fields():
