@@ -19,45 +19,159 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from support.data.tokenizer_spec import tokenizer_fingerprint
+from support.data.tokenizer_spec import SPECIAL_TOKENS, tokenizer_fingerprint
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SFT records: every common shape, read into one list of {"role", "content"} messages.
+# SFT records: every common shape, read into one list of OpenAI-style messages: {"role", "content"}, an
+# assistant's optionally with "reasoning_content" and "tool_calls", a tool's result as role "tool".
 
-ROLES = ("system", "user", "assistant")
-# ShareGPT's speakers ("human" / "gpt") and BelleGroup's ("human" / "assistant") as roles
-SPEAKERS = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's speakers ("human" / "gpt") and BelleGroup's ("human" / "assistant") as roles; tool-calling ShareGPT
+# data adds "function_call" (an assistant turn whose value is the call's JSON) and "observation" (a tool's result)
+SPEAKERS = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+            "function_call": "assistant", "observation": "tool"}
 # the key that tells each object shape apart -> the keys that shape consumes (any others are kept as metadata)
 SFT_SHAPES = {
-    "messages": ("messages", "system"),
-    "conversations": ("conversations", "system"),
-    "instruction": ("instruction", "input", "output", "system"),
+    "messages": ("messages", "system", "tools"),
+    "conversations": ("conversations", "system", "tools"),
+    "instruction": ("instruction", "input", "output", "system", "tools"),
+    "answers": ("query", "answers", "tools"),  # xLAM: a query answered by tool calls
 }
 ACCEPTED_SFT = ('[{"role", "content"}, ...] | {"messages": [{"role", "content"}, ...]} | '
                 '{"conversations": [{"role", "content"}, ...]} | '
-                '{"conversations": [{"from": "system"|"human"|"gpt"|"assistant", "value"}, ...]} '
-                '(ShareGPT, BelleGroup) | {"instruction", "input", "output"} (Alpaca); '
-                'an object may add a "system" prompt')
+                '{"conversations": [{"from": "system"|"human"|"gpt"|"assistant"|"function_call"|"observation", '
+                '"value"}, ...]} (ShareGPT, BelleGroup) | {"instruction", "input", "output"} (Alpaca) | '
+                '{"query", "answers": [{"name", "arguments"}, ...], "tools"} (xLAM); an object may add a "system" '
+                'prompt and "tools" (function schemas); an assistant message may have "reasoning_content" and '
+                '"tool_calls", a "tool" message answers a call')
 
 
-def _turns_to_messages(turns, where: str) -> list[dict]:
-    """{"role", "content"} turns, or ShareGPT {"from", "value"} ones (told apart by the first turn), as messages."""
+def _json(text: str, what: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: not JSON ({e.msg} at column {e.colno})") from None
+
+
+def _plain(text: str, what: str) -> None:
+    """Refuse a chat token in text the template writes outside the messages' free text (a tool definition, a
+    call): encode_chat would read it as that control token, not as text."""
+    token = next((t for t in SPECIAL_TOKENS if t in text), None)
+    if token is not None:
+        raise ValueError(f"{what} contains the chat token {token}: written outside the messages' text, it would "
+                         "become that control token")
+
+
+def _tools(value) -> list[dict] | None:
+    """A record's "tools" (a list or its JSON string; empty = none) in OpenAI's shape, {"type": "function",
+    "function": {"name", ...}}: a bare function object (xLAM's and ShareGPT's) is wrapped, an OpenAI one kept
+    as it is, so the template writes it as the user's own would render."""
+    if isinstance(value, str):
+        value = _json(value, '"tools"') if value.strip() else None
+    if not value:
+        return None
+    if not isinstance(value, list):
+        raise ValueError('"tools" must be a list of function schemas (or its JSON string)')
+    tools = []
+    for j, tool in enumerate(value):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError(f'"tools" item {j} must be a function schema with a "name"')
+        _plain(json.dumps(tool, ensure_ascii=False), f'"tools" item {j}')
+        tools.append(tool if "function" in tool else {"type": "function", "function": tool})
+    return tools
+
+
+def _tool_calls(calls, where: str, tools: list[dict] | None) -> list[dict]:
+    """Tool calls in OpenAI's shape, {"id"?, "type": "function", "function": {"name", "arguments"}}, from it or
+    from bare {"name", "arguments"} ones (xLAM's answers, ShareGPT's function_call). Arguments are a JSON object
+    or its string, which is kept as written (the template writes it as it is); the name must be one of `tools`."""
+    if not isinstance(calls, list) or not calls:
+        raise ValueError(f"{where} must be a non-empty list of tool calls")
+    names = None if tools is None else [t["function"]["name"] for t in tools]
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where} call {j}"
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or "arguments" not in function:
+            raise ValueError(f'{at} must be an object with "name" and "arguments" (or "function": {{"name", '
+                             '"arguments"})')
+        name, arguments = function["name"], function["arguments"]
+        if names is not None and name not in names:
+            raise ValueError(f'{at} calls {name!r}, which is not in the record\'s "tools" ({", ".join(names)})')
+        parsed = _json(arguments, f"{at} arguments") if isinstance(arguments, str) else arguments
+        if not isinstance(parsed, dict):
+            raise ValueError(f"{at} arguments must be a JSON object")
+        for text in (name, arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)):
+            _plain(text, at)
+        if not isinstance(call.get("id", ""), str):
+            raise ValueError(f'{at} "id" must be a string')
+        call_id = {"id": call["id"]} if "id" in call else {}
+        out.append({**call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
+    return out
+
+
+def _openai_message(t: dict, i: int, tools: list[dict] | None) -> dict:
+    """A {"role", "content"} message: an assistant's may add "reasoning_content" and "tool_calls" (its content
+    then may be null or absent, read as ""), a tool's keeps its "tool_call_id"."""
+    role, content = t["role"], t.get("content")
+    calls = t.get("tool_calls") if role == "assistant" else None  # [] is no calls, as in OpenAI's API
+    if calls:
+        calls = _tool_calls(calls, f'message {i} "tool_calls"', tools)
+    if not isinstance(content, str) and not (content is None and calls):
+        raise ValueError(f'message {i} "content" must be a string' + (" (or null with tool_calls)" if role ==
+                                                                      "assistant" else ""))
+    message = {"role": role, "content": content or ""}
+    if role == "assistant" and t.get("reasoning_content") is not None:
+        if not isinstance(t["reasoning_content"], str):
+            raise ValueError(f'message {i} "reasoning_content" must be a string')
+        message["reasoning_content"] = t["reasoning_content"]
+    if calls:
+        message["tool_calls"] = calls
+    if role == "tool" and "tool_call_id" in t:
+        if not isinstance(t["tool_call_id"], str):
+            raise ValueError(f'message {i} "tool_call_id" must be a string')
+        message["tool_call_id"] = t["tool_call_id"]
+    return message
+
+
+def _sharegpt_message(t: dict, i: int, tools: list[dict] | None) -> dict:
+    """A {"from", "value"} turn; a "function_call" turn's value is the call's JSON (a list for parallel calls)."""
+    value = t["value"]
+    if t["from"] == "function_call":
+        calls = _json(value, f"message {i} value") if isinstance(value, str) else value
+        calls = calls if isinstance(calls, list) else [calls]
+        return {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls, f"message {i}", tools)}
+    if not isinstance(value, str):
+        raise ValueError(f'message {i} "value" must be a string')
+    return {"role": SPEAKERS[t["from"]], "content": value}
+
+
+def _turns_to_messages(turns, where: str, tools: list[dict] | None = None) -> list[dict]:
+    """{"role", "content"} turns, or ShareGPT {"from", "value"} ones (told apart by the first turn), as messages.
+    Tool calls must call one of `tools` (when given), and a tool's result must follow a call (the one its
+    "tool_call_id" names, when it has one)."""
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"{where} must be a non-empty list")
     sharegpt = isinstance(turns[0], dict) and "from" in turns[0]
     who, what, noun, names = ("from", "value", "speaker", SPEAKERS) if sharegpt else ("role", "content", "role", ROLES)
-    messages = []
+    messages, call_ids = [], None  # the ids of the calls so far; None before the first call
     for i, t in enumerate(turns):
-        if not isinstance(t, dict) or who not in t or what not in t:
+        if not isinstance(t, dict) or who not in t or (what not in t and not t.get("tool_calls")):
             raise ValueError(f'message {i} must be an object with "{who}" and "{what}"')
         if t[who] == "":
             raise ValueError(f"message {i} has an empty {noun}")
         if not isinstance(t[who], str) or t[who] not in names:
             raise ValueError(f"message {i} has unknown {noun} {t[who]!r} (expected one of {', '.join(names)})")
-        if not isinstance(t[what], str):
-            raise ValueError(f'message {i} "{what}" must be a string')
-        messages.append({"role": SPEAKERS[t[who]] if sharegpt else t[who], "content": t[what]})
+        message = (_sharegpt_message if sharegpt else _openai_message)(t, i, tools)
+        if "tool_calls" in message:
+            call_ids = (call_ids or set()) | {c["id"] for c in message["tool_calls"] if "id" in c}
+        if message["role"] == "tool" and call_ids is None:
+            raise ValueError(f"message {i} is a tool result, but no tool call comes before it")
+        if "tool_call_id" in message and message["tool_call_id"] not in call_ids:
+            raise ValueError(f'message {i} "tool_call_id" {message["tool_call_id"]!r} matches no earlier tool call')
+        messages.append(message)
     return messages
 
 
@@ -82,26 +196,50 @@ def _sft_shape(record) -> str:
 
 
 def sft_record(record) -> dict:
-    """A decoded SFT record of any accepted shape (ACCEPTED_SFT) in ours: {"conversations": [{"role",
-    "content"}, ...], **its other keys} (metadata such as a test split's "label"). The messages have a known
-    role and string content, and one is an assistant reply (there is nothing to learn otherwise); anything
-    else raises ValueError(reason)."""
+    """A decoded SFT record of any accepted shape (ACCEPTED_SFT) in ours: {"conversations": messages, "tools":
+    [OpenAI function schemas] (only when it has some), **its other keys} (metadata such as a test split's
+    "label"). The messages render in the chat template as the same messages given to
+    apply_chat_template(messages, tools=tools) would: a known role and string content ("" for an assistant's
+    null content beside tool calls), an assistant's "reasoning_content" and "tool_calls" ({"type": "function",
+    "function": {"name", "arguments"}}, arguments as given), a tool's "tool_call_id". One message is an
+    assistant reply (there is nothing to learn otherwise); anything else raises ValueError(reason)."""
+    tools = None
     if isinstance(record, list):
         messages, metadata = _turns_to_messages(record, "the conversation"), {}
     else:
         shape = _sft_shape(record)
+        tools = _tools(record.get("tools"))
         if shape == "instruction":  # Alpaca: the input, when there is one, follows the instruction
             prompt = "\n".join(filter(None, (_string(record, "instruction"), _string(record, "input", required=False))))
             messages = [{"role": "user", "content": prompt},
                         {"role": "assistant", "content": _string(record, "output")}]
+        elif shape == "answers":  # xLAM: the query's answer is the tool calls alone
+            answers = record["answers"]
+            answers = _json(answers, '"answers"') if isinstance(answers, str) else answers
+            messages = [{"role": "user", "content": _string(record, "query")},
+                        {"role": "assistant", "content": "", "tool_calls": _tool_calls(answers, '"answers"', tools)}]
         else:
-            messages = _turns_to_messages(record[shape], f'"{shape}"')
+            messages = _turns_to_messages(record[shape], f'"{shape}"', tools)
         system = _string(record, "system", required=False)
         messages = ([{"role": "system", "content": system}] if system else []) + messages
         metadata = {k: v for k, v in record.items() if k not in SFT_SHAPES[shape]}
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("conversation has no assistant message")
-    return {"conversations": messages, **metadata}
+    return {"conversations": messages, **({"tools": tools} if tools else {}), **metadata}
+
+
+def conversation_texts(record: dict) -> Iterator[str]:
+    """The free text of an SFT record (sft_record's shape), as its chat rendering holds it: each message's
+    content and reasoning, each call's arguments and the tool definitions (as the template writes them)."""
+    for m in record["conversations"]:
+        yield m["content"]
+        if "reasoning_content" in m:
+            yield m["reasoning_content"]
+        for call in m.get("tool_calls", ()):
+            arguments = call["function"]["arguments"]
+            yield arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    for tool in record.get("tools", ()):
+        yield json.dumps(tool, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -460,12 +598,14 @@ class IndexedJsonlDataset(Dataset):
 
 class SFTDataset(IndexedJsonlDataset):
     """Chat conversations (any shape sft_record accepts) -> (X, Y, loss_mask), loss only on assistant replies
-    and their closing EOS; tokenized by encode_chat on access."""
+    (their reasoning, text and tool calls) and their closing EOS; tokenized by encode_chat, with the record's
+    tools, on access."""
 
     key = "conversations"
 
     def __getitem__(self, i: int):
-        ids, mask = self.padded(*encode_chat(self.tokenizer, self.record(i)["conversations"]))
+        record = self.record(i)
+        ids, mask = self.padded(*encode_chat(self.tokenizer, record["conversations"], tools=record.get("tools")))
         ids, mask = torch.tensor(ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.float32)
         return ids[:-1], ids[1:], mask[1:]
 
@@ -556,12 +696,12 @@ class PreferenceDataset(IndexedJsonlDataset):
 
 
 def record_chars(record: dict) -> int:
-    """Characters of a {"text"} record's text, an SFT record's message contents, an RL prompt, a preference
+    """Characters of a {"text"} record's text, an SFT record's free text (conversation_texts), an RL prompt, a preference
     pair's prompt and replies or an evaluation task document's text fields."""
     if "text" in record:
         return len(record["text"])
     if "conversations" in record:
-        return sum(len(m["content"]) for m in record["conversations"])
+        return sum(map(len, conversation_texts(record)))
     if "chosen" in record:
         return sum(len(m["content"]) for m in record["prompt"]) + len(record["chosen"]) + len(record["rejected"])
     if isinstance(record.get("prompt"), str):

@@ -6,9 +6,10 @@ adapters; the loss covers assistant replies only (SFTDataset's loss mask).
     python ddp_sft_full.py --lora_r 8 --learning_rate 2e-3  # LoRA: adapters only (lora.py)
     torchrun --nproc_per_node=8 ddp_sft_full.py --batch_size 32
 
-The tokenizer is the --init_from model's own unless --tokenizer_path says otherwise; when it has no chat
-template (a base model's), ours is added with its two special tokens and the embeddings grow to hold them
-(loading.with_chat_template, loading.initial_model). The loop and checkpoint format live in
+The tokenizer is the --init_from model's own unless --tokenizer_path says otherwise; when it lacks our chat
+format (a base model's without a chat template, or ours from before tools and thinking), our template is
+added with the special tokens it lacks and the embeddings grow to hold them, said in the log's model line
+(chat_tokens.with_chat_template, sources.initial_model). The loop and checkpoint format live in
 trainer.py, the flags in train_flags.py; this script picks the data, the tokenizer and the initial model.
 """
 
@@ -48,7 +49,8 @@ class SFT(Task):
         lora.add_flags(parser)
 
     def tokenizer(self, args: argparse.Namespace) -> tuple[Any, str]:
-        """The --init_from model's tokenizer (or --tokenizer_path), with a chat template: ours if it has none."""
+        """The --init_from model's tokenizer (or --tokenizer_path), with a chat template: ours, with its tokens,
+        if it has none or ours from before tools and thinking."""
         path = tokenizer_dir_for(args.init_from, args.tokenizer_path)
         return with_chat_template(load_tokenizer(path)), path
 

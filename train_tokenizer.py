@@ -5,9 +5,10 @@
 
 The corpus is streamed line by line into the trainer, so RAM does not grow with the corpus size.
 Each JSONL line is either {"text": ...} (pretraining) or an SFT conversation in any shape dataset.py reads
-(ShareGPT, BelleGroup, Alpaca, OpenAI messages, bare lists); both are read, so the chat words of the SFT
-data get merges too. Held-out files (sft_val / sft_test / pretrain_val) are not in the defaults on
-purpose: a tokenizer fitted on them would leak into evaluation.
+(ShareGPT, BelleGroup, Alpaca, OpenAI messages with tool calls, xLAM, bare lists); both are read, so the
+chat words of the SFT data (reasoning, tool calls and tool results too) get merges. Held-out files (sft_val /
+sft_test / pretrain_val) are not in the defaults on purpose: a tokenizer fitted on them would leak into
+evaluation.
 """
 from __future__ import annotations
 
@@ -20,15 +21,16 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from dataset import JsonlRecords
+from dataset import JsonlRecords, conversation_texts
 from support.data.tokenizer_spec import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, UNK
 
 DEFAULT_DATA = ["out/data/pretrain.jsonl", "out/data/sft_train.jsonl"]
 
 
 def iter_jsonl_texts(paths: list[str], skip_bad: bool = False) -> Iterator[str]:
-    """Yield the text of {"text"} records and the message contents of SFT records, one line at a time, with
-    a byte-based progress bar."""
+    """Yield the text of {"text"} records and the free text of SFT records (contents, reasoning, tool-call
+    arguments and tool definitions: dataset.conversation_texts), one line at a time, with a byte-based
+    progress bar."""
     total = sum(os.path.getsize(p) for p in paths)
     # disable=None: a bar on a terminal only, never carriage returns in a log file
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer corpus", disable=None) as bar:
@@ -39,7 +41,7 @@ def iter_jsonl_texts(paths: list[str], skip_bad: bool = False) -> Iterator[str]:
                 if "text" in record:
                     yield record["text"]
                 else:
-                    yield from (m["content"] for m in record["conversations"])
+                    yield from conversation_texts(record)
             done += os.path.getsize(path)
             bar.update(done - bar.n)  # skipped and blank lines at the end
 

@@ -434,6 +434,18 @@ def test_sft_dataset_reads_the_embedded_test_split(embedded, tiny_tokenizer):
 # Bad input: each class fails at start-up naming file:line; skip_bad skips and counts
 
 GOOD_CONV = json.dumps({"conversations": CONVERSATIONS[0]}, ensure_ascii=False)
+
+
+def call(name, arguments, **extra):
+    return {**extra, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_line(tool_call, tools=({"name": "add"},), **tool_message):
+    """An OpenAI record: a question, an assistant's tool call, the tool's result (with tool_message's keys) and
+    the answer, offering `tools`."""
+    return json.dumps({"tools": list(tools), "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [tool_call]},
+        {"role": "tool", "content": "5", **tool_message}, {"role": "assistant", "content": "5"}]})
 GOOD_TEXT = json.dumps({"text": "好"}, ensure_ascii=False)
 BAD_CONV = {
     "malformed_json": ('{"conversations": [', "malformed JSON"),
@@ -453,6 +465,33 @@ BAD_CONV = {
     "unknown_speaker": ('[{"from": "bot", "value": "x"}]', "unknown speaker 'bot'"),
     "speaker_not_a_string": ('[{"from": ["human"], "value": "x"}]', r"unknown speaker \['human'\]"),
     "no_reply": ('{"conversations": [{"role": "user", "content": "x"}]}', "no assistant message"),
+    # tool use (tests/test_tool_data.py reads the good shapes)
+    "unknown_tool": (tool_line(call("search", "{}")),
+                     r"""message 1 "tool_calls" call 0 calls 'search', which is not in the record's "tools" \(add\)"""),
+    "arguments_not_json": (tool_line(call("add", '{"a": 1')), 'message 1 "tool_calls" call 0 arguments: not JSON'),
+    "arguments_not_object": (tool_line(call("add", "[1, 2]")), "call 0 arguments must be a JSON object"),
+    "call_without_arguments": (tool_line({"type": "function", "function": {"name": "add"}}),
+                               'call 0 must be an object with "name" and "arguments"'),
+    "null_content_without_calls": ('[{"role": "user", "content": "q"}, {"role": "assistant", "content": null}]',
+                                   r'message 1 "content" must be a string \(or null with tool_calls\)'),
+    "tool_result_without_call": ('[{"role": "user", "content": "q"}, {"role": "tool", "content": "5"}, '
+                                 '{"role": "assistant", "content": "5"}]',
+                                 "message 1 is a tool result, but no tool call comes before it"),
+    "tool_call_id_unmatched": (tool_line(call("add", "{}", id="c1"), tool_call_id="c2"),
+                               """message 2 "tool_call_id" 'c2' matches no earlier tool call"""),
+    "chat_token_in_tools": (tool_line(call("add", "{}"), tools=[{"name": "add", "description": "<think> first"}]),
+                            '"tools" item 0 contains the chat token <think>'),
+    "chat_token_in_arguments": (tool_line(call("add", '{"a": "</tool_call>"}')),
+                                'message 1 "tool_calls" call 0 contains the chat token </tool_call>'),
+    "tools_not_json": ('{"tools": "[{", "messages": [{"role": "assistant", "content": "a"}]}', '"tools": not JSON'),
+    "tool_without_name": ('{"tools": [{"type": "function", "function": {}}], "messages": []}',
+                          '"tools" item 0 must be a function schema with a "name"'),
+    "xlam_unknown_tool": (json.dumps({"query": "q", "tools": '[{"name": "add"}]',
+                                      "answers": '[{"name": "sub", "arguments": {}}]'}),
+                          """"answers" call 0 calls 'sub'"""),
+    "xlam_no_answers": ('{"query": "q", "answers": []}', '"answers" must be a non-empty list of tool calls'),
+    "sharegpt_call_not_json": ('{"conversations": [{"from": "human", "value": "q"}, '
+                               '{"from": "function_call", "value": "add(1)"}]}', "message 1 value: not JSON"),
 }
 BAD_TEXT = {
     "malformed_json": ('{"text": "unterminated', "malformed JSON"),

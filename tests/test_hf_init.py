@@ -25,9 +25,10 @@ from support.loading.checkpoint import rebuilt
 from dataset import PretrainDataset, document_start_ids, encode_chat
 from support.model.hf_llama import export_hf
 from support.loading.sources import initial_model, open_model, with_chat_template
+from support.data.tokenizer_spec import CHAT_MARKERS, CHAT_TEMPLATE
 from test_data import CONVERSATIONS, oracle
+from test_tool_data import TOOL_CHAT, TOOLS, tool_oracle
 from train_helpers import QUIET, make_pretrain_data, make_sft_data, read_metrics, write_jsonl
-from train_tokenizer import CHAT_TEMPLATE
 
 VOCAB = 600
 
@@ -180,21 +181,24 @@ def test_a_foreign_base_continues_pretraining_then_learns_to_chat(tmp_path, tiny
     exported = json.loads((pre / "hf" / "config.json").read_text())
     assert exported["tie_word_embeddings"] is False and exported["vocab_size"] == VOCAB
 
-    # SFT from the continued model: its tokenizer (the base's) has no chat template, so ours is added
+    # SFT from the continued model: its tokenizer (the base's) has no chat template, so ours is added, with
+    # <|im_start|> <|im_end|> and the six markers of reasoning and tool calls
     chat_tok = with_chat_template(AutoTokenizer.from_pretrained(base))
+    assert chat_tok.convert_ids_to_tokens(list(range(VOCAB, VOCAB + 8))) == ["<|im_start|>", "<|im_end|>", *CHAT_MARKERS]
     grown = initial_model(pre, chat_tok).model
-    for weight in (grown.tok_embeddings.weight, grown.output.weight):  # two new rows, each the mean row
-        assert weight.shape[0] == VOCAB + 2
-        torch.testing.assert_close(weight[VOCAB:], weight[:VOCAB].mean(0).expand(2, -1))
+    for weight in (grown.tok_embeddings.weight, grown.output.weight):  # eight new rows, each the mean row
+        assert weight.shape[0] == VOCAB + 8
+        torch.testing.assert_close(weight[VOCAB:], weight[:VOCAB].mean(0).expand(8, -1))
     sft_train, sft_val = make_sft_data(tmp_path)
     ddp_sft_full.main(["--init_from", str(pre), "--data_path", sft_train, "--val_data_path", sft_val,
                        "--out_dir", str(tmp_path / "sft"), *QUIET, "--max_seq_len", "32", "--batch_size", "8",
                        "--max_steps", "4", "--log_interval", "2"])
     hf_dir = tmp_path / "sft" / "hf"
     exported_tok = AutoTokenizer.from_pretrained(hf_dir)
-    assert exported_tok.chat_template == CHAT_TEMPLATE and len(exported_tok) == VOCAB + 2
+    assert exported_tok.chat_template == CHAT_TEMPLATE and len(exported_tok) == VOCAB + 8
     assert (exported_tok.bos_token, exported_tok.eos_token, exported_tok.unk_token) == ("<s>", "<|im_end|>", "<unk>")
     assert exported_tok.convert_tokens_to_ids("</s>") == tok.eos_token_id  # the base's tokens keep their ids
-    assert AutoModelForCausalLM.from_pretrained(hf_dir).config.vocab_size == VOCAB + 2
+    assert AutoModelForCausalLM.from_pretrained(hf_dir).config.vocab_size == VOCAB + 8
     for messages in CONVERSATIONS:
         assert encode_chat(exported_tok, messages) == oracle(exported_tok, messages)
+    assert encode_chat(exported_tok, TOOL_CHAT, tools=TOOLS) == tool_oracle(exported_tok, TOOL_CHAT, TOOLS)

@@ -9,7 +9,6 @@ run continues. Shared by the trainers, model_sample.py and serve.py; it imports 
 """
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any, NamedTuple, TypedDict
@@ -21,7 +20,8 @@ from support.loading.checkpoint import (CKPT_NAME, DCP_META, DCP_NAME, build_mod
 from support.model.cpu_features import cpu_has_native_bf16
 from support.model.hf_llama import load_hf
 from k_model import Transformer
-from support.data.tokenizer_spec import BOS, CHAT_TEMPLATE, EOS, tokenizer_fingerprint
+from support.data.tokenizer_spec import tokenizer_fingerprint
+from support.loading.chat_tokens import with_chat_template
 
 DEFAULT_TOKENIZER = "out/tokenizer"
 ADAPTER_CONFIG = "adapter_config.json"  # what marks a peft adapter directory
@@ -54,22 +54,6 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"tokenizer not found: {Path(path) / 'tokenizer.json'} "
                                 "(run train_tokenizer.py or pass --tokenizer_path)")
     return AutoTokenizer.from_pretrained(path)
-
-
-def with_chat_template(tokenizer: Any) -> Any:
-    """The tokenizer itself when it has a chat template. Otherwise (a base model's tokenizer) a copy with ours
-    added: tokenizer_spec's ChatML template, its <|im_start|> / <|im_end|> as special tokens (new ids at
-    the end of the vocabulary, where the model's embeddings must grow) and <|im_end|> as EOS, since it closes
-    a reply; BOS stays the tokenizer's own, and a missing pad token becomes unk (or EOS)."""
-    if tokenizer.chat_template:
-        return tokenizer
-    tok = copy.deepcopy(tokenizer)
-    tok.add_special_tokens({"additional_special_tokens": [BOS, EOS]})
-    tok.eos_token = EOS
-    tok.chat_template = CHAT_TEMPLATE
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token or EOS
-    return tok
 
 
 class SourcedModel(NamedTuple):
@@ -204,10 +188,11 @@ def _directory_origin(path: Path, kind: str, model: Transformer) -> ModelOrigin:
 
 
 def _own_tokenizer(model: Transformer, origin: ModelOrigin, tokenizer_dir: str) -> Any:
-    """The model's tokenizer, checked against it: with our chat template added when the model has rows for
-    tokens the tokenizer lacks and the tokenizer has no template (SFT of a base model adds them)."""
+    """The model's tokenizer, checked against it: with our chat template and tokens added (with_chat_template)
+    when the model has rows for tokens the tokenizer lacks (SFT of a base model, or of ours from before tools
+    and thinking, adds them; its checkpoint names the tokenizer it started from)."""
     tokenizer = load_tokenizer(tokenizer_dir)
-    if model.config.vocab_size > len(tokenizer) and not tokenizer.chat_template:
+    if model.config.vocab_size > len(tokenizer):
         tokenizer = with_chat_template(tokenizer)
     check_model_tokenizer(SourcedModel(model, origin["source"], origin["tokenizer_fingerprint"]), tokenizer,
                           tokenizer_dir)
@@ -237,7 +222,8 @@ def initial_model(path: str | os.PathLike, tokenizer: Any, dropout: float | None
     vocab = model.config.vocab_size
     if len(tokenizer) > vocab and fingerprint in (None, tokenizer_fingerprint(tokenizer, below=vocab)):
         model = rebuilt(model, vocab_size=len(tokenizer))
-        source += f" (embeddings grown {vocab:,} -> {len(tokenizer):,} for the tokens the tokenizer adds)"
+        added = " ".join(tokenizer.convert_ids_to_tokens(list(range(vocab, len(tokenizer)))))
+        source += f" (embeddings grown {vocab:,} -> {len(tokenizer):,} for the tokens the tokenizer adds: {added})"
         fingerprint = tokenizer_fingerprint(tokenizer)
     if dropout is not None and dropout != model.config.dropout:
         model = rebuilt(model, dropout=dropout)
