@@ -49,7 +49,8 @@ import trainer
 from dataset import SFTDataset
 from ddp_grpo import sample_completions
 from ddp_pretrain import Pretrain
-from support.loading.sources import SourcedModel, check_model_tokenizer, open_model, resolve_dtype, with_chat_template
+from support.loading.sources import (SourcedModel, check_model_tokenizer, initial_model, resolve_dtype,
+                                     with_chat_template)
 from support.training.fsdp import whole_model
 from support.training.train_steps import step_seed
 from support.training.train_task import evaluate
@@ -217,17 +218,19 @@ class Distill(Pretrain):
         self.teacher = None if args.teacher_topk else self._load_teacher(args, tokenizer)
 
     def _load_teacher(self, args: argparse.Namespace, tokenizer: Any) -> torch.nn.Module:
-        """--teacher opened, checked against the student's tokenizer, frozen in --teacher_dtype."""
+        """--teacher opened, checked against the student's tokenizer, frozen in --teacher_dtype. A teacher
+        trained before its tokenizer gained the chat markers grows the same rows the student did (initial_model)."""
         try:
-            teacher, _, origin = open_model(args.teacher, own_tokenizer=False)
+            teacher, source, fingerprint = initial_model(args.teacher, tokenizer)
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"--teacher {args.teacher}: {e}") from None
-        check_model_tokenizer(SourcedModel(teacher, f"--teacher {origin['source']}", origin["tokenizer_fingerprint"]),
-                              tokenizer, args.tokenizer_path)
+        check_model_tokenizer(SourcedModel(teacher, f"--teacher {source}", fingerprint), tokenizer, args.tokenizer_path)
         params = sum(p.numel() for p in teacher.parameters())
-        if params < self.student_params and (not dist.is_initialized() or dist.get_rank() == 0):
-            print(f"warning: the teacher {origin['source']} has {params:,} parameters, fewer than the student's "
-                  f"{self.student_params:,}", flush=True)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"teacher: {source}", flush=True)
+            if params < self.student_params:
+                print(f"warning: the teacher {source} has {params:,} parameters, fewer than the student's "
+                      f"{self.student_params:,}", flush=True)
         return teacher.to(self.device, TEACHER_DTYPES[args.teacher_dtype]).eval().requires_grad_(False)
 
     def _topk_dataset(self, data: Dataset, path: str, tokenizer: Any, args: argparse.Namespace) -> Dataset:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import ddp_distill
 import ddp_pretrain
 import ddp_sft_full
 import train_tokenizer
@@ -251,6 +252,10 @@ def test_sft_on_tool_data_from_a_model_pretrained_before_the_markers(tmp_path, o
     assert f"embeddings grown 400 -> 406 for the tokens the tokenizer adds: {' '.join(CHAT_MARKERS)})" in log
     ddp_sft_full.main([*args, "--max_steps", "3", "--resume"])  # the checkpoint records the grown vocab
     assert [step for step, _ in read_metrics(sft, "loss")] == [1, 2, 3]
+    # a teacher pretrained before the markers teaches the grown student: it grows the same rows
+    ddp_distill.main(["--init_from", str(sft), "--teacher", str(pre), "--data_path", data, "--val_data_path", "",
+                      "--out_dir", str(tmp_path / "distill"), *QUIET, "--batch_size", "3", "--max_steps", "1"])
+    assert read_metrics(tmp_path / "distill", "kd")
 
     hf_dir = sft / "hf"
     exported = AutoTokenizer.from_pretrained(hf_dir)
