@@ -221,7 +221,7 @@ class Distill(Pretrain):
         """--teacher opened, checked against the student's tokenizer, frozen in --teacher_dtype. A teacher
         trained before its tokenizer gained the chat markers grows the same rows the student did (initial_model)."""
         try:
-            teacher, source, fingerprint = initial_model(args.teacher, tokenizer)
+            teacher, source, fingerprint = initial_model(args.teacher, tokenizer, grow_unknown=False)
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"--teacher {args.teacher}: {e}") from None
         check_model_tokenizer(SourcedModel(teacher, f"--teacher {source}", fingerprint), tokenizer, args.tokenizer_path)

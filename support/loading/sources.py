@@ -212,15 +212,18 @@ def model_from_state(state: dict[str, Any], source: str | os.PathLike) -> Transf
     return lora.restore(open_model(base, own_tokenizer=False).model, state, source)
 
 
-def initial_model(path: str | os.PathLike, tokenizer: Any, dropout: float | None = None) -> SourcedModel:
+def initial_model(path: str | os.PathLike, tokenizer: Any, dropout: float | None = None,
+                  grow_unknown: bool = True) -> SourcedModel:
     """A training run's starting model (--init_from): any source open_model opens, in train mode, with
     --dropout applied. When the tokenizer extends the model's own (with_chat_template added tokens at the
     end), the embeddings grow to it; the model's tokenizer must then be exactly the extended one's first
-    vocab_size tokens. Other vocabulary mismatches are left to check_model_tokenizer."""
+    vocab_size tokens, or unknown (a base without one) where grow_unknown. Other vocabulary mismatches are
+    left to check_model_tokenizer."""
     model, _, origin = open_model(path, own_tokenizer=False)
     source, fingerprint = origin["source"], origin["tokenizer_fingerprint"]
     vocab = model.config.vocab_size
-    if len(tokenizer) > vocab and fingerprint in (None, tokenizer_fingerprint(tokenizer, below=vocab)):
+    if len(tokenizer) > vocab and (fingerprint == tokenizer_fingerprint(tokenizer, below=vocab)
+                                   or fingerprint is None and grow_unknown):
         model = rebuilt(model, vocab_size=len(tokenizer))
         added = " ".join(tokenizer.convert_ids_to_tokens(list(range(vocab, len(tokenizer)))))
         source += f" (embeddings grown {vocab:,} -> {len(tokenizer):,} for the tokens the tokenizer adds: {added})"
