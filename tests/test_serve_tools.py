@@ -15,7 +15,7 @@ import random
 import openai
 import pytest
 import torch
-from test_serve import MODEL, client_for, http, live
+from test_serve import CHROMIUM, MODEL, client_for, http, live
 
 from dataset import encode_chat
 from k_model import ModelConfig, Transformer
@@ -277,3 +277,37 @@ def test_bad_tool_requests_get_a_400_naming_the_field(url, case):
     code, answer = http(f"{url}/v1/chat/completions", json.dumps({"model": MODEL, "messages": ASK, "max_tokens": 3,
                                                                   **body}))
     assert code == 400 and answer["error"]["param"] == param, answer
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_chat_page_shows_thinking_tool_calls_and_results_in_chromium(url):
+    """The page offers the tools, runs the calculator call itself, sends back its result and shows the answer:
+    the trained conversation, in the browser."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "150")
+        page.fill("#tools", json.dumps(TOOLS))
+        for text in ("Hello", "What is 12*7?"):
+            page.fill("#input", text)
+            page.press("#input", "Enter")
+            page.wait_for_function("document.getElementById('send').textContent === 'Send' && "
+                                   "!document.querySelector('.streaming')", timeout=30_000)
+        replies = page.locator(".assistant")
+        assert replies.count() == 3 and page.locator(".error").count() == 0
+        assert replies.nth(0).locator(".content").text_content() == GREETED["content"]
+        thinking = replies.nth(1).locator("details.thinking")
+        assert thinking.get_attribute("open") is None  # collapsed
+        assert not thinking.locator(".reasoning").is_visible()
+        thinking.locator("summary").click()
+        assert thinking.locator(".reasoning").is_visible()
+        assert thinking.locator(".reasoning").text_content() == THOUGHT
+        assert replies.nth(1).locator(".call").text_content() == 'calculator({"expression": "12*7"})'
+        assert page.locator(".tool").text_content() == "calculator → 84"
+        assert replies.nth(2).locator(".content").text_content() == ANSWER
+        assert replies.nth(2).locator(".thinking").count() == 0
+        browser.close()
