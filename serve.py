@@ -473,8 +473,10 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
         # as the chat REPL does: drop the oldest turns until the conversation and the reply fit the context;
         # trim_history measures the messages alone, so the tool list and the forced call start count as reply
         forced = gen.tokenizer(tools.forced, add_special_tokens=False)["input_ids"] if tools.forced else []
-        probe = [{"role": "user", "content": ""}]
-        extra = len(gen.chat_ids(probe, tools.offered, thinking)) - len(gen.chat_ids(probe)) + len(forced)
+        extra = len(forced)
+        if tools.offered or thinking is not None:
+            probe = [{"role": "user", "content": ""}]
+            extra += len(gen.chat_ids(probe, tools.offered, thinking)) - len(gen.chat_ids(probe))
         kept = gen.trim_history(messages, wanted + extra)
         return kept, gen.chat_ids(kept, tools.offered, thinking) + forced
 

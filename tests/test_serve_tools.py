@@ -244,6 +244,16 @@ def test_logprobs_cover_the_markers_and_the_call(client, gen):
     assert "".join(t.token for t in tokens) == gen.tokenizer.decode(new)  # <think>, <tool_call>, ..., <|im_end|>
 
 
+def test_a_long_conversation_with_tools_is_trimmed_to_fit_with_the_tool_list(client, gen):
+    """trim_history measures the messages alone: the tool list (and a forced call start) must be left room."""
+    history = [*HELLO, GREETED] * 20 + ASK
+    assert len(gen.chat_ids(history, TOOLS)) > gen.context_len
+    for choice in ("auto", "required"):
+        r = create(client, history, tools=TOOLS, tool_choice=choice)
+        assert r.model_extra["trimmed_messages"] > 0
+        assert r.usage.prompt_tokens + 150 <= gen.context_len
+
+
 BAD = {
     "tools not a list": ({"tools": {"type": "function"}}, "tools"),
     "a tool without a name": ({"tools": [{"type": "function", "function": {}}]}, "tools.0.function.name"),
