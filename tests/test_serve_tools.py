@@ -242,6 +242,10 @@ def test_logprobs_cover_the_markers_and_the_call(client, gen):
     ids = torch.tensor([gen.chat_ids(ASK, TOOLS)])
     new = gen.model.generate(ids, 150, 0.0, stop_id=gen.eos_id)[0].tolist()
     assert "".join(t.token for t in tokens) == gen.tokenizer.decode(new)  # <think>, <tool_call>, ..., <|im_end|>
+    # streamed, every token's logprob still comes, also while its text waits to be read (a call not closed yet)
+    chunks = create(client, ASK, tools=TOOLS, logprobs=True, top_logprobs=2, stream=True)
+    assert [t.token for c in chunks if c.choices and c.choices[0].logprobs
+            for t in c.choices[0].logprobs.content] == [t.token for t in tokens]
 
 
 def test_a_long_conversation_with_tools_is_trimmed_to_fit_with_the_tool_list(client, gen):
