@@ -10,7 +10,10 @@ Endpoints: GET / (chat page), GET /health, GET /v1/models, POST /v1/chat/complet
 The official `openai` client works unchanged: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
 Both endpoints answer logprobs (chat: logprobs, top_logprobs; completions: logprobs N, with echo the prompt's
 too, and prompts of token ids: what `lm_eval --model local-completions` scores a model with) and take OpenAI's
-presence and frequency penalties; OpenAI fields not built here (response_format, tools, ...) get a 400.
+presence and frequency penalties; OpenAI fields not built here (response_format, functions, ...) get a 400.
+Chat takes OpenAI's tools (tool_choice, parallel_tool_calls; assistant tool_calls and tool messages in the
+conversation) and answers message.tool_calls and reasoning_content, streamed too (docs/serve_tools.md);
+chat_template_kwargs {"enable_thinking": false} asks a thinking model to answer at once, as vLLM takes it.
 
 The model is loaded by TextGenerator (support/inference/text_generator.py: any ckpt.pt, run dir or HF export,
 its tokenizer) and decoded by one engine thread (generation_engine.Engine). Requests that arrive while others are generating
@@ -50,11 +53,13 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenizers import decoders, pre_tokenizers
 
+from support.data.tokenizer_spec import TOOL_CALL_START
 from support.inference.generation_engine import Engine, EngineUnavailable, Event, Job, QueueFull, Sampling, TokenLogprob
+from support.inference.tool_calls import ReplyStream, parse_reply
 from support.loading.sources import DTYPES
 from model_sample import add_context_shift_flags
 from support.inference.text_generator import TextGenerator
@@ -101,13 +106,41 @@ def one_prompt(value: Any) -> Any:
 
 # OpenAI request fields this server has not built, with the value that asks for nothing: another value is
 # refused (400), not ignored, or a client asking for JSON output or tool calls would silently get neither
-UNSUPPORTED = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "functions": [],
-               "function_call": "none", "logit_bias": {}, "suffix": "", "best_of": 1}
+# (the legacy functions / function_call: tools / tool_choice are their replacement, built here)
+UNSUPPORTED = {"response_format": {"type": "text"}, "functions": [], "function_call": "none", "logit_bias": {},
+               "suffix": "", "best_of": 1}
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionCall(BaseModel):
+    name: str = Field(pattern=TOOL_NAME)
+    arguments: str  # JSON, as the API sends it (the template writes it into the prompt as it is)
+
+    @field_validator("arguments")
+    @classmethod
+    def json_object(cls, arguments: str) -> str:
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"arguments are not JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError("arguments must be a JSON object")
+        return arguments
+
+
+class MessageToolCall(BaseModel):
+    """A call an assistant message made (its reply from this server, sent back with the conversation)."""
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]  # the roles the chat template was trained with
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]  # the roles the chat template was trained with
+    content: str | None = None  # null only for an assistant message that made tool calls
+    reasoning_content: str | None = None  # an assistant's thinking (rendered in <think>)
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None  # a tool message: the call whose result it is
 
     @field_validator("content", mode="before")
     @classmethod
@@ -118,6 +151,35 @@ class Message(BaseModel):
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
             raise ValueError('only text parts, {"type": "text", "text": "..."}, are supported')
         return "".join(p["text"] for p in content)
+
+    @model_validator(mode="after")
+    def fields_of_its_role(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("'content' is required (null only in an assistant message with 'tool_calls')")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message has no 'tool_calls' (only an assistant's)")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the 'tool_call_id' of the call whose result it is")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. strict: rendered into the prompt as the client sent it
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class TemplateKwargs(BaseModel):
+    """vLLM's chat_template_kwargs: what the chat template reads besides the messages (here: enable_thinking)."""
+    model_config = ConfigDict(extra="forbid")
+    enable_thinking: bool | None = None
 
 
 class StreamOptions(BaseModel):
@@ -152,6 +214,20 @@ class ChatRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | a named function
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def known_choice(cls, choice: Any) -> Any:
+        named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(
+            (choice.get("function") or {}).get("name"), str)
+        if choice is None or choice in ("none", "auto", "required") or named:
+            return choice
+        raise ValueError('tool_choice is "none", "auto", "required" or {"type": "function", "function": '
+                         '{"name": NAME}}')
 
 
 class CompletionRequest(GenerationRequest):
@@ -160,6 +236,62 @@ class CompletionRequest(GenerationRequest):
     echo: bool | None = None  # the reply starts with the prompt (and, with logprobs, the prompt tokens' logprobs)
 
     _one_prompt = field_validator("prompt", mode="before")(one_prompt)
+
+
+@dataclass
+class ToolUse:
+    """What a chat request's tools make of its prompt and its reply."""
+    offered: list[dict] | None = None  # the tool definitions the prompt lists (None: none)
+    readable: list[dict] = dataclasses.field(default_factory=list)  # tools whose calls the reply is read for
+    forced: str = ""  # the start of a call written in the reply's place (tool_choice "required" or named)
+    parallel: bool = True  # False: only the reply's first call counts
+
+
+def tool_use(req: ChatRequest) -> ToolUse:
+    """The request's tools, tool_choice and parallel_tool_calls, checked against each other. "none" leaves the
+    tools out of the prompt and reads no calls; "required" and a named function force a call by writing its
+    start in front of the reply (the model generates the rest): the marker, and for a name the JSON up to the
+    arguments. It stops at the colon: the space after it starts the arguments' first token in training text."""
+    tools = [t.model_dump(exclude_unset=True) for t in req.tools or []]
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) < len(names):
+        raise APIError(400, f"two tools have the same name in 'tools' ({', '.join(names)})", param="tools")
+    choice = req.tool_choice or "auto"
+    if choice not in ("none", "auto") and not tools:
+        raise APIError(400, f"tool_choice {json.dumps(choice)} needs 'tools'", param="tool_choice")
+    if choice == "none" or not tools:
+        return ToolUse()
+    forced = TOOL_CALL_START if choice == "required" else ""
+    if isinstance(choice, dict):
+        name = choice["function"]["name"]
+        if name not in names:
+            raise APIError(400, f"tool_choice names the function '{name}', which is not in 'tools' "
+                                f"({', '.join(names)})", param="tool_choice")
+        forced = TOOL_CALL_START + '{"name": ' + json.dumps(name) + ', "arguments":'
+    return ToolUse(tools, tools, forced, req.parallel_tool_calls is not False)
+
+
+def check_tool_messages(messages: list[Message]) -> None:
+    """Each tool message is the result of a call an assistant message made before it."""
+    made: set[str] = set()
+    for i, m in enumerate(messages):
+        made |= {call.id for call in m.tool_calls or []}
+        if m.role == "tool" and m.tool_call_id not in made:
+            raise APIError(400, f"messages[{i}] is the result of the tool call '{m.tool_call_id}', which no earlier "
+                                "assistant message made (its tool_calls ids)", param=f"messages.{i}.tool_call_id")
+
+
+def check_no_control_tokens(req: ChatRequest, control: list[str]) -> None:
+    """Tool definitions and call arguments are written into the prompt as the template's own text (only message
+    text is always encoded as text): a control token in them would be one, and could forge a turn."""
+    fields = {"tools": json.dumps([t.model_dump(exclude_unset=True) for t in req.tools or []], ensure_ascii=False)}
+    for i, m in enumerate(req.messages):
+        for k, call in enumerate(m.tool_calls or []):
+            fields[f"messages.{i}.tool_calls.{k}.function.arguments"] = call.function.arguments
+    for param, text in fields.items():
+        if found := next((t for t in control if t in text), None):
+            raise APIError(400, f"'{param}' holds the control token {found}; write '<' as \\u003c in its JSON "
+                                "strings", param=param)
 
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -230,6 +362,7 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
     tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # off the event loop, one at a time
     in_tokenizer = 0  # requests handed to the tokenizing thread and not back yet: one is tokenized, the rest wait
     pieces = TokenPieces(gen.tokenizer)
+    control_tokens = list(gen.tokenizer.get_added_vocab())
     # a text prompt starts a new document, after an EOS, exactly as model_sample.py --mode pretrain begins one:
     # the ids before the text's own
     document_start = len(gen.document_ids(""))
@@ -288,7 +421,7 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
             in_tokenizer -= 1
 
     def new_job(req: GenerationRequest, prompt: list[int], wanted: int, what: str, logprobs: int | None = None,
-                score_from: int | None = None) -> Job:
+                score_from: int | None = None, chat: bool = False) -> Job:
         if len(prompt) >= gen.context_len:  # the reply may outgrow the window (context shift); the prompt may not
             raise APIError(400, f"the {what} is {len(prompt)} tokens; the model's context is {gen.context_len} "
                                 "tokens, which must also hold the reply", param=what, code="context_length_exceeded")
@@ -298,7 +431,8 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
                             temperature=0.0 if top_p == 0 else temperature, top_p=top_p, top_k=req.top_k,
                             stop=req.stop, seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs,
                             presence_penalty=req.presence_penalty or 0.0,
-                            frequency_penalty=req.frequency_penalty or 0.0)
+                            frequency_penalty=req.frequency_penalty or 0.0,
+                            skip_special_tokens=not chat)  # a chat reply is read by its markers (Reply)
         job = Job(prompt, sampling, score_from)
         try:
             engine.submit(job)
@@ -334,10 +468,17 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
         return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "k_model",
                 "context_length": gen.context_len}
 
-    def trimmed_chat(messages: list[dict[str, str]], wanted: int) -> tuple[list[dict[str, str]], list[int]]:
-        # as the chat REPL does: drop the oldest turns until the conversation and the reply fit the context
-        kept = gen.trim_history(messages, wanted)
-        return kept, gen.chat_ids(kept)
+    def trimmed_chat(messages: list[dict], wanted: int, tools: ToolUse,
+                     thinking: bool | None) -> tuple[list[dict], list[int]]:
+        # as the chat REPL does: drop the oldest turns until the conversation and the reply fit the context;
+        # trim_history measures the messages alone, so the tool list and the forced call start count as reply
+        forced = gen.tokenizer(tools.forced, add_special_tokens=False)["input_ids"] if tools.forced else []
+        extra = len(forced)
+        if tools.offered or thinking is not None:
+            probe = [{"role": "user", "content": ""}]
+            extra += len(gen.chat_ids(probe, tools.offered, thinking)) - len(gen.chat_ids(probe))
+        kept = gen.trim_history(messages, wanted + extra)
+        return kept, gen.chat_ids(kept, tools.offered, thinking) + forced
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -349,16 +490,21 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
                                 "(serve.py --max_messages)", param="messages")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        tools = tool_use(req)
+        check_tool_messages(req.messages)
+        check_no_control_tokens(req, control_tokens)
+        thinking = req.chat_template_kwargs.enable_thinking if req.chat_template_kwargs else None
         wanted = req.max_completion_tokens or req.max_tokens or defaults.max_tokens
-        messages = [m.model_dump() for m in req.messages]
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
         try:
-            kept, prompt = await off_loop(trimmed_chat, messages, wanted)
+            kept, prompt = await off_loop(trimmed_chat, messages, wanted, tools, thinking)
         except TemplateError as e:  # e.g. a Llama 2 / Mistral template's raise_exception for a system prompt
             raise APIError(400, f"the model's chat template refuses these messages: {e}", param="messages") from None
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        job = new_job(req, prompt, wanted, "messages", logprobs)
+        job = new_job(req, prompt, wanted, "messages", logprobs, chat=True)
         trimmed = {"trimmed_messages": len(messages) - len(kept)} if len(kept) < len(messages) else {}
-        return await respond(request, job, req, Reply(chat=True, logprobs=logprobs, pieces=pieces), trimmed)
+        reply = Reply(chat=True, logprobs=logprobs, pieces=pieces, tools=tools)
+        return await respond(request, job, req, reply, trimmed)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -418,7 +564,9 @@ def create_app(gen: TextGenerator, model_name: str, max_batch: int = 16, api_key
                     yield f"data: {json.dumps({'error': error})}\n\n"
                     return
                 if ev.text or ev.logprobs:
-                    yield event({"choices": [reply.choice(ev.text, ev.logprobs, None, stream=True)]})
+                    choice = reply.choice(ev.text, ev.logprobs, None, stream=True)
+                    if choice.get("delta") != {} or choice["logprobs"]:  # a chat reply's text may wait (ReplyStream)
+                        yield event({"choices": [choice]})
                 if ev.finish_reason:
                     yield event({"choices": [reply.choice("", [], ev.finish_reason, stream=True)]})
                     if include_usage:
@@ -483,12 +631,16 @@ def byte_level_bytes() -> dict[str, int]:
 @dataclass
 class Reply:
     """How a job's events reach its client: as chat or as a completion, with OpenAI's logprobs of either kind
-    when asked for (`logprobs`: how many most likely tokens to show beside each), and an echoed prompt in front."""
+    when asked for (`logprobs`: how many most likely tokens to show beside each), and an echoed prompt in front.
+    A chat reply's text (with its markers) is read for reasoning and the calls of `tools` (tool_calls.py)."""
     chat: bool
     logprobs: int | None
     pieces: TokenPieces
     echo: str = ""
     chars: int = 0  # characters of the completion's text before the next event's (its text offsets)
+    tools: ToolUse = dataclasses.field(default_factory=ToolUse)
+    stream: ReplyStream | None = None  # a streamed chat reply as read so far
+    calls_sent: int = 0
 
     async def events(self, job: Job) -> AsyncIterator[Event]:
         """The job's events, the echoed prompt in front of the first one's text."""
@@ -503,13 +655,46 @@ class Reply:
         if not self.chat:
             body: dict[str, Any] = {"text": text}
         elif stream:
-            body = {"delta": {"content": text} if text else {}}
+            body = {"delta": self.delta(text, finished=finish_reason is not None)}
+            finish_reason = "tool_calls" if finish_reason and self.calls_sent else finish_reason
         else:
-            body = {"message": {"role": "assistant", "content": text}}
+            body = {"message": self.message(text)}
+            finish_reason = "tool_calls" if "tool_calls" in body["message"] else finish_reason
         logprobs = None
         if self.logprobs is not None and (entries or not stream):
             logprobs = self.chat_logprobs(entries) if self.chat else self.completion_logprobs(entries, text)
         return {"index": 0, **body, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def message(self, text: str) -> dict[str, Any]:
+        """The whole reply as OpenAI's message: content, reasoning_content, tool_calls (those present)."""
+        reply = parse_reply(self.tools.forced + text, self.tools.readable)
+        message: dict[str, Any] = {"role": "assistant", "content": reply.answer()}
+        if reply.reasoning:
+            message["reasoning_content"] = reply.reasoning
+        if calls := reply.tool_calls[: None if self.tools.parallel else 1]:
+            message["tool_calls"] = [call.openai(new_call_id()) for call in calls]
+        return message
+
+    def delta(self, text: str, finished: bool) -> dict[str, Any]:
+        """What `text` adds to a streamed reply (with `finished`, what was held back too), as OpenAI's delta:
+        reasoning_content and content pieces, and each call once it is complete, whole, in a chunk."""
+        if self.stream is None:
+            self.stream = ReplyStream(self.tools.readable)
+            self.stream.push(self.tools.forced)  # an unfinished call: nothing to send yet
+        new = self.stream.push(text) if not finished else self.stream.finish()
+        delta: dict[str, Any] = {}
+        if new.reasoning:
+            delta["reasoning_content"] = new.reasoning
+        if new.content:
+            delta["content"] = new.content
+        calls = []
+        for call in new.tool_calls:
+            if self.tools.parallel or self.calls_sent == 0:
+                calls.append({"index": self.calls_sent, **call.openai(new_call_id())})
+                self.calls_sent += 1
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
 
     def chat_logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
         shown = self.pieces.shown
@@ -528,6 +713,10 @@ class Reply:
         self.chars += len(text)
         return {"tokens": [self.pieces(t)[0] for t in tokens], "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [top(e) for e in entries], "text_offset": offsets}
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 async def cancel_on_disconnect(request: Request, job: Job) -> None:

@@ -103,7 +103,8 @@ def reference(gen: TextGenerator, messages: list[dict[str, str]], max_tokens: in
     ids = torch.tensor([gen.chat_ids(messages)])
     new = gen.model.generate(ids, max_tokens, temperature, top_p=top_p, stop_id=gen.eos_id)[0].tolist()
     n = new.index(gen.eos_id) + 1 if gen.eos_id in new else len(new)
-    return gen.decode(new[:n]), n, "stop" if gen.eos_id in new else "length"
+    # a chat reply keeps the chat markers the model writes (<think>, <tool_call>: what the server reads it by)
+    return gen.reply_text(new[:n]), n, "stop" if gen.eos_id in new else "length"
 
 
 def ask(client: openai.OpenAI, messages, max_tokens: int, stream: bool, **kw) -> tuple[str, str, object]:
@@ -474,7 +475,8 @@ BAD_REQUESTS = {
     "top_logprobs above 20": ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     "presence_penalty above 2": ({"presence_penalty": 2.5}, 400, "presence_penalty"),
     "JSON output": ({"response_format": {"type": "json_object"}}, 400, "response_format"),
-    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    "a tool without a name": ({"tools": [{"type": "function", "function": {"description": "f"}}]}, 400,
+                              "tools.0.function.name"),
     "logit_bias": ({"logit_bias": {"5": 100}}, 400, "logit_bias"),
 }
 

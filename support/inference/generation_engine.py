@@ -50,6 +50,9 @@ class Sampling:
     logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely tokens' at its place
     presence_penalty: float = 0.0  # OpenAI's penalties on tokens already generated in this reply (penalize)
     frequency_penalty: float = 0.0
+    # False: the text keeps the chat markers the model writes (<think>, <tool_call>, ...: TextGenerator.
+    # reply_text), which a chat reply is parsed by; the other special tokens are left out either way
+    skip_special_tokens: bool = True
 
     @property
     def greedy(self) -> bool:
@@ -446,7 +449,8 @@ class Engine:
     def _prefill(self, job: Job) -> tuple[Row, Prefilled] | None:
         """The job's prompt run alone (and scored, for an echo with logprobs) and its first token drawn; None if
         it failed or already ended."""
-        row = Row(job, TextStream(self.gen.decode, job.sampling.stop), self._seeded_state(job.sampling.seed))
+        decode = self.gen.decode if job.sampling.skip_special_tokens else self.gen.reply_text
+        row = Row(job, TextStream(decode, job.sampling.stop), self._seeded_state(job.sampling.seed))
         try:
             if job.score_from is not None and job.sampling.logprobs is not None:
                 job.emit(Event("", logprobs=self.batch.score(job.prompt, job.sampling.logprobs)[job.score_from :]))
