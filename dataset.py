@@ -504,13 +504,13 @@ def _assistant_spans(tokenizer, messages: list[dict], text: str, tools: list[dic
         else:  # nothing to render before a conversation's first message: its header is the generation prompt
             header = _render(tokenizer, messages[:1], True, tools, None)[len(upto):]
             before = upto[: upto.find(header) + len(header)] if header else ""
-        if not (before and upto.startswith(before) and text.startswith(upto)):
-            raise ValueError("the chat template does not render a conversation's beginning as the beginning of its "
-                             "rendering, so an assistant turn cannot be told apart from its prompt")
         end = upto.rfind(eos)
         if end < len(before):
             raise ValueError(f"the chat template does not close an assistant reply with EOS ({eos}), so a model "
                              f"trained on it would never learn to stop")
+        if not (before and upto.startswith(before) and text.startswith(upto)):
+            raise ValueError("the chat template does not render a conversation's beginning as the beginning of its "
+                             "rendering, so an assistant turn cannot be told apart from its prompt")
         spans.append((len(before), end + len(eos)))
     return spans
 
