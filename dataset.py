@@ -377,9 +377,11 @@ def read_sidecar(bin_path: str) -> dict:
 
 
 def check_sidecar_tokenizer(tokenizer, meta: dict, meta_path: str) -> None:
-    """The tokens of a .bin file must come from this tokenizer (its sidecar's fingerprint)."""
+    """The tokens of a .bin file must come from this tokenizer (its sidecar's fingerprint), or from the one it
+    extends (tokens added at the end, as the chat markers are to an older tokenizer: every id in the file still
+    means the same token)."""
     fp = tokenizer_fingerprint(tokenizer)
-    if fp != meta["tokenizer_fingerprint"]:
+    if meta["tokenizer_fingerprint"] not in (fp, tokenizer_fingerprint(tokenizer, below=meta["vocab_size"])):
         raise ValueError(f'{meta_path}: "tokenizer_fingerprint" {meta["tokenizer_fingerprint"]} does not match the '
                          f"given tokenizer ({fp}): the tokens were made by another tokenizer; rerun pretokenize")
 

@@ -1,6 +1,7 @@
 """data_process.py and dataset.py: the embedded corpus and its splits (whole documents), every SFT shape,
 pretokenization, the packed and SFT datasets against independent references (no control tokens forged from
 message text), and every bad-input class."""
+import copy
 import hashlib
 import json
 import pickle
@@ -284,6 +285,16 @@ def test_pretrain_dataset_refuses_another_tokenizer(pretokenized, tiny_texts):
 
     with pytest.raises(ValueError, match=r'corpus\.json: "tokenizer_fingerprint"'):
         PretrainDataset(str(path / "corpus.bin"), AutoTokenizer.from_pretrained(str(path / "other")))
+
+
+def test_pretrain_dataset_reads_tokens_of_the_tokenizer_it_extends(pretokenized, tiny_tokenizer):
+    """Tokens written before the tokenizer gained more (at the end of its vocabulary) keep their meaning."""
+    path, _, _ = pretokenized
+    grown = copy.deepcopy(tiny_tokenizer)
+    grown.add_special_tokens({"additional_special_tokens": ["<new_a>", "<new_b>"]})
+    assert json.loads((path / "corpus.json").read_text())["tokenizer_fingerprint"] != tokenizer_fingerprint(grown)
+    grown_data, data = (PretrainDataset(str(path / "corpus.bin"), t, max_length=8) for t in (grown, tiny_tokenizer))
+    assert all(torch.equal(a, b) for a, b in zip(grown_data[1], data[1]))
 
 
 def test_pretrain_dataset_bad_token_files(pretokenized, tiny_tokenizer):
