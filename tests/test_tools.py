@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
 
 import pytest
@@ -170,3 +169,54 @@ def test_without_tools_the_loop_is_one_plain_generation(tiny_tokenizer):
     (t,) = run_tool_loop(generate, [[1, 2]], tiny_tokenizer, None, max_new_tokens=50)
     assert len(seen) == 1 and t.num_calls == 0 and t.generated == [1] * len(t.ids)
     assert t.messages == [{"role": "assistant", "content": "x好"}]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tool-use task's data (data_process.py tools)
+
+
+def test_tool_task_holds_out_arith_test_and_never_trains_on_a_tool_result(tmp_path, tiny_tokenizer):
+    import data_process
+    import rewards
+    from support.data import task_data
+    from train_helpers import write_jsonl
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": d} for d in data_process.read_dialogues()[:40]])
+    held = write_jsonl(tmp_path / "held.jsonl", [{"conversations": [{"role": "user", "content": "好评\n正面还是负面?"},
+                                                                    {"role": "assistant", "content": "正面"}],
+                                                  "label": "正面"}])
+    sizes = dict(sft_size=60, rl_size=20, test_size=20)
+    arith = task_data.build_arith(str(tmp_path / "arith"), **sizes)
+    data_process.main(["tools", "--out_dir", str(tmp_path), "--tool_share", "0.5", "--chat_share", "0.25",
+                       "--chat_data", str(chat), "--chat_test", str(held), *(f"--{k}={v}" for k, v in sizes.items())])
+    read = lambda name: [json.loads(line) for line in (tmp_path / name).read_text(encoding="utf-8").splitlines()]
+    sft, think = read("tools_sft_train.jsonl"), read("tools_think_sft_train.jsonl")
+    arith_test = [json.loads(line) for line in Path(list(arith)[2]).read_text(encoding="utf-8").splitlines()]
+    assert read("tools_test.jsonl") == arith_test and len(read("tools_rl_train.jsonl")) == 20
+    assert read("tools_chat_test.jsonl") == [{"prompt": "好评\n正面还是负面?", "answer": "正面"}]
+    test_prompts = {r["prompt"] for r in arith_test}
+    trained = {r["messages"][0]["content"] for r in sft} | {r["prompt"] for r in read("tools_rl_train.jsonl")}
+    assert len(test_prompts) == 20 and not test_prompts & trained
+    assert all(r["tools"] == [CALCULATOR_SCHEMA] for r in sft + think) and len(sft) == len(think) == 80
+
+    calling = [r["messages"] for r in sft if len(r["messages"]) == 4]
+    problems = {json.loads(line)["conversations"][0]["content"]
+                for line in Path(list(arith)[0]).read_text(encoding="utf-8").splitlines()}
+    chats = [r["messages"] for r in sft if r["messages"][0]["content"] not in problems]
+    assert 15 <= len(calling) <= 45 and len(chats) == 20 and all("tool_calls" not in m for c in chats for m in c)
+    for user, call_turn, result, answer in calling:
+        expression = call_turn["tool_calls"][0]["function"]["arguments"]["expression"]
+        assert result["content"] == tools_file.calculator(expression) and result["tool_call_id"] == "call_0"
+        assert rewards.exact_answer([answer["content"]], answer=[result["content"]]) == [1.0]
+        ids, mask = encode_chat(tiny_tokenizer, [user, call_turn, result, answer], tools=[CALCULATOR_SCHEMA])
+        learned = tiny_tokenizer.decode([i for i, m in zip(ids, mask) if m])
+        assert learned == (f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}'
+                           f'</tool_call><|im_end|>{answer["content"]}<|im_end|>')  # never the result or the schema
+    for plain, thought in zip(sft, think):
+        if len(plain["messages"]) == 2 and ";" in plain["messages"][1]["content"]:  # answered with the working
+            working, final = plain["messages"][1]["content"].rsplit(";", 1)
+            assert thought["messages"][1] == {"role": "assistant", "reasoning_content": working, "content": final}
+        else:
+            assert all(m.get("reasoning_content") == "" for m in thought["messages"] if m["role"] == "assistant")
+    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'none.jsonl'}: no such file"):
+        data_process.main(["tools", "--out_dir", str(tmp_path), "--chat_data", str(tmp_path / "none.jsonl")])
