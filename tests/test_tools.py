@@ -220,3 +220,91 @@ def test_tool_task_holds_out_arith_test_and_never_trains_on_a_tool_result(tmp_pa
             assert all(m.get("reasoning_content") == "" for m in thought["messages"] if m["role"] == "assistant")
     with pytest.raises(SystemExit, match=f"error: {tmp_path / 'none.jsonl'}: no such file"):
         data_process.main(["tools", "--out_dir", str(tmp_path), "--chat_data", str(tmp_path / "none.jsonl")])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A tiny model that calls the calculator: what model_sample's and GRPO's tool tests run
+
+
+def tool_tokenizer(root: Path, texts: list[str]) -> str:
+    """A tiny tokenizer that has also seen the tools system turn (the template's text with calculator's schema)
+    many times, so that turn takes ~170 tokens, not ~550: the tool tests' sequences stay short."""
+    import train_tokenizer
+    from transformers import AutoTokenizer
+
+    from dataset import render_chat
+
+    plain = str(root / "plain_tokenizer")
+    train_tokenizer.save_tokenizer(train_tokenizer.build_tokenizer(iter(texts[:50]), vocab_size=300), plain)
+    system = render_chat(AutoTokenizer.from_pretrained(plain), [{"role": "user", "content": "x"}], False,
+                         load_tools("tools.py").schemas, None)[0]
+    path = str(root / "tool_tokenizer")
+    train_tokenizer.save_tokenizer(train_tokenizer.build_tokenizer(iter(texts + [system] * 300), vocab_size=1000), path)
+    return path
+
+
+def arith_call(a: int, b: int) -> list[dict]:
+    """a加b等于多少? answered with the calculator, as data_process.py tools writes it."""
+    return [{"role": "user", "content": f"{a}加{b}等于多少?"},
+            {"role": "assistant", "content": "", "tool_calls": [call(f"{a}+{b}", "call_0")]},
+            {"role": "tool", "tool_call_id": "call_0", "content": str(a + b)},
+            {"role": "assistant", "content": f"{a}+{b}={a + b}"}]
+
+
+def tool_calling_model(root: Path, tokenizer_dir: str, steps: int = 80) -> str:
+    """A checkpoint of a tiny model (dim 32) that has learnt one tool conversation by heart (arith_call(12, 5)):
+    sampled at temperature 1 it mostly calls the calculator, sometimes wrongly, and answers."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from k_model import ModelConfig, Transformer
+    from support.loading.checkpoint import config_to_dict, save_checkpoint
+    from support.loading.sources import tokenizer_fingerprint
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=len(tok), max_seq_len=320)
+    model = Transformer(config)
+    ids, mask = encode_chat(tok, arith_call(12, 5), tools=load_tools("tools.py").schemas)
+    x, y, m = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]), torch.tensor([mask[1:]], dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = (model(x, y, loss_mask=m).last_loss.view_as(m) * m).sum() / m.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = root / "tool_model" / "ckpt.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "model_config": config_to_dict(config), "step": 0,
+                           "vocab_size": len(tok), "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+                           "args": {"tokenizer_path": tokenizer_dir}})
+    return str(path.parent)
+
+
+@pytest.fixture(scope="module")
+def tool_model(tmp_path_factory, tiny_texts, one_thread):
+    root = tmp_path_factory.mktemp("tool_model")
+    return tool_calling_model(root, tool_tokenizer(root, tiny_texts))
+
+
+def test_model_sample_runs_the_calls_and_shows_them_in_batch_and_chat(tool_model, capsys):
+    """Greedy, the model calls calculator("12+5"), reads 17 and answers; in chat the next turn sees the calls and
+    results as history (the conversation goes on)."""
+    import io
+
+    import model_sample
+
+    flags = ["--model", tool_model, "--tools", "tools.py", "--temperature", "0", "--max_new_tokens", "64",
+             "--device", "cpu", "--dtype", "float32"]
+    model_sample.main(flags + ["--prompt", "12加5等于多少?"])
+    assert capsys.readouterr().out == ('user> 12加5等于多少?\nassistant> call> calculator({"expression": "12+5"})\n'
+                                       'tool> 17\nassistant> 12+5=17\n')
+    args = model_sample.parse_args(flags + ["--chat"])
+    gen = model_sample.TextGenerator(tool_model, device="cpu", dtype="float32")
+    out = io.StringIO()
+    model_sample.chat_repl(gen, args, stdin=io.StringIO("12加5等于多少?\n12加5等于多少?\n"), stdout=out,
+                           tools=load_tools("tools.py"))
+    replies = [line for line in out.getvalue().splitlines() if line.startswith(("assistant>", "call>", "tool>"))]
+    assert replies[:3] == ['assistant> call> calculator({"expression": "12+5"})', "tool> 17", "assistant> 12+5=17"]
+    assert len(replies) > 3  # a second reply, after the first exchange's five messages
+    with pytest.raises(SystemExit, match="--tools needs a chat model"):
+        model_sample.main(flags + ["--mode", "pretrain"])

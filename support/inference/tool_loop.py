@@ -117,6 +117,8 @@ def run_tool_loop(generate: Generate, prompts: list[list[int]], tokenizer: Any, 
     that does not fit is cut and ends it); at most max_rounds rounds of calls run (a reply's calls past them
     are kept in its message but not run, and the trajectory ends). tools None: one plain generation per row,
     its text decoded without special tokens."""
+    if max_rounds < 0:
+        raise ValueError(f"--max_tool_rounds {max_rounds}: must be >= 0")
     eos = tokenizer.eos_token_id
     out = [Trajectory() for _ in prompts]
     active = list(range(len(prompts)))
