@@ -8,8 +8,11 @@ import torch
 from k_model import Transformer
 
 
-def completion_seed(seed: int, step: int, index: int, k: int) -> int:
-    return (((seed * 1_000_003 + step) * 1_000_000_007 + index) * 1_009 + k) % 2**63
+def completion_seed(seed: int, step: int, index: int, k: int, round_: int = 0) -> int:
+    """The seed of completion k of prompt `index` at `step`; round_ > 0: of its generation after round_ rounds of
+    tool calls (a tuple of ints hashes the same in every process)."""
+    first = (((seed * 1_000_003 + step) * 1_000_000_007 + index) * 1_009 + k) % 2**63
+    return first if round_ == 0 else hash((first, round_)) % 2**63
 
 
 @torch.inference_mode()
