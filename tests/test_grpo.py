@@ -20,6 +20,7 @@ import torch
 import ddp_grpo
 import ddp_pretrain
 import rewards
+from support.inference.tool_loop import Trajectory
 from support.loading.checkpoint import load_checkpoint
 from support.loading.sources import model_from_state, open_model
 from support.training.optim import make_optimizer
@@ -114,6 +115,10 @@ def test_built_in_rewards_read_conversational_completions():
     assert rewards.answer_format(as_messages) == [1.0, 0.0]
     assert rewards.exact_answer(as_messages, answer=["59", "59"]) == [1.0, 0.0]
     assert rewards.numeric_closeness(as_messages, answer=["59", "59"]) == pytest.approx([1.0, 1 - 1 / 59])
+    with_tool = [{"role": "assistant", "content": "", "tool_calls": [{"id": "call_0_0", "type": "function", "function": {
+        "name": "calculator", "arguments": '{"expression": "42+17"}'}}]}, {"role": "tool", "content": "59"},
+                 {"role": "assistant", "content": "42+17=59"}]
+    assert rewards.exact_answer([with_tool, with_tool[:2]], answer=["59", "59"]) == [1.0, 0.0]  # the last reply's
 
 
 BAD_REWARDS = '''
@@ -297,7 +302,8 @@ def test_log_probs_are_of_the_sampling_temperature(grpo_setup, tmp_path):
     prompts = [task.dataset(args.data_path, tokenizer, args)[i] for i in (0, 1) for _ in range(4)]
     completions = [[5 + 7 * i + t for t in range(1 + i % 4)] + [tokenizer.eos_token_id] for i in range(8)]
     rewards_ = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.0, 1.0, 1.0, 0.3])
-    batch = task._rollouts(prompts, completions, torch.stack([rewards_, torch.zeros(8)], 1), 1.0)  # 2nd: weight 0.5
+    trajectories = [Trajectory(ids=c, generated=[1] * len(c)) for c in completions]
+    batch = task._rollouts(prompts, trajectories, torch.stack([rewards_, torch.zeros(8)], 1), 1.0)  # 2nd: weight 0.5
     ours = task.loss_sums(policy, batch, torch.device("cpu"))["loss"] / task.loss_units(batch)
     grads = torch.autograd.grad(ours, list(policy.parameters()))
 
@@ -523,7 +529,7 @@ def test_tool_rollouts_two_processes_train_like_one(tool_setup, tmp_path):
 
 
 def test_tool_rollouts_resume_like_an_uninterrupted_run(tool_setup, tmp_path):
-    common = tool_args(tool_setup, "--max_steps", "6")
+    common = tool_args(tool_setup, "--max_steps", "5")
     ddp_grpo.main(common + ["--out_dir", str(tmp_path / "whole")])
     cut, log = tmp_path / "cut", tmp_path / "cut.log"
     proc = start_script("ddp_grpo.py", common + ["--out_dir", str(cut)], log)
@@ -533,9 +539,9 @@ def test_tool_rollouts_resume_like_an_uninterrupted_run(tool_setup, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 128 + signal.SIGINT, log.read_text()[-3000:]
-    assert 2 <= torch.load(cut / "ckpt.pt", weights_only=True)["step"] < 6
+    assert 2 <= torch.load(cut / "ckpt.pt", weights_only=True)["step"] < 5
     ddp_grpo.main(common + ["--out_dir", str(cut), "--resume"])
-    assert_same_run(tmp_path / "whole", cut, 6, TOOL_METRICS)
+    assert_same_run(tmp_path / "whole", cut, 5, TOOL_METRICS)
 
 
 def test_arithmetic_task_holds_out_its_test_problems_and_its_answers_verify(tmp_path):
