@@ -5,7 +5,9 @@ A reward function follows TRL's convention (GRPOTrainer's), so a reward file wri
     def reward(completions: list, **kwargs) -> list[float | None]
 
 It is called with one value per completion of a batch, by keyword: `completions` (a string, or for a prompt
-given as a list of messages, the list [{"role": "assistant", "content": text}]), `prompts` (each record's
+given as a list of messages, the list [{"role": "assistant", "content": text}]; with ddp_grpo.py --tools, a
+string prompt's is the final answer's text and a message prompt's the assistant and tool messages of the whole
+trajectory), `prompts` (each record's
 "prompt" as given), `completion_ids` (the sampled token ids, the closing EOS included), `num_tool_calls` (the
 tool calls run in the completion: ddp_grpo.py --tools; 0 without), every other column of
 the prompts' JSONL records (repeated for the completions of one prompt), and `trainer_state` (transformers'
