@@ -152,10 +152,11 @@ def prompt_messages(value: Any) -> list[dict[str, str]]:
 
 class PromptDataset(Dataset):
     """The prompts of a JSONL file, tokenized up front (prompt sets are small), with the `tools` schemas listed
-    when given. A prompt that leaves fewer than max_completion_length tokens of context is skipped, and the
+    when given (and enable_thinking=False: an empty think block after the generation prompt). A prompt that leaves fewer than max_completion_length tokens of context is skipped, and the
     count is said on stderr."""
 
-    def __init__(self, path: str, tokenizer: Any, max_prompt_len: int, tools: list[dict] | None = None):
+    def __init__(self, path: str, tokenizer: Any, max_prompt_len: int, tools: list[dict] | None = None,
+                 enable_thinking: bool | None = None):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such file")
         self.items: list[Prompt] = []
@@ -171,7 +172,7 @@ class PromptDataset(Dataset):
                     if not isinstance(record, dict) or "prompt" not in record:
                         raise ValueError('expected a JSON object with a "prompt"')
                     ids = encode_chat(tokenizer, prompt_messages(record["prompt"]), add_generation_prompt=True,
-                                      tools=tools)[0]
+                                      tools=tools, enable_thinking=enable_thinking)[0]
                 except ValueError as e:
                     raise ValueError(f"{row}: {e}") from None
                 columns = {k: v for k, v in record.items() if k != "prompt"}
@@ -288,6 +289,7 @@ class GRPO(SFT):
         reward_weights=None,
         tools=None,
         max_tool_rounds=3,
+        no_thinking=False,
     )
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
@@ -313,6 +315,9 @@ class GRPO(SFT):
                        "rollouts (module docstring)")
         g.add_argument("--max_tool_rounds", type=int, help="rounds of tool calls per completion at most "
                        f"(default: {d['max_tool_rounds']})")
+        g.add_argument("--no_thinking", action="store_true", default=None, help="the chat template's "
+                       "enable_thinking=False: every generation prompt gets an empty think block, so a model trained "
+                       "to think answers at once (rollouts and evaluation)")
         g.add_argument("--beta", type=float, help="KL coefficient to the --init_from model; 0 loads no reference "
                        f"(default: {d['beta']})")
 
@@ -338,6 +343,7 @@ class GRPO(SFT):
         if args.max_tool_rounds < 0:
             raise ValueError(f"--max_tool_rounds must be >= 0, got {args.max_tool_rounds}")
         self.tools = load_tools(args.tools) if args.tools else None
+        self.enable_thinking = False if args.no_thinking else None  # None: the template's default, the model decides
         self.args, self.device, self.tokenizer = args, device, tokenizer
         self.rewards: list[Reward] = load_rewards(args.reward, args.reward_weights)
         self.dtype = resolve_dtype(args.dtype, device)
@@ -358,7 +364,7 @@ class GRPO(SFT):
 
     def dataset(self, path: str, tokenizer: Any, args: argparse.Namespace) -> PromptDataset:
         prompts = PromptDataset(path, tokenizer, args.max_seq_len - args.max_completion_length,
-                                self.tools.schemas if self.tools else None)
+                                self.tools.schemas if self.tools else None, self.enable_thinking)
         check_columns(self.rewards, prompts.columns or set(), path)
         return prompts
 
@@ -403,7 +409,7 @@ class GRPO(SFT):
                                           temperature, generators)
 
         return run_tool_loop(generate, [p.ids for p in rows], tok, self.tools, a.max_completion_length,
-                             a.max_tool_rounds)
+                             a.max_tool_rounds, self.enable_thinking)
 
     def _score(self, rows: list[Prompt], trajectories: list[Trajectory], steps_done: int) -> torch.Tensor:
         """Each function's reward of each completion, the function called as TRL's GRPOTrainer calls it: a prompt

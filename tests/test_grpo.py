@@ -544,6 +544,21 @@ def test_tool_rollouts_resume_like_an_uninterrupted_run(tool_setup, tmp_path):
     assert_same_run(tmp_path / "whole", cut, 5, TOOL_METRICS)
 
 
+def test_no_thinking_prompts_are_what_transformers_renders_with_enable_thinking_false(grpo_setup, tiny_tokenizer):
+    """--no_thinking: each prompt is apply_chat_template(..., enable_thinking=False), ending in an empty think block;
+    with --tools the tool list comes first, as transformers renders it."""
+    from support.inference.tool_loop import load_tools
+
+    schemas = load_tools("tools.py").schemas
+    for tools in (None, schemas):
+        prompts = ddp_grpo.PromptDataset(grpo_setup["train"], tiny_tokenizer, 1000, tools, enable_thinking=False)
+        for p in prompts.items[:3]:
+            want = tiny_tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], tools=tools,
+                                                      add_generation_prompt=True, enable_thinking=False, tokenize=True)
+            assert p.ids == want["input_ids"]
+            assert tiny_tokenizer.decode(p.ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
 def test_arithmetic_task_holds_out_its_test_problems_and_its_answers_verify(tmp_path):
     from support.data import task_data
 
