@@ -152,8 +152,8 @@ def prompt_messages(value: Any) -> list[dict[str, str]]:
 
 class PromptDataset(Dataset):
     """The prompts of a JSONL file, tokenized up front (prompt sets are small), with the `tools` schemas listed
-    when given (and enable_thinking=False: an empty think block after the generation prompt). A prompt that leaves fewer than max_completion_length tokens of context is skipped, and the
-    count is said on stderr."""
+    when given (and enable_thinking=False: an empty think block after the generation prompt). A prompt that
+    leaves fewer than max_completion_length tokens of context is skipped, and the count is said on stderr."""
 
     def __init__(self, path: str, tokenizer: Any, max_prompt_len: int, tools: list[dict] | None = None,
                  enable_thinking: bool | None = None):

@@ -2,7 +2,8 @@
 functions with type hints and a docstring whose Args section describes each parameter, from which their JSON
 schema is made (transformers.utils.get_json_schema, as apply_chat_template(tools=[function]) does). Write your
 own file the same way: every public function defined in it is a tool. A tool returns text (anything else is
-shown as JSON); an exception it raises is shown to the model as the error text.
+shown as JSON); an exception it raises is shown to the model as the error text. Every prompt lists the schemas,
+so a short description leaves a small model's context to the conversation.
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ _SIGNS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
 
 def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression of numbers with + - * / and parentheses, e.g. "37+48" or "(12-5)*3".
+    """Evaluate + - * / and parentheses on numbers.
 
     Args:
-        expression: the expression to evaluate
+        expression: e.g. 37+48
     """
     try:
         tree = ast.parse(expression.strip(), mode="eval")

@@ -20,10 +20,8 @@ CALCULATOR_SCHEMA = {  # written out here: what apply_chat_template(tools=[calcu
     "type": "function",
     "function": {
         "name": "calculator",
-        "description": 'Evaluate an arithmetic expression of numbers with + - * / and parentheses, e.g. "37+48" or '
-                       '"(12-5)*3".',
-        "parameters": {"type": "object", "properties": {"expression": {"type": "string",
-                                                                       "description": "the expression to evaluate"}},
+        "description": "Evaluate + - * / and parentheses on numbers.",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 37+48"}},
                        "required": ["expression"]},
         "return": {"type": "string"},
     },
