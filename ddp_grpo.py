@@ -355,7 +355,7 @@ class GRPO(SFT):
         names = [f"reward_{r.short_name}" for r in self.rewards]
         self.metrics = ("loss", "reward", "reward_std", *(f"{n}{s}" for n in names for s in ("", "_std")),
                         "completion_len", "truncated", "zero_std_groups", "clipped", "kl", "rollout_s",
-                        *(("tool_calls",) if self.tools else ()))
+                        *(("tool_use",) if self.tools else ()))
 
     def _load_reference(self, args: argparse.Namespace, tokenizer: Any) -> Transformer:
         start = self.initial_model(args, tokenizer)
@@ -457,7 +457,7 @@ class GRPO(SFT):
 
     def _rollout_stats(self, done: list[tuple[list[Prompt], list[Trajectory], torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Sums over this step's completions on every process: counts, rewards, lengths (the tokens the model
-        generated, which the loss trains on), tool calls, group spreads."""
+        generated, which the loss trains on), completions that called a tool, group spreads."""
         a, G = self.args, self.args.num_generations
         per_function = torch.cat([r for _, _, r in done])  # (N, F)
         trajectories = [t for _, ts, _ in done for t in ts]
@@ -470,7 +470,7 @@ class GRPO(SFT):
         rows = torch.tensor(float(len(lengths)))
         units = {"grpo": rows, "dr_grpo": rows * a.max_completion_length, "dapo": lengths.sum()}[a.loss_type]
         stats = dict(rows=rows, tokens=lengths.sum(), units=units, truncated=truncated.sum(),
-                     tool_calls=torch.tensor(float(sum(t.num_calls for t in trajectories))),
+                     tool_use=torch.tensor(float(sum(t.num_calls > 0 for t in trajectories))),
                      reward=total.nansum(), judged_rows=(~total.isnan()).float().sum(),
                      group_std=group_stds.nansum(), std_groups=(~group_stds.isnan()).float().sum(),
                      zero_std=(group_stds == 0).float().sum(), groups=torch.tensor(float(total.shape[0])),
@@ -493,7 +493,7 @@ class GRPO(SFT):
         m.update(completion_len=s["tokens"] / s["rows"], truncated=s["truncated"] / s["rows"],
                  zero_std_groups=s["zero_std"] / s["groups"])
         if self.tools:
-            m["tool_calls"] = s["tool_calls"] / s["rows"]
+            m["tool_use"] = s["tool_use"] / s["rows"]
         return {k: v.to(self.device) for k, v in m.items()}
 
     # -- the loss ------------------------------------------------------------------------------------------
@@ -521,11 +521,12 @@ class GRPO(SFT):
                  d: trainer.DistInfo, autocast: Any) -> dict[str, float]:
         """Greedy completions of the first --eval_samples held-out prompts, scored: the mean of each reward over
         the completions it judged (an exact-answer reward's is the accuracy), of the weighted sum over those some
-        function judged, of the completion length (generated tokens) and with --tools of the calls made."""
+        function judged, of the completion length (generated tokens) and with --tools the share of completions
+        that called a tool (on prompts that need none: the rate of needless calls)."""
         n = min(len(dataset), args.eval_samples)
         mine = [dataset[i] for i in range(d.rank, n, d.world_size)]
         F = len(self.rewards)
-        sums = torch.zeros(2 * F + 4)  # per function: judged count, sum; weighted total, judged rows, length, calls
+        sums = torch.zeros(2 * F + 4)  # per function: judged count, sum; weighted total, judged rows, length, tool use
         model.eval()
         with whole_model(model, self.dtype) as policy:
             for i in range(0, len(mine), args.batch_size * args.num_generations):
@@ -536,19 +537,19 @@ class GRPO(SFT):
                 sums += torch.cat([(~per_function.isnan()).float().sum(0), per_function.nan_to_num(0.0).sum(0),
                                    torch.stack([total.nansum(), (~total.isnan()).float().sum()]),
                                    torch.tensor([float(sum(sum(t.generated) for t in trajectories)),
-                                                 float(sum(t.num_calls for t in trajectories))])])
+                                                 float(sum(t.num_calls > 0 for t in trajectories))])])
         model.train()
         if d.world_size > 1:
             sums = sums.to(d.device)
             dist.all_reduce(sums)
             sums = sums.cpu()
-        judged, totals, (reward, judged_rows, length, calls) = sums[:F], sums[F : 2 * F], sums[2 * F :].tolist()
+        judged, totals, (reward, judged_rows, length, used) = sums[:F], sums[F : 2 * F], sums[2 * F :].tolist()
         out = {"val_reward": reward / judged_rows if judged_rows else float("nan")}
         for r, c, t in zip(self.rewards, judged.tolist(), totals.tolist()):
             out[f"val_reward_{r.short_name}"] = t / c if c else float("nan")
         out["val_completion_len"] = length / n
         if self.tools:
-            out["val_tool_calls"] = calls / n
+            out["val_tool_use"] = used / n
         return out
 
 

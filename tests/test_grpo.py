@@ -463,8 +463,8 @@ def test_prompts_longer_than_the_context_are_counted_and_skipped(grpo_setup, tmp
 
 TOOL_REWARDS = '''
 def used_tool(completions, num_tool_calls, **kw):
-    """A call earns 1, and the answer's length a little, so that a group's completions differ."""
-    return [float(n > 0) + len(c) / 16 for c, n in zip(completions, num_tool_calls)]
+    """A call earns 1, a long answer loses a little (so that a group's completions differ)."""
+    return [float(n > 0) - min(len(c), 32) / 64 for c, n in zip(completions, num_tool_calls)]
 '''
 
 
@@ -480,14 +480,14 @@ def tool_setup(tmp_path_factory, tiny_texts, one_thread):
                 train=str(write_jsonl(root / "train.jsonl", prompts)), reward=f"{root / 'tool_rewards.py'}:used_tool")
 
 
-TOOL_METRICS = ("loss", "reward", "reward_used_tool", "reward_exact_answer", "completion_len", "truncated", "tool_calls")
+TOOL_METRICS = ("loss", "reward", "reward_used_tool", "reward_exact_answer", "completion_len", "truncated", "tool_use")
 
 
 def tool_args(s: dict, *extra: str) -> list[str]:
     return ["--init_from", s["model"], "--data_path", s["train"], "--val_data_path", "", "--tools", "tools.py",
             "--reward", s["reward"], "--reward", "rewards.py:exact_answer", *QUIET, "--max_seq_len", "256",
             "--max_completion_length", "64", "--max_tool_rounds", "2", "--num_generations", "2", "--batch_size", "2",
-            "--learning_rate", "3e-3", "--log_interval", "1", "--save_interval", "100", "--sample_tokens", "0", *extra]
+            "--learning_rate", "3e-4", "--log_interval", "1", "--save_interval", "100", "--sample_tokens", "0", *extra]
 
 
 def test_tool_rollouts_train_only_on_the_tokens_the_model_wrote(tool_setup):
@@ -521,7 +521,7 @@ def test_tool_rollouts_two_processes_train_like_one(tool_setup, tmp_path):
     """Multi-turn rollouts (each round seeded on its own) on 2 processes x 1 prompt = 1 process x 2 prompts."""
     one = tmp_path / "one"
     ddp_grpo.main(tool_args(tool_setup, "--max_steps", "2", "--out_dir", str(one)))
-    assert all(calls > 0 for _, calls in read_metrics(one, "tool_calls"))
+    assert all(share > 0 for _, share in read_metrics(one, "tool_use"))
     two = run_script("ddp_grpo.py", tool_args(tool_setup, "--max_steps", "2", "--out_dir", str(tmp_path / "two"),
                                               "--batch_size", "1"), nproc=2, timeout=240)
     assert two.returncode == 0, two.stderr[-3000:]
