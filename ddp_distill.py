@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 
 import trainer
 from dataset import SFTDataset
-from ddp_grpo import sample_completions
+from support.inference.rollouts import sample_completions
 from ddp_pretrain import Pretrain
 from support.loading.sources import (SourcedModel, check_model_tokenizer, initial_model, resolve_dtype,
                                      with_chat_template)

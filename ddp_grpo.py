@@ -4,6 +4,7 @@
     python ddp_grpo.py --reward rewards.py:exact_answer --reward rewards.py:answer_format --reward_weights 1 0.2
     python ddp_grpo.py --reward my_rewards.py:length_penalty --loss_type dapo --epsilon_high 0.28
     torchrun --nproc_per_node=8 ddp_grpo.py --reward rewards.py:exact_answer --batch_size 4
+    python ddp_grpo.py --tools tools.py --reward rewards.py:exact_answer --data_path out/data/tools_rl_train.jsonl
 
 Data: one JSON object per line with a "prompt" (a string: the user's message; or a list of {"role",
 "content"} messages, whose completions the reward functions then get as messages too) and any other columns,
@@ -20,6 +21,14 @@ of each with the model as it is (KV-cache decoding, batched), scores them, and t
         are softmax(logits / --temperature), the distribution the completions are sampled from (as TRL)
     --loss_type grpo: mean over completions of each one's token mean; dr_grpo: token sum / (completions x
         --max_completion_length); dapo: token sum / completion tokens, over the whole step on every process
+
+--tools FILE.py makes a rollout multi-turn (support/inference/tool_loop.py): the prompts list the file's functions,
+a completion's tool calls run and their results are appended as the template's tool turns, and generation goes
+on, up to --max_tool_rounds rounds of calls and --max_completion_length tokens in all. The loss is on the model's
+own tokens only (never a tool result or a token the template put in); the reward functions see the whole
+trajectory: a string prompt's completion is the final answer's text, a message-list prompt's the assistant and
+tool messages (TRL's conversational form), and every function gets num_tool_calls. Each generation round of a
+completion samples from its own seeded generator, so tools keep 2 processes = 1 and resume = uninterrupted.
 
 One optimizer step per batch of rollouts, so pi_old is the policy itself (rho = 1 with its gradient, clipping
 inactive, as TRL with num_iterations=1). A group's completions stay on one process, so its statistics are
@@ -49,6 +58,8 @@ import trainer
 from dataset import decode_json, encode_chat
 from ddp_sft_full import SFT
 from k_model import Transformer
+from support.inference.rollouts import completion_seed, sample_completions
+from support.inference.tool_loop import Trajectory, load_tools, run_tool_loop
 from support.training.fsdp import whole_model
 from support.loading.sources import check_model_tokenizer, resolve_dtype
 from rewards import Reward, check_columns, load_rewards, score
@@ -140,10 +151,12 @@ def prompt_messages(value: Any) -> list[dict[str, str]]:
 
 
 class PromptDataset(Dataset):
-    """The prompts of a JSONL file, tokenized up front (prompt sets are small). A prompt that leaves fewer than
-    max_completion_length tokens of context is skipped, and the count is said on stderr."""
+    """The prompts of a JSONL file, tokenized up front (prompt sets are small), with the `tools` schemas listed
+    when given (and enable_thinking=False: an empty think block after the generation prompt). A prompt that
+    leaves fewer than max_completion_length tokens of context is skipped, and the count is said on stderr."""
 
-    def __init__(self, path: str, tokenizer: Any, max_prompt_len: int):
+    def __init__(self, path: str, tokenizer: Any, max_prompt_len: int, tools: list[dict] | None = None,
+                 enable_thinking: bool | None = None):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such file")
         self.items: list[Prompt] = []
@@ -158,7 +171,8 @@ class PromptDataset(Dataset):
                     record = decode_json(raw)
                     if not isinstance(record, dict) or "prompt" not in record:
                         raise ValueError('expected a JSON object with a "prompt"')
-                    ids = encode_chat(tokenizer, prompt_messages(record["prompt"]), add_generation_prompt=True)[0]
+                    ids = encode_chat(tokenizer, prompt_messages(record["prompt"]), add_generation_prompt=True,
+                                      tools=tools, enable_thinking=enable_thinking)[0]
                 except ValueError as e:
                     raise ValueError(f"{row}: {e}") from None
                 columns = {k: v for k, v in record.items() if k != "prompt"}
@@ -186,50 +200,6 @@ class PromptDataset(Dataset):
 # Rollouts
 
 
-def completion_seed(seed: int, step: int, index: int, k: int) -> int:
-    return (((seed * 1_000_003 + step) * 1_000_000_007 + index) * 1_009 + k) % 2**63
-
-
-@torch.inference_mode()
-def sample_completions(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
-                       pad_id: int, temperature: float = 0.0,
-                       generators: list[torch.Generator] | None = None) -> list[list[int]]:
-    """Each prompt's completion ids (ending with EOS unless cut at max_new_tokens), decoded together through
-    the KV cache (k_model's new_caches / prefill / decode_step), prompts left-padded. temperature 0 is greedy;
-    otherwise row i draws from generators[i] (Gumbel-max: argmax(logits / T + Gumbel noise) samples the softmax),
-    so a row's tokens do not depend on the other rows of the batch."""
-    device, rows = model.device, len(prompts)
-    width = max(map(len, prompts))
-    tokens = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device, dtype=torch.bool)
-    new = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long)
-    done = torch.zeros(rows, dtype=torch.bool)
-    with model.packed_weights():
-        caches = model.new_caches(rows, device)
-        logits, pos, key_mask = model.prefill(tokens, real, caches)
-        slot = torch.tensor([width], device=device)
-        for t in range(max_new_tokens):
-            if temperature == 0:
-                tok = logits.argmax(-1).cpu()
-            else:
-                gumbel = torch.stack([-torch.empty(logits.shape[-1]).exponential_(generator=g).log()
-                                      for g in generators])
-                tok = (logits.float().cpu() / temperature + gumbel).argmax(-1)
-            new[:, t] = torch.where(done, pad_id, tok)
-            done |= tok == eos_id
-            if bool(done.all()) or t + 1 == max_new_tokens:
-                break
-            key_mask[:, width + t] = True
-            logits = model.decode_step(tok.to(device), pos, slot, key_mask[:, : width + t + 1], caches)
-            pos += 1
-            slot += 1
-    completions = []
-    for row in new.tolist():
-        end = row.index(eos_id) + 1 if eos_id in row else max_new_tokens
-        completions.append(row[:end])
-    return completions
-
-
 class Rollouts(NamedTuple):
     """One micro-batch of completions as training rows: prompt + completion, right-padded."""
     x: torch.Tensor  # (N, T) int64
@@ -240,9 +210,10 @@ class Rollouts(NamedTuple):
     units_per_token: float  # the step's loss units / its completion tokens (all processes): token-mean metrics
 
 
-def training_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, y, mask for prompt + completion rows, right-padded, mask on the completion's targets."""
+def training_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                  generated: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, y, mask for prompt + completion rows, right-padded, mask on the completion's targets: on those the
+    model generated (generated[i][j] = 1; all of them when not given), never on a tool's result."""
     seqs = [p + c for p, c in zip(prompts, completions)]
     width = max(map(len, seqs)) - 1
     x = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -250,7 +221,7 @@ def training_rows(prompts: list[list[int]], completions: list[list[int]], pad_id
     for i, (seq, p) in enumerate(zip(seqs, prompts)):
         n = len(seq) - 1
         x[i, :n], y[i, :n] = torch.tensor(seq[:-1]), torch.tensor(seq[1:])
-        mask[i, len(p) - 1 : n] = 1
+        mask[i, len(p) - 1 : n] = 1 if generated is None else torch.tensor(generated[i], dtype=mask.dtype)
     return x, y, mask
 
 
@@ -316,6 +287,9 @@ class GRPO(SFT):
         beta=0.0,
         reward=None,
         reward_weights=None,
+        tools=None,
+        max_tool_rounds=3,
+        no_thinking=False,
     )
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
@@ -337,6 +311,13 @@ class GRPO(SFT):
                        f"(default: {d['loss_type']})")
         g.add_argument("--epsilon", type=float, help=f"lower clipping range of the ratio (default: {d['epsilon']})")
         g.add_argument("--epsilon_high", type=float, help="upper clipping range (DAPO: 0.28) (default: --epsilon)")
+        g.add_argument("--tools", help="FILE.py whose functions the model may call (tools.py: a calculator): multi-turn "
+                       "rollouts (module docstring)")
+        g.add_argument("--max_tool_rounds", type=int, help="rounds of tool calls per completion at most "
+                       f"(default: {d['max_tool_rounds']})")
+        g.add_argument("--no_thinking", action="store_true", default=None, help="the chat template's "
+                       "enable_thinking=False: every generation prompt gets an empty think block, so a model trained "
+                       "to think answers at once (rollouts and evaluation)")
         g.add_argument("--beta", type=float, help="KL coefficient to the --init_from model; 0 loads no reference "
                        f"(default: {d['beta']})")
 
@@ -359,6 +340,10 @@ class GRPO(SFT):
             raise ValueError("--beta, --epsilon and --epsilon_high must be >= 0")
         if args.num_workers:
             raise ValueError("--num_workers must be 0: rollouts sample from the model being trained")
+        if args.max_tool_rounds < 0:
+            raise ValueError(f"--max_tool_rounds must be >= 0, got {args.max_tool_rounds}")
+        self.tools = load_tools(args.tools) if args.tools else None
+        self.enable_thinking = False if args.no_thinking else None  # None: the template's default, the model decides
         self.args, self.device, self.tokenizer = args, device, tokenizer
         self.rewards: list[Reward] = load_rewards(args.reward, args.reward_weights)
         self.dtype = resolve_dtype(args.dtype, device)
@@ -369,7 +354,8 @@ class GRPO(SFT):
         self.tempered = Tempered(args.temperature, [model] + ([self.reference] if self.reference is not None else []))
         names = [f"reward_{r.short_name}" for r in self.rewards]
         self.metrics = ("loss", "reward", "reward_std", *(f"{n}{s}" for n in names for s in ("", "_std")),
-                        "completion_len", "truncated", "zero_std_groups", "clipped", "kl", "rollout_s")
+                        "completion_len", "truncated", "zero_std_groups", "clipped", "kl", "rollout_s",
+                        *(("tool_use",) if self.tools else ()))
 
     def _load_reference(self, args: argparse.Namespace, tokenizer: Any) -> Transformer:
         start = self.initial_model(args, tokenizer)
@@ -377,7 +363,8 @@ class GRPO(SFT):
         return start.model.float().to(self.device).eval().requires_grad_(False)
 
     def dataset(self, path: str, tokenizer: Any, args: argparse.Namespace) -> PromptDataset:
-        prompts = PromptDataset(path, tokenizer, args.max_seq_len - args.max_completion_length)
+        prompts = PromptDataset(path, tokenizer, args.max_seq_len - args.max_completion_length,
+                                self.tools.schemas if self.tools else None, self.enable_thinking)
         check_columns(self.rewards, prompts.columns or set(), path)
         return prompts
 
@@ -396,32 +383,44 @@ class GRPO(SFT):
         with whole_model(model, self.dtype) as policy:  # under --parallel fsdp a gathered copy
             for prompts in batches:
                 rows = [p for p in prompts for _ in range(G)]
-                generators = [torch.Generator().manual_seed(completion_seed(a.seed, step, p.index, k))
-                              for p in prompts for k in range(G)]
-                with self.autocast():
-                    completions = sample_completions(policy, [p.ids for p in rows], a.max_completion_length,
-                                                     self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
-                                                     a.temperature, generators)
-                done.append((rows, completions, self._score(rows, completions, step)))
+                seeds = [(a.seed, step, p.index, k) for p in prompts for k in range(G)]
+                trajectories = self._trajectories(policy, rows, a.temperature, seeds)
+                done.append((rows, trajectories, self._score(rows, trajectories, step)))
         model.train()
         stats = self._rollout_stats(done)
         units_per_token = float(stats["units"] / stats["tokens"])
-        batches = [self._rollouts(rows, completions, rewards, units_per_token) for rows, completions, rewards in done]
+        batches = [self._rollouts(rows, trajectories, rewards, units_per_token) for rows, trajectories, rewards in done]
         extra = self._rollout_metrics(stats)
         extra["rollout_s"] = torch.tensor(time.perf_counter() - began, device=self.device)  # the loop averages ranks
         self.steps_done = step + 1  # what an evaluation after this step tells the reward functions
         return batches, extra
 
-    def _score(self, rows: list[Prompt], completions: list[list[int]], steps_done: int) -> torch.Tensor:
-        """Each function's reward of each completion, the function called as TRL's GRPOTrainer calls it."""
-        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-        # a prompt given as messages gets its completion as one, TRL's conversational format
-        shown = [[{"role": "assistant", "content": t}] if isinstance(p.prompt, list) else t
-                 for p, t in zip(rows, texts)]
+    def _trajectories(self, policy: Transformer, rows: list[Prompt], temperature: float,
+                      seeds: list[tuple[int, int, int, int]] | None = None) -> list[Trajectory]:
+        """Each row's completion (with --tools, its rounds of calls and results): temperature 0 greedy, else
+        row i's round r draws from a generator seeded by completion_seed(*seeds[i], r), whatever batch it is in."""
+        a, tok = self.args, self.tokenizer
+
+        def generate(indices: list[int], prompts: list[list[int]], max_new_tokens: int, round_: int) -> list[list[int]]:
+            generators = None if seeds is None else [
+                torch.Generator().manual_seed(completion_seed(*seeds[i], round_)) for i in indices]
+            with self.autocast():
+                return sample_completions(policy, prompts, max_new_tokens, tok.eos_token_id, tok.pad_token_id,
+                                          temperature, generators)
+
+        return run_tool_loop(generate, [p.ids for p in rows], tok, self.tools, a.max_completion_length,
+                             a.max_tool_rounds, self.enable_thinking)
+
+    def _score(self, rows: list[Prompt], trajectories: list[Trajectory], steps_done: int) -> torch.Tensor:
+        """Each function's reward of each completion, the function called as TRL's GRPOTrainer calls it: a prompt
+        given as messages gets its completion as messages (TRL's conversational format: the assistant's, and
+        with tools the tool results), a string prompt the text of the final answer."""
+        shown = [t.messages if isinstance(p.prompt, list) else t.answer for p, t in zip(rows, trajectories)]
         columns = {k: [p.columns.get(k) for p in rows] for k in rows[0].columns}
         return score(self.rewards, shown, [p.prompt for p in rows], columns, [p.row for p in rows],
-                     completion_ids=completions, trainer_state=self._trainer_state(steps_done),
-                     log_extra=self.log_extra, log_metric=self.log_metric)
+                     completion_ids=[t.ids for t in trajectories], num_tool_calls=[t.num_calls for t in trajectories],
+                     trainer_state=self._trainer_state(steps_done), log_extra=self.log_extra,
+                     log_metric=self.log_metric)
 
     def _trainer_state(self, steps_done: int) -> TrainerState:
         """What TRL passes reward functions as trainer_state (a curriculum reads global_step / max_steps)."""
@@ -444,10 +443,11 @@ class GRPO(SFT):
 
         return log
 
-    def _rollouts(self, rows: list[Prompt], completions: list[list[int]], per_function: torch.Tensor,
+    def _rollouts(self, rows: list[Prompt], trajectories: list[Trajectory], per_function: torch.Tensor,
                   units_per_token: float) -> Rollouts:
         a = self.args
-        x, y, mask = training_rows([p.ids for p in rows], completions, self.tokenizer.pad_token_id)
+        x, y, mask = training_rows([p.ids for p in rows], [t.ids for t in trajectories], self.tokenizer.pad_token_id,
+                                   [t.generated for t in trajectories])
         advantages = group_advantages(weighted(per_function, self.rewards), a.num_generations, a.scale_rewards)
         ref = None
         if self.reference is not None:
@@ -455,13 +455,14 @@ class GRPO(SFT):
                 ref = token_logps(self.reference, x.to(self.device), y.to(self.device), mask.to(self.device))
         return Rollouts(x, y, mask, advantages, ref, units_per_token)
 
-    def _rollout_stats(self, done: list[tuple[list[Prompt], list[list[int]], torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Sums over this step's completions on every process: counts, rewards, lengths, group spreads."""
+    def _rollout_stats(self, done: list[tuple[list[Prompt], list[Trajectory], torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Sums over this step's completions on every process: counts, rewards, lengths (the tokens the model
+        generated, which the loss trains on), completions that called a tool, group spreads."""
         a, G = self.args, self.args.num_generations
         per_function = torch.cat([r for _, _, r in done])  # (N, F)
-        lengths = torch.tensor([float(len(c)) for _, completions, _ in done for c in completions])
-        truncated = torch.tensor([float(c[-1] != self.tokenizer.eos_token_id)
-                                  for _, completions, _ in done for c in completions])
+        trajectories = [t for _, ts, _ in done for t in ts]
+        lengths = torch.tensor([float(sum(t.generated)) for t in trajectories])
+        truncated = torch.tensor([float(t.ids[-1] != self.tokenizer.eos_token_id) for t in trajectories])
         total = weighted(per_function, self.rewards).view(-1, G)  # NaN: judged by no function
         group_stds = nan_std(total)  # NaN: fewer than two judged
         judged = ~per_function.isnan()
@@ -469,6 +470,7 @@ class GRPO(SFT):
         rows = torch.tensor(float(len(lengths)))
         units = {"grpo": rows, "dr_grpo": rows * a.max_completion_length, "dapo": lengths.sum()}[a.loss_type]
         stats = dict(rows=rows, tokens=lengths.sum(), units=units, truncated=truncated.sum(),
+                     tool_use=torch.tensor(float(sum(t.num_calls > 0 for t in trajectories))),
                      reward=total.nansum(), judged_rows=(~total.isnan()).float().sum(),
                      group_std=group_stds.nansum(), std_groups=(~group_stds.isnan()).float().sum(),
                      zero_std=(group_stds == 0).float().sum(), groups=torch.tensor(float(total.shape[0])),
@@ -490,6 +492,8 @@ class GRPO(SFT):
             m[f"reward_{r.short_name}"], m[f"reward_{r.short_name}_std"] = means[j], stds[j]
         m.update(completion_len=s["tokens"] / s["rows"], truncated=s["truncated"] / s["rows"],
                  zero_std_groups=s["zero_std"] / s["groups"])
+        if self.tools:
+            m["tool_use"] = s["tool_use"] / s["rows"]
         return {k: v.to(self.device) for k, v in m.items()}
 
     # -- the loss ------------------------------------------------------------------------------------------
@@ -517,33 +521,35 @@ class GRPO(SFT):
                  d: trainer.DistInfo, autocast: Any) -> dict[str, float]:
         """Greedy completions of the first --eval_samples held-out prompts, scored: the mean of each reward over
         the completions it judged (an exact-answer reward's is the accuracy), of the weighted sum over those some
-        function judged, and of the completion length."""
+        function judged, of the completion length (generated tokens) and with --tools the share of completions
+        that called a tool (on prompts that need none: the rate of needless calls)."""
         n = min(len(dataset), args.eval_samples)
         mine = [dataset[i] for i in range(d.rank, n, d.world_size)]
         F = len(self.rewards)
-        sums = torch.zeros(2 * F + 3)  # per function: judged count, sum; then weighted total, judged rows, length
+        sums = torch.zeros(2 * F + 4)  # per function: judged count, sum; weighted total, judged rows, length, tool use
         model.eval()
         with whole_model(model, self.dtype) as policy:
             for i in range(0, len(mine), args.batch_size * args.num_generations):
                 rows = mine[i : i + args.batch_size * args.num_generations]
-                with autocast():
-                    completions = sample_completions(policy, [p.ids for p in rows], args.max_completion_length,
-                                                     self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
-                per_function = self._score(rows, completions, self.steps_done)
+                trajectories = self._trajectories(policy, rows, temperature=0.0)
+                per_function = self._score(rows, trajectories, self.steps_done)
                 total = weighted(per_function, self.rewards)
                 sums += torch.cat([(~per_function.isnan()).float().sum(0), per_function.nan_to_num(0.0).sum(0),
                                    torch.stack([total.nansum(), (~total.isnan()).float().sum()]),
-                                   torch.tensor([float(sum(map(len, completions)))])])
+                                   torch.tensor([float(sum(sum(t.generated) for t in trajectories)),
+                                                 float(sum(t.num_calls > 0 for t in trajectories))])])
         model.train()
         if d.world_size > 1:
             sums = sums.to(d.device)
             dist.all_reduce(sums)
             sums = sums.cpu()
-        judged, totals, (reward, judged_rows, length) = sums[:F], sums[F : 2 * F], sums[2 * F :].tolist()
+        judged, totals, (reward, judged_rows, length, used) = sums[:F], sums[F : 2 * F], sums[2 * F :].tolist()
         out = {"val_reward": reward / judged_rows if judged_rows else float("nan")}
         for r, c, t in zip(self.rewards, judged.tolist(), totals.tolist()):
             out[f"val_reward_{r.short_name}"] = t / c if c else float("nan")
         out["val_completion_len"] = length / n
+        if self.tools:
+            out["val_tool_use"] = used / n
         return out
 
 

@@ -7,6 +7,8 @@
     python model_sample.py --eval        # val perplexity (out/pretrain) and sentiment accuracy (out/sft)
     python model_sample.py --model out/sft/hf --prompt "你好"   # an HF export works too (its own tokenizer)
     python model_sample.py --model out/sft/adapter           # a LoRA adapter (peft format) on its base model
+    python model_sample.py --tools tools.py --prompt "37加48等于多少?"   # the model may call tools.py's functions
+    python model_sample.py --tools tools.py --chat           # chat with tools: each call and result is shown
 
 --model names the model for every mode, as in serve.py and eval_model.py; the original design's
 --pretrain_path / --sft_path (the defaults out/pretrain, out/sft) still work. A model path may be a ckpt.pt
@@ -14,6 +16,11 @@
 else its hf/ export), an HF model directory (any LlamaForCausalLM) or a peft adapter directory. The tokenizer
 is --tokenizer_path, else the one saved with the model (a checkpoint's: the one it was trained with), else
 out/tokenizer; a model whose vocabulary differs from it is refused.
+
+--tools FILE.py offers the file's functions to the model (their JSON schemas in the system turn): a reply's tool
+calls run, their results go back as tool turns and the model goes on, up to --max_tool_rounds rounds of calls
+(support/inference/tool_loop.py); the calls, results and answer are printed as `call>`, `tool>` and
+`assistant>` lines. --max_new_tokens then bounds the whole exchange, the tool turns included.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import torch
 from dataset import JsonlRecords
 from support.cli import ArgumentParser
 from support.inference.text_generator import DEFAULT_CONTEXT_LEN, TextGenerator, build_messages
+from support.inference.tool_loop import Generate, Tools, load_tools, run_tool_loop
 from support.loading.sources import DTYPES
 
 DEFAULT_PRETRAIN_PROMPTS = ["中国", "北京", "今天"]
@@ -61,8 +69,40 @@ def sentiment_accuracy(gen: TextGenerator, test_path: str, batch_size: int = 64,
 # Command line
 
 
+def one_at_a_time(gen: TextGenerator, args: argparse.Namespace) -> Generate:
+    """The tool loop's generate: each prompt's reply alone, with the sampling flags, ending with EOS where the
+    model ended it (k_model.generate keeps the stop token)."""
+    @torch.inference_mode()
+    def generate(rows: list[int], prompts: list[list[int]], max_new_tokens: int, round_: int) -> list[list[int]]:
+        return [gen.model.generate(torch.tensor([p], device=gen.device), max_new_tokens, args.temperature, args.top_k,
+                                   args.top_p, stop_id=gen.eos_id)[0].tolist() for p in prompts]
+
+    return generate
+
+
+def tool_exchange(gen: TextGenerator, args: argparse.Namespace, tools: Tools, messages: list[dict],
+                  stdout: TextIO) -> list[dict]:
+    """The model's replies to `messages` with the tools (the loop: calls, results, the answer), printed one line
+    a turn after the "assistant> " already printed; returns the new messages (OpenAI's shape)."""
+    ids = gen.chat_ids(messages, tools.schemas)
+    (t,) = run_tool_loop(one_at_a_time(gen, args), [ids], gen.tokenizer, tools, args.max_new_tokens,
+                         args.max_tool_rounds)
+    lines = []
+    for m in t.messages:
+        if m["role"] == "tool":
+            lines.append(f"tool> {m['content']}")
+            continue
+        if m.get("reasoning_content"):
+            lines.append(f"assistant> <think>{m['reasoning_content']}</think>")
+        if m["content"] or not m.get("tool_calls"):
+            lines.append(f"assistant> {m['content']}")
+        lines += [f"call> {c['function']['name']}({c['function']['arguments']})" for c in m.get("tool_calls", [])]
+    print("\n".join(lines).removeprefix("assistant> "), file=stdout, flush=True)
+    return t.messages
+
+
 def chat_repl(gen: TextGenerator, args: argparse.Namespace, stdin: TextIO = sys.stdin,
-              stdout: TextIO = sys.stdout) -> None:
+              stdout: TextIO = sys.stdout, tools: Tools | None = None) -> None:
     """Multi-turn chat on stdin/stdout. /reset forgets the conversation, /exit (or end of input) quits."""
     print(f"chat with {gen.info['source']} (/reset clears the history, /exit quits)", file=stdout, flush=True)
     history: list[dict[str, str]] = []
@@ -83,6 +123,9 @@ def chat_repl(gen: TextGenerator, args: argparse.Namespace, stdin: TextIO = sys.
             continue
         messages = gen.trim_history(build_messages(text, args.system_prompt, history), args.max_new_tokens)
         print("assistant> ", end="", file=stdout, flush=True)
+        if tools is not None:
+            history = [m for m in messages if m["role"] != "system"] + tool_exchange(gen, args, tools, messages, stdout)
+            continue
         reply = ""
         for piece in gen.sft_stream(messages, args.max_new_tokens, args.temperature, args.top_k, args.top_p):
             reply += piece
@@ -92,7 +135,7 @@ def chat_repl(gen: TextGenerator, args: argparse.Namespace, stdin: TextIO = sys.
         history = [m for m in messages if m["role"] != "system"] + [{"role": "assistant", "content": reply}]
 
 
-def run_samples(gen: TextGenerator, args: argparse.Namespace) -> None:
+def run_samples(gen: TextGenerator, args: argparse.Namespace, tools: Tools | None = None) -> None:
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p)
     prompts = args.prompt or (DEFAULT_PRETRAIN_PROMPTS if args.mode == "pretrain" else DEFAULT_SFT_PROMPTS)
@@ -109,7 +152,9 @@ def run_samples(gen: TextGenerator, args: argparse.Namespace) -> None:
                     print(gen.pretrain_sample(prompt, 1, **sampling)[0][len(prompt):])
             else:
                 print(f"user> {prompt}\nassistant> ", end="", flush=True)
-                if args.stream:
+                if tools is not None:
+                    tool_exchange(gen, args, tools, build_messages(prompt, args.system_prompt), sys.stdout)
+                elif args.stream:
                     messages = build_messages(prompt, args.system_prompt)
                     for piece in gen.sft_stream(messages, **sampling):
                         print(piece, end="", flush=True)
@@ -170,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--tools", default=None, help="FILE.py whose functions the model may call (tools.py: a calculator); "
+                   "sft mode and --chat")
+    p.add_argument("--max_tool_rounds", type=int, default=3, help="rounds of tool calls per answer at most")
     add_context_shift_flags(p)
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat with the SFT model")
     p.add_argument("--no_compile", action="store_true",
@@ -206,14 +254,17 @@ def main(argv: list[str] | None = None) -> None:
             run_eval(args)
             return
         path = args.pretrain_path if args.mode == "pretrain" else args.sft_path
+        if args.tools and args.mode == "pretrain":
+            raise ValueError("--tools needs a chat model: --mode sft or --chat")
+        tools = load_tools(args.tools) if args.tools else None
         gen = TextGenerator(path, args.tokenizer_path, args.device, args.dtype, args.context_shift, args.context_keep,
                             args.context_len)
         if args.chat:
             if not args.no_compile:  # a session generates many replies: compiling pays off
                 gen.compile_decode()
-            chat_repl(gen, args)
+            chat_repl(gen, args, tools=tools)
         else:
-            run_samples(gen, args)
+            run_samples(gen, args, tools)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -5,8 +5,11 @@ A reward function follows TRL's convention (GRPOTrainer's), so a reward file wri
     def reward(completions: list, **kwargs) -> list[float | None]
 
 It is called with one value per completion of a batch, by keyword: `completions` (a string, or for a prompt
-given as a list of messages, the list [{"role": "assistant", "content": text}]), `prompts` (each record's
-"prompt" as given), `completion_ids` (the sampled token ids, the closing EOS included), every other column of
+given as a list of messages, the list [{"role": "assistant", "content": text}]; with ddp_grpo.py --tools, a
+string prompt's is the final answer's text and a message prompt's the assistant and tool messages of the whole
+trajectory), `prompts` (each record's
+"prompt" as given), `completion_ids` (the sampled token ids, the closing EOS included), `num_tool_calls` (the
+tool calls run in the completion: ddp_grpo.py --tools; 0 without), every other column of
 the prompts' JSONL records (repeated for the completions of one prompt), and `trainer_state` (transformers'
 TrainerState: global_step, max_steps, epoch...), `log_extra` and `log_metric` (accepted so that TRL's
 reward files run; what they log is not recorded here, which the run notes once per name). The simplest
@@ -36,16 +39,19 @@ RewardFn = Callable[..., Sequence[float | None]]
 
 
 # what every reward function is called with besides the records' columns, which therefore may not use these names
-PASSED = ("completions", "prompts", "completion_ids", "trainer_state", "log_extra", "log_metric")
+PASSED = ("completions", "prompts", "completion_ids", "num_tool_calls", "trainer_state", "log_extra", "log_metric")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Built-in rewards
 
 
-def completion_text(completion: str | list[dict[str, str]]) -> str:
-    """A completion as text: a conversational prompt's completion comes as [{"role": "assistant", "content": ...}]."""
-    return completion if isinstance(completion, str) else completion[0]["content"]
+def completion_text(completion: str | list[dict[str, Any]]) -> str:
+    """A completion as text: a conversational prompt's completion comes as messages ([{"role": "assistant",
+    "content": ...}], with tools the calls' results and later replies too): the last reply's text."""
+    if isinstance(completion, str):
+        return completion
+    return next((m["content"] for m in reversed(completion) if m["role"] == "assistant"), "")
 
 
 def _gold(answer: Any) -> str:

@@ -20,6 +20,7 @@ import torch
 import ddp_grpo
 import ddp_pretrain
 import rewards
+from support.inference.tool_loop import Trajectory
 from support.loading.checkpoint import load_checkpoint
 from support.loading.sources import model_from_state, open_model
 from support.training.optim import make_optimizer
@@ -114,6 +115,10 @@ def test_built_in_rewards_read_conversational_completions():
     assert rewards.answer_format(as_messages) == [1.0, 0.0]
     assert rewards.exact_answer(as_messages, answer=["59", "59"]) == [1.0, 0.0]
     assert rewards.numeric_closeness(as_messages, answer=["59", "59"]) == pytest.approx([1.0, 1 - 1 / 59])
+    with_tool = [{"role": "assistant", "content": "", "tool_calls": [{"id": "call_0_0", "type": "function", "function": {
+        "name": "calculator", "arguments": '{"expression": "42+17"}'}}]}, {"role": "tool", "content": "59"},
+                 {"role": "assistant", "content": "42+17=59"}]
+    assert rewards.exact_answer([with_tool, with_tool[:2]], answer=["59", "59"]) == [1.0, 0.0]  # the last reply's
 
 
 BAD_REWARDS = '''
@@ -264,7 +269,9 @@ def rounding_through_adamw(run: Path, state: dict, model: torch.nn.Module) -> di
     return {name: lrs * u * float(g) / eps for name, g in bound.items()}
 
 
-def assert_same_run(a: Path, b: Path, steps: int) -> None:
+def assert_same_run(a: Path, b: Path, steps: int,
+                    metrics: tuple[str, ...] = ("loss", "reward", "reward_digits", "completion_len", "clipped",
+                                                "val_reward")) -> None:
     """The same trained weights (a LoRA run's adapters; `b` of either checkpoint kind) within what float32 rounding
     makes of them through AdamW (rounding_through_adamw), frozen ones equal, the same metrics at every step."""
     sa, sb = load_checkpoint(a), load_checkpoint(b)
@@ -273,7 +280,7 @@ def assert_same_run(a: Path, b: Path, steps: int) -> None:
     tolerance, weights = rounding_through_adamw(a, sa, ma), dict(mb.named_parameters())
     for name, weight in ma.named_parameters():
         torch.testing.assert_close(weights[name], weight, atol=tolerance.get(name, 0.0), rtol=0, msg=name)
-    for metric in ("loss", "reward", "reward_digits", "completion_len", "clipped", "val_reward"):
+    for metric in metrics:
         ref, got = read_metrics(a, metric), read_metrics(b, metric)
         assert [s for s, _ in got] == [s for s, _ in ref] and ref, metric
         assert [v for _, v in got] == pytest.approx([v for _, v in ref], abs=1e-5), metric
@@ -295,7 +302,8 @@ def test_log_probs_are_of_the_sampling_temperature(grpo_setup, tmp_path):
     prompts = [task.dataset(args.data_path, tokenizer, args)[i] for i in (0, 1) for _ in range(4)]
     completions = [[5 + 7 * i + t for t in range(1 + i % 4)] + [tokenizer.eos_token_id] for i in range(8)]
     rewards_ = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.0, 1.0, 1.0, 0.3])
-    batch = task._rollouts(prompts, completions, torch.stack([rewards_, torch.zeros(8)], 1), 1.0)  # 2nd: weight 0.5
+    trajectories = [Trajectory(ids=c, generated=[1] * len(c)) for c in completions]
+    batch = task._rollouts(prompts, trajectories, torch.stack([rewards_, torch.zeros(8)], 1), 1.0)  # 2nd: weight 0.5
     ours = task.loss_sums(policy, batch, torch.device("cpu"))["loss"] / task.loss_units(batch)
     grads = torch.autograd.grad(ours, list(policy.parameters()))
 
@@ -448,6 +456,107 @@ def test_prompts_longer_than_the_context_are_counted_and_skipped(grpo_setup, tmp
     prompts = ddp_grpo.PromptDataset(str(data), tiny_tokenizer, 64 - 8)  # --max_seq_len - --max_completion_length
     assert len(prompts) == 16 and all(len(p.ids) <= 56 for p in prompts)
     assert f"{data}: skipped 2 prompt(s) longer than 56 tokens" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multi-turn rollouts with tools (--tools): a tiny model that has learnt to call the calculator (test_tools.py)
+
+TOOL_REWARDS = '''
+def used_tool(completions, num_tool_calls, **kw):
+    """A call earns 1, a long answer loses a little (so that a group's completions differ)."""
+    return [float(n > 0) - min(len(c), 32) / 64 for c, n in zip(completions, num_tool_calls)]
+'''
+
+
+@pytest.fixture(scope="module")
+def tool_setup(tmp_path_factory, tiny_texts, one_thread):
+    from test_tools import tool_calling_model, tool_tokenizer
+
+    root = tmp_path_factory.mktemp("grpo_tools")
+    tokenizer = tool_tokenizer(root, tiny_texts)
+    (root / "tool_rewards.py").write_text(TOOL_REWARDS)
+    prompts = [{"prompt": f"{a}加5等于多少?", "answer": str(a + 5)} for a in (12, 12, 13, 12, 14, 12, 12, 15)]
+    return dict(tokenizer=tokenizer, model=tool_calling_model(root, tokenizer),
+                train=str(write_jsonl(root / "train.jsonl", prompts)), reward=f"{root / 'tool_rewards.py'}:used_tool")
+
+
+TOOL_METRICS = ("loss", "reward", "reward_used_tool", "reward_exact_answer", "completion_len", "truncated", "tool_use")
+
+
+def tool_args(s: dict, *extra: str) -> list[str]:
+    return ["--init_from", s["model"], "--data_path", s["train"], "--val_data_path", "", "--tools", "tools.py",
+            "--reward", s["reward"], "--reward", "rewards.py:exact_answer", *QUIET, "--max_seq_len", "256",
+            "--max_completion_length", "64", "--max_tool_rounds", "2", "--num_generations", "2", "--batch_size", "2",
+            "--learning_rate", "3e-4", "--log_interval", "1", "--save_interval", "100", "--sample_tokens", "0", *extra]
+
+
+def test_tool_rollouts_train_only_on_the_tokens_the_model_wrote(tool_setup):
+    """GRPO's rows for a rollout with a call: the same ids as encode_chat of the conversation (the prompt, the
+    call, the tool's result, the answer), and the loss mask equal to encode_chat's assistant mask (shifted for
+    next-token targets): the tool result and the template's tool turn are never trained on."""
+    from dataset import encode_chat
+    from support.inference.rollouts import sample_completions
+    from support.inference.tool_loop import load_tools, run_tool_loop
+
+    model, tok, _ = open_model(tool_setup["model"])
+    tools = load_tools("tools.py")
+    messages = [[{"role": "user", "content": f"{a}加5等于多少?"}] for a in (12, 13)]
+    prompts = [encode_chat(tok, m, add_generation_prompt=True, tools=tools.schemas)[0] for m in messages]
+    generate = lambda rows, ids, n, r: sample_completions(model.eval(), ids, n, tok.eos_token_id, tok.pad_token_id)
+    trajectories = run_tool_loop(generate, prompts, tok, tools, max_new_tokens=64, max_rounds=2)
+    assert all(t.num_calls >= 1 and t.messages[1]["role"] == "tool" for t in trajectories)
+    x, y, mask = ddp_grpo.training_rows(prompts, [t.ids for t in trajectories], tok.pad_token_id,
+                                        [t.generated for t in trajectories])
+    for i, (conversation, t) in enumerate(zip(messages, trajectories)):
+        ids, want = encode_chat(tok, conversation + t.messages, tools=tools.schemas)
+        n = len(prompts[i]) + len(t.ids)  # up to the last reply's EOS (the template's newline follows it)
+        assert x[i, : n - 1].tolist() == ids[: n - 1] and y[i, : n - 1].tolist() == ids[1:n]
+        assert mask[i, : n - 1].tolist() == want[1:n] and not mask[i, n - 1 :].any()
+        result = tok(t.messages[1]["content"], add_special_tokens=False)["input_ids"]
+        at = next(j for j in range(n) if ids[j : j + len(result)] == result and j >= len(prompts[i]))
+        assert not mask[i, at - 1 : at - 1 + len(result)].any()  # the targets that are the tool's result
+
+
+def test_tool_rollouts_two_processes_train_like_one(tool_setup, tmp_path):
+    """Multi-turn rollouts (each round seeded on its own) on 2 processes x 1 prompt = 1 process x 2 prompts."""
+    one = tmp_path / "one"
+    ddp_grpo.main(tool_args(tool_setup, "--max_steps", "2", "--out_dir", str(one)))
+    assert all(share > 0 for _, share in read_metrics(one, "tool_use"))
+    two = run_script("ddp_grpo.py", tool_args(tool_setup, "--max_steps", "2", "--out_dir", str(tmp_path / "two"),
+                                              "--batch_size", "1"), nproc=2, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_run(one, tmp_path / "two", 2, TOOL_METRICS)
+
+
+def test_tool_rollouts_resume_like_an_uninterrupted_run(tool_setup, tmp_path):
+    common = tool_args(tool_setup, "--max_steps", "5")
+    ddp_grpo.main(common + ["--out_dir", str(tmp_path / "whole")])
+    cut, log = tmp_path / "cut", tmp_path / "cut.log"
+    proc = start_script("ddp_grpo.py", common + ["--out_dir", str(cut)], log)
+    deadline = time.monotonic() + 120
+    while not (cut / "metrics.jsonl").exists() or len(read_metrics(cut)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 128 + signal.SIGINT, log.read_text()[-3000:]
+    assert 2 <= torch.load(cut / "ckpt.pt", weights_only=True)["step"] < 5
+    ddp_grpo.main(common + ["--out_dir", str(cut), "--resume"])
+    assert_same_run(tmp_path / "whole", cut, 5, TOOL_METRICS)
+
+
+def test_no_thinking_prompts_are_what_transformers_renders_with_enable_thinking_false(grpo_setup, tiny_tokenizer):
+    """--no_thinking: each prompt is apply_chat_template(..., enable_thinking=False), ending in an empty think block;
+    with --tools the tool list comes first, as transformers renders it."""
+    from support.inference.tool_loop import load_tools
+
+    schemas = load_tools("tools.py").schemas
+    for tools in (None, schemas):
+        prompts = ddp_grpo.PromptDataset(grpo_setup["train"], tiny_tokenizer, 1000, tools, enable_thinking=False)
+        for p in prompts.items[:3]:
+            want = tiny_tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], tools=tools,
+                                                      add_generation_prompt=True, enable_thinking=False, tokenize=True)
+            assert p.ids == want["input_ids"]
+            assert tiny_tokenizer.decode(p.ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
 def test_arithmetic_task_holds_out_its_test_problems_and_its_answers_verify(tmp_path):

@@ -3,6 +3,7 @@ prompts for RL (ddp_grpo.py, SFT on part of the arithmetic first), and the JSONL
 tasks (eval_tasks/*.yaml), made from the held-out splits of the embedded corpus.
 
     python data_process.py arith          # out/data/arith_{sft_train,rl_train,test}.jsonl
+    python data_process.py tools          # out/data/tools_*.jsonl: the same problems with a calculator tool
     python data_process.py gsm8k          # out/data/gsm8k_{train,test}.jsonl (downloaded: network needed)
     python data_process.py eval_tasks     # out/data/eval/*.jsonl from sft_test.jsonl and pretrain_val.jsonl
 """
@@ -67,12 +68,10 @@ def arith_columns(a: int, op: str, b: int) -> str:
     return ";".join(columns)
 
 
-def build_arith(out_dir: str = "out/data", sft_size: int = 2000, rl_size: int = 2000, test_size: int = 500,
-                seed: int = 1234, three_digit_share: float = 0.2) -> dict[str, tuple[int, int]]:
-    """arith_sft_train.jsonl (conversations), arith_rl_train.jsonl and arith_test.jsonl ({"prompt", "answer"}).
-    The three splits hold different problems (a + b and b + a count as one): test problems are never seen.
-    Two-digit problems dominate by default (three_digit_share 0.2 per operand): a small model learns them
-    well enough to be sometimes right, which is what RL needs to have something to reinforce."""
+def arith_splits(sft_size: int, rl_size: int, test_size: int, seed: int, three_digit_share: float
+                 ) -> tuple[list[dict], list[dict], list[dict]]:
+    """(test, sft, rl) arith_records of different problems (a + b and b + a count as one), the same for the same
+    arguments: `arith` and `tools` hold out the same test problems."""
     if not 0 <= three_digit_share <= 1:
         raise ValueError(f"--three_digit_share {three_digit_share}: must be between 0 and 1")
     rng = random.Random(seed)
@@ -84,15 +83,94 @@ def build_arith(out_dir: str = "out/data", sft_size: int = 2000, rl_size: int = 
     while len(problems) < total:
         a, op, b = arith_problem(rng, three_digit_share)
         problems.setdefault((op, *sorted((a, b))) if op == "+" else (op, a, b), (a, op, b))
-    unique = list(problems.values())
-    records = arith_records(unique, rng)
-    test, sft, rl = records[:test_size], records[test_size : test_size + sft_size], records[test_size + sft_size :]
-    prompt_only = [{"prompt": r["prompt"], "answer": r["answer"]} for r in rl], \
-        [{"prompt": r["prompt"], "answer": r["answer"]} for r in test]
+    records = arith_records(list(problems.values()), rng)
+    return records[:test_size], records[test_size : test_size + sft_size], records[test_size + sft_size :]
+
+
+def prompt_answer(records: list[dict]) -> list[dict]:
+    return [{"prompt": r["prompt"], "answer": r["answer"]} for r in records]
+
+
+def build_arith(out_dir: str = "out/data", sft_size: int = 2000, rl_size: int = 2000, test_size: int = 500,
+                seed: int = 1234, three_digit_share: float = 0.2) -> dict[str, tuple[int, int]]:
+    """arith_sft_train.jsonl (conversations), arith_rl_train.jsonl and arith_test.jsonl ({"prompt", "answer"}).
+    The three splits hold different problems: test problems are never seen.
+    Two-digit problems dominate by default (three_digit_share 0.2 per operand): a small model learns them
+    well enough to be sometimes right, which is what RL needs to have something to reinforce."""
+    test, sft, rl = arith_splits(sft_size, rl_size, test_size, seed, three_digit_share)
     conversations = [{"conversations": [{"role": "user", "content": r["prompt"]},
                                         {"role": "assistant", "content": r["reply"]}]} for r in sft]
-    files = {"arith_sft_train.jsonl": conversations, "arith_rl_train.jsonl": prompt_only[0],
-             "arith_test.jsonl": prompt_only[1]}
+    files = {"arith_sft_train.jsonl": conversations, "arith_rl_train.jsonl": prompt_answer(rl),
+             "arith_test.jsonl": prompt_answer(test)}
+    return {os.path.join(out_dir, name): write_jsonl(os.path.join(out_dir, name), recs) for name, recs in files.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tool use: the arithmetic problems answered with a calculator tool (tools.py), mixed with chat that needs none.
+
+def calculator_call(expression: str) -> dict:
+    return {"id": "call_0", "type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+
+
+def tool_conversation(record: dict, use_tool: bool, think: bool) -> list[dict]:
+    """An arith record as OpenAI messages. With the tool: the assistant calls calculator("37+48"), reads the result
+    in a tool message and answers "37+48=85" (the final form rewards.exact_answer reads); without: it answers with
+    the column working. think: the working goes into reasoning_content and the answer alone into content; a reply
+    with nothing to work out (a call, the answer after the result) gets an empty think block, as Qwen3 renders
+    replies in thinking mode, so a thinking model always opens with one."""
+    working, final = record["reply"].rsplit(";", 1)
+    expression, answer = final.split("=")
+    user = {"role": "user", "content": record["prompt"]}
+    empty = {"reasoning_content": ""} if think else {}
+    if use_tool:
+        return [user, {"role": "assistant", "content": "", **empty, "tool_calls": [calculator_call(expression)]},
+                {"role": "tool", "tool_call_id": "call_0", "content": answer},
+                {"role": "assistant", "content": final, **empty}]
+    if think:
+        return [user, {"role": "assistant", "reasoning_content": working, "content": final}]
+    return [user, {"role": "assistant", "content": record["reply"]}]
+
+
+def chat_records(path: str, n: int, rng: random.Random) -> list[list[dict]]:
+    """n conversations drawn from an SFT file of `data_process.py embedded` (dialogues and review turns)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file (`python data_process.py` writes it; or pass --chat_share 0)")
+    conversations = [r["conversations"] for _, _, r in JsonlRecords(path, "conversations")]
+    return rng.sample(conversations, min(n, len(conversations)))
+
+
+def build_tools(calculator_schema: dict, out_dir: str = "out/data", sft_size: int = 2000, rl_size: int = 2000,
+                test_size: int = 500, seed: int = 1234, three_digit_share: float = 0.2, tool_share: float = 1.0,
+                chat_share: float = 0.3, chat_path: str = "out/data/sft_train.jsonl",
+                chat_test_path: str = "out/data/sft_test.jsonl") -> dict[str, tuple[int, int]]:
+    """The tool-use task on the problems of build_arith (the same seed and sizes: the same held-out test):
+    tools_sft_train.jsonl ({"messages", "tools"}: tool_share of the arithmetic answered with the calculator, the
+    rest with the column working; chat_share of the file ordinary turns of chat_path with the tool offered and no
+    call), tools_think_sft_train.jsonl (the same records with reasoning_content: tool_conversation),
+    tools_rl_train.jsonl and tools_test.jsonl ({"prompt", "answer"}), and with chat, tools_chat_test.jsonl: the
+    held-out review prompts of chat_test_path ({"prompt", "answer"}), to count calls where none is needed."""
+    if not 0 <= tool_share <= 1:
+        raise ValueError(f"--tool_share {tool_share}: must be between 0 and 1")
+    if not 0 <= chat_share < 1:
+        raise ValueError(f"--chat_share {chat_share}: must be at least 0 and below 1")
+    test, sft, rl = arith_splits(sft_size, rl_size, test_size, seed, three_digit_share)
+    rng = random.Random(seed + 1)  # arith_splits's own draws stay as `arith` makes them
+    uses = [rng.random() < tool_share for _ in sft]
+    chats = chat_records(chat_path, round(len(sft) * chat_share / (1 - chat_share)), rng) if chat_share else []
+    order = list(range(len(sft) + len(chats)))
+    rng.shuffle(order)
+    tools = [calculator_schema]
+
+    def sft_file(think: bool) -> list[dict]:
+        arith = [tool_conversation(r, use, think) for r, use in zip(sft, uses)]
+        chat = [[{**m, "reasoning_content": ""} if think and m["role"] == "assistant" else m for m in c] for c in chats]
+        return [{"messages": (arith + chat)[i], "tools": tools} for i in order]
+
+    files = {"tools_sft_train.jsonl": sft_file(think=False), "tools_think_sft_train.jsonl": sft_file(think=True),
+             "tools_rl_train.jsonl": prompt_answer(rl), "tools_test.jsonl": prompt_answer(test)}
+    if chat_share:
+        files["tools_chat_test.jsonl"] = [{"prompt": r["conversations"][0]["content"], "answer": r.get("label", "")}
+                                          for _, _, r in JsonlRecords(chat_test_path, "conversations")]
     return {os.path.join(out_dir, name): write_jsonl(os.path.join(out_dir, name), recs) for name, recs in files.items()}
 
 
