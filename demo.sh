@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every stage of the pipeline on the embedded offline corpus (People's Daily 1998, labelled reviews, Q/A
 # dialogues shipped in PyPI packages), each by its own script with its real flags:
-#   data -> tokenizer -> pretokenize -> pretrain -> SFT -> samples -> evaluation (+ lm-eval report card) -> curves
+#   data (+ the tool-use task) -> tokenizer -> pretokenize -> pretrain -> SFT -> samples -> evaluation
+#   (+ lm-eval report card) -> curves
 #
 #   bash demo.sh            # full demo, no network: 678 s on 2 AVX2 cores (Zen 3, float32)
 #   bash demo.sh --tiny     # (or DEMO_SCALE=tiny) the same stages at toy sizes, about two minutes (CI)
@@ -22,6 +23,7 @@ done
 
 if [[ "$SCALE" == tiny ]]; then
   DATA=(--test_size 200 --val_size 40 --pretrain_val_docs 20 --max_review_chars 96)
+  TOOLS=(--sft_size 200 --rl_size 50 --test_size 50)
   TOKENIZER=(--vocab_size 512)
   PRETRAIN=(--preset tiny --max_seq_len 64 --batch_size 16 --max_steps 60 --learning_rate 3e-3 --warmup_iters 10
             --log_interval 10 --eval_interval 0 --eval_samples 32)
@@ -35,6 +37,7 @@ elif [[ "$SCALE" == full ]]; then
   # reviews cut to 96 characters keep review + question inside the demo model's 128-token context;
   # the step counts fill about 9 of the 10 minutes on 2 CPU cores (more steps did not raise the accuracy)
   DATA=(--max_review_chars 96)
+  TOOLS=()
   TOKENIZER=(--vocab_size 4096)
   # Muon for the block matrices (the demo preset's default, shown here) in pretraining and SFT: README "Optimizers"
   PRETRAIN=(--preset demo --optimizer muon --max_steps 600 --learning_rate 2e-3 --warmup_iters 50 --log_interval 50 --eval_interval 0
@@ -66,6 +69,7 @@ stage() {  # stage NAME COMMAND...: print the command, run it, record its wall t
 START=$EPOCHREALTIME
 echo "demo ($SCALE) in $(pwd)/out on $(nproc) CPU core(s)"
 stage data        python "$ROOT/data_process.py" embedded "${DATA[@]}"
+stage tools_data  python "$ROOT/data_process.py" tools "${TOOLS[@]}"
 stage eval_tasks  python "$ROOT/data_process.py" eval_tasks
 stage tokenizer   python "$ROOT/train_tokenizer.py" "${TOKENIZER[@]}"
 stage pretokenize python "$ROOT/data_process.py" pretokenize

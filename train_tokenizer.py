@@ -1,6 +1,6 @@
 """Train the byte-level BPE tokenizer and save it so AutoTokenizer.from_pretrained(save_dir) loads it.
 
-    python train_tokenizer.py                       # out/data/pretrain.jsonl + sft_train.jsonl -> out/tokenizer
+    python train_tokenizer.py    # out/data/pretrain.jsonl + sft_train.jsonl + tools_sft_train.jsonl -> out/tokenizer
     python train_tokenizer.py --data_path a.jsonl b.jsonl --save_dir out/tokenizer --vocab_size 6144
 
 The corpus is streamed line by line into the trainer, so RAM does not grow with the corpus size.
@@ -24,7 +24,9 @@ from tqdm import tqdm
 from dataset import JsonlRecords, conversation_texts
 from support.data.tokenizer_spec import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, UNK
 
-DEFAULT_DATA = ["out/data/pretrain.jsonl", "out/data/sft_train.jsonl"]
+# the tool-use conversations too, so the JSON of tool definitions and calls gets merges: a tool conversation of
+# the arithmetic task is ~175 tokens with them and ~365 without (a small model's context is 128-256)
+DEFAULT_DATA = ["out/data/pretrain.jsonl", "out/data/sft_train.jsonl", "out/data/tools_sft_train.jsonl"]
 
 
 def iter_jsonl_texts(paths: list[str], skip_bad: bool = False) -> Iterator[str]:
@@ -99,7 +101,8 @@ def train_tokenizer(data_paths: list[str], save_dir: str, vocab_size: int = 6144
     """Stream the JSONL files into the BPE trainer and save the result to save_dir."""
     missing = [p for p in data_paths if not os.path.exists(p)]
     if missing:
-        raise FileNotFoundError(f"missing corpus file(s): {missing} (build them with: python data_process.py)")
+        raise FileNotFoundError(f"missing corpus file(s): {missing} (build them with: python data_process.py; "
+                                "python data_process.py tools)")
     tok = build_tokenizer(iter_jsonl_texts(data_paths, skip_bad), vocab_size)
     save_tokenizer(tok, save_dir)
     return tok

@@ -13,8 +13,8 @@ from support.loading.checkpoint import load_checkpoint
 from support.inference.text_generator import TextGenerator
 from train_helpers import ROOT, read_metrics
 
-STAGES = ["data", "eval_tasks", "tokenizer", "pretokenize", "pretrain", "sft", "samples", "chat", "eval", "lm-eval",
-          "curves"]
+STAGES = ["data", "tools_data", "eval_tasks", "tokenizer", "pretokenize", "pretrain", "sft", "samples", "chat", "eval",
+          "lm-eval", "curves"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_every_stage_runs_its_own_script_in_order(demo):
     started = [line.split(":")[0].removeprefix(">>> ") for line in log.splitlines()
                if line.startswith(">>> ") and ": python " in line]
     assert started == STAGES
-    for script in ("data_process.py embedded", "train_tokenizer.py", "data_process.py pretokenize",
+    for script in ("data_process.py embedded", "data_process.py tools", "train_tokenizer.py", "data_process.py pretokenize",
                    "ddp_pretrain.py --overwrite", "ddp_sft_full.py --overwrite", "model_sample.py --mode pretrain",
                    "model_sample.py --eval", "plot_runs.py out/pretrain out/sft"):
         assert f": python {script}" in log
@@ -44,7 +44,8 @@ def test_artifacts_of_every_stage(demo):
     out, _ = demo
     for name in ("data/pretrain.jsonl", "data/pretrain.bin", "data/pretrain.json", "data/pretrain_val.bin",
                  "data/sft_train.jsonl", "data/sft_val.jsonl", "data/sft_test.jsonl", "tokenizer/tokenizer.json",
-                 "eval.json", "curves.png", "data/eval/sentiment.jsonl", "report.md"):
+                 "data/tools_sft_train.jsonl", "data/tools_test.jsonl", "eval.json", "curves.png",
+                 "data/eval/sentiment.jsonl", "report.md"):
         assert (out / name).is_file(), name
     for run in ("pretrain", "sft"):
         for name in ("ckpt.pt", "train.log", "metrics.jsonl", "curves.png", "hf/config.json", "hf/model.safetensors",
