@@ -367,19 +367,23 @@ def test_resumed_run_samples_and_trains_like_an_uninterrupted_one(grpo_setup, tm
     resume must be the ones the uninterrupted run sampled, so the weights and metrics match."""
     common = grpo_args(grpo_setup, "--batch_size", "4", "--dropout", "0.1", "--max_steps", "8")
     ddp_grpo.main(common + ["--out_dir", str(tmp_path / "whole")])
-    cut = tmp_path / "cut"
-    log = tmp_path / "cut.log"
+    interrupt_then_resume(common, tmp_path / "cut", after_logged=3, steps=8)
+    assert_same_run(tmp_path / "whole", tmp_path / "cut", 8)
+
+
+def interrupt_then_resume(common: list[str], cut: Path, after_logged: int, steps: int) -> None:
+    """Runs ddp_grpo.py with `common` into `cut`, sends SIGINT once `after_logged` metrics lines are written
+    (it saves after the step it is in and exits 128 + SIGINT), then resumes it in this process to `steps`."""
+    log = cut.parent / f"{cut.name}.log"
     proc = start_script("ddp_grpo.py", common + ["--out_dir", str(cut)], log)
     deadline = time.monotonic() + 120
-    while not (cut / "metrics.jsonl").exists() or len(read_metrics(cut)) < 3:
+    while not (cut / "metrics.jsonl").exists() or len(read_metrics(cut)) < after_logged:
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 128 + signal.SIGINT, log.read_text()[-3000:]
-    stopped_at = torch.load(cut / "ckpt.pt", weights_only=True)["step"]
-    assert 3 <= stopped_at < 8
+    assert after_logged <= torch.load(cut / "ckpt.pt", weights_only=True)["step"] < steps
     ddp_grpo.main(common + ["--out_dir", str(cut), "--resume"])
-    assert_same_run(tmp_path / "whole", cut, 8)
 
 
 TRL_REWARD_FILE = '''
@@ -531,17 +535,8 @@ def test_tool_rollouts_two_processes_train_like_one(tool_setup, tmp_path):
 def test_tool_rollouts_resume_like_an_uninterrupted_run(tool_setup, tmp_path):
     common = tool_args(tool_setup, "--max_steps", "5")
     ddp_grpo.main(common + ["--out_dir", str(tmp_path / "whole")])
-    cut, log = tmp_path / "cut", tmp_path / "cut.log"
-    proc = start_script("ddp_grpo.py", common + ["--out_dir", str(cut)], log)
-    deadline = time.monotonic() + 120
-    while not (cut / "metrics.jsonl").exists() or len(read_metrics(cut)) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 128 + signal.SIGINT, log.read_text()[-3000:]
-    assert 2 <= torch.load(cut / "ckpt.pt", weights_only=True)["step"] < 5
-    ddp_grpo.main(common + ["--out_dir", str(cut), "--resume"])
-    assert_same_run(tmp_path / "whole", cut, 5, TOOL_METRICS)
+    interrupt_then_resume(common, tmp_path / "cut", after_logged=2, steps=5)
+    assert_same_run(tmp_path / "whole", tmp_path / "cut", 5, TOOL_METRICS)
 
 
 def test_no_thinking_prompts_are_what_transformers_renders_with_enable_thinking_false(grpo_setup, tiny_tokenizer):
