@@ -4,6 +4,7 @@
     python data_process.py --test_size 1000 --max_review_chars 200     # `embedded` with flags
     python data_process.py pretokenize     # out/data/pretrain*.jsonl -> .bin + .json sidecar (needs out/tokenizer)
     python data_process.py arith           # arithmetic word problems: SFT, RL prompts + answers, held-out test
+    python data_process.py arith --think   # the same SFT problems with the working as <think> reasoning
     python data_process.py tools --tool_share 0.05     # the same problems with a calculator tool (tools.py)
     python data_process.py prefs           # DPO pairs from out/sft's own failures -> out/data/dpo_{train,val}.jsonl
     python data_process.py download --out_dir out/raw        # seq-monkey + BelleGroup via modelscope
@@ -552,6 +553,8 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--three_digit_share", type=float, default=0.2,
                    help="chance that an operand has three digits rather than two")
     a.add_argument("--seed", type=int, default=1234)
+    a.add_argument("--think", action="store_true", help="arith_think_sft_train.jsonl: the column working as "
+                   "reasoning (<think>), the answer alone after it")
 
     o = sub.add_parser("tools", help="the arithmetic problems (the same held-out test as `arith`) answered with a "
                        "calculator tool, mixed with chat that needs none: SFT (+ a thinking variant), RL, test files")
@@ -607,7 +610,7 @@ def run_command(args: argparse.Namespace) -> None:
                                    args.max_review_chars, args.seed))
     elif args.command == "arith":
         print_sizes(build_arith(args.out_dir, args.sft_size, args.rl_size, args.test_size, args.seed,
-                                args.three_digit_share))
+                                args.three_digit_share, args.think))
     elif args.command == "tools":
         schemas = {s["function"]["name"]: s for s in load_tools(args.tools).schemas}
         if "calculator" not in schemas:

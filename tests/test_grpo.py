@@ -578,6 +578,12 @@ def test_arithmetic_task_holds_out_its_test_problems_and_its_answers_verify(tmp_
         assert all(eval(step.split("=")[0]) == int(step.split("=")[1]) for step in reply.split(";")), reply
     answers = [str(eval(reply.rsplit(";", 1)[1].split("=")[0])) for reply in replies]  # the stated problem
     assert rewards.exact_answer(replies, answer=answers) == [1.0] * 300
+    # --think: the same problems, the working as reasoning and the stated answer alone after it
+    think_file = task_data.build_arith(str(tmp_path), sft_size=300, rl_size=200, test_size=100, think=True)
+    think = [json.loads(line)["conversations"] for line in Path(next(iter(think_file))).read_text().splitlines()]
+    assert Path(next(iter(think_file))).name == "arith_think_sft_train.jsonl"
+    assert [c[1]["reasoning_content"] + ";" + c[1]["content"] for c in think] == replies
+    assert [c[0] for c in think] == [c["conversations"][0] for c in sft]
 
 
 def test_arithmetic_replies_work_the_columns_units_first():

@@ -92,16 +92,17 @@ def prompt_answer(records: list[dict]) -> list[dict]:
 
 
 def build_arith(out_dir: str = "out/data", sft_size: int = 2000, rl_size: int = 2000, test_size: int = 500,
-                seed: int = 1234, three_digit_share: float = 0.2) -> dict[str, tuple[int, int]]:
+                seed: int = 1234, three_digit_share: float = 0.2, think: bool = False) -> dict[str, tuple[int, int]]:
     """arith_sft_train.jsonl (conversations), arith_rl_train.jsonl and arith_test.jsonl ({"prompt", "answer"}).
     The three splits hold different problems: test problems are never seen.
     Two-digit problems dominate by default (three_digit_share 0.2 per operand): a small model learns them
-    well enough to be sometimes right, which is what RL needs to have something to reinforce."""
+    well enough to be sometimes right, which is what RL needs to have something to reinforce.
+    think: arith_think_sft_train.jsonl instead, the column working as reasoning_content (<think>) and the answer
+    alone as content: the same problems and tokens of working, for comparing the two at equal steps."""
     test, sft, rl = arith_splits(sft_size, rl_size, test_size, seed, three_digit_share)
-    conversations = [{"conversations": [{"role": "user", "content": r["prompt"]},
-                                        {"role": "assistant", "content": r["reply"]}]} for r in sft]
-    files = {"arith_sft_train.jsonl": conversations, "arith_rl_train.jsonl": prompt_answer(rl),
-             "arith_test.jsonl": prompt_answer(test)}
+    conversations = [{"conversations": tool_conversation(r, use_tool=False, think=think)} for r in sft]
+    files = {f"arith{'_think' if think else ''}_sft_train.jsonl": conversations,
+             "arith_rl_train.jsonl": prompt_answer(rl), "arith_test.jsonl": prompt_answer(test)}
     return {os.path.join(out_dir, name): write_jsonl(os.path.join(out_dir, name), recs) for name, recs in files.items()}
 
 
