@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ddp_distill
+from support.loading.checkpoint import load_checkpoint
 from dataset import PretrainDataset
 from support.training import train_flags
 from k_model import ModelConfig, Transformer
@@ -162,17 +163,19 @@ def test_a_run_logs_kd_and_exports_a_student_transformers_loads(files, tiny_toke
         torch.testing.assert_close(hf(x).logits, student.eval()(x).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_ddp_matches_one_process(files, tiny_tokenizer_dir, tmp_path):
-    """Global batch 8: 2 processes x 2 samples x 2 accumulation steps, or 1 process x 8, live teacher, half
-    the steps on-policy (the student's samples seeded by step and prompt, not by process)."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(files, tiny_tokenizer_dir, tmp_path, parallel):
+    """Global batch 8: 2 processes (DDP, or FSDP with the student sharded and gathered for its on-policy
+    samples; the teacher whole on each) x 2 samples x 2 accumulation steps, or 1 process x 8, live teacher,
+    half the steps on-policy (the student's samples seeded by step and prompt, not by process)."""
     common = args_for(files, tiny_tokenizer_dir, tmp_path, "--max_steps", "4", "--warmup_iters", "2",
                       "--eval_interval", "2", "--on_policy_fraction", "0.5", "--max_completion_length", "8")
     ddp = run_script("ddp_distill.py", common + ["--out_dir", str(tmp_path / "ddp"), "--batch_size", "2",
-                                                 "--accumulation_steps", "2"], nproc=2)
+                                                 "--accumulation_steps", "2", "--parallel", parallel], nproc=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "=== distill: 2 process(es) on cpu" in ddp.stdout
+    assert "=== distill: 2 process(es) on cpu" in ddp.stdout and f"--parallel {parallel}" in ddp.stdout
     ddp_distill.main(common + ["--out_dir", str(tmp_path / "one"), "--batch_size", "8"])
-    one, two = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "ddp"))
+    one, two = (load_checkpoint(tmp_path / d) for d in ("one", "ddp"))
     assert one["step"] == two["step"] == 4 and two["world_size"] == 2
     assert_same_weights(one, two, atol=1e-5)
     steps = [ddp_distill.Distill.is_on_policy(argparse.Namespace(args=argparse.Namespace(
