@@ -69,7 +69,7 @@ stage() {  # stage NAME COMMAND...: print the command, run it, record its wall t
 START=$EPOCHREALTIME
 echo "demo ($SCALE) in $(pwd)/out on $(nproc) CPU core(s)"
 stage data        python "$ROOT/data_process.py" embedded "${DATA[@]}"
-stage tools_data  python "$ROOT/data_process.py" tools "${TOOLS[@]}"
+stage tools_data  python "$ROOT/data_process.py" tools --tools "$ROOT/tools.py" "${TOOLS[@]}"
 stage eval_tasks  python "$ROOT/data_process.py" eval_tasks
 stage tokenizer   python "$ROOT/train_tokenizer.py" "${TOKENIZER[@]}"
 stage pretokenize python "$ROOT/data_process.py" pretokenize
