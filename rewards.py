@@ -25,15 +25,15 @@ the record's `answer`, checked by math-verify, which reads numbers and LaTeX in 
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+
+from support.cli import import_user_file
 
 RewardFn = Callable[..., Sequence[float | None]]
 
@@ -130,15 +130,7 @@ def load_reward(spec: str, weight: float = 1.0) -> Reward:
     file, sep, name = spec.rpartition(":")
     if not sep or not file or not name.isidentifier():
         raise ValueError(f"--reward {spec}: expected FILE.py:FUNCTION, e.g. rewards.py:exact_answer")
-    path = Path(file)
-    if not path.is_file():
-        raise FileNotFoundError(f"--reward {spec}: {file}: no such file")
-    module_spec = importlib.util.spec_from_file_location(f"_reward_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:  # the user's file: any error in it is theirs to fix, told in one line
-        raise ValueError(f"--reward {spec}: importing {file} failed: {type(e).__name__}: {e}") from None
+    module = import_user_file(file, f"--reward {spec}")
     fn = getattr(module, name, None)
     if not callable(fn):
         defined = sorted(k for k, v in vars(module).items() if inspect.isfunction(v) and not k.startswith("_"))

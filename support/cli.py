@@ -7,6 +7,9 @@ The same flag means the same thing everywhere: --model (any model source open_mo
 from __future__ import annotations
 
 import argparse
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from typing import NoReturn
 
 # flag -> the scripts that take it (and the flag meant here, where there is one)
@@ -36,3 +39,19 @@ class ArgumentParser(argparse.ArgumentParser):
             if hints:
                 message += f" ({'; '.join(hints)}; see {self.prog} --help)"
         super().error(message)
+
+
+def import_user_file(file: str, label: str) -> ModuleType:
+    """The Python file a flag names (a reward file, a tools file), imported as a module of its own; a missing
+    file is FileNotFoundError, and any error while importing it is one ValueError line, never a traceback
+    through ours: "{label}: {file}: ...". """
+    path = Path(file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{label}: {file}: no such file")
+    spec = importlib.util.spec_from_file_location(f"_user_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's file: any error in it is theirs to fix, told in one line
+        raise ValueError(f"{label}: importing {file} failed: {type(e).__name__}: {e}") from None
+    return module

@@ -582,6 +582,14 @@ def test_ignore_eos_generates_exactly_max_tokens(client):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def send_on_page(page, text: str) -> None:
+    """Types a message on the chat page (a playwright page) and waits until its reply has finished."""
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+    page.wait_for_function("document.getElementById('send').textContent === 'Send' && "
+                           "!document.querySelector('.streaming')", timeout=30_000)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_chat_page_streams_the_api_answer_in_chromium(gen, url, client):
     from playwright.sync_api import sync_playwright
@@ -602,10 +610,7 @@ def test_chat_page_streams_the_api_answer_in_chromium(gen, url, client):
             page.evaluate("""() => { window.changes = 0;
                 new MutationObserver(() => window.changes++).observe(document.getElementById('log'),
                     {subtree: true, childList: true, characterData: true}); }""")
-            page.fill("#input", text)
-            page.press("#input", "Enter")
-            page.wait_for_function("document.getElementById('send').textContent === 'Send' && "
-                                   "!document.querySelector('.streaming')", timeout=30_000)
+            send_on_page(page, text)
             return page.locator(".assistant").last.text_content(), page.evaluate("window.changes")
 
         first, changes = say("你好")

@@ -15,7 +15,7 @@ import random
 import openai
 import pytest
 import torch
-from test_serve import CHROMIUM, MODEL, client_for, http, live
+from test_serve import CHROMIUM, MODEL, client_for, http, live, send_on_page
 
 from dataset import encode_chat
 from k_model import ModelConfig, Transformer
@@ -307,10 +307,7 @@ def test_chat_page_shows_thinking_tool_calls_and_results_in_chromium(url):
         page.fill("#max_tokens", "150")
         page.fill("#tools", json.dumps(TOOLS))
         for text in ("Hello", "What is 12*7?"):
-            page.fill("#input", text)
-            page.press("#input", "Enter")
-            page.wait_for_function("document.getElementById('send').textContent === 'Send' && "
-                                   "!document.querySelector('.streaming')", timeout=30_000)
+            send_on_page(page, text)
         replies = page.locator(".assistant")
         assert replies.count() == 3 and page.locator(".error").count() == 0
         assert replies.nth(0).locator(".content").text_content() == GREETED["content"]

@@ -12,15 +12,14 @@ loop never stops on the model's mistakes.
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dataset import encode_chat
+from support.cli import import_user_file
 from support.data.tokenizer_spec import CHAT_MARKERS
 from support.inference.tool_calls import ToolCall, parse_reply
 
@@ -42,15 +41,7 @@ def load_tools(path: str) -> Tools:
     ValueError / FileNotFoundError naming it."""
     from transformers.utils import get_json_schema
 
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--tools {path}: no such file")
-    spec = importlib.util.spec_from_file_location(f"_tools_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # the user's file: one line, not a traceback through ours
-        raise ValueError(f"--tools {path}: importing it failed: {type(e).__name__}: {e}") from None
+    module = import_user_file(path, "--tools")
     functions = {name: fn for name, fn in vars(module).items()
                  if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_")}
     if not functions:
