@@ -582,6 +582,22 @@ def test_ignore_eos_generates_exactly_max_tokens(client):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@contextlib.contextmanager
+def greedy_chat_page(url: str, max_tokens: int):
+    """The server's chat page in headless Chromium (a playwright page), temperature 0, replies of at most
+    max_tokens tokens."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", str(max_tokens))
+        yield page
+        browser.close()
+
+
 def send_on_page(page, text: str) -> None:
     """Types a message on the chat page (a playwright page) and waits until its reply has finished."""
     page.fill("#input", text)
@@ -592,19 +608,11 @@ def send_on_page(page, text: str) -> None:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_chat_page_streams_the_api_answer_in_chromium(gen, url, client):
-    from playwright.sync_api import sync_playwright
-
     def api_answer(messages):
         return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24,
                                               temperature=0).choices[0].message.content
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM)
-        page = browser.new_page()
-        page.goto(url + "/")
-        page.fill("#temperature", "0")
-        page.fill("#max_tokens", "24")
-
+    with greedy_chat_page(url, 24) as page:
         def say(text: str) -> tuple[str, int]:
             """Types a message, waits for the reply to finish; returns it and how many times it changed."""
             page.evaluate("""() => { window.changes = 0;
@@ -622,7 +630,6 @@ def test_chat_page_streams_the_api_answer_in_chromium(gen, url, client):
         assert page.locator("#log > *").count() == 0
         after_reset, _ = say("今天天气怎么样?")  # no history any more: the one-turn answer
         assert after_reset == api_answer(chat("今天天气怎么样?"))
-        browser.close()
 
 
 # ----------------------------------------------------------------------------------------------------------

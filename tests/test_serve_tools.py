@@ -15,7 +15,7 @@ import random
 import openai
 import pytest
 import torch
-from test_serve import CHROMIUM, MODEL, client_for, http, live, send_on_page
+from test_serve import CHROMIUM, MODEL, client_for, greedy_chat_page, http, live, send_on_page
 
 from dataset import encode_chat
 from k_model import ModelConfig, Transformer
@@ -297,14 +297,7 @@ def test_bad_tool_requests_get_a_400_naming_the_field(url, case):
 def test_chat_page_shows_thinking_tool_calls_and_results_in_chromium(url):
     """The page offers the tools, runs the calculator call itself, sends back its result and shows the answer:
     the trained conversation, in the browser."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM)
-        page = browser.new_page()
-        page.goto(url + "/")
-        page.fill("#temperature", "0")
-        page.fill("#max_tokens", "150")
+    with greedy_chat_page(url, 150) as page:
         page.fill("#tools", json.dumps(TOOLS))
         for text in ("Hello", "What is 12*7?"):
             send_on_page(page, text)
@@ -321,4 +314,3 @@ def test_chat_page_shows_thinking_tool_calls_and_results_in_chromium(url):
         assert page.locator(".tool").text_content() == "calculator → 84"
         assert replies.nth(2).locator(".content").text_content() == ANSWER
         assert replies.nth(2).locator(".thinking").count() == 0
-        browser.close()

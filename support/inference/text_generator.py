@@ -12,10 +12,10 @@ import torch
 from tqdm import tqdm
 
 from dataset import PretrainDataset, document_start_ids, encode_chat
-from support.data.tokenizer_spec import CHAT_MARKERS
 from k_model import Transformer
 from support.loading.sources import open_model, resolve_device, resolve_dtype
 from support.model.context_shift import resolve_shift
+from support.inference.tool_calls import reply_text
 
 
 # A Llama 3.x base has 131,072 positions: a KV cache that long takes ~8.6 GB per row for the 1B model in
@@ -60,11 +60,8 @@ class TextGenerator:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def reply_text(self, ids: Iterable[int]) -> str:
-        """A reply's text with the chat markers it wrote (<think>, <tool_call>, ...: what
-        tool_calls.parse_reply reads); the other special tokens (EOS, padding) left out."""
-        markers = {self.tokenizer.convert_tokens_to_ids(t) for t in CHAT_MARKERS}
-        other = set(self.tokenizer.all_special_ids) - markers
-        return self.tokenizer.decode([i for i in ids if i not in other], skip_special_tokens=False)
+        """A reply's text with the chat markers it wrote (tool_calls.reply_text)."""
+        return reply_text(self.tokenizer, ids)
 
     def compile_decode(self, max_batch: int = 1) -> None:
         """Compiles the model's one-token step (k_model.compile_decode) now, every graph that batches of up to

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from support.data.tokenizer_spec import THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START
+from support.data.tokenizer_spec import CHAT_MARKERS, THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START
 
 _CALL = re.compile(re.escape(TOOL_CALL_START) + r"(.*?)" + re.escape(TOOL_CALL_END), re.DOTALL)
 
@@ -42,6 +43,14 @@ class ParsedReply:
         if not self.tool_calls:
             return self.content
         return self.content.rstrip() or None
+
+
+def reply_text(tokenizer: Any, ids: Iterable[int]) -> str:
+    """Generated ids as text with the chat markers the model wrote (<think>, <tool_call>, ...: what parse_reply
+    reads); the other special tokens (EOS, padding) left out."""
+    markers = set(tokenizer.convert_tokens_to_ids(CHAT_MARKERS))
+    other = set(tokenizer.all_special_ids) - markers
+    return tokenizer.decode([i for i in ids if i not in other], skip_special_tokens=False)
 
 
 def tool_names(tools: list[dict] | None) -> set[str] | None:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dataset import encode_chat
 from support.cli import import_user_file
-from support.data.tokenizer_spec import CHAT_MARKERS
-from support.inference.tool_calls import ToolCall, parse_reply
+from support.inference.tool_calls import ToolCall, parse_reply, reply_text
 
 # (rows, prompts, max_new_tokens, round) -> each prompt's new ids, ending with EOS where the reply ended: rows
 # are the indices of the prompts in the loop's batch and round counts the generations before (seeding)
@@ -68,14 +67,6 @@ def run_tool(tools: Tools, call: ToolCall) -> str:
     except Exception as e:  # the tool's or the model's mistake, never the loop's end
         return f"error: {type(e).__name__}: {e}"
     return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
-
-
-def reply_text(tokenizer: Any, ids: Iterable[int]) -> str:
-    """Generated ids as text with the chat markers the model wrote (<think>, <tool_call>, ...: what parse_reply
-    reads); the other special tokens (EOS, padding) left out."""
-    markers = set(tokenizer.convert_tokens_to_ids(CHAT_MARKERS))
-    other = set(tokenizer.all_special_ids) - markers
-    return tokenizer.decode([i for i in ids if i not in other], skip_special_tokens=False)
 
 
 def tool_turn_ids(tokenizer: Any, results: list[dict[str, str]], enable_thinking: bool | None = None) -> list[int]:
