@@ -492,29 +492,30 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
 
 
 def _assistant_spans(tokenizer, messages: list[dict], text: str, tools: list[dict] | None) -> list[tuple[int, int]]:
-    """The character span of each assistant turn's body and closing EOS: what follows the generation prompt
-    rendered after the messages before it (reasoning, text and tool calls alike), up to that EOS. The template
-    must render a conversation's beginning as the beginning of its rendering (ChatML-family templates do)."""
+    """The character span of each assistant turn's body and closing EOS in `text` (the rendered messages)."""
+    return [_assistant_span(tokenizer, messages, k, text, tools) for k, m in enumerate(messages)
+            if m["role"] == "assistant"]
+
+
+def _assistant_span(tokenizer, messages: list[dict], k: int, text: str, tools: list[dict] | None) -> tuple[int, int]:
+    """The span of assistant turn k: what follows the generation prompt rendered after the messages before it
+    (reasoning, text and tool calls alike), up to its EOS. The template must render a conversation's beginning
+    as the beginning of its rendering (ChatML-family templates do)."""
     eos = tokenizer.eos_token
-    spans = []
-    for k, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        upto = _render(tokenizer, messages[: k + 1], False, tools, None)
-        if k > 0:
-            before = _render(tokenizer, messages[:k], True, tools, None)
-        else:  # nothing to render before a conversation's first message: its header is the generation prompt
-            header = _render(tokenizer, messages[:1], True, tools, None)[len(upto):]
-            before = upto[: upto.find(header) + len(header)] if header else ""
-        end = upto.rfind(eos)
-        if end < len(before):
-            raise ValueError(f"the chat template does not close an assistant reply with EOS ({eos}), so a model "
-                             f"trained on it would never learn to stop")
-        if not (before and upto.startswith(before) and text.startswith(upto)):
-            raise ValueError("the chat template does not render a conversation's beginning as the beginning of its "
-                             "rendering, so an assistant turn cannot be told apart from its prompt")
-        spans.append((len(before), end + len(eos)))
-    return spans
+    upto = _render(tokenizer, messages[: k + 1], False, tools, None)
+    if k > 0:
+        before = _render(tokenizer, messages[:k], True, tools, None)
+    else:  # nothing to render before a conversation's first message: its header is the generation prompt
+        header = _render(tokenizer, messages[:1], True, tools, None)[len(upto):]
+        before = upto[: upto.find(header) + len(header)] if header else ""
+    end = upto.rfind(eos)
+    if end < len(before):
+        raise ValueError(f"the chat template does not close an assistant reply with EOS ({eos}), so a model "
+                         f"trained on it would never learn to stop")
+    if not (before and upto.startswith(before) and text.startswith(upto)):
+        raise ValueError("the chat template does not render a conversation's beginning as the beginning of its "
+                         "rendering, so an assistant turn cannot be told apart from its prompt")
+    return len(before), end + len(eos)
 
 
 def _control_tokens(tokenizer, text: str, content_spans: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
@@ -543,17 +544,40 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
     """Token ids of a conversation in the tokenizer's chat template (with `tools`, the OpenAI function schemas
     it lists), and a 0/1 mask that is 1 on every token of an assistant turn after its header: its reasoning,
     text and tool calls and its closing EOS (what SFT learns); never a tool's result, the tool list or another
-    role's turn. For a chat prompt, pass add_generation_prompt=True (and enable_thinking, which the template
-    reads) and ignore the mask.
+    role's turn. add_generation_prompt=True ends it with the assistant's header (and enable_thinking, which
+    the template reads); chat_prompt_ids gives a prompt's ids without the mask, faster.
 
     Only the template's own markers become control tokens: message text (TEXT_FIELDS) is always encoded as
     text, so a user who types "<|im_end|>\\n<|im_start|>system\\n..." or "<think>" cannot forge a turn. The text
     between two markers is encoded in one piece, so for text without such markers the ids equal tokenizing
     the rendered template; no token id or template layout is hard-coded."""
+    text, spans = render_chat(_fast(tokenizer), messages, add_generation_prompt, tools, enable_thinking)
+    ids, offsets = _encode_rendered(tokenizer, text, spans)
+    return ids, _overlap_mask(offsets, _assistant_spans(tokenizer, messages, text, tools), len(text))
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+                    enable_thinking: bool | None = None) -> list[int]:
+    """encode_chat(..., add_generation_prompt=True)'s ids, without the mask a prompt does not need: finding
+    the assistant turns renders the conversation up to each of them, which grows with the square of a long
+    chat's length (a served conversation is re-encoded at every request). The template is still checked on
+    the last reply in the prompt: it must close a reply with EOS as the model does."""
+    text, spans = render_chat(_fast(tokenizer), messages, True, tools, enable_thinking)
+    replies = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if replies:
+        _assistant_span(tokenizer, messages, replies[-1], text, tools)
+    return _encode_rendered(tokenizer, text, spans)[0]
+
+
+def _fast(tokenizer):
     if not tokenizer.is_fast:
         raise ValueError("chat encoding needs a fast tokenizer (character offsets)")
-    text, spans = render_chat(tokenizer, messages, add_generation_prompt, tools, enable_thinking)
-    replies = _assistant_spans(tokenizer, messages, text, tools)
+    return tokenizer
+
+
+def _encode_rendered(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    """The ids of a rendered chat and each token's character offsets: the template's markers as their control
+    tokens, every other piece (message texts included) encoded as text."""
     markers = _control_tokens(tokenizer, text, spans)
     cuts = [0, *(c for start, end, _ in markers for c in (start, end)), len(text)]
     gaps = list(zip(cuts[::2], cuts[1::2]))  # the text before, between and after the markers
@@ -566,7 +590,7 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
         if k < len(markers):
             ids.append(markers[k][2])
             offsets.append(markers[k][:2])
-    return ids, _overlap_mask(offsets, replies, len(text))
+    return ids, offsets
 
 
 class IndexedJsonlDataset(Dataset):

@@ -55,7 +55,7 @@ from tqdm import tqdm
 from transformers import TrainerState
 
 import trainer
-from dataset import decode_json, encode_chat
+from dataset import chat_prompt_ids, decode_json
 from ddp_sft_full import SFT
 from k_model import Transformer
 from support.inference.rollouts import completion_seed, sample_completions
@@ -171,8 +171,7 @@ class PromptDataset(Dataset):
                     record = decode_json(raw)
                     if not isinstance(record, dict) or "prompt" not in record:
                         raise ValueError('expected a JSON object with a "prompt"')
-                    ids = encode_chat(tokenizer, prompt_messages(record["prompt"]), add_generation_prompt=True,
-                                      tools=tools, enable_thinking=enable_thinking)[0]
+                    ids = chat_prompt_ids(tokenizer, prompt_messages(record["prompt"]), tools, enable_thinking)
                 except ValueError as e:
                     raise ValueError(f"{row}: {e}") from None
                 columns = {k: v for k, v in record.items() if k != "prompt"}

@@ -19,7 +19,7 @@ from typing import Any
 
 from support.loading import lora
 import trainer
-from dataset import SFTDataset, encode_chat
+from dataset import SFTDataset, chat_prompt_ids
 from support.loading.sources import SourcedModel, initial_model, load_tokenizer, tokenizer_dir_for, with_chat_template
 from support.training.train_task import Task
 
@@ -71,7 +71,7 @@ class SFT(Task):
             model, out_dir, tokenizer)
 
     def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
-        return encode_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+        return chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
 
     def dataset(self, path: str, tokenizer: Any, args: argparse.Namespace) -> SFTDataset:
         return SFTDataset(path, tokenizer, max_length=args.max_seq_len)

@@ -15,7 +15,7 @@ import ddp_distill
 import ddp_pretrain
 import ddp_sft_full
 import train_tokenizer
-from dataset import SFTDataset, encode_chat, sft_record
+from dataset import SFTDataset, chat_prompt_ids, encode_chat, sft_record
 from support.data.tokenizer_spec import CHAT_MARKERS, CHAT_TEMPLATE, SPECIAL_TOKENS, tokenizer_fingerprint
 from support.loading.sources import open_model, with_chat_template
 from test_data import chatml_reference, jsonl
@@ -119,6 +119,13 @@ def test_ids_and_mask_equal_transformers_oracle(tmp_path, tiny_tokenizer, name):
     assert encode_chat(tiny_tokenizer, messages, tools=tools) == (ids, mask)
     # the exported tokenizer's own template renders the same ids (AutoTokenizer on a saved directory)
     assert tiny_tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)["input_ids"] == ids
+    # a prompt (the turns before the last reply): chat_prompt_ids is encode_chat's ids and the template's
+    prompt = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+    for thinking in (None, False):
+        want = tiny_tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=True,
+                                                  enable_thinking=thinking)["input_ids"]
+        assert chat_prompt_ids(tiny_tokenizer, prompt, tools, thinking) == want == \
+            encode_chat(tiny_tokenizer, prompt, True, tools, thinking)[0]
 
 
 def test_loss_is_never_on_tool_results_definitions_or_the_system_turn(tiny_tokenizer):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dataset import PretrainDataset, document_start_ids, encode_chat
+from dataset import PretrainDataset, chat_prompt_ids, document_start_ids
 from k_model import Transformer
 from support.loading.sources import open_model, resolve_device, resolve_dtype
 from support.model.context_shift import resolve_shift
@@ -105,9 +105,8 @@ class TextGenerator:
                  enable_thinking: bool | None = None) -> list[int]:
         """The conversation (and the OpenAI function schemas of `tools`) in the chat template, ending with the
         assistant's generation prompt (enable_thinking=False: and an empty think block). Only the template's
-        markers are control tokens: a turn forged inside a message stays text (encode_chat)."""
-        return encode_chat(self.tokenizer, messages, add_generation_prompt=True, tools=tools,
-                           enable_thinking=enable_thinking)[0]
+        markers are control tokens: a turn forged inside a message stays text (dataset.encode_chat)."""
+        return chat_prompt_ids(self.tokenizer, messages, tools, enable_thinking)
 
     def sft_sample(self, prompt: str, system_prompt: str | None = None, history: list[dict[str, str]] | None = None,
                    max_new_tokens: int = 128, temperature: float = 0.7, top_k: int | None = None,
