@@ -63,7 +63,7 @@ def make_sft_data(root: Path, n_train: int = 160, n_val: int = 32) -> tuple[str,
 # that no thread pool exists before a fork.
 _FORKS = multiprocessing.get_context("forkserver")
 _FORKS.set_forkserver_preload(["torch", "torch.distributed.checkpoint", "torch.distributed.fsdp", "transformers",
-                               "transformers.modeling_utils", "tokenizers", "safetensors.torch", "numpy"])
+                               "transformers.modeling_utils", "tokenizers", "safetensors.torch", "numpy", "peft"])
 
 
 def _exec_python(argv: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str,

@@ -40,17 +40,18 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model
-from peft import set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import cast_adapter_dtype
 
 from support.loading.checkpoint import CKPT_NAME, rebuilt
 from support.model.hf_llama import LAYER_WEIGHTS, copy_token_ids, from_hf_llama, save_quietly, to_hf_llama
 from k_model import Transformer
+
+# peft is imported by the functions that use it: its import takes seconds, which every fine-tuning script would
+# pay at start-up (they take the LoRA flags) in runs without adapters
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
 
 ADAPTER = "default"  # peft's name for a model's one adapter
 TARGETS = ("wqkv", "wo", "w13", "w2")  # every projection of a block; HF names in hf_llama.LAYER_WEIGHTS
@@ -108,6 +109,9 @@ def attach(model: Transformer, spec: dict[str, Any]) -> Transformer:
 
 def add_adapters(model: Transformer, spec: dict[str, Any]) -> Transformer:
     """attach's adapters alone (no digest, no quantization): also on a model built on the meta device."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
+
     config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
                         target_modules=list(spec["targets"]))
     model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
@@ -121,6 +125,8 @@ def has_adapters(model: torch.nn.Module) -> bool:
 
 def adapted_layers(model: torch.nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """(name, layer) of each projection that carries an adapter, e.g. ("layers.0.attention.wqkv", ...)."""
+    from peft.tuners.lora import LoraLayer
+
     return ((name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer))
 
 
@@ -164,6 +170,8 @@ def digest(weights: dict[str, torch.Tensor]) -> str:
 def model_state(model: Transformer) -> dict[str, Any]:
     """What a LoRA checkpoint stores of the model (train_task.Task.model_state): the adapter weights, and under
     "lora" their spec with the base's digest."""
+    from peft import get_peft_model_state_dict
+
     adapters = get_peft_model_state_dict(model, adapter_name=ADAPTER, save_embedding_layers=False)
     return {"model": adapters, "lora": model.lora_spec}
 
@@ -173,6 +181,8 @@ def restore(base: Transformer, state: dict[str, Any], source: str | os.PathLike)
     opens it): the saved config (a grown vocabulary gets the same mean rows again, dropout the same value),
     adapters attached and loaded (a DCP checkpoint read without its weights: left for the ranks to load their
     shards). ValueError when the base is not the one the adapters were trained on."""
+    from peft import set_peft_model_state_dict
+
     spec = state["lora"]
     model = attach(rebuilt(base, **state["model_config"]), spec)
     if model.lora_spec["base_digest"] != spec["base_digest"]:
@@ -195,6 +205,8 @@ def restore(base: Transformer, state: dict[str, Any], source: str | os.PathLike)
 
 def export(model: Transformer, out_dir: Path, tokenizer: Any) -> Path:
     """out_dir/adapter (peft format, on the HF base it names) and out_dir/hf (merged); returns the latter."""
+    from peft import LoraConfig, get_peft_model
+
     copy_token_ids(model.config, tokenizer)
     spec = model.lora_spec
     hf = to_hf_llama(plain_model(model, with_adapters=False).eval())
@@ -248,6 +260,7 @@ def save_hf(model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> None:
 def load_adapter_dir(path: str | os.PathLike) -> Transformer:
     """Our model from a peft adapter directory (ours or any LoRA adapter for a Llama model): its base, named by
     base_model_name_or_path, with the adapter merged in by peft."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     config_path = Path(path) / "adapter_config.json"
