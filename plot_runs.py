@@ -4,8 +4,8 @@
     python plot_runs.py out/pretrain out/sft            # overlay runs -> ./curves_compare.png
     python plot_runs.py out/pretrain out/sft --out runs.png
 
-The trainer calls draw_curves(out_dir) at each evaluation and at the end, so curves.png follows the run
-(and a resumed run, since metrics.jsonl is rewritten to read like an uninterrupted one). Panels: train and
+The trainer calls draw_curves(out_dir) at evaluations at least 30 s apart and at the end, so curves.png
+follows the run (and a resumed run, since metrics.jsonl is rewritten to read like an uninterrupted one). Panels: train and
 val loss, learning rate, tokens/s, then one panel per other numeric metric in the file, so a new objective's
 metrics (SFT, DPO rewards, ...) are drawn without code changes; a "val_X" metric shares X's panel, and so do
 "X/<number>..." ones (an MoE model's expert_load/<layer>/<expert>: one panel, a line per layer and expert).

@@ -175,7 +175,8 @@ class Trainer:
         if a.val_data_path and Path(a.val_data_path).exists():
             val_set = self.task.dataset(a.val_data_path, self.tokenizer, a)
         if self.task.may_lack_targets:
-            check_targets(train_set, self.task, a.data_path, 10_000, a.max_seq_len, self.log)
+            # the first samples tell the share that teaches nothing; each costs a chat encoding at start-up
+            check_targets(train_set, self.task, a.data_path, 1_000, a.max_seq_len, self.log)
             if val_set is not None:
                 check_targets(val_set, self.task, a.val_data_path, a.eval_samples, a.max_seq_len, self.log)
         return train_set, val_set
@@ -250,7 +251,7 @@ class Trainer:
                     self._check_finite()
                     self.progress.report(self.step, self.total_steps, lrs, self.position["epoch"], bar)
                 if (a.eval_interval and self.step % a.eval_interval == 0 or end) and not stop:  # after progress
-                    self._evaluate()
+                    self._evaluate(final=end)
                 if self.step % a.save_interval == 0 or end or stop:
                     self._save()
                 if stop:
@@ -287,8 +288,9 @@ class Trainer:
             self.log.info(msg, console=False)  # main() prints it as the exit message
             raise TrainingError(msg)
 
-    def _evaluate(self) -> None:
-        """Validation metrics, the --sample_prompt continuations and curves.png; kept out of tokens/s."""
+    def _evaluate(self, final: bool = False) -> None:
+        """Validation metrics, the --sample_prompt continuations and curves.png (always at the run's end, the
+        final evaluation); kept out of tokens/s."""
         start = time.perf_counter()
         values: dict[str, Any] = {}
         if self.val_set is not None:
@@ -311,7 +313,7 @@ class Trainer:
         if values:
             self.log.metrics(self.step, values)
         if self.d.is_main:
-            self.progress.draw_curves(self.out_dir)
+            self.progress.draw_curves(self.out_dir, final)
         self.progress.leave_out(time.perf_counter() - start)  # keep evaluation out of tokens/s
 
     def _save(self) -> None:

@@ -77,7 +77,7 @@ def test_pretraining_beats_the_unigram_model(data, pretrained):
     assert "val ppl" in log and "tok/s" in log and "saved" in log
 
 
-def test_each_evaluation_logs_a_greedy_sample_and_redraws_the_curves(pretrained):
+def test_each_evaluation_logs_a_greedy_sample_and_the_run_draws_its_curves(pretrained):
     samples = read_metrics(pretrained, "samples")
     assert [step for step, _ in samples] == [75, 150]
     ours, _, _ = open_model(pretrained, own_tokenizer=False)

@@ -17,6 +17,9 @@ from plot_runs import draw_curves
 from support.training.trainer_utils import DistInfo, RunLogger
 
 
+CURVES_EVERY_S = 30.0  # the least time between two drawings of curves.png before the run's end
+
+
 @dataclass
 class Window:
     """The steps since the last progress line: their loss means stay on the device until it is printed."""
@@ -34,6 +37,7 @@ class Progress:
         self.flops_per_token, self.peak = flops_per_token, peak
         self.cpu_share = CpuShare() if watch_cpu else None
         self.curves_note_given = False
+        self.curves_drawn_at = time.monotonic()  # a run's first drawing waits as long as a redrawing
         self.window = Window()
 
     def add_step(self, means: dict[str, torch.Tensor], tokens: int) -> None:
@@ -81,10 +85,13 @@ class Progress:
             self.log.info(f"note: other processes keep {busy:.1f} of {os.cpu_count()} CPUs busy: "
                           f"{threads} threads per process can be several times slower than --num_threads 1")
 
-    def draw_curves(self, out_dir: Path) -> None:
-        """out_dir/curves.png from metrics.jsonl (plot_runs.py); without matplotlib, one note and no more tries."""
-        if self.curves_note_given:
+    def draw_curves(self, out_dir: Path, final: bool) -> None:
+        """out_dir/curves.png from metrics.jsonl (plot_runs.py) at the run's end, and before it where the last
+        drawing is CURVES_EVERY_S old: a drawing takes about a second of CPU, which frequent evaluations of a
+        short run would pay again and again. Without matplotlib, one note and no more tries."""
+        if self.curves_note_given or not final and time.monotonic() - self.curves_drawn_at < CURVES_EVERY_S:
             return
+        self.curves_drawn_at = time.monotonic()
         try:
             draw_curves(out_dir)
         except ImportError as e:
