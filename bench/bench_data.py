@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seed_samples", type=int, default=1000, help="samples per round, seed's way")
     p.add_argument("--ours_samples", type=int, default=20000, help="samples per round, ours")
+    p.add_argument("--corpus_sizes", default="1,4,16", help="memory rows: the corpus repeated this many times")
     p.add_argument("--_rss", nargs=2, metavar=("VARIANT", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._rss:
@@ -160,7 +161,7 @@ def main() -> None:
     print("\nmemory (MB) of a process that builds the dataset and reads 2000 random samples")
     print(f"{'corpus':<8}{'seed peak':>11}{'seed anon':>11}{'ours peak':>11}{'ours anon':>11}")
     with tempfile.TemporaryDirectory() as tmp:
-        for factor in (1, 4, 16):
+        for factor in (int(f) for f in args.corpus_sizes.split(",")):
             jsonl, bin_path = scaled_copies(args.data, args.bin, factor, tmp)
             mem = memory_mb("seed", jsonl, args.tokenizer, args.max_length) + \
                 memory_mb("ours", bin_path, args.tokenizer, args.max_length)

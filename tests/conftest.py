@@ -27,6 +27,18 @@ import train_tokenizer  # noqa: E402
 
 TINY_VOCAB = 1000
 
+# The slowest files first (their summed test times on 2 cores, longest first): the two xdist workers take files
+# in this order (pytest.ini: --no-loadscope-reorder), so the last files to start are short ones and neither
+# worker idles at the end while the other runs a long file. A file not listed runs after these.
+SLOWEST_FIRST = ("test_demo", "test_grpo", "test_fsdp", "test_eval", "test_bench", "test_serve", "test_serve_hostile",
+                 "test_model", "test_dpo", "test_distill", "test_lora", "test_moe", "test_optim", "test_train_ddp",
+                 "test_train", "test_train_resume", "test_serve_tools", "test_sample")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a file's own order is kept
+
 
 def _tiny_texts() -> list[str]:
     news = data_process.read_news_paragraphs()[:200]

@@ -2,9 +2,6 @@
 here, F.cross_entropy, and each prompt run alone."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +15,7 @@ from support.model.cpu_matmul import mm_t
 from support.model.hf_llama import export_hf, from_hf_llama, load_hf, to_hf_llama
 from k_model import ModelConfig, Transformer
 from support.model.sampling import sample
+from train_helpers import run_python
 
 VOCAB = 97
 
@@ -335,9 +333,10 @@ def test_compiled_decode_equals_eager_and_compiles_once(capfd):
 
 def test_compile_decode_falls_back_to_eager_without_a_cxx_compiler(tmp_path):
     """A real failure: inductor pointed at a C++ compiler that does not exist (with an empty kernel cache, so
-    nothing compiled earlier can stand in). One line says why, and the tokens are eager's."""
+    nothing compiled earlier can stand in), in a fresh process. One line says why, and the tokens are eager's."""
     script = (
-        "import torch, sys\n"
+        "import os, sys, torch, torch._inductor.config\n"
+        "torch._inductor.config.cpp.cxx = (None, os.environ['CXX'])  # as if CXX had been set before torch started\n"
         "sys.path.insert(0, 'tests')\n"
         "from test_model import tiny, VOCAB\n"
         "model = tiny()\n"
@@ -346,10 +345,8 @@ def test_compile_decode_falls_back_to_eager_without_a_cxx_compiler(tmp_path):
         "model.compile_decode()\n"
         "print(torch.equal(model.generate(prompt, 12, temperature=0), eager), model._compiled_step)\n"
     )
-    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_python(["-c", script], timeout=300,
+                      env={"CXX": str(tmp_path / "no-such-c++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["True", "None"]
     failures = [line for line in proc.stderr.splitlines() if line.startswith("fast decode:")]

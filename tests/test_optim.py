@@ -186,7 +186,7 @@ def test_bad_schedule_and_optimizer_flags_are_refused(tmp_path, tiny_tokenizer_d
 def test_muon_wsd_run_killed_mid_decay_resumes_exactly(tmp_path, tiny_tokenizer_dir):
     """SIGKILL during the decay, then --resume: the losses, learning rates, weights and both optimizers' states
     equal the uninterrupted run's; its learning rates follow the WSD formula."""
-    total, warmup, fraction = 150, 5, 0.9  # the decay starts at step 15; the kill comes after step 20's save
+    total, warmup, fraction = 60, 5, 0.75  # the decay starts at step 15; the kill comes after step 20's save
     train_bin, val_bin = make_pretrain_data(tmp_path, tiny_tokenizer_dir, n_train=300, n_val=20)
     args = ["--data_path", train_bin, "--val_data_path", val_bin, "--tokenizer_path", tiny_tokenizer_dir,
             *TINY_MODEL, *QUIET, "--dropout", "0.1", "--batch_size", "8", "--max_steps", str(total),
