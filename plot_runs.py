@@ -92,7 +92,7 @@ def plot_runs(out_dirs: list[Path], png: Path) -> Path:
     for i, (title, keys) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         _draw_panel(ax, title, keys, runs)
-    fig.suptitle(" vs ".join(runs), fontsize=12)
+    fig.suptitle(" vs ".join(runs), fontsize=12, y=1 - 0.2 / fig.get_figheight())  # 0.2 in from the top
     tmp = png.with_name(png.name + ".tmp")
     try:
         fig.savefig(tmp, format="png", dpi=100)
@@ -108,7 +108,12 @@ def _new_figure(width: float, height: float):
         from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError("drawing curves.png needs matplotlib: pip install matplotlib") from e
-    return Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height))
+    # fixed margins in inches (tick and axis labels, titles, the suptitle), not layout="constrained", which
+    # lays the figure out by drawing it an extra time: 0.45 s a drawing instead of 0.8 s, paid by every run
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.9 / height,
+                        wspace=1.8 / width, hspace=1 / 3)
+    return fig
 
 
 def _draw_panel(ax, title: str, keys: list[str], runs: dict[str, Series]) -> None:
