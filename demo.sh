@@ -31,7 +31,7 @@ if [[ "$SCALE" == tiny ]]; then
        --log_interval 10 --eval_interval 0 --eval_samples 32)
   SAMPLES=(--max_new_tokens 24)
   EVAL=(--eval_limit 200)
-  LMEVAL=(--limit 50)
+  LMEVAL=(--limit 20)
   CURVES=out/curves.png
 elif [[ "$SCALE" == full ]]; then
   # reviews cut to 96 characters keep review + question inside the demo model's 128-token context;

@@ -206,9 +206,11 @@ def two_gloo_ranks(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks_found(tmp_path_factory) -> Callable[[str], tuple[Any, Any]]:
-    """Spawns two_gloo_ranks once; returns check name -> (rank 0's findings, rank 1's)."""
+    """Starts two_gloo_ranks once; returns check name -> (rank 0's findings, rank 1's). The ranks are forked from
+    train_helpers' fork server, which has imported torch and transformers already."""
     out = tmp_path_factory.mktemp("two_ranks")
-    torch.multiprocessing.spawn(two_gloo_ranks, args=(str(out / "init"), str(out)), nprocs=2)
+    torch.multiprocessing.start_processes(two_gloo_ranks, args=(str(out / "init"), str(out)), nprocs=2,
+                                          start_method="forkserver")
     return lambda check: tuple(torch.load(out / f"{check}_rank{r}.pt", weights_only=False) for r in (0, 1))
 
 
