@@ -63,8 +63,11 @@ class SFT(Task):
             return start
         return start._replace(model=lora.attach(start.model, lora.spec_from_args(args, args.init_from)))
 
-    def model_state(self, model: Any) -> dict[str, Any]:
-        return lora.model_state(model) if lora.has_adapters(model) else super().model_state(model)
+    def model_weights(self, model: Any) -> dict[str, Any]:
+        return lora.adapter_weights(model) if lora.has_adapters(model) else super().model_weights(model)
+
+    def rebuild_state(self, model: Any) -> dict[str, Any]:
+        return {"lora": model.lora_spec} if lora.has_adapters(model) else super().rebuild_state(model)
 
     def export(self, model: Any, out_dir: Path, tokenizer: Any) -> Path:
         return lora.export(model, out_dir, tokenizer) if lora.has_adapters(model) else super().export(

@@ -327,8 +327,9 @@ class Trainer:
             "vocab_size": self.model.config.vocab_size,
             "tokenizer_fingerprint": self.fingerprint,
             "world_size": self.d.world_size,
+            **self.task.rebuild_state(self.model),
         }
-        self.ckpt_path = self.parallel.save(self.out_dir, meta, partial(self.task.model_state, self.model),
+        self.ckpt_path = self.parallel.save(self.out_dir, meta, partial(self.task.model_weights, self.model),
                                             self.optimizer)
         self.log.info(f"saved {self.ckpt_path} (step {self.step})")
         self.last_saved_step = self.step

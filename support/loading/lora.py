@@ -167,13 +167,13 @@ def digest(weights: dict[str, torch.Tensor]) -> str:
 # Checkpoints
 
 
-def model_state(model: Transformer) -> dict[str, Any]:
-    """What a LoRA checkpoint stores of the model (train_task.Task.model_state): the adapter weights, and under
-    "lora" their spec with the base's digest."""
+def adapter_weights(model: Transformer) -> dict[str, torch.Tensor]:
+    """The weights a LoRA checkpoint stores (train_task.Task.model_weights): the adapters' (under "lora" it
+    stores their spec, model.lora_spec, with the base's digest). Not under --parallel fsdp, whose shards DCP
+    writes: peft >= 0.22 gathers sharded adapters here, a collective that rank 0 alone would wait in forever."""
     from peft import get_peft_model_state_dict
 
-    adapters = get_peft_model_state_dict(model, adapter_name=ADAPTER, save_embedding_layers=False)
-    return {"model": adapters, "lora": model.lora_spec}
+    return get_peft_model_state_dict(model, adapter_name=ADAPTER, save_embedding_layers=False)
 
 
 def restore(base: Transformer, state: dict[str, Any], source: str | os.PathLike) -> Transformer:

@@ -181,11 +181,12 @@ class FullyShardedParallel(DataParallel):
                        optim_state_dict=shards["optimizer"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))  # LoRA: the base is not
 
-    def save(self, out_dir: Path, meta: dict[str, Any], model_state: Callable[[], dict[str, Any]],
+    def save(self, out_dir: Path, meta: dict[str, Any], weights: Callable[[], dict[str, torch.Tensor]],
              optimizer: Any) -> Path:
-        """Every rank writes its shards into the slot out_dir/ckpt_dcp does not point to; then rank 0 adds the
-        checkpoint dict (with what the task stores besides the weights: a LoRA run's spec) and swaps the
-        symlink. Returns the symlink's path."""
+        """Every rank writes its shards of the trained weights and the optimizer state into the slot
+        out_dir/ckpt_dcp does not point to (so `weights`, the plain parallel's, is not called); then rank 0 adds
+        the checkpoint dict (meta, with the task's rebuild_state: a LoRA run's spec) and swaps the symlink.
+        Returns the symlink's path."""
         link = out_dir / DCP_NAME
         current = link.resolve().name if link.is_symlink() else None
         target = out_dir / (DCP_SLOTS[1] if current == DCP_SLOTS[0] else DCP_SLOTS[0])
@@ -194,8 +195,7 @@ class FullyShardedParallel(DataParallel):
         dist.barrier()
         dcp.save(trained_state(self.model, optimizer), checkpoint_id=target)
         if self.d.is_main:
-            rebuild = {k: v for k, v in model_state().items() if k != "model"}
-            save_checkpoint(target / DCP_META, {**rebuild, **meta})
+            save_checkpoint(target / DCP_META, meta)
             swap_symlink(link, target.name)
             (out_dir / CKPT_NAME).unlink(missing_ok=True)  # a --parallel ddp run's, which this one replaces
         dist.barrier()  # no rank starts the next save before the swap

@@ -151,11 +151,16 @@ class Task:
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
-    def model_state(self, model: torch.nn.Module) -> dict[str, Any]:
-        """What a checkpoint stores of the model: every weight, under "model". A task that trains a small part
-        of a model it can rebuild (LoRA adapters on a base named in the checkpoint) stores only that part and
-        what rebuilding needs; loading.model_from_state rebuilds the model from it on --resume."""
-        return {"model": model.state_dict()}
+    def model_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint stores (under "model"): every one. A task that trains a small part of a model
+        it can rebuild (LoRA adapters on a base named in the checkpoint) stores only that part, and in
+        rebuild_state what rebuilding needs; loading.model_from_state rebuilds the model from both on --resume."""
+        return model.state_dict()
+
+    def rebuild_state(self, model: torch.nn.Module) -> dict[str, Any]:
+        """What a checkpoint needs besides its weights to rebuild the model: nothing for one built from its
+        config. Kept apart from the weights, which a --parallel fsdp run writes as shards instead."""
+        return {}
 
     def export(self, model: torch.nn.Module, out_dir: Path, tokenizer: Any) -> Path:
         """The final weights as a Llama model + tokenizer that AutoModelForCausalLM / AutoTokenizer open."""

@@ -112,13 +112,13 @@ class DataParallel:
         except ValueError as e:  # another optimizer's state, or another set of trainable parameters
             raise ValueError(f"{ckpt_path}: cannot resume: {e}") from None
 
-    def save(self, out_dir: Path, meta: dict[str, Any], model_state: Callable[[], dict[str, Any]],
+    def save(self, out_dir: Path, meta: dict[str, Any], weights: Callable[[], dict[str, torch.Tensor]],
              optimizer: Any) -> Path:
-        """Rank 0 writes out_dir/ckpt.pt (checkpoint.save_checkpoint) and removes a --parallel fsdp checkpoint
-        this run replaces (--overwrite); returns the checkpoint's path."""
+        """Rank 0 writes out_dir/ckpt.pt (checkpoint.save_checkpoint: the task's weights(), the optimizer state
+        and meta) and removes a --parallel fsdp checkpoint this run replaces (--overwrite); returns its path."""
         path = out_dir / CKPT_NAME
         if self.d.is_main:
-            save_checkpoint(path, {**model_state(), "optimizer": optimizer.state_dict(), **meta})
+            save_checkpoint(path, {"model": weights(), "optimizer": optimizer.state_dict(), **meta})
             remove_dcp_checkpoint(out_dir)
         return path
 
