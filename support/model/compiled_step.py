@@ -33,9 +33,11 @@ class CompiledStep:
     graph per batch size, attention reading the whole window with the unfilled slots masked (untested: no
     GPU was at hand).
     On a CPU the shapes are symbolic (one graph for batch 1, one for every larger batch) and attention reads
-    the filled slots only. Inductor fuses the norms, rotary embeddings and activations around the matmuls,
-    which stay the model's own packed oneDNN products (cpu_matmul.Linear), so the graph reads the weights at
-    run time: new weights need no new graph.
+    the filled slots only. Inductor fuses the norms, rotary embeddings and activations around the matmuls;
+    attention is written as products and sums it fuses too (k_model.one_token_attention). At batch 1 each
+    float32 product is one loop of inductor's (cpu_matmul.one_row_product), at larger batches the model's
+    packed oneDNN product (cpu_matmul.Linear). Either way the graph reads the weights at run time: new
+    weights need no new graph.
     The first step of each graph compiles, and says so on stderr with the seconds it took; if compiling
     fails, one line says why and the model decodes eagerly from then on."""
 

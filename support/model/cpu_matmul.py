@@ -127,14 +127,30 @@ class OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w
 
 
+def _one_row_compiled(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A single row (batch-1 decoding) in float32 on a CPU, no gradient, while torch.compile traces."""
+    return (torch.compiler.is_compiling() and weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and x.numel() == x.shape[-1] and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
+
+
+def one_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for one row, written as a dot product per output. Inside a compiled graph inductor makes
+    it one loop that streams the weight once over the threads, with no library call around it: the bench
+    model's whole batch-1 step ran 1.25-1.34x faster this way than through the packed oneDNN products (Zen 3,
+    AVX2, float32). With more rows this form reads the weight once per row: the packed product wins there."""
+    return (x[..., None, :] * weight).sum(-1)
+
+
 class Linear(nn.Linear):
     """nn.Linear, bias-free, its matmuls through mm_t, decode steps through the packed weight where there is
-    one. Same parameters and state_dict as nn.Linear."""
+    one (or, in a compiled batch-1 step, one_row_product). Same parameters and state_dict as nn.Linear."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _one_row_compiled(x, self.weight):
+            return one_row_product(x, self.weight)
         if _decode_sized(x, self.weight):
             return decode_mm_t(x, self.weight) if torch.compiler.is_compiling() else _decode_mm_t(x, self.weight)
         return OneDNNLinear.apply(x, self.weight) if _onednn(x, self.weight) else F.linear(x, self.weight)
