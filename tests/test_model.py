@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, GenerationConfig, LlamaForCausalL
 from support.model import chunked_loss
 from support.model import cpu_matmul
 from support.model.chunked_loss import linear_cross_entropy
-from support.model.cpu_matmul import mm_t
+from support.model.cpu_matmul import mm_t, one_row_product
 from support.model.hf_llama import export_hf, from_hf_llama, load_hf, to_hf_llama
-from k_model import ModelConfig, Transformer
+from k_model import ModelConfig, Transformer, one_token_attention
 from support.model.sampling import sample
 from train_helpers import run_python
 
@@ -245,11 +245,13 @@ def test_packed_weights_equal_the_weights_and_live_only_within_their_scope(monke
             torch.testing.assert_close(layer(many), F.linear(many, layer.weight), **tol)
 
 
-@pytest.mark.parametrize("chunk_rows", [7, 1000])
-def test_linear_cross_entropy_equals_full_cross_entropy(monkeypatch, chunk_rows):
+@pytest.mark.parametrize("chunk_rows, keep", [(7, False), (1000, False), (7, True)])
+def test_linear_cross_entropy_equals_full_cross_entropy(monkeypatch, chunk_rows, keep):
     """Values and both gradients, with ignored targets and per-row upstream gradients (the trainer weights
-    rows by its mask), in uneven chunks of 7 rows and in one chunk."""
+    rows by its mask): logits recomputed in backward, in uneven chunks of 7 rows and in one chunk, and
+    probabilities kept from forward (few logits); a second backward through a kept graph gives the same."""
     monkeypatch.setattr(chunked_loss, "CE_CHUNK_LOGITS", chunk_rows * VOCAB)
+    monkeypatch.setattr(chunked_loss, "CE_KEEP_LOGITS", 10**9 if keep else 0)
     h = torch.randn(40, 64, requires_grad=True)
     w = (0.3 * torch.randn(VOCAB, 64)).requires_grad_()
     targets = torch.randint(0, VOCAB, (40,))
@@ -259,10 +261,12 @@ def test_linear_cross_entropy_equals_full_cross_entropy(monkeypatch, chunk_rows)
     ref = F.cross_entropy(h @ w.t(), targets, reduction="none")
     torch.testing.assert_close(ours, ref)
     assert (ours[targets == -100] == 0).all()
-    grads = torch.autograd.grad((ours * upstream).sum(), (h, w))
+    grads = torch.autograd.grad((ours * upstream).sum(), (h, w), retain_graph=True)
     ref_grads = torch.autograd.grad((ref * upstream).sum(), (h, w))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+    for g, again in zip(grads, torch.autograd.grad((ours * upstream).sum(), (h, w))):
+        assert torch.equal(g, again)
 
 
 @pytest.mark.cpu_kind
@@ -329,6 +333,21 @@ def test_compiled_decode_equals_eager_and_compiles_once(capfd):
         fast.load_state_dict(other.state_dict())
         assert torch.equal(fast.generate(prompt, 20, temperature=0), other.generate(prompt, 20, temperature=0))
     assert "torch.compile failed" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_the_compiled_steps_products_and_sums_equal_sdpa_and_linear(kv_heads):
+    """What the compiled CPU decode step runs instead of SDPA and the packed products: one query per head
+    against a cache with masked (unfilled or padding) slots, kv heads shared by two query heads or not, equals
+    SDPA; one row times a weight equals F.linear."""
+    B, H, S, D = 3, 4, 11, 8
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, kv_heads, S, D), torch.randn(B, kv_heads, S, D)
+    mask = torch.rand(B, 1, 1, S) > 0.4
+    mask[..., 0] = True  # every row attends somewhere
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(one_token_attention(q, k, v, mask), ref)
+    x, weight = torch.randn(1, 1, 64), torch.randn(96, 64)
+    torch.testing.assert_close(one_row_product(x, weight), F.linear(x, weight))
 
 
 def test_compile_decode_falls_back_to_eager_without_a_cxx_compiler(tmp_path):
