@@ -207,7 +207,7 @@ def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     if mask is not None:  # (B, 1, 1, S): True = may attend
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(-1).to(v.dtype)
-    return (weights[..., None] * v[:, :, None]).sum(-2).reshape(B, H, 1, D)
+    return (weights[..., None] * v[:, :, None]).sum(-2, dtype=torch.float32).to(v.dtype).reshape(B, H, 1, D)
 
 
 class KVCache:
