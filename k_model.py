@@ -377,7 +377,7 @@ class Block(nn.Module):
 class TransformerOutput(ModelOutput):
     """Without targets: logits (B, T, vocab) for every position. With targets: last_loss (B*T,), float32
     per-token cross-entropy, 0 where the target is -100 or outside the loss_mask, unreduced so the caller
-    applies its own mask; logits None (the loss never holds all of them, see linear_cross_entropy)."""
+    applies its own mask; logits None (the loss does not return them, see linear_cross_entropy)."""
 
     logits: torch.Tensor | None = None
     last_loss: torch.Tensor | None = None
