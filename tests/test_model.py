@@ -251,6 +251,7 @@ def test_linear_cross_entropy_equals_full_cross_entropy(monkeypatch, chunk_rows,
     rows by its mask): logits recomputed in backward, in uneven chunks of 7 rows and in one chunk, and
     probabilities kept from forward (few logits); a second backward through a kept graph gives the same."""
     monkeypatch.setattr(chunked_loss, "CE_CHUNK_LOGITS", chunk_rows * VOCAB)
+    monkeypatch.setattr(chunked_loss, "CE_MIN_CHUNK_ROWS", 1)
     monkeypatch.setattr(chunked_loss, "CE_KEEP_LOGITS", 10**9 if keep else 0)
     h = torch.randn(40, 64, requires_grad=True)
     w = (0.3 * torch.randn(VOCAB, 64)).requires_grad_()
