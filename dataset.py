@@ -610,6 +610,10 @@ class IndexedJsonlDataset(Dataset):
     def __len__(self) -> int:
         return len(self._index)
 
+    def sizes(self) -> np.ndarray:
+        """Each record's size in bytes, a stand-in for its length in tokens (--group_by_length)."""
+        return self._index[:, 1]
+
     def record(self, i: int) -> dict:
         offset, length = self._index[i]
         return parse_record(read_bytes_at(self.data_path, int(offset), int(length)), self.key)

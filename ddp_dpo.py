@@ -15,6 +15,7 @@ per backward. The loop and checkpoint format live in trainer.py, the flags in tr
 import argparse
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -83,6 +84,9 @@ class ScoredPairs(Dataset):
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def sizes(self) -> np.ndarray:
+        return self.pairs.sizes()
 
     def __getitem__(self, i: int):
         return (*self.pairs[i], self.reference_logps[i])

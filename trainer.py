@@ -7,7 +7,8 @@ flags, train_steps.py one optimizer step and one evaluation pass (with the loss 
 train_progress.py the progress lines, trainer_utils.py the process group, data order, logs and Ctrl-C,
 checkpoint.py the checkpoint file, loading.py the tokenizer, dtype and the initial model.
 
-Data order. Epoch e visits the samples in a permutation seeded by (seed, e). Each optimizer step consumes
+Data order. Epoch e visits the samples in a permutation seeded by (seed, e) (with --group_by_length, sorted by
+length within blocks of it: trainer_utils.epoch_order). Each optimizer step consumes
 the next S = batch_size * world_size * accumulation_steps samples of it: micro-step m is the slice
 [m*W*B, (m+1)*W*B) of those, of which rank r takes the r-th B-sized part. The checkpoint stores the data
 position as (epoch, next sample), so a resumed run reads exactly what the interrupted run would have read,
@@ -171,6 +172,9 @@ class Trainer:
     def _datasets(self) -> tuple[Dataset, Dataset | None]:
         a = self.args
         train_set = self.task.dataset(a.data_path, self.tokenizer, a)
+        if a.group_by_length and not hasattr(train_set, "sizes"):
+            raise ValueError(f"--group_by_length: the samples of {a.data_path} ({type(train_set).__name__}) have no "
+                             f"lengths to group by; it applies to JSONL datasets (SFT, DPO)")
         val_set = None
         if a.val_data_path and Path(a.val_data_path).exists():
             val_set = self.task.dataset(a.val_data_path, self.tokenizer, a)
@@ -203,7 +207,8 @@ class Trainer:
                       f"warmup {a.warmup_iters}{decay}")
         self.log.info(f"data: {a.data_path}: {len(self.train_set):,} samples x {a.max_seq_len} tokens; "
                       f"{self.step_samples} samples (<= {tokens_per_step:,} tokens) per step; "
-                      f"{self.steps_per_epoch:,} steps/epoch; training to step {self.total_steps:,}")
+                      f"{self.steps_per_epoch:,} steps/epoch; training to step {self.total_steps:,}"
+                      + (f"; grouped by length in blocks of {a.group_by_length:,}" if a.group_by_length else ""))
         self.log.info("flags: " + ", ".join(f"{k}={v!r} ({self.sources[k]})" for k, v in sorted(vars(a).items())),
                       console=False)
         if self.val_set is None:

@@ -158,6 +158,50 @@ def test_step_sampler_shards_the_global_batch():
     assert other_epoch != single
 
 
+def test_group_by_length_reads_every_sample_once_in_steps_of_alike_lengths():
+    """--group_by_length: each epoch still reads every sample once, in the same order whatever the batch size
+    or process count (so a resumed run with others reads exactly the rest), and a step's samples are alike."""
+    n, block = 500, 128
+    sizes = np.random.default_rng(0).integers(10, 1000, n)
+    order = trainer_utils.epoch_order(n, 7, 1, sizes, block).tolist()
+    assert sorted(order) == list(range(n))
+    assert order != trainer_utils.epoch_order(n, 7, 2, sizes, block).tolist()
+    assert trainer_utils.epoch_order(n, 7, 1).tolist() != order  # 0 = off: the plain shuffle
+
+    def steps(batch, world, start=0, rank=None):
+        ranks = range(world) if rank is None else [rank]
+        shares = [list(trainer_utils.StepSampler(n, batch, 1, r, world, 7, 1, start, sizes, block)) for r in ranks]
+        return [sum(parts, []) for parts in zip(*shares)]
+
+    single = steps(8, 1)
+    assert single == steps(4, 2)  # two processes read the global batch of one
+    assert sum(single, []) == order[: len(single) * 8]
+    # resumed at sample 40 with a global batch of 12 instead of 8: the rest of the same order
+    assert sum(steps(12, 1, start=40), []) == order[40 : 40 + (n - 40) // 12 * 12]
+
+    def spread(batches):  # the mean spread of sizes within a step
+        return np.mean([np.ptp(sizes[b]) for b in batches])
+
+    plain = list(trainer_utils.StepSampler(n, 8, 1, 0, 1, 7, 1, 0))
+    assert spread(single) < spread(plain) / 5
+
+
+def test_group_by_length_batches_hold_less_padding(data, pretrained, tmp_path):
+    """SFT batches grouped by length read fewer tokens after trimming, for the same samples; a run with the
+    flag says so; pretraining windows have no lengths to group by, which is said."""
+    ds = SFTDataset(data.sft_train, AutoTokenizer.from_pretrained(data.tok), max_length=64)
+
+    def tokens_read(group):
+        sampler = trainer_utils.StepSampler(len(ds), 4, 1, 0, 1, 7, 0, 0, ds.sizes(), group)
+        return sum(train_task.collate_trimmed([ds[i] for i in batch])[0].numel() for batch in sampler)
+
+    assert tokens_read(64) < 0.9 * tokens_read(0)
+    ddp_sft_full.main(sft_args(data, tmp_path / "s", pretrained, "--max_steps", "2", "--group_by_length", "64"))
+    assert "grouped by length in blocks of 64" in (tmp_path / "s" / "train.log").read_text()
+    with pytest.raises(SystemExit, match="--group_by_length: the samples of .*train.bin .PretrainDataset. have no"):
+        ddp_pretrain.main(pretrain_args(data, tmp_path / "p", "--max_steps", "1", "--group_by_length", "16"))
+
+
 def test_lr_schedule_warmup_then_cosine_to_a_tenth():
     lrs = [optim.lr_at(s, 1e-3, warmup=10, total=100) for s in range(101)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)

@@ -37,8 +37,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 COMMON_DEFAULTS: dict[str, Any] = dict(
     epochs=1, max_steps=0, accumulation_steps=1, weight_decay=0.1, grad_clip=1.0,
     optimizer="adamw", muon_learning_rate=0.02, muon_dtype="auto", lr_schedule="cosine", decay_fraction=0.2,
-    seed=1337, device="auto", dtype="auto", parallel="ddp", cpu_offload=False, num_threads=0, num_workers=0,
-    compile=False, log_interval=10,
+    seed=1337, group_by_length=0, device="auto", dtype="auto", parallel="ddp", cpu_offload=False, num_threads=0,
+    num_workers=0, compile=False, log_interval=10,
     eval_interval=200, eval_samples=512, save_interval=200, sample_tokens=32, resume=False, overwrite=False,
     peak_tflops=0.0, eval_tasks_limit=0, use_swanlab=False, swanlab_project="k-model", swanlab_mode="offline",
     num_experts=0, num_experts_per_tok=2,
@@ -56,7 +56,8 @@ ROPE_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
 LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}  # Llama 3.1's
 # flags that shape the network, the data order or the optimizer state: a resumed run must keep the values it was
 # trained with
-FIXED_AT_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout", "seed", "init_from",
+FIXED_AT_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout", "seed",
+                   "group_by_length", "init_from",
                    "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "load_in_4bit", "optimizer",
                    "rope_scaling", *ROPE_FLAGS, "parallel", "num_experts", "num_experts_per_tok")
 # flags about this launch only, never taken from a checkpoint
@@ -64,8 +65,8 @@ PER_LAUNCH = ("resume", "overwrite", "device", "cpu_offload", "num_threads", "nu
               "peak_tflops", "use_swanlab", "swanlab_project", "swanlab_mode")
 AT_LEAST_ONE = ("epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "eval_samples",
                 "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
-AT_LEAST_ZERO = ("eval_tasks_limit", "max_steps", "warmup_iters", "eval_interval", "num_threads", "num_workers", "weight_decay",
-                 "grad_clip", "peak_tflops", "sample_tokens")
+AT_LEAST_ZERO = ("group_by_length", "eval_tasks_limit", "max_steps", "warmup_iters", "eval_interval", "num_threads",
+                 "num_workers", "weight_decay", "grad_clip", "peak_tflops", "sample_tokens")
 
 
 def build_parser(task: Any) -> argparse.ArgumentParser:
@@ -84,6 +85,9 @@ def build_parser(task: Any) -> argparse.ArgumentParser:
     add(g, "tokenizer_path", "tokenizer directory (sets the vocab size); a run from --init_from reads that model's "
                              f"own unless this is given (default: {DEFAULT_TOKENIZER})")
     add(g, "out_dir", "checkpoint ckpt.pt, train.log, metrics.jsonl and the final hf/ export")
+    add(g, "group_by_length", "N > 0: sort each N consecutive samples of an epoch's shuffled order by length (their "
+                              "JSONL line's bytes), so that a step's samples are alike in length and its batch holds "
+                              "less padding (SFT, DPO); 0 = off", type=int)
 
     g = p.add_argument_group("optimization")
     add(g, "epochs", "passes over the data (when --max_steps is 0)", type=int)

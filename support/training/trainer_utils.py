@@ -20,6 +20,7 @@ from inspect import signature
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -173,18 +174,37 @@ def apply_settings(optimizer: Any, settings: dict[tuple[str, int, str], Any]) ->
 # Data order (the layout is in trainer.py's docstring)
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+GROUP_RUNS = 8  # --group_by_length: each sorted block is read as this many runs, in a shuffled order
+
+
+def epoch_order(n: int, seed: int, epoch: int, sizes: np.ndarray | None = None, group: int = 0) -> torch.Tensor:
+    """The order in which epoch `epoch` visits the n samples: a permutation seeded by (seed, epoch). With
+    `group` (--group_by_length) and the samples' sizes, each `group` consecutive samples of it are sorted by
+    size and cut into GROUP_RUNS runs, read in a shuffled order (not always short to long): a step then holds
+    samples of similar length, which collate_trimmed cuts to less padding. Every sample is still read once an
+    epoch, and the order depends on no batch size or process count, so a resumed run with others reads
+    exactly the rest."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator)
+    if not group:
+        return order
+    sizes = torch.as_tensor(sizes)
+    runs = []
+    for block in order.split(group):
+        block_runs = block[sizes[block].argsort(stable=True)].tensor_split(GROUP_RUNS)
+        runs += [block_runs[i] for i in torch.randperm(GROUP_RUNS, generator=generator)]
+    return torch.cat(runs)
 
 
 class StepSampler(Sampler[list[int]]):
-    """This rank's micro-batches for one epoch, from sample `start` of the epoch's permutation
-    (layout in the module docstring). An incomplete last optimizer step is dropped."""
+    """This rank's micro-batches for one epoch, from sample `start` of the epoch's order (epoch_order; layout
+    in the module docstring). An incomplete last optimizer step is dropped."""
 
     def __init__(self, n: int, batch_size: int, accumulation_steps: int, rank: int, world_size: int,
-                 seed: int, epoch: int, start: int):
+                 seed: int, epoch: int, start: int, sizes: np.ndarray | None = None, group: int = 0):
         self.n, self.batch_size, self.accumulation_steps = n, batch_size, accumulation_steps
         self.rank, self.world_size, self.seed, self.epoch, self.start = rank, world_size, seed, epoch, start
+        self.sizes, self.group = sizes, group
         self.step_samples = batch_size * world_size * accumulation_steps
         self.num_steps = max(0, (n - start) // self.step_samples)
 
@@ -192,13 +212,13 @@ class StepSampler(Sampler[list[int]]):
         return self.num_steps * self.accumulation_steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        perm = epoch_permutation(self.n, self.seed, self.epoch)
+        order = epoch_order(self.n, self.seed, self.epoch, self.sizes, self.group)
         B, W = self.batch_size, self.world_size
         for k in range(self.num_steps):
             base = self.start + k * self.step_samples
             for m in range(self.accumulation_steps):
                 lo = base + (m * W + self.rank) * B
-                yield perm[lo : lo + B].tolist()
+                yield order[lo : lo + B].tolist()
 
 
 def steps_left(n: int, step_samples: int, position: dict[str, int], epochs: int) -> int:
@@ -217,11 +237,12 @@ class Step(NamedTuple):
 def iterate_steps(dataset: Dataset, collate: Callable[[list[Any]], Any], args: argparse.Namespace, d: DistInfo,
                   position: dict[str, int]) -> Iterator[Step]:
     """Endless stream of optimizer steps from `position` on, epoch after epoch (args: batch_size,
-    accumulation_steps, seed, num_workers)."""
+    accumulation_steps, seed, group_by_length, num_workers; the dataset's sizes() where grouped by length)."""
     epoch, start = position["epoch"], position["sample"]
+    sizes = dataset.sizes() if args.group_by_length else None
     while True:
         sampler = StepSampler(len(dataset), args.batch_size, args.accumulation_steps, d.rank, d.world_size,
-                              args.seed, epoch, start)
+                              args.seed, epoch, start, sizes, args.group_by_length)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers,
                             pin_memory=d.device.type == "cuda", worker_init_fn=StopRequest.ignore_in_worker)
         micro = iter(loader)
