@@ -271,7 +271,13 @@ def test_linear_cross_entropy_equals_full_cross_entropy(monkeypatch, chunk_rows,
 
 
 @pytest.mark.cpu_kind
-def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_cross_entropy():
+@pytest.mark.parametrize("keep", [True, False])
+def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_cross_entropy(monkeypatch, keep):
+    """Both paths (kept; recomputed in chunks of 7 rows) under bf16 autocast."""
+    if not keep:
+        monkeypatch.setattr(chunked_loss, "CE_CHUNK_LOGITS", 7 * VOCAB)
+        monkeypatch.setattr(chunked_loss, "CE_MIN_CHUNK_ROWS", 1)
+        monkeypatch.setattr(chunked_loss, "CE_KEEP_LOGITS", 0)
     h = torch.randn(24, 64, requires_grad=True)
     w = (0.3 * torch.randn(VOCAB, 64)).requires_grad_()
     targets = torch.randint(0, VOCAB, (24,))
