@@ -249,7 +249,7 @@ def test_packed_weights_equal_the_weights_and_live_only_within_their_scope(monke
 def test_linear_cross_entropy_equals_full_cross_entropy(monkeypatch, chunk_rows, keep):
     """Values and both gradients, with ignored targets and per-row upstream gradients (the trainer weights
     rows by its mask): logits recomputed in backward, in uneven chunks of 7 rows and in one chunk, and
-    probabilities kept from forward (few logits); a second backward through a kept graph gives the same."""
+    exp(logits - row max) kept from forward (few logits); a second backward through a kept graph gives the same."""
     monkeypatch.setattr(chunked_loss, "CE_CHUNK_LOGITS", chunk_rows * VOCAB)
     monkeypatch.setattr(chunked_loss, "CE_MIN_CHUNK_ROWS", 1)
     monkeypatch.setattr(chunked_loss, "CE_KEEP_LOGITS", 10**9 if keep else 0)

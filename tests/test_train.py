@@ -168,9 +168,9 @@ def test_group_by_length_reads_every_sample_once_in_steps_of_alike_lengths():
     assert order != trainer_utils.epoch_order(n, 7, 2, sizes, block).tolist()
     assert trainer_utils.epoch_order(n, 7, 1).tolist() != order  # 0 = off: the plain shuffle
 
-    def steps(batch, world, start=0, rank=None):
-        ranks = range(world) if rank is None else [rank]
-        shares = [list(trainer_utils.StepSampler(n, batch, 1, r, world, 7, 1, start, sizes, block)) for r in ranks]
+    def steps(batch, world, start=0):  # each step's global batch: the ranks' shares side by side
+        shares = [list(trainer_utils.StepSampler(n, batch, 1, r, world, 7, 1, start, sizes, block))
+                  for r in range(world)]
         return [sum(parts, []) for parts in zip(*shares)]
 
     single = steps(8, 1)
