@@ -19,7 +19,8 @@ float32, plus bf16 where the hardware computes it natively (CUDA, CPUs with AVX5
 for training, bf16 weights for decoding. "compile s" = the compiled variant's first call minus a timed
 one (inductor keeps compiled kernels on disk: a second run of the bench compiles faster).
 Rounds alternate the variants (A B C A B C ...) in one process so drifting machine load hits all alike;
-the table shows medians. Greedy tokens are compared: float32 variants should agree; bf16 rounding may flip
+the table shows medians, and beside each ratio the middle half of the rounds' own ratios (how far the
+machine's noise moves it). Greedy tokens are compared: float32 variants should agree; bf16 rounding may flip
 an argmax of this random-weight model, and a row says so when tokens differ.
 """
 
@@ -109,16 +110,27 @@ def decode_fns(models, batch: int, prompt_len: int, new_tokens: int, device: str
     return {"ours eager": ours("ours eager"), "ours compiled": ours("ours compiled"), "HF Llama": hf}, out
 
 
-def run(fns, rounds: int, device: str, clock) -> tuple[dict[str, float], float]:
-    """Median seconds per call of each variant, and the compiled variant's compile seconds (its first call,
-    timed on the wall clock, minus its median)."""
+def run(fns, rounds: int, device: str, clock) -> tuple[dict[str, float], dict[str, str], float]:
+    """Median seconds per call of each variant, the spread of each of ours against HF (ratio_spread), and the
+    compiled variant's compile seconds (its first call, timed on the wall clock, minus its median)."""
     first = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
         fn()
         first[name] = time.perf_counter() - t0
-    times = {name: statistics.median(t) for name, t in interleaved(fns, rounds, 0, device, clock).items()}
-    return times, first["ours compiled"] - times["ours compiled"]
+    per_round = interleaved(fns, rounds, 0, device, clock)
+    times = {name: statistics.median(t) for name, t in per_round.items()}
+    spread = {name: ratio_spread(per_round["HF Llama"], per_round[name]) for name in VARIANTS[:2]}
+    return times, spread, first["ours compiled"] - times["ours compiled"]
+
+
+def ratio_spread(hf_seconds: list[float], ours_seconds: list[float]) -> str:
+    """The middle half (interquartile range) of the per-round speed ratios HF time / our time. Each round times
+    the variants back to back, so a round's ratio is the one least touched by the machine's drift; how widely
+    they scatter says how far the median ratio can be trusted (on a shared 2-core VM, +-10% and more)."""
+    ratios = [h / o for h, o in zip(hf_seconds, ours_seconds)]
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return f"({low:.2f}-{high:.2f})"
 
 
 def tokens_differ(out: dict[str, torch.Tensor]) -> str:
@@ -128,10 +140,13 @@ def tokens_differ(out: dict[str, torch.Tensor]) -> str:
     return f" ({', '.join(differ)}: tokens differ)" if differ else ""
 
 
-def row(benchmark, device, dtype, shape, values: dict[str, float], target, compile_s, fmt=None):
-    """One table row: the three variants' values, each of ours against HF, the target, compile seconds."""
+def row(benchmark, device, dtype, shape, values: dict[str, float], target, compile_s, fmt=None, spread=None):
+    """One table row: the three variants' values, each of ours against HF (with its per-round spread when
+    timed), the target, compile seconds."""
     fmt = fmt or (lambda name, v: f"{v:,.0f}")
-    ratios = [f"{values[name] / values['HF Llama']:.2f}x" if values["HF Llama"] else "-" for name in VARIANTS[:2]]
+    spread = spread or dict.fromkeys(VARIANTS[:2], "")
+    ratios = [f"{values[name] / values['HF Llama']:.2f}x {spread[name]}".strip() if values["HF Llama"] else "-"
+              for name in VARIANTS[:2]]
     return (benchmark, device, dtype, shape, *(fmt(n, values[n]) for n in VARIANTS), *ratios, target,
             f"{compile_s:.1f}")
 
@@ -146,10 +161,11 @@ def train_variants(cfg: ModelConfig, args, device: str, dtype_name: str) -> dict
 def train_row(cfg: ModelConfig, args, device: str, dtype_name: str, clock) -> tuple:
     """Train tokens/s of the three variants. Everything built here is freed on return: models and
     optimizers kept alive from an earlier row slowed the next row's eager variants (HF's bf16 step by 20%)."""
-    times, compile_s = run(train_variants(cfg, args, device, dtype_name), args.rounds, device, clock)
+    times, spread, compile_s = run(train_variants(cfg, args, device, dtype_name), args.rounds, device, clock)
     tps = {n: args.batch_size * args.seq_len / t for n, t in times.items()}
     name = "train tok/s (autocast)" if dtype_name == "bf16" else "train tok/s"
-    return row(name, device, dtype_name, f"{args.batch_size}x{args.seq_len}", tps, ">= 1.5x", compile_s)
+    return row(name, device, dtype_name, f"{args.batch_size}x{args.seq_len}", tps, ">= 1.5x", compile_s,
+               spread=spread)
 
 
 def memory_row(cfg: ModelConfig, args, device: str, dtype_name: str) -> tuple | None:
@@ -172,11 +188,11 @@ def decode_row(cfg: ModelConfig, args, device: str, dtype_name: str, batch: int,
     models = build(cfg, device, dtype, args.seed)
     weight_bytes = models["ours eager"].num_params() * dtype.itemsize
     fns, out = decode_fns(models, batch, args.prompt_len, args.new_tokens, device, args.seed)
-    times, compile_s = run(fns, args.decode_rounds, device, clock)
+    times, spread, compile_s = run(fns, args.decode_rounds, device, clock)
     tps = {n: batch * args.new_tokens / t for n, t in times.items()}
     share = lambda n, v: f"{v:,.0f} ({v / batch * weight_bytes / bandwidth:.0%})"  # noqa: E731
     return row("decode tok/s" + tokens_differ(out), device, dtype_name, f"{batch}x({args.prompt_len}+{args.new_tokens})",
-               tps, ">= 2x", compile_s, share)
+               tps, ">= 2x", compile_s, share, spread)
 
 
 def matmul_libraries_line() -> str:
@@ -249,7 +265,8 @@ def main() -> None:
     print()
     print(f"config: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads, "
           f"ffn {cfg.hidden_dim}, vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params; medians of "
-          f"{args.rounds} (train) / {args.decode_rounds} (decode) interleaved rounds, {args.clock} clock")
+          f"{args.rounds} (train) / {args.decode_rounds} (decode) interleaved rounds, {args.clock} clock; "
+          f"ratios of the medians, in parentheses the middle half of the rounds' own ratios")
     header = ("benchmark", "device", "dtype", "shape", *VARIANTS, "eager/HF", "compiled/HF", "target", "compile s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
