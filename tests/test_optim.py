@@ -5,6 +5,7 @@ schedule's shape."""
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import signal
 
@@ -139,6 +140,23 @@ def test_muon_in_bfloat16_is_torch_muon_bit_for_bit():
         assert torch.equal(p, twin)
         assert torch.equal(resumed.state[p]["momentum_buffer"], again.state[twin]["momentum_buffer"])
     assert muon.state_dict()["param_groups"] == reference.state_dict()["param_groups"]
+
+
+@pytest.mark.cpu_kind
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matrices_of_one_shape_are_orthogonalized_together_as_each_alone(dtype):
+    """Muon stacks the matrices of one shape into one batched Newton-Schulz: bit for bit what each gives alone
+    (in bfloat16 that is what keeps it torch.optim.Muon's), for wide, square and tall shapes in any order."""
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(24, 40), (32, 32), (24, 40), (72, 16), (32, 32), (72, 16), (24, 40), (8, 8)]
+    inputs = [torch.randn(shape, generator=generator) for shape in shapes]
+    ns = functools.partial(optim.newton_schulz, coefficients=(3.4445, -4.7750, 2.0315), steps=5, eps=1e-7,
+                           dtype=dtype)
+    together = optim.orthogonalized_by_shape(inputs, ns)
+    assert [tuple(u.shape) for u in together] == shapes
+    for g, update in zip(inputs, together):
+        assert torch.equal(update, ns(g))
+    assert not torch.equal(together[0], together[2])  # each its own matrix's, not its shape's first
 
 
 @pytest.mark.parametrize("native, picked", [("0", "float32 (auto: this CPU has no native bf16)"),
