@@ -4,7 +4,7 @@
 #   data (+ the tool-use task) -> tokenizer -> pretokenize -> pretrain -> SFT -> samples -> evaluation
 #   (+ lm-eval report card) -> curves
 #
-#   bash demo.sh            # full demo, no network: 800 s on 2 AVX2 cores (Zen 3, float32; 855 s when the VM runs slow)
+#   bash demo.sh            # full demo, no network: 800 s on 2 AVX2 cores (Zen 3, float32; 855-933 s when the VM runs slow)
 #   bash demo.sh --tiny     # (or DEMO_SCALE=tiny) the same stages at toy sizes, about two minutes (CI)
 #
 # Artifacts go to ./out/ (the scripts' default layout), so any stage can be rerun alone with other flags.
