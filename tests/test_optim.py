@@ -144,9 +144,10 @@ def test_muon_in_bfloat16_is_torch_muon_bit_for_bit():
 
 @pytest.mark.cpu_kind
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matrices_of_one_shape_are_orthogonalized_together_as_each_alone(dtype):
+def test_matrices_of_one_shape_are_orthogonalized_together_as_each_alone(monkeypatch, dtype):
     """Muon stacks the matrices of one shape into one batched Newton-Schulz: bit for bit what each gives alone
-    (in bfloat16 that is what keeps it torch.optim.Muon's), for wide, square and tall shapes in any order."""
+    (in bfloat16 that is what keeps it torch.optim.Muon's), for wide, square and tall shapes in any order, and
+    with stacks capped at NS_STACK_ELEMENTS."""
     generator = torch.Generator().manual_seed(3)
     shapes = [(24, 40), (32, 32), (24, 40), (72, 16), (32, 32), (72, 16), (24, 40), (8, 8)]
     inputs = [torch.randn(shape, generator=generator) for shape in shapes]
@@ -157,6 +158,8 @@ def test_matrices_of_one_shape_are_orthogonalized_together_as_each_alone(dtype):
     for g, update in zip(inputs, together):
         assert torch.equal(update, ns(g))
     assert not torch.equal(together[0], together[2])  # each its own matrix's, not its shape's first
+    monkeypatch.setattr(optim, "NS_STACK_ELEMENTS", 2 * 24 * 40)  # stacks of two (24, 40) matrices, then one
+    assert all(torch.equal(a, b) for a, b in zip(optim.orthogonalized_by_shape(inputs, ns), together))
 
 
 @pytest.mark.parametrize("native, picked", [("0", "float32 (auto: this CPU has no native bf16)"),
