@@ -6,7 +6,8 @@ model) -> Transformer (weights, forward).
 RoPE's frequencies (default and scaled) come from rope.py. The fast paths sit in files of their own, which
 this one imports: cpu_matmul.py (every projection's matmul: oneDNN on x86 CPUs, packed weights for decoding),
 compiled_step.py (the torch.compile'd one-token decode step), chunked_loss.py (cross-entropy without the
-(B, T, vocab) logits), sampling.py (temperature / top-k / top-p) and grouped_mm.py (the experts' matmul).
+(B, T, vocab) logits, and the deterministic indexed add that also sums the experts' outputs), sampling.py
+(temperature / top-k / top-p) and grouped_mm.py (the experts' matmul).
 hf_llama.py converts to and from Hugging Face Llama and Mixtral.
 
 Where the speed comes from, measured against LlamaForCausalLM in bench/bench_model.py:
@@ -34,7 +35,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from support.model.chunked_loss import linear_cross_entropy
+from support.model.chunked_loss import add_rows, linear_cross_entropy
 from support.model.compiled_step import compile_step
 from support.model.context_shift import resolve_shift, right_aligned_mask, shift_caches
 from support.model.cpu_matmul import Linear, packed_weights
@@ -351,7 +352,8 @@ class MoEFeedForward(nn.Module):
         token = order // self.top_k
         gate, up = grouped_mm(x[token], self.w13, ends).chunk(2, dim=-1)
         y = grouped_mm(F.silu(gate) * up, self.w2, ends) * weights.flatten()[order, None].to(gate.dtype)
-        out = torch.zeros(x.shape, dtype=y.dtype, device=x.device).index_add_(0, token, y)
+        out = torch.zeros(x.shape, dtype=y.dtype, device=x.device)
+        add_rows(out, token, y)  # each token's k expert outputs summed, in the same order on every run
         return self.dropout(out.reshape(shape))
 
 
